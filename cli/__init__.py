@@ -1,0 +1,1 @@
+"""The `resnet` console script: one entry point, one subcommand per job."""

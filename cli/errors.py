@@ -1,0 +1,12 @@
+"""The one error type the CLI boundary translates into a one-line message and an exit code.
+
+Every package raises subclasses of `ResnetError` for problems a user can fix (bad flags, missing data,
+a model that fails verification). Anything else is a bug and keeps its traceback.
+Kept free of heavy imports: the gateway image imports it without torch.
+"""
+
+
+class ResnetError(Exception):
+    """A user-facing failure: the message is printed as one line, the process exits with `exit_code`."""
+
+    exit_code = 1

@@ -1,0 +1,67 @@
+"""`resnet <command> ...`: dispatches to `get_args_parser()` + `main(args)` of the module that owns the job.
+
+Modules are imported lazily so that `resnet serve` never imports torch (the gateway image has none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cli.errors import ResnetError
+
+# command -> (module, one-line summary). Each module defines get_args_parser() and main(args).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("training.train", "train a ResNet (single process, or DDP under torchrun)"),
+    "evaluate": ("training.evaluate", "top-1/top-5 of a checkpoint or an ONNX model (center or 10-crop)"),
+    "retrain": ("training.retrain", "fine-tune a checkpoint on new data (optionally a new class set)"),
+    "export": ("export.cli", "checkpoint -> verified ONNX / FP16 / INT8 / TensorRT in a Triton repository"),
+    "triton": ("export.triton_server", "run a Triton Inference Server on a model repository"),
+    "serve": ("server.cli", "run the FastAPI + gRPC gateway"),
+    "client": ("server.client", "classify images against the gateway or Triton (HTTP or gRPC)"),
+    "loadtest": ("loadtest.cli", "run a headless Locust scenario with pass/fail thresholds"),
+    "bench": ("loadtest.bench", "run the benchmark suite and regenerate docs/benchmarks.md"),
+}
+
+
+def _top_level_parser() -> argparse.ArgumentParser:
+    epilog = "commands:\n" + "\n".join(f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="resnet",
+        description="resnet-serving: train, export, serve and load-test ResNet image classifiers.",
+        epilog=epilog + "\n\nRun `resnet <command> --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="command", help="one of the commands below")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    top = _top_level_parser().parse_args(argv)
+    module_name, summary = COMMANDS[top.command]
+    module = importlib.import_module(module_name)
+    parser = module.get_args_parser()
+    parser.prog = f"resnet {top.command}"
+    if not parser.description:
+        parser.description = summary
+    args = parser.parse_args(top.args)
+    status = module.main(args)
+    return int(status or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(argv)
+    except ResnetError as error:
+        print(f"resnet: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("resnet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
