@@ -1,0 +1,194 @@
+"""INT8: ONNX Runtime static quantization (QDQ, per-channel weights) calibrated on real images, with an
+accuracy budget checked on held-out labelled images.
+
+Images are read with the gateway's own preprocessing (`server.preprocessing`) and the model's PreprocessSpec, so
+calibration sees exactly the tensors the served model will see.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from export.errors import AccuracyBudgetError, ExportError
+from export.onnx import session
+from server.spec import INPUT_NAME, OUTPUT_NAME, PreprocessSpec
+
+Advance = Callable[[int], None]  # called with the number of images just processed
+ProgressFactory = Callable[[str, int], Advance]  # (description, total images) -> advance callback
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    method: str = "minmax"
+    per_channel: bool = True
+    max_calibration_images: int = 256
+    # Keeping the stem conv and the classifier in FP32 costs little speed and protects small models (ResNet-20).
+    keep_first_last_fp32: bool = False
+
+
+@dataclass(frozen=True)
+class AccuracyReport:
+    images: int
+    fp32_top1: float
+    int8_top1: float
+    max_drop: float  # in top-1 points (percent)
+
+    @property
+    def drop(self) -> float:
+        return (self.fp32_top1 - self.int8_top1) * 100
+
+    @property
+    def ok(self) -> bool:
+        return self.drop <= self.max_drop
+
+
+def preprocess_file(path: Path, spec: PreprocessSpec) -> np.ndarray:
+    from server.errors import GatewayError
+    from server.preprocessing import preprocess_image
+
+    try:
+        return preprocess_image(path.read_bytes(), spec)
+    except GatewayError as error:
+        raise ExportError(f"{path}: {error.message}") from error
+
+
+def image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise ExportError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ExportError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+    return files
+
+
+def labelled_images(folder: Path, classes: list[str] | None = None) -> list[tuple[Path, int]]:
+    """ImageFolder layout (`<class>/<image>`): labels are the model's class indices when the folder names are
+    the model's class names, else the sorted folder order (torchvision's ImageFolder rule)."""
+    class_dirs = sorted(d.name for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []
+    if not class_dirs:
+        raise ExportError(f"{folder} is not an ImageFolder (<class>/<image> sub-folders)")
+    if classes and set(class_dirs) <= set(classes):
+        index = {name: classes.index(name) for name in class_dirs}
+    else:
+        index = {name: i for i, name in enumerate(class_dirs)}
+    return [(path, index[name]) for name in class_dirs for path in image_files(folder / name)]
+
+
+def batches(paths: list[Path], spec: PreprocessSpec, batch_size: int, advance: Advance | None = None) -> Iterator[np.ndarray]:
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        yield np.stack([preprocess_file(p, spec) for p in chunk])
+        if advance:
+            advance(len(chunk))
+
+
+class ImageCalibrationReader(CalibrationDataReader):
+    def __init__(self, paths: list[Path], spec: PreprocessSpec, batch_size: int = 8, advance: Advance | None = None):
+        self._batches = batches(paths, spec, batch_size, advance)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+
+def quantize_int8(
+    fp32_path: Path, int8_path: Path, calib_dir: Path, spec: PreprocessSpec, options: QuantizeOptions | None = None,
+    progress: ProgressFactory | None = None,
+) -> Path:
+    """Static INT8 QDQ model from `fp32_path`, calibrated on (up to N, evenly spread) images under `calib_dir`."""
+    options = options or QuantizeOptions()
+    paths = image_files(calib_dir)
+    if len(paths) > options.max_calibration_images:
+        step = len(paths) / options.max_calibration_images
+        paths = [paths[int(i * step)] for i in range(options.max_calibration_images)]
+    advance = progress("calibrating INT8", len(paths)) if progress else None
+    return quantize_with_reader(fp32_path, int8_path, ImageCalibrationReader(paths, spec, advance=advance), options)
+
+
+def quantize_with_reader(
+    fp32_path: Path, int8_path: Path, reader: CalibrationDataReader, options: QuantizeOptions | None = None,
+) -> Path:
+    """The quantization itself; `reader` yields `{INPUT_NAME: batch}` (benchmarks pass synthetic batches)."""
+    options = options or QuantizeOptions()
+    if options.method not in CALIBRATION_METHODS:
+        raise ExportError(f"unknown calibration method {options.method!r} (choose from {', '.join(CALIBRATION_METHODS)})")
+    with tempfile.TemporaryDirectory(prefix="quant-") as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared), str(int8_path), reader,
+            quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CALIBRATION_METHODS[options.method],
+            nodes_to_exclude=_first_last_nodes(prepared) if options.keep_first_last_fp32 else [],
+            extra_options={"CalibTensorRangeSymmetric": False},
+        )
+    onnx.checker.check_model(str(int8_path), full_check=True)
+    return int8_path
+
+
+class ArrayCalibrationReader(CalibrationDataReader):
+    def __init__(self, arrays: list[np.ndarray]):
+        self._arrays = iter(arrays)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._arrays, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+
+def top1(
+    onnx_path: Path, samples: list[tuple[Path, int]], spec: PreprocessSpec, batch_size: int = 32,
+    advance: Advance | None = None,
+) -> float:
+    runtime = session(onnx_path)
+    paths, labels = [p for p, _ in samples], np.array([label for _, label in samples])
+    predictions = [runtime.run([OUTPUT_NAME], {INPUT_NAME: batch})[0].argmax(1)
+                   for batch in batches(paths, spec, batch_size, advance)]
+    return float((np.concatenate(predictions) == labels).mean())
+
+
+def check_accuracy_budget(
+    fp32_path: Path, int8_path: Path, eval_dir: Path, spec: PreprocessSpec, *, classes: list[str] | None = None,
+    max_drop: float = 1.0, progress: ProgressFactory | None = None,
+) -> AccuracyReport:
+    """Top-1 of both models on held-out labelled images; raises AccuracyBudgetError above `max_drop` points."""
+    samples = labelled_images(eval_dir, classes)
+    accuracies = [
+        top1(path, samples, spec, advance=progress(f"top-1 of {label}", len(samples)) if progress else None)
+        for path, label in ((fp32_path, "FP32"), (int8_path, "INT8"))
+    ]
+    report = AccuracyReport(len(samples), *accuracies, max_drop)
+    if not report.ok:
+        raise AccuracyBudgetError(
+            f"INT8 top-1 {report.int8_top1:.2%} vs FP32 {report.fp32_top1:.2%} on {report.images} images: "
+            f"drop {report.drop:.2f} points > budget {max_drop:g}; nothing published"
+        )
+    return report
+
+
+def _first_last_nodes(path: Path) -> list[str]:
+    nodes = onnx.load(str(path)).graph.node
+    convs = [n.name for n in nodes if n.op_type == "Conv"]
+    heads = [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")]
+    return convs[:1] + heads[-1:]

@@ -1,0 +1,246 @@
+"""The Triton model repository writer: config.pbtxt from Triton's protobuf schema, atomic versions, pruning.
+
+Configs are `tritonclient.grpc.model_config_pb2.ModelConfig` messages written with `google.protobuf.text_format`
+and parsed back before they are written, so a config Triton would reject never reaches the disk.
+Publishing writes a version into a hidden folder beside the model and renames it into place: Triton (or a
+gateway) polling the repository sees either no version or a complete one, and a version number is never reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.errors import RepositoryError
+from server.spec import (
+    ARCH_KEY,
+    IMAGE_INPUT_NAME,
+    INPUT_NAME,
+    LABELS_FILENAME,
+    OUTPUT_NAME,
+    PRECISION_KEY,
+    ROLE_KEY,
+    PreprocessSpec,
+    Role,
+)
+
+CONFIG_FILENAME = "config.pbtxt"
+PARTIAL_PREFIX = ".partial-"
+TRITON_MODELS_DIR = Path(__file__).with_name("triton_models")
+CLASSIFIER_MODEL_PY = TRITON_MODELS_DIR / "onnx_classifier.py"
+PREPROCESS_MODEL_PY = TRITON_MODELS_DIR / "preprocess.py"
+THREADS_KEY = "onnxruntime.intra_op_num_threads"
+SPINNING_KEY = "onnxruntime.allow_spinning"
+STALE_PARTIAL_S = 3600
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 2000
+    max_queue_size: int = 256  # requests beyond this are rejected at once instead of queueing without bound
+    queue_timeout_us: int = 5_000_000  # a request waiting longer is rejected (Triton answers UNAVAILABLE)
+    instances: int = 1
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """What a classifier model's config needs to say."""
+
+    name: str
+    arch: str
+    precision: str  # fp32 | fp16 | int8
+    num_classes: int
+    preprocess: PreprocessSpec
+    target: str = "cpu"  # cpu: Python backend + ONNX Runtime; gpu: onnxruntime_onnx / tensorrt_plan on KIND_GPU
+    runtime: str = "onnx"  # onnx | tensorrt
+    batching: BatchingPolicy = field(default_factory=BatchingPolicy)
+    tensorrt_precision: str | None = None  # gpu onnx: TensorRT execution accelerator precision_mode (FP16/INT8)
+    cpu_threads: int = 0  # ONNX Runtime intra-op threads in the Python backend (0: ORT's default)
+
+
+def _parameters(config: mc.ModelConfig, values: Mapping[str, str]) -> None:
+    for key, value in values.items():
+        config.parameters[key].string_value = str(value)
+
+
+def _dynamic_batching(config: mc.ModelConfig, batching: BatchingPolicy) -> None:
+    config.max_batch_size = batching.max_batch_size
+    config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+    policy = config.dynamic_batching.default_queue_policy
+    policy.max_queue_size = batching.max_queue_size
+    policy.default_timeout_microseconds = batching.queue_timeout_us
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+
+
+def classifier_config(spec: ClassifierSpec) -> mc.ModelConfig:
+    crop = spec.preprocess.crop
+    config = mc.ModelConfig(name=spec.name)
+    _dynamic_batching(config, spec.batching)
+    config.input.add(name=INPUT_NAME, data_type=mc.TYPE_FP32, dims=[3, crop, crop])
+    config.output.add(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[spec.num_classes], label_filename=LABELS_FILENAME)
+    config.version_policy.latest.num_versions = 1
+    gpu = spec.target == "gpu"
+    config.instance_group.add(count=spec.batching.instances, kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)
+    if spec.target == "cpu":
+        config.backend = "python"
+        _parameters(config, {THREADS_KEY: str(spec.cpu_threads), SPINNING_KEY: "0"})
+    elif spec.target != "gpu":
+        raise RepositoryError(f"unknown target {spec.target!r} (cpu or gpu)")
+    elif spec.runtime == "tensorrt":
+        config.platform = "tensorrt_plan"
+        config.default_model_filename = "model.plan"
+    else:
+        config.platform = "onnxruntime_onnx"
+        config.default_model_filename = "model.onnx"
+        if spec.tensorrt_precision:
+            accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+            accelerator.parameters["precision_mode"] = spec.tensorrt_precision
+            accelerator.parameters["max_workspace_size_bytes"] = str(1 << 30)
+            accelerator.parameters["trt_engine_cache_enable"] = "1"
+    warmup = config.model_warmup.add(name="zeros_batch_1", batch_size=1)
+    warmup.inputs[INPUT_NAME].data_type = mc.TYPE_FP32
+    warmup.inputs[INPUT_NAME].dims.extend([3, crop, crop])
+    warmup.inputs[INPUT_NAME].zero_data = True
+    _parameters(config, {ROLE_KEY: Role.CLASSIFIER, ARCH_KEY: spec.arch, PRECISION_KEY: spec.precision})
+    _parameters(config, spec.preprocess.to_parameters())
+    return config
+
+
+def preprocess_config(name: str, arch: str, preprocess: PreprocessSpec, batching: BatchingPolicy) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=name, backend="python")
+    _dynamic_batching(config, batching)
+    config.input.add(name=IMAGE_INPUT_NAME, data_type=mc.TYPE_STRING, dims=[1])
+    config.output.add(name=INPUT_NAME, data_type=mc.TYPE_FP32, dims=[3, preprocess.crop, preprocess.crop])
+    config.instance_group.add(count=batching.instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    config.version_policy.latest.num_versions = 1
+    _parameters(config, {ROLE_KEY: Role.PREPROCESS, ARCH_KEY: arch})
+    _parameters(config, preprocess.to_parameters())
+    return config
+
+
+def pipeline_config(name: str, classifier: ClassifierSpec, preprocess_model: str) -> mc.ModelConfig:
+    """Ensemble: encoded image bytes -> preprocess model -> classifier -> logits (with labels)."""
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=classifier.batching.max_batch_size)
+    config.input.add(name=IMAGE_INPUT_NAME, data_type=mc.TYPE_STRING, dims=[1])
+    config.output.add(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[classifier.num_classes],
+                      label_filename=LABELS_FILENAME)
+    steps = config.ensemble_scheduling.step
+    first = steps.add(model_name=preprocess_model, model_version=-1)
+    first.input_map[IMAGE_INPUT_NAME] = IMAGE_INPUT_NAME
+    first.output_map[INPUT_NAME] = "preprocessed"
+    second = steps.add(model_name=classifier.name, model_version=-1)
+    second.input_map[INPUT_NAME] = "preprocessed"
+    second.output_map[OUTPUT_NAME] = OUTPUT_NAME
+    _parameters(config, {ROLE_KEY: Role.PIPELINE, ARCH_KEY: classifier.arch, PRECISION_KEY: classifier.precision})
+    _parameters(config, classifier.preprocess.to_parameters())
+    return config
+
+
+# --- files -------------------------------------------------------------------------------------------------
+
+
+def config_text(config: mc.ModelConfig) -> str:
+    text = text_format.MessageToString(config)
+    if read_config_text(text) != config:  # what Triton will parse must be what we built
+        raise RepositoryError(f"config for {config.name} does not round-trip through text_format")
+    return text
+
+
+def read_config_text(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def read_config(model_dir: Path) -> mc.ModelConfig:
+    path = model_dir / CONFIG_FILENAME
+    try:
+        return read_config_text(path.read_text())
+    except (OSError, text_format.ParseError) as error:
+        raise RepositoryError(f"cannot read {path}: {error}") from error
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=PARTIAL_PREFIX, delete=False) as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
+
+
+def write_model(model_dir: Path, config: mc.ModelConfig, labels: list[str] | None = None) -> None:
+    """config.pbtxt (and labels.txt) of one model, each replaced atomically."""
+    if config.name != model_dir.name:
+        raise RepositoryError(f"config name {config.name!r} must equal its folder name {model_dir.name!r}")
+    if labels is not None:
+        atomic_write_text(model_dir / LABELS_FILENAME, "".join(f"{label}\n" for label in labels))
+    atomic_write_text(model_dir / CONFIG_FILENAME, config_text(config))
+
+
+def versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def publish_version(model_dir: Path, files: Mapping[str, Path | bytes | str]) -> int:
+    """Copy `files` ({name in version folder: source path or contents}) into a new version folder, atomically.
+
+    The folder is filled under a hidden name beside the versions and renamed to the next free number; an
+    existing version is never touched. Returns the version number.
+    """
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=PARTIAL_PREFIX))
+    try:
+        for name, source in files.items():
+            target = staging / name
+            if isinstance(source, Path):
+                shutil.copyfile(source, target)
+            else:
+                target.write_bytes(source.encode() if isinstance(source, str) else source)
+            with open(target, "rb") as handle:
+                os.fsync(handle.fileno())
+        return _rename_into_place(staging, model_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _rename_into_place(staging: Path, model_dir: Path) -> int:
+    for _ in range(100):
+        version = max(versions(model_dir), default=0) + 1
+        target = model_dir / str(version)
+        if target.exists():
+            continue
+        try:
+            # rename(2) is atomic, and fails rather than replace a non-empty folder a concurrent publish made.
+            os.rename(staging, target)
+        except OSError as error:
+            if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                continue
+            raise
+        return version
+    raise RepositoryError(f"could not claim a new version number in {model_dir}")
+
+
+def prune_versions(model_dir: Path, keep: int) -> list[int]:
+    """Delete all but the newest `keep` versions (and leftovers of crashed publishes); returns the removed."""
+    if keep < 1:
+        raise RepositoryError("--keep-versions must be at least 1")
+    removed = versions(model_dir)[:-keep]
+    for version in removed:
+        shutil.rmtree(model_dir / str(version))
+    for leftover in model_dir.glob(PARTIAL_PREFIX + "*"):
+        if time.time() - leftover.stat().st_mtime > STALE_PARTIAL_S:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    return removed

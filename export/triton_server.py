@@ -1,0 +1,281 @@
+"""`resnet triton serve`: run a Triton Inference Server on a model repository, and `TritonServer` for code.
+
+The server is a `tritonserver` on PATH, else the one bundled in the nvidia-pytriton wheel (Triton 2.51 with only
+the Python backend). For the bundled one this module does what the wheel leaves to the caller: puts the Python
+3.11 backend stub into `backends/python/`, puts the wheel's `nvidia_pytriton.libs` on LD_LIBRARY_PATH, and sets
+PYTHONPATH so the stub (an embedded system Python) imports this venv's numpy<2 and onnxruntime and our `server`
+package (the preprocess model reuses `server.preprocessing`). With numpy 2 the Python backend returns empty
+outputs; pyproject pins numpy<2.
+
+    with TritonServer("model_repository") as triton:
+        client = tritonclient.grpc.InferenceServerClient(triton.grpc_url)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.errors import TritonError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CACHE_DIR = Path(os.environ.get("RESNET_CACHE_DIR", Path.home() / ".cache" / "resnet-serving"))
+STUB_NAME = "triton_python_backend_stub"
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    backend_dir: Path | None  # None: the binary's built-in default (/opt/tritonserver/backends)
+    library_path: Path | None
+
+
+def find_tritonserver() -> TritonInstall:
+    """A `tritonserver` on PATH (e.g. NGC image), else the nvidia-pytriton wheel's, made runnable."""
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonInstall(Path(on_path), None, None)
+    try:
+        import pytriton
+    except ImportError as error:
+        raise TritonError("no tritonserver on PATH and nvidia-pytriton is not installed (pip install -e '.[triton]')") from error
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    binary = root / "bin" / "tritonserver"
+    if not binary.is_file():
+        raise TritonError(f"nvidia-pytriton has no tritonserver binary at {binary}")
+    return TritonInstall(binary, _backends_with_stub(root), Path(pytriton.__file__).parents[1] / "nvidia_pytriton.libs")
+
+
+def _backends_with_stub(root: Path) -> Path:
+    """backends/ whose python/ holds the stub for this interpreter; a writable copy if the wheel's is read-only."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / STUB_NAME
+    if not stub.is_file():
+        raise TritonError(f"nvidia-pytriton has no Python backend stub for Python {version}")
+    backends = root / "backends"
+    for candidate in (backends, CACHE_DIR / "triton-backends"):
+        target = candidate / "python" / STUB_NAME
+        try:
+            if candidate != backends and not (candidate / "python" / "libtriton_python.so").is_file():
+                shutil.copytree(backends, candidate, dirs_exist_ok=True)
+            if not target.is_file():
+                partial = target.with_suffix(".partial")
+                shutil.copy2(stub, partial)
+                os.replace(partial, target)
+            return candidate
+        except OSError:
+            continue
+    raise TritonError(f"cannot install the Python backend stub into {backends} or {CACHE_DIR}")
+
+
+def triton_environment(install: TritonInstall) -> dict[str, str]:
+    env = dict(os.environ)
+    if install.library_path:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(install.library_path), env.get("LD_LIBRARY_PATH")]))
+    # The stub embeds the system libpython, not this venv: point it at the venv's packages and our repo.
+    python_path = [str(REPO_ROOT), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], env.get("PYTHONPATH")]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(filter(None, python_path)))
+    return env
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class TritonServer:
+    """A tritonserver process on `repository`; ports default to free ones. Use as a context manager.
+
+    Attributes after start: `http_url` ("http://host:port"), `http_address` ("host:port", what
+    tritonclient.http takes), `grpc_url` ("host:port", what tritonclient.grpc takes), `metrics_url`.
+    `models` limits loading to those names (explicit model control); None loads the whole repository.
+    """
+
+    def __init__(
+        self, repository: str | Path, *, host: str = "127.0.0.1", http_port: int | None = None,
+        grpc_port: int | None = None, metrics_port: int | None = None, models: list[str] | None = None,
+        startup_timeout: float = 180, log_path: Path | None = None, log_verbose: int = 0, stream_log: bool = False,
+        grpc_host: str | None = None,
+    ):
+        self.repository = Path(repository).resolve()
+        self.host = host
+        self.grpc_host = grpc_host or host
+        self.http_port = http_port or _free_port(host)
+        self.grpc_port = grpc_port or _free_port(host)
+        self.metrics_port = metrics_port or _free_port(host)
+        self.models = models
+        self.startup_timeout = startup_timeout
+        self.log_verbose = log_verbose
+        self.stream_log = stream_log
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def http_address(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http_address}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.grpc_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self, install: TritonInstall) -> list[str]:
+        cmd = [
+            str(install.binary), f"--model-repository={self.repository}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--grpc-address={self.grpc_host}", f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--exit-timeout-secs=10", f"--log-verbose={self.log_verbose}",
+        ]
+        if install.backend_dir:
+            cmd.append(f"--backend-directory={install.backend_dir}")
+        if self.models is not None:
+            cmd += ["--model-control-mode=explicit", *(f"--load-model={name}" for name in self.models)]
+        return cmd
+
+    def start(self) -> TritonServer:
+        if not self.repository.is_dir():
+            raise TritonError(f"model repository not found: {self.repository}")
+        install = find_tritonserver()
+        output = None if self.stream_log else open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log_handle = output
+        self.process = subprocess.Popen(self.command(install), env=triton_environment(install), stdout=output,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise TritonError(f"tritonserver exited with {self.process.returncode} while starting: {self.log_tail()}")
+            if self.ready():
+                return
+            time.sleep(0.25)
+        raise TritonError(f"tritonserver not ready after {self.startup_timeout:.0f}s: {self.log_tail()}")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self, lines: int = 5) -> str:
+        if self.stream_log or not self.log_path.is_file():
+            return "see its output above"
+        errors = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.startswith("E")]
+        return " | ".join((errors or self.log_path.read_text(errors="replace").splitlines())[-lines:])
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            # SIGTERM to tritonserver alone: it unloads its models, which stops their Python stubs. Signalling the
+            # whole group kills the stubs first and Triton then waits out --exit-timeout-secs for them.
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # any stub left behind
+        if getattr(self, "_log_handle", None):
+            self._log_handle.close()
+            self._log_handle = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="resnet triton",
+        description="Run a Triton Inference Server on a model repository (the bundled CPU build unless a "
+                    "tritonserver is on PATH). Ctrl-C or SIGTERM shuts it down cleanly.",
+    )
+    commands = parser.add_subparsers(dest="action", required=True, metavar="serve")
+    serve = commands.add_parser("serve", help="start tritonserver and wait until it is ready",
+                                description="Start tritonserver on a model repository, print its URLs once ready, "
+                                            "serve until Ctrl-C or SIGTERM.")
+    serve.add_argument("--repository", type=Path, default=Path(env("RESNET_MODEL_REPOSITORY", "model_repository")),
+                       help="model repository folder (env RESNET_MODEL_REPOSITORY; default: %(default)s)")
+    serve.add_argument("--http-address", default=env("RESNET_TRITON_HOST", "127.0.0.1"),
+                       help="address for HTTP and metrics; 0.0.0.0 for all interfaces "
+                            "(env RESNET_TRITON_HOST; default: %(default)s)")
+    serve.add_argument("--grpc-address", default=None, help="gRPC address (default: the --http-address)")
+    serve.add_argument("--http-port", type=int, default=int(env("RESNET_TRITON_HTTP_PORT", "8000")),
+                       help="HTTP/REST port (env RESNET_TRITON_HTTP_PORT; default: %(default)s)")
+    serve.add_argument("--grpc-port", type=int, default=int(env("RESNET_TRITON_GRPC_PORT", "8001")),
+                       help="gRPC port (env RESNET_TRITON_GRPC_PORT; default: %(default)s)")
+    serve.add_argument("--metrics-port", type=int, default=int(env("RESNET_TRITON_METRICS_PORT", "8002")),
+                       help="Prometheus metrics port (env RESNET_TRITON_METRICS_PORT; default: %(default)s)")
+    serve.add_argument("--model", action="append", dest="models", metavar="NAME",
+                       help="load only this model (repeatable; default: every model in the repository)")
+    serve.add_argument("--startup-timeout", type=float, default=180,
+                       help="seconds to wait for readiness (default: %(default)s)")
+    serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level (default: 0)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    server = TritonServer(
+        args.repository, host=args.http_address, http_port=args.http_port, grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port, models=args.models, startup_timeout=args.startup_timeout,
+        log_verbose=args.log_verbose, stream_log=True, grpc_host=args.grpc_address,
+    )
+    # SIGTERM (docker stop, systemd) is a normal shutdown, at any moment: unwind through TritonServer.stop().
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        with server:
+            print(f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}",
+                  flush=True)
+            try:
+                status = server.process.wait()
+            except KeyboardInterrupt:
+                print("stopping Triton...", file=sys.stderr, flush=True)
+                return 0
+    except _Terminated:
+        print("stopping Triton (SIGTERM)...", file=sys.stderr, flush=True)
+        return 0
+    raise TritonError(f"tritonserver exited on its own with status {status}")
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(*_) -> None:
+    raise _Terminated()

@@ -1,0 +1,229 @@
+"""`export_to_repository`: one call from a network to verified, published Triton models.
+
+Every artifact is built and verified in a scratch folder first; only when all pass are they published (each
+as a new atomic version), so a failed export leaves the repository exactly as it was.
+
+Published models, for `name`:
+  <name>               FP32 ONNX (gpu target: ONNX Runtime + TensorRT accelerator, FP16 with --fp16)
+  <name>_fp16          FP16 ONNX (with --fp16)
+  <name>_int8          INT8 QDQ ONNX (with --int8), accuracy-checked
+  <name>_trt           TensorRT plan (with --tensorrt, gpu target only)
+  <name>_preprocess    Python backend: image bytes -> input tensor (server.preprocessing)
+  <variant>_pipeline   ensemble per variant: image bytes -> logits with labels
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress
+from rich.table import Table
+
+from export import onnx as onnx_export
+from export import repository as repo
+from export.errors import ExportError
+from export.quantize import QuantizeOptions, check_accuracy_budget, image_files, quantize_int8
+from export.source import ModelSource
+from export.tensorrt import build_plan, tensorrt_available
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class ExportOptions:
+    name: str
+    repository: Path = Path("model_repository")
+    target: str = "cpu"
+    fp16: bool = False
+    int8: bool = False
+    calib_data: Path | None = None
+    eval_data: Path | None = None
+    max_accuracy_drop: float = 1.0
+    quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
+    tensorrt: bool = False
+    labels: list[str] | None = None
+    batching: repo.BatchingPolicy = field(default_factory=repo.BatchingPolicy)
+    keep_versions: int = 3
+    pipeline: bool = True
+    cpu_threads: int = 0
+    measure_latency: bool = True
+
+
+@dataclass
+class Artifact:
+    """One published model: a row of the summary table."""
+
+    model: str
+    precision: str
+    file: str
+    size_bytes: int
+    check: str  # what verified it: parity error or accuracy drop
+    latency_ms: float | None = None
+    version: int | None = None
+    classifier: repo.ClassifierSpec | None = field(default=None, repr=False)
+    path: Path | None = field(default=None, repr=False)
+
+
+def validate(options: ExportOptions, source: ModelSource) -> list[str]:
+    """Fail before any work on flags that cannot work; returns the labels."""
+    if not NAME_PATTERN.match(options.name):
+        raise ExportError(f"model name {options.name!r} must be letters, digits, '_', '-' or '.'")
+    if options.target not in ("cpu", "gpu"):
+        raise ExportError(f"--target must be cpu or gpu, got {options.target!r}")
+    if options.int8 and not options.calib_data:
+        raise ExportError("--int8 needs --calib-data DIR (a folder of real images to calibrate on)")
+    if options.eval_data and not options.int8:
+        raise ExportError("--eval-data is used to check the INT8 accuracy drop; add --int8")
+    if options.tensorrt and options.target != "gpu":
+        raise ExportError("--tensorrt builds a GPU engine; use it with --target gpu")
+    if options.tensorrt and not tensorrt_available():
+        raise ExportError("--tensorrt needs the `tensorrt` Python package (GPU exporter image); it is not installed here")
+    if options.keep_versions < 1:
+        raise ExportError("--keep-versions must be at least 1")
+    if options.batching.max_batch_size < 1:
+        raise ExportError("--max-batch-size must be at least 1")
+    if options.calib_data:
+        image_files(options.calib_data)  # raises a clear error for an empty or missing folder
+    labels = options.labels or source.classes or [f"class_{i}" for i in range(source.num_classes)]
+    if len(labels) != source.num_classes:
+        raise ExportError(f"{len(labels)} labels given for a model with {source.num_classes} classes")
+    return labels
+
+
+def export_to_repository(source: ModelSource, options: ExportOptions, console: Console | None = None) -> list[Artifact]:
+    """Export, verify and publish `source` as described in the module docstring; returns what was published."""
+    console = console or Console(quiet=True)
+    labels = validate(options, source)
+    crop = source.spec.crop
+    base = repo.ClassifierSpec(
+        name=options.name, arch=source.arch, precision="fp32", num_classes=source.num_classes, preprocess=source.spec,
+        target=options.target, batching=options.batching, cpu_threads=options.cpu_threads,
+        tensorrt_precision=("FP16" if options.fp16 else "FP32") if options.target == "gpu" else None,
+    )
+    with tempfile.TemporaryDirectory(prefix="resnet-export-") as scratch:
+        scratch = Path(scratch)
+        artifacts = []
+        with console.status("exporting ONNX (FP32)..."):
+            fp32 = onnx_export.export_onnx(source.model, scratch / "fp32.onnx", crop)
+            report = onnx_export.require_parity(onnx_export.verify_onnx(source.model, fp32, crop), "the FP32 ONNX model")
+        artifacts.append(Artifact(options.name, "fp32", "model.onnx", fp32.stat().st_size,
+                                  f"rel. err {report.relative_error:.1e}", classifier=base, path=fp32))
+        console.log(f"FP32 ONNX verified on batches {report.batch_sizes}: relative error {report.relative_error:.1e}")
+        if options.fp16:
+            with console.status("converting to FP16..."):
+                fp16 = onnx_export.convert_fp16(fp32, scratch / "fp16.onnx")
+                report = onnx_export.require_parity(
+                    onnx_export.verify_onnx(source.model, fp16, crop, precision="fp16"), "the FP16 ONNX model")
+            spec = replace(base, name=f"{options.name}_fp16", precision="fp16", tensorrt_precision=None)
+            artifacts.append(Artifact(spec.name, "fp16", "model.onnx", fp16.stat().st_size,
+                                      f"rel. err {report.relative_error:.1e}", classifier=spec, path=fp16))
+            console.log(f"FP16 ONNX verified: relative error {report.relative_error:.1e}")
+        if options.int8:
+            artifacts.append(_int8(source, options, fp32, scratch, base, console))
+        if options.tensorrt:
+            artifacts.append(_tensorrt(options, fp32, scratch, base, console, artifacts))
+        if options.measure_latency:
+            with console.status("measuring latency..."):
+                for artifact in artifacts:
+                    if artifact.file == "model.onnx":
+                        artifact.latency_ms = onnx_export.measure_latency_ms(artifact.path, crop)
+        with console.status(f"publishing into {options.repository}..."):
+            _publish(artifacts, labels, source, options)
+    return artifacts
+
+
+def _int8(source, options, fp32, scratch, base, console) -> Artifact:
+    with _progress(console) as progress:
+        int8 = quantize_int8(fp32, scratch / "int8.onnx", options.calib_data, source.spec, options.quantize,
+                             progress=progress)
+    if options.eval_data:
+        with _progress(console) as progress:
+            accuracy = check_accuracy_budget(fp32, int8, options.eval_data, source.spec, classes=source.classes,
+                                             max_drop=options.max_accuracy_drop, progress=progress)
+        check = f"top-1 {accuracy.int8_top1:.2%} ({-accuracy.drop:+.2f} pt, n={accuracy.images})"
+        console.log(f"INT8 accuracy: FP32 {accuracy.fp32_top1:.2%} -> INT8 {accuracy.int8_top1:.2%} on {accuracy.images} images")
+    else:
+        # No labels: agreement with FP32 on the calibration images is the best evidence available.
+        samples = [(path, 0) for path in image_files(options.calib_data)[:64]]
+        agreement = _agreement(fp32, int8, samples, source.spec)
+        check = f"agrees with FP32 on {agreement:.0%} (no --eval-data)"
+        console.log(f"INT8: no --eval-data, accuracy budget not checked; top-1 agreement with FP32 {agreement:.0%}")
+    spec = replace(base, name=f"{options.name}_int8", precision="int8",
+                   tensorrt_precision="INT8" if options.target == "gpu" else None)
+    return Artifact(spec.name, "int8", "model.onnx", int8.stat().st_size, check, classifier=spec, path=int8)
+
+
+@contextlib.contextmanager
+def _progress(console: Console):
+    """A factory of rich progress bars (description, total) -> advance(n), shown on `console`."""
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console, transient=False,
+                  disable=console.quiet) as bars:
+        def factory(description: str, total: int):
+            task = bars.add_task(description, total=total)
+            return lambda n: bars.advance(task, n)
+
+        yield factory
+
+
+def _agreement(fp32: Path, int8: Path, samples, spec) -> float:
+    import numpy as np
+
+    from export.quantize import batches
+
+    a, b = onnx_export.session(fp32), onnx_export.session(int8)
+    same = total = 0
+    for batch in batches([p for p, _ in samples], spec, 16):
+        left = a.run([onnx_export.OUTPUT_NAME], {onnx_export.INPUT_NAME: batch})[0].argmax(1)
+        right = b.run([onnx_export.OUTPUT_NAME], {onnx_export.INPUT_NAME: batch})[0].argmax(1)
+        same, total = same + int(np.sum(left == right)), total + len(batch)
+    return same / max(total, 1)
+
+
+def _tensorrt(options, fp32, scratch, base, console, artifacts) -> Artifact:
+    source_onnx = next((a.path for a in artifacts if a.precision == "int8"), fp32)
+    with console.status("building the TensorRT engine..."):
+        plan = build_plan(source_onnx, scratch / "model.plan", base.preprocess.crop, options.batching.max_batch_size,
+                          fp16=options.fp16, int8=options.int8,
+                          timing_cache=options.repository / ".tensorrt_timing_cache")
+    precision = "int8" if options.int8 else "fp16" if options.fp16 else "fp32"
+    spec = replace(base, name=f"{options.name}_trt", precision=precision, runtime="tensorrt", tensorrt_precision=None)
+    return Artifact(spec.name, precision, "model.plan", plan.stat().st_size, "TensorRT build", classifier=spec, path=plan)
+
+
+def _publish(artifacts: list[Artifact], labels: list[str], source: ModelSource, options: ExportOptions) -> None:
+    root = options.repository
+    for artifact in artifacts:
+        files: dict[str, Path | bytes] = {artifact.file: artifact.path}
+        if options.target == "cpu":
+            files["model.py"] = repo.CLASSIFIER_MODEL_PY
+        model_dir = root / artifact.model
+        artifact.version = repo.publish_version(model_dir, files)
+        repo.write_model(model_dir, repo.classifier_config(artifact.classifier), labels)
+        repo.prune_versions(model_dir, options.keep_versions)
+    if not options.pipeline:
+        return
+    preprocess_name = f"{options.name}_preprocess"
+    preprocess_dir = root / preprocess_name
+    repo.publish_version(preprocess_dir, {"model.py": repo.PREPROCESS_MODEL_PY})
+    repo.write_model(preprocess_dir, repo.preprocess_config(preprocess_name, source.arch, source.spec, options.batching))
+    repo.prune_versions(preprocess_dir, options.keep_versions)
+    for artifact in artifacts:
+        pipeline_dir = root / f"{artifact.model}_pipeline"
+        repo.publish_version(pipeline_dir, {})  # an ensemble's version folder is empty but must exist
+        repo.write_model(pipeline_dir, repo.pipeline_config(pipeline_dir.name, artifact.classifier, preprocess_name), labels)
+        repo.prune_versions(pipeline_dir, options.keep_versions)
+
+
+def summary_table(artifacts: list[Artifact], repository: Path) -> Table:
+    table = Table(title=f"Published to {repository}")
+    for column in ("model", "version", "precision", "file", "size", "check", "latency (batch 1)"):
+        table.add_column(column)
+    for a in artifacts:
+        latency = f"{a.latency_ms:.1f} ms" if a.latency_ms is not None else "-"
+        table.add_row(a.model, str(a.version), a.precision, a.file, f"{a.size_bytes / 1e6:.1f} MB", a.check, latency)
+    return table

@@ -1,0 +1,84 @@
+"""Checks of gateway answers, shared by the Locust users and the CLI (no Locust import: that patches gevent in).
+
+A wrong or empty prediction is a failure, not only a non-2xx status.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import numpy as np
+
+API_KEY_HEADER = "X-API-Key"
+
+
+def auth_headers(api_key: str) -> dict[str, str]:
+    return {API_KEY_HEADER: api_key} if api_key else {}
+
+
+def listed_names(listing: object) -> list[str]:
+    """Model names in a GET /v1/models answer: {"models": [{"name": ...}, ...]} (or a bare list)."""
+    models = listing.get("models", []) if isinstance(listing, dict) else listing
+    return [m["name"] if isinstance(m, dict) else str(m) for m in models or []]
+
+
+def discover_model(base_url: str, api_key: str = "") -> str:
+    """The first model the gateway lists."""
+    request = urllib.request.Request(base_url.rstrip("/") + "/v1/models", headers=auth_headers(api_key))
+    with urllib.request.urlopen(request, timeout=10) as response:
+        names = listed_names(json.load(response))
+    if not names:
+        raise RuntimeError(f"{base_url} lists no models")
+    return names[0]
+
+
+def check_prediction(body: object, model: str, top_k: int) -> str | None:
+    """Why a classification body is wrong, or None when it is a valid top-k answer from `model`."""
+    if not isinstance(body, dict):
+        return f"expected a JSON object, got {type(body).__name__}"
+    if body.get("model") != model:
+        return f"answered by model {body.get('model')!r}, asked {model!r}"
+    predictions = body.get("predictions")
+    if not isinstance(predictions, list) or not predictions:
+        return "empty prediction list"
+    if len(predictions) > top_k:
+        return f"{len(predictions)} predictions for top_k={top_k}"
+    scores = []
+    for p in predictions:
+        if not (isinstance(p, dict) and isinstance(p.get("index"), int) and isinstance(p.get("label"), str)
+                and isinstance(p.get("score"), int | float)):
+            return f"malformed prediction {p!r}"
+        scores.append(float(p["score"]))
+    if scores != sorted(scores, reverse=True):
+        return f"scores not in descending order: {scores}"
+    return None
+
+
+class PredictionError(Exception):
+    pass
+
+
+def check_classification(values: np.ndarray | None, top_k: int) -> PredictionError | None:
+    """Triton's classification extension answers "score:index[:label]" strings, best first."""
+    if values is None or values.size == 0:
+        return PredictionError("empty classification output")
+    entries = [v.decode() if isinstance(v, bytes) else str(v) for v in values.reshape(-1)]
+    if len(entries) > top_k:
+        return PredictionError(f"{len(entries)} classes for class_count={top_k}")
+    try:
+        scores = [float(entry.split(":", 2)[0]) for entry in entries]
+        [int(entry.split(":", 2)[1]) for entry in entries]
+    except (ValueError, IndexError):
+        return PredictionError(f"malformed classification {entries[:2]}")
+    if scores != sorted(scores, reverse=True):
+        return PredictionError(f"scores not in descending order: {scores}")
+    return None
+
+
+def describe_error(error: Exception) -> Exception:
+    """tritonclient's exceptions print empty; give Locust's failure table the gRPC status and message."""
+    status, message = getattr(error, "status", None), getattr(error, "message", None)
+    if callable(status) and callable(message):
+        return PredictionError(f"{status()}: {message()}")
+    return error

@@ -1,0 +1,197 @@
+"""Locust users for the gateway: HTTP clients classifying photos, and a tritonclient gRPC client.
+
+    locust -f loadtest/locustfile.py --host http://127.0.0.1:8080                 # web UI on :8089
+    locust -f loadtest/locustfile.py --headless -u 50 -t 2m --scenario ramp --host http://127.0.0.1:8080
+    locust -f loadtest/locustfile.py --headless -u 20 -t 1m --host http://127.0.0.1:8080 GrpcUser
+
+`resnet loadtest` wraps the headless form with thresholds and plots. Users wait 0 s between requests, so
+the user count is the number of requests in flight. Every response body is checked: a wrong model name, an
+empty or malformed prediction list, or scores out of order count as failures, not just non-2xx codes.
+Options below can also come from LOCUST_* / RESNET_* environment variables (Locust's convention).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+import urllib.parse
+from pathlib import Path
+
+# grpcio blocks gevent's loop unless told to cooperate; this must run before any channel is created.
+import grpc.experimental.gevent as grpc_gevent
+
+grpc_gevent.init_gevent()
+
+import locust.stats  # noqa: E402
+import numpy as np  # noqa: E402
+from locust import HttpUser, LoadTestShape, User, constant, events, tag, task  # noqa: E402
+
+from loadtest import shapes  # noqa: E402
+from loadtest.checks import (  # noqa: E402
+    API_KEY_HEADER,
+    auth_headers,
+    check_classification,
+    check_prediction,
+    describe_error,
+    discover_model,
+    listed_names,
+)
+from loadtest.images import load_images  # noqa: E402
+from server.spec import IMAGE_INPUT_NAME, OUTPUT_NAME  # noqa: E402
+
+# The per-second percentiles in the history CSV cover this many seconds (Locust's default 10 would blur
+# the steps of a ramp together); read at call time by locust.stats.
+locust.stats.CURRENT_RESPONSE_TIME_PERCENTILE_WINDOW = 2
+DEFAULT_GRPC_PORT = 8081
+BATCH_FILES = 4  # images per multipart request in the "several images" task
+
+
+@events.init_command_line_parser.add_listener
+def _add_options(parser) -> None:
+    group = parser.add_argument_group("resnet-serving")
+    group.add_argument("--scenario", choices=shapes.SCENARIOS, default="steady", env_var="LOCUST_SCENARIO",
+                       help="load shape: steady, ramp (staircase to --users) or spike (default: steady)")
+    group.add_argument("--model", default="", env_var="RESNET_MODEL",
+                       help="model to classify with (default: the first one GET /v1/models lists)")
+    group.add_argument("--images", default="", env_var="RESNET_LOADTEST_IMAGES",
+                       help="folder of photos to send (default: ../shared/data/imagenet-samples, else generated)")
+    group.add_argument("--top-k", type=int, default=5, env_var="RESNET_TOP_K", help="predictions to ask for")
+    group.add_argument("--grpc-host", default="", env_var="RESNET_GRPC_URL",
+                       help=f"gateway gRPC host:port for GrpcUser (default: --host's hostname, port {DEFAULT_GRPC_PORT})")
+    group.add_argument("--api-key", default="", env_var="RESNET_API_KEY", help="sent as the X-API-Key header")
+
+
+_images: list[tuple[str, bytes]] = []
+
+
+@events.init.add_listener
+def _load_images(environment, **_kwargs) -> None:
+    options = environment.parsed_options
+    folder = Path(options.images) if options and options.images else None
+    _images[:] = load_images(folder, limit=64)
+
+
+def _options(user: User):
+    return user.environment.parsed_options
+
+
+class ClassifyUser(HttpUser):
+    """An HTTP client of the gateway: mostly one photo per request, sometimes several, sometimes a listing."""
+
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        options = _options(self)
+        self.top_k = options.top_k if options else 5
+        self.headers = auth_headers(options.api_key if options else "")
+        self.model = (options.model if options else "") or discover_model(self.host, self.headers.get(API_KEY_HEADER, ""))
+        self.path = f"/v1/models/{urllib.parse.quote(self.model)}/classify?top_k={self.top_k}"
+        self.photos = itertools.cycle(random.sample(_images, len(_images)))
+
+    @tag("classify")
+    @task(8)
+    def classify_one(self) -> None:
+        _, data = next(self.photos)
+        with self.client.post(self.path, data=data, headers={**self.headers, "Content-Type": "image/jpeg"},
+                              name="classify 1 image", catch_response=True) as response:
+            self._validate(response, expected=1)
+
+    @tag("classify")
+    @task(2)
+    def classify_several(self) -> None:
+        files = [("file", (name, data, "image/jpeg")) for name, data in itertools.islice(self.photos, BATCH_FILES)]
+        with self.client.post(self.path, files=files, headers=self.headers,
+                              name=f"classify {BATCH_FILES} images", catch_response=True) as response:
+            self._validate(response, expected=BATCH_FILES)
+
+    @task(1)
+    def list_models(self) -> None:
+        with self.client.get("/v1/models", headers=self.headers, name="list models", catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+            elif self.model not in listed_names(response.json()):
+                response.failure(f"model {self.model!r} missing from the listing")
+
+    def _validate(self, response, expected: int) -> None:
+        if response.status_code != 200:
+            response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+            return
+        try:
+            body = response.json()
+        except ValueError:
+            response.failure("response is not JSON")
+            return
+        bodies = body if isinstance(body, list) else [body]
+        if len(bodies) != expected:
+            response.failure(f"{len(bodies)} results for {expected} images")
+            return
+        for item in bodies:
+            if problem := check_prediction(item, self.model, self.top_k):
+                response.failure(problem)
+                return
+        response.success()
+
+
+class GrpcUser(User):
+    """A tritonclient gRPC client of the gateway's KServe v2 endpoint (`<model>_pipeline`, encoded images in).
+
+    Reports each call to Locust's statistics through the `request` event, like HttpUser does, so CSVs,
+    percentiles and failure ratios cover gRPC the same way.
+    """
+
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        import tritonclient.grpc as grpcclient
+
+        options = _options(self)
+        self.top_k = options.top_k if options else 5
+        api_key = options.api_key if options else ""
+        # gRPC metadata keys must be lower case.
+        self.headers = {API_KEY_HEADER.lower(): api_key} if api_key else {}
+        target = (options.grpc_host if options else "") or grpc_target(self.host)
+        model = (options.model if options else "") or discover_model(self.host, api_key)
+        self.model = model if model.endswith("_pipeline") else f"{model}_pipeline"
+        self.grpcclient = grpcclient
+        self.client = grpcclient.InferenceServerClient(url=target)
+        self.photos = itertools.cycle(random.sample(_images, len(_images)))
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    @task
+    def classify_one(self) -> None:
+        _, data = next(self.photos)
+        image = self.grpcclient.InferInput(IMAGE_INPUT_NAME, [1, 1], "BYTES")
+        image.set_data_from_numpy(np.array([[data]], dtype=np.object_))
+        wanted = [self.grpcclient.InferRequestedOutput(OUTPUT_NAME, class_count=self.top_k)]
+        start = time.perf_counter()
+        exception, length = None, 0
+        try:
+            result = self.client.infer(self.model, [image], outputs=wanted, headers=self.headers or None)
+            length = result.get_response().ByteSize()
+            exception = check_classification(result.as_numpy(OUTPUT_NAME), self.top_k)
+        except Exception as error:  # a failed call is a data point, not a crash of the user
+            exception = describe_error(error)
+        self.environment.events.request.fire(
+            request_type="gRPC", name="ModelInfer 1 image", response_time=(time.perf_counter() - start) * 1000,
+            response_length=length, exception=exception, context={},
+        )
+
+
+def grpc_target(http_host: str | None) -> str:
+    hostname = urllib.parse.urlsplit(http_host or "http://127.0.0.1").hostname or "127.0.0.1"
+    return f"{hostname}:{DEFAULT_GRPC_PORT}"
+
+
+class ScenarioShape(LoadTestShape):
+    """Steady, ramp or spike (`--scenario`), scaled by --users, --spawn-rate and --run-time."""
+
+    use_common_options = True
+
+    def tick(self):
+        options = self.runner.environment.parsed_options
+        run_time = float(options.run_time or shapes.DEFAULT_RUN_TIME_S)
+        return shapes.users_at(options.scenario, self.get_run_time(), int(options.num_users or 1),
+                               float(options.spawn_rate or 1), run_time)

@@ -1,0 +1,320 @@
+"""The FastAPI gateway: `create_app(settings)`.
+
+Routes: `GET /v1/models`, `GET /v1/models/{name}`, `POST /v1/models/{name}/classify`, `GET /healthz`, `/readyz`,
+`/metrics`, the OpenAPI docs at `/docs` and the demo page at `/`. Every error, ours or FastAPI's, leaves as
+`{"error": {"code", "message"}}` with a 4xx/5xx status that says what happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import GatewayError, InvalidInput, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from server.metrics import Metrics
+from server.registry import ModelRegistry, Prediction
+from server.settings import Settings
+
+log = logging.getLogger("resnet.server")
+STATIC_DIR = Path(__file__).with_name("static")
+MAX_TOP_K = 1000
+MAX_FILES = 64
+RAW_CONTENT_TYPES = ("application/octet-stream", "")
+
+
+class PredictionOut(BaseModel):
+    index: int
+    label: str
+    score: float
+
+
+class Classification(BaseModel):
+    model: str
+    version: str
+    predictions: list[PredictionOut]
+
+
+class ModelOut(BaseModel):
+    name: str
+    versions: list[str]
+    input_shape: list[int]
+    num_classes: int
+    max_batch_size: int
+    backend: str
+    preprocess: dict
+
+
+class ModelList(BaseModel):
+    models: list[ModelOut]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+ERROR_RESPONSES = {status: {"model": ErrorOut} for status in (400, 401, 404, 413, 415, 422, 503, 504)}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+# --- middleware: metrics and the body limit, in plain ASGI (no per-request task like BaseHTTPMiddleware) ---------
+
+
+class GatewayMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+                error = PayloadTooLarge(f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes}")
+                await JSONResponse(error.to_dict(), error.http_status)(scope, receive, send_with_status)
+            else:
+                await self.app(scope, self._limited(receive), send_with_status)
+        finally:
+            self.metrics.in_flight.dec()
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(label, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+
+    def _limited(self, receive: Receive) -> Receive:
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise PayloadTooLarge(f"request body is over the limit of {self.max_body_bytes} bytes")
+            return message
+
+        return limited_receive
+
+
+# --- error handlers ----------------------------------------------------------------------------------------
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, error: GatewayError) -> JSONResponse:
+        return error_response(error.http_status, error.code, error.message, error.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        return error_response(422, InvalidInput.code, problems or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+        message = error.detail if isinstance(error.detail, str) else str(error.detail)
+        if error.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}"
+        return error_response(error.status_code, codes.get(error.status_code, "http_error"), message, error.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", f"internal error ({type(error).__name__}); see the gateway log")
+
+
+# --- routes ------------------------------------------------------------------------------------------------
+
+
+def registry_of(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+async def require_api_key(request: Request) -> None:
+    keys: list[str] = request.app.state.settings.api_keys
+    if not keys:
+        return
+    authorization = request.headers.get("authorization", "")
+    offered = authorization[7:].strip() if authorization.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    # compare against every key (no early exit), each in constant time
+    matches = [hmac.compare_digest(offered.encode(), key.encode()) for key in keys]
+    if not offered or not any(matches):
+        raise Unauthorized("missing or invalid API key (send 'Authorization: Bearer <key>' or 'X-API-Key: <key>')")
+
+
+def result(model, predictions: list[Prediction]) -> dict:
+    return {"model": model.name, "version": model.version,
+            "predictions": [{"index": p.index, "label": p.label, "score": p.score} for p in predictions]}
+
+
+async def read_images(request: Request, max_body_bytes: int) -> tuple[list[bytes], bool]:
+    """The request's images and whether the client sent several (multipart) or one (raw body)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        form = await request.form(max_files=MAX_FILES, max_part_size=max_body_bytes)
+        try:
+            files = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
+            if not files:
+                raise InvalidInput("multipart body has no 'file' part; send each image as a field named 'file'")
+            images = [await upload.read() for upload in files]
+        finally:
+            await form.close()
+        return images, len(images) > 1
+    if content_type.startswith("image/") or content_type in RAW_CONTENT_TYPES:
+        return [await request.body()], False
+    raise UnsupportedMediaType(f"content type {content_type!r} is not accepted; send the image as the raw body with "
+                               "an image/* content type, or as multipart/form-data field 'file'")
+
+
+CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        },
+    }
+}
+
+
+def api_router() -> APIRouter:
+    router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+
+    @router.get("/v1/models", response_model=ModelList, tags=["models"])
+    async def list_models(request: Request) -> dict:
+        """The models this gateway serves."""
+        registry = registry_of(request)
+        return {"models": [registry.models[name].describe() for name in registry.names()]}
+
+    @router.get("/v1/models/{name}", response_model=ModelOut, tags=["models"])
+    async def get_model(name: str, request: Request) -> dict:
+        """One model: versions, input size, classes, preprocessing."""
+        return registry_of(request).get(name).describe()
+
+    @router.post("/v1/models/{name}/classify", response_model=Classification | list[Classification],
+                 tags=["inference"], openapi_extra=CLASSIFY_BODY)
+    async def classify(name: str, request: Request,
+                       top_k: int = Query(5, ge=1, le=MAX_TOP_K, description="predictions per image")) -> object:
+        """Classify the image in the body (any image/* type), or each `file` of a multipart form.
+
+        Returns the top-k classes with softmax scores; a list of results when several files were sent.
+        """
+        model = registry_of(request).get(name)
+        images, several = await read_images(request, request.app.state.settings.max_body_bytes)
+        predictions = await model.classify(images, top_k)
+        results = [result(model, p) for p in predictions]
+        return JSONResponse(results if several else results[0])
+
+    @router.get("/metrics", tags=["health"], response_class=Response)
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics."""
+        registry = registry_of(request)
+        metrics = request.app.state.metrics
+        for name, model in registry.models.items():
+            metrics.queue_depth.labels(name).set(model.dispatcher.depth())
+            metrics.admitted.labels(name).set(model.dispatcher.admitted())
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+def health_router() -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz")
+    async def healthz() -> dict:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @router.get("/readyz", responses={503: {"model": ErrorOut}})
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: models loaded and the backend reachable."""
+        registry = registry_of(request)
+        if not registry.ready():
+            return error_response(503, "not_ready", registry.not_ready_reason(), {"Retry-After": "1"})
+        return JSONResponse({"status": "ready", "models": registry.names(), "backend": registry.backend.name})
+
+    @router.get("/", include_in_schema=False)
+    async def demo_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    return router
+
+
+# --- the app -----------------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    registry = ModelRegistry(settings, app.state.metrics)
+    app.state.registry = registry
+    await registry.start()
+    # --- gRPC API (server/grpc_service.py, helper D): start it here, stop it below -------------------------
+    grpc_server = None
+    if settings.grpc_port:
+        from server import grpc_service
+
+        try:
+            grpc_server = await grpc_service.start(app, settings)
+        except BaseException:
+            await registry.close()
+            raise
+    # --- end gRPC ----------------------------------------------------------------------------------------------
+    try:
+        yield
+    finally:
+        if grpc_server is not None:
+            await grpc_service.stop(grpc_server)
+        # uvicorn has finished the in-flight HTTP requests by now; answer anything still queued, then release.
+        await registry.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(title="resnet-serving gateway", version="0.1.0", lifespan=lifespan,
+                  description="Image classification with ResNets: embedded ONNX Runtime or NVIDIA Triton behind "
+                              "one API, with dynamic batching.")
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    install_error_handlers(app)
+    app.include_router(health_router())
+    app.include_router(api_router())
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(GatewayMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
+    return app

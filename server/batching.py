@@ -1,0 +1,197 @@
+"""Dynamic batching: samples from many requests queue per model, run as one batch, and are answered one by one.
+
+A worker takes the oldest sample, waits at most `max_delay` for the batch to fill up to `max_batch_size`, runs
+the batch once and resolves each sample's future with its own row. The queue is bounded (in samples): a request
+that does not fit is refused at once with 503 + Retry-After instead of growing memory; a sample whose request
+passed its deadline is dropped before it costs inference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.errors import DeadlineExceeded, GatewayError, InvalidInput, Overloaded
+from server.metrics import Metrics
+
+RunBatch = Callable[[np.ndarray], Awaitable[np.ndarray]]
+
+
+@dataclass
+class _Pending:
+    sample: np.ndarray
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Dispatcher:
+    """What ServedModel calls: `with dispatcher.admit(n): ... await dispatcher.infer(batch, deadline)`.
+
+    Admission bounds the images a model holds at once (being decoded, queued or inferred) to `queue_size`: one
+    more request is refused before it costs a decode, so memory stays bounded however many clients connect.
+    """
+
+    model: str
+    queue_size: int
+    _admitted: int = 0
+
+    @contextlib.contextmanager
+    def admit(self, images: int):
+        if getattr(self, "_closing", False):
+            raise Overloaded("the gateway is shutting down", retry_after=1)
+        if images > self.queue_size:
+            raise InvalidInput(f"{images} images in one request is more than model {self.model!r} queues "
+                               f"({self.queue_size}); send fewer per request")
+        if self._admitted + images > self.queue_size:
+            raise Overloaded(f"model {self.model!r} holds {self._admitted} images (limit {self.queue_size}); retry later")
+        self._admitted += images
+        try:
+            yield
+        finally:
+            self._admitted -= images
+
+    def admitted(self) -> int:
+        return self._admitted
+
+    async def infer(self, batch: np.ndarray, deadline: float) -> np.ndarray:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def depth(self) -> int:
+        return 0
+
+
+def _remaining(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceeded("request deadline passed before inference")
+    return remaining
+
+
+class DynamicBatcher(Dispatcher):
+    def __init__(self, model: str, run_batch: RunBatch, *, max_batch_size: int, max_delay_s: float, queue_size: int,
+                 metrics: Metrics, workers: int = 1) -> None:
+        self.model = model
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.queue_size = queue_size
+        self.metrics = metrics
+        self.workers = workers
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._work(), name=f"batcher-{self.model}-{i}") for i in range(self.workers)]
+
+    async def infer(self, batch: np.ndarray, deadline: float) -> np.ndarray:
+        remaining = _remaining(deadline)
+        loop = asyncio.get_running_loop()
+        pending = [_Pending(sample, loop.create_future()) for sample in batch]
+        self._queue.extend(pending)
+        self.metrics.queue_depth.labels(self.model).set(len(self._queue))
+        self._arrived.set()
+        futures = [p.future for p in pending]
+        try:
+            rows = await asyncio.wait_for(asyncio.gather(*futures), remaining)
+        except TimeoutError:
+            raise DeadlineExceeded(f"no result within the request deadline ({remaining:.1f}s left at submit)") from None
+        finally:
+            for future in futures:  # dropped by the worker if still queued
+                future.cancel()
+        return np.stack(rows)
+
+    async def _next_batch(self) -> list[_Pending]:
+        while not self._queue:
+            if self._closing:
+                return []
+            self._arrived.clear()
+            await self._arrived.wait()
+        oldest = self._queue[0].enqueued
+        while len(self._queue) < self.max_batch_size and not self._closing:
+            wait = oldest + self.max_delay_s - time.monotonic()
+            if wait <= 0:
+                break
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), wait)
+        taken = []
+        while self._queue and len(taken) < self.max_batch_size:
+            pending = self._queue.popleft()
+            if not pending.future.done():  # a timed-out or cancelled request's samples cost nothing
+                taken.append(pending)
+        self.metrics.queue_depth.labels(self.model).set(len(self._queue))
+        return taken
+
+    async def _work(self) -> None:
+        while True:
+            taken = await self._next_batch()
+            if not taken:
+                if self._closing and not self._queue:
+                    return
+                continue
+            started = time.monotonic()
+            for pending in taken:
+                self.metrics.queue_seconds.labels(self.model).observe(started - pending.enqueued)
+            self.metrics.batch_size.labels(self.model).observe(len(taken))
+            try:
+                logits = await self.run_batch(np.stack([p.sample for p in taken]))
+            except GatewayError as error:
+                self._fail(taken, error)
+                continue
+            except Exception as error:  # noqa: BLE001 - one bad batch must not stop the worker
+                self._fail(taken, error)
+                continue
+            for pending, row in zip(taken, logits, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(row)
+
+    @staticmethod
+    def _fail(taken: list[_Pending], error: Exception) -> None:
+        for pending in taken:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
+    async def close(self) -> None:
+        """Stop taking requests, answer what is queued, then stop the workers."""
+        self._closing = True
+        self._arrived.set()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class DirectDispatcher(Dispatcher):
+    """No gateway batching: each request goes to the backend as is (Triton's dynamic batcher merges them).
+
+    Still bounded by admission (`queue_size` images per model).
+    """
+
+    def __init__(self, model: str, run_batch: RunBatch, *, queue_size: int, metrics: Metrics) -> None:
+        self.model = model
+        self.run_batch = run_batch
+        self.queue_size = queue_size
+        self.metrics = metrics
+
+    async def infer(self, batch: np.ndarray, deadline: float) -> np.ndarray:
+        remaining = _remaining(deadline)
+        self.metrics.batch_size.labels(self.model).observe(len(batch))
+        try:
+            return await asyncio.wait_for(self.run_batch(batch), remaining)
+        except TimeoutError:
+            raise DeadlineExceeded(f"no result within the request deadline ({remaining:.1f}s)") from None

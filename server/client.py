@@ -1,0 +1,326 @@
+"""`resnet client classify`: one client for the gateway (HTTP or gRPC) and for a Triton server (gRPC or HTTP).
+
+    resnet client classify photos/ --url grpc://127.0.0.1:8081 --top-k 3
+    resnet client classify cat.jpg --url http://127.0.0.1:8000 --model resnet50 --json   # a Triton server
+
+Over HTTP the gateway's own API (`POST /v1/models/{name}/classify`, multipart) is used; a KServe v2 server (Triton)
+is recognized by its `GET /v2` metadata. Over gRPC the gateway and Triton speak the same protocol: the client sends
+encoded images to `<model>_pipeline` and asks for every class through Triton's classification extension
+(`class_count` = number of classes), then applies softmax, so every path prints the same probabilities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from cli.errors import ResnetError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+PIPELINE_SUFFIX = "_pipeline"
+IMAGE_INPUT = "image"
+LOGITS_OUTPUT = "logits"
+MAX_GATEWAY_FILES = 64  # the gateway's multipart limit per request
+
+
+class ClientError(ResnetError):
+    """The server refused or could not be reached; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Result:
+    image: str
+    model: str
+    predictions: list[Prediction]
+
+
+# --- images ---------------------------------------------------------------------------------------------------
+
+
+def collect_images(paths: list[Path]) -> list[Path]:
+    """Files as given, directories expanded to their image files (sorted, not recursive)."""
+    images: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ClientError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in directory {path}")
+            images += found
+        elif path.is_file():
+            images.append(path)
+        else:
+            raise ClientError(f"image not found: {path}")
+    return images
+
+
+def chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def top_k_from_logits(scored: list[tuple[float, int, str]], k: int) -> list[Prediction]:
+    """Softmax over every class's (logit, index, label), best k first (ties: lower index first)."""
+    logits = np.array([value for value, _, _ in scored], dtype=np.float64)
+    probabilities = np.exp(logits - logits.max())
+    probabilities /= probabilities.sum()
+    order = sorted(range(len(scored)), key=lambda i: (-probabilities[i], scored[i][1]))[:k]
+    return [Prediction(scored[i][1], scored[i][2], float(probabilities[i])) for i in order]
+
+
+def parse_classification(item: bytes | str) -> tuple[float, int, str]:
+    """Triton's classification string `score:index:label` (label optional, may contain ':')."""
+    text = item.decode() if isinstance(item, bytes) else item
+    parts = text.split(":", 2)
+    return float(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else parts[1]
+
+
+# --- transports -----------------------------------------------------------------------------------------------
+
+
+class GatewayHttp:
+    """The gateway's JSON API."""
+
+    kind = "gateway (HTTP)"
+
+    def __init__(self, url: str, api_key: str | None, timeout: float) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+        self.url = url
+
+    def _get(self, path: str) -> dict:
+        return self._json(self._call("GET", path))
+
+    def _call(self, method: str, path: str, **kwargs):
+        import httpx
+
+        try:
+            return self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as error:
+            raise ClientError(f"cannot reach {self.url}: {error}") from None
+
+    def _json(self, response) -> object:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code >= 400:
+            message = body["error"]["message"] if isinstance(body, dict) and "error" in body else response.text[:200]
+            raise ClientError(f"{self.url} answered {response.status_code}: {message}")
+        return body
+
+    def default_model(self) -> str:
+        return only_model([m["name"] for m in self._get("/v1/models")["models"]], self.url)
+
+    def batch_limit(self, model: str) -> int:
+        return min(MAX_GATEWAY_FILES, int(self._get(f"/v1/models/{model}")["max_batch_size"]))
+
+    def classify(self, model: str, images: list[Path], top_k: int) -> list[list[Prediction]]:
+        files = [("file", (path.name, path.read_bytes(), "application/octet-stream")) for path in images]
+        body = self._json(self._call("POST", f"/v1/models/{model}/classify", params={"top_k": top_k}, files=files))
+        results = body if isinstance(body, list) else [body]
+        return [[Prediction(p["index"], p["label"], p["score"]) for p in r["predictions"]] for r in results]
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class KServe:
+    """Triton's protocol (gRPC or HTTP), spoken by Triton and, over gRPC, by the gateway: `<model>_pipeline`."""
+
+    def __init__(self, module, address: str, api_key: str | None, timeout: float, protocol: str) -> None:
+        self.module = module
+        self.protocol = protocol
+        self.address = address
+        self.timeout = timeout
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+        self.client = self._guard(lambda: module.InferenceServerClient(address))
+        metadata = self._guard(lambda: self.client.get_server_metadata(headers=self.headers))
+        name = metadata["name"] if isinstance(metadata, dict) else metadata.name
+        self.kind = f"{'the gateway' if name == 'resnet-gateway' else name} ({protocol})"
+
+    def _guard(self, call):
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return call()
+        except InferenceServerException as error:
+            raise ClientError(f"{self.protocol}://{self.address}: {error.message() or error}") from None
+        except (ConnectionError, OSError) as error:
+            raise ClientError(f"cannot reach {self.protocol}://{self.address}: {error}") from None
+
+    def _index(self) -> list[str]:
+        index = self._guard(lambda: self.client.get_model_repository_index(headers=self.headers))
+        entries = index["models"] if isinstance(index, dict) else index.models
+        # Triton's HTTP index is a list of dicts, gRPC's a message list
+        return [entry["name"] if isinstance(entry, dict) else entry.name for entry in entries]
+
+    def default_model(self) -> str:
+        names = set(self._index())
+        return only_model(sorted(n.removesuffix(PIPELINE_SUFFIX) for n in names if n.endswith(PIPELINE_SUFFIX)),
+                          f"{self.protocol}://{self.address}")
+
+    def _metadata(self, model: str) -> dict:
+        metadata = self._guard(lambda: self.client.get_model_metadata(model + PIPELINE_SUFFIX, headers=self.headers))
+        if not isinstance(metadata, dict):
+            from google.protobuf.json_format import MessageToDict
+
+            metadata = MessageToDict(metadata, preserving_proto_field_name=True)
+        return metadata
+
+    def batch_limit(self, model: str) -> int:
+        config = self._guard(lambda: self.client.get_model_config(model + PIPELINE_SUFFIX, headers=self.headers))
+        config = config["config"] if isinstance(config, dict) and "config" in config else config
+        limit = config.get("max_batch_size", 0) if isinstance(config, dict) else config.config.max_batch_size
+        return int(limit) or 1
+
+    def classify(self, model: str, images: list[Path], top_k: int) -> list[list[Prediction]]:
+        outputs = self._metadata(model)["outputs"]
+        num_classes = int(next(o for o in outputs if o["name"] == LOGITS_OUTPUT)["shape"][-1])
+        data = np.array([path.read_bytes() for path in images], dtype=np.object_).reshape(len(images), 1)
+        tensor = self.module.InferInput(IMAGE_INPUT, list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        # every class, so the client can turn raw scores into probabilities the way the gateway's HTTP API does
+        wanted = [self.module.InferRequestedOutput(LOGITS_OUTPUT, class_count=num_classes)]
+        timeout = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+        result = self._guard(lambda: self.client.infer(model + PIPELINE_SUFFIX, [tensor], outputs=wanted,
+                                                       headers=self.headers, **timeout))
+        rows = result.as_numpy(LOGITS_OUTPUT).reshape(len(images), -1)
+        return [top_k_from_logits([parse_classification(item) for item in row], top_k) for row in rows]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def only_model(names: list[str], url: str) -> str:
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise ClientError(f"{url} serves no models")
+    raise ClientError(f"{url} serves several models ({', '.join(names)}); pick one with --model")
+
+
+def connect(url: str, server: str, api_key: str | None, timeout: float) -> GatewayHttp | KServe:
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "grpc") or not parts.hostname:
+        raise ClientError(f"bad --url {url!r}: use http://HOST:PORT or grpc://HOST:PORT")
+    address = parts.netloc
+    if parts.scheme == "grpc":
+        import tritonclient.grpc
+
+        return KServe(tritonclient.grpc, address, api_key, timeout, "grpc")
+    if server == "auto":
+        server = "triton" if speaks_kserve_http(f"http://{address}", timeout) else "gateway"
+    if server == "gateway":
+        return GatewayHttp(f"http://{address}", api_key, timeout)
+    import tritonclient.http
+
+    return KServe(tritonclient.http, address, api_key, timeout, "http")
+
+
+def speaks_kserve_http(url: str, timeout: float) -> bool:
+    """Triton (any KServe v2 HTTP server) answers `GET /v2` with its metadata; the gateway has no /v2."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{url}/v2", timeout=timeout)
+    except httpx.HTTPError as error:
+        raise ClientError(f"cannot reach {url}: {error}") from None
+    try:
+        return response.status_code == 200 and "extensions" in response.json()
+    except ValueError:
+        return False
+
+
+# --- output --------------------------------------------------------------------------------------------------
+
+
+def print_table(results: list[Result], server: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{results[0].model} on {server}" if results else server)
+    for column, justify in (("image", "left"), ("#", "right"), ("label", "left"), ("index", "right"), ("score", "right")):
+        table.add_column(column, justify=justify)
+    for result in results:
+        for rank, prediction in enumerate(result.predictions, 1):
+            table.add_row(result.image if rank == 1 else "", str(rank), prediction.label, str(prediction.index),
+                          f"{prediction.score:.4f}", end_section=rank == len(result.predictions))
+    Console().print(table)
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        description="Classify images with a served model: the gateway (HTTP or gRPC) or a Triton server (HTTP or gRPC).",
+        epilog="Scores are softmax probabilities on every path. Over gRPC, and over HTTP to Triton, the client calls "
+               "<model>_pipeline with Triton's classification extension.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    actions = parser.add_subparsers(dest="action", required=True, metavar="classify")
+    classify = actions.add_parser("classify", help="classify image files or directories of images",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                  description="Classify images (files, or directories of .jpg/.png/... files), "
+                                              "sent in batches.")
+    classify.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image file or directory")
+    classify.add_argument("--url", default=env("RESNET_CLIENT_URL", "http://127.0.0.1:8080"),
+                          help="http://HOST:PORT (gateway or Triton HTTP) or grpc://HOST:PORT (gateway or Triton "
+                               "gRPC) (env RESNET_CLIENT_URL)")
+    classify.add_argument("--model", default=env("RESNET_CLIENT_MODEL"),
+                          help="model name (env RESNET_CLIENT_MODEL; default: the only model served)")
+    classify.add_argument("--top-k", type=int, default=5, help="predictions per image")
+    classify.add_argument("--batch-size", type=int, default=16, help="images per request (capped by the model's maximum)")
+    classify.add_argument("--server", choices=("auto", "gateway", "triton"), default="auto",
+                          help="what answers an http:// URL (auto: Triton if it answers GET /v2)")
+    classify.add_argument("--api-key", default=env("RESNET_API_KEY"), help="gateway API key (env RESNET_API_KEY)")
+    classify.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    classify.add_argument("--json", action="store_true", help="print JSON (one object per image) instead of a table")
+    return parser
+
+
+def run(args: argparse.Namespace) -> tuple[list[Result], str]:
+    if args.top_k < 1 or args.batch_size < 1:
+        raise ClientError("--top-k and --batch-size must be at least 1")
+    images = collect_images(args.images)
+    client = connect(args.url, args.server, args.api_key, args.timeout)
+    try:
+        model = args.model or client.default_model()
+        size = min(args.batch_size, client.batch_limit(model))
+        results: list[Result] = []
+        batches = list(chunks(images, size))
+        from tqdm import tqdm
+
+        for batch in tqdm(batches, desc="classifying", unit="batch", disable=len(batches) < 2, file=sys.stderr):
+            for path, predictions in zip(batch, client.classify(model, batch, args.top_k), strict=True):
+                results.append(Result(str(path), model, predictions))
+        return results, client.kind
+    finally:
+        client.close()
+
+
+def main(args: argparse.Namespace) -> int:
+    results, server = run(args)
+    if args.json:
+        print(json.dumps([asdict(result) for result in results], indent=2))
+    else:
+        print_table(results, server)
+    return 0

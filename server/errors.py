@@ -1,0 +1,92 @@
+"""Typed gateway errors. Raised anywhere inside `server/`, translated into one JSON shape at the HTTP (and gRPC)
+boundary: `{"error": {"code": ..., "message": ...}}` with the class's HTTP status.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """A request the gateway answers with an error instead of a result; `message` names the problem."""
+
+    code = "internal"
+    http_status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def to_dict(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class ModelNotFound(GatewayError):
+    code = "model_not_found"
+    http_status = 404
+
+
+class InvalidImage(GatewayError):
+    """Empty, undecodable or truncated image bytes."""
+
+    code = "invalid_image"
+    http_status = 400
+
+
+class UnsupportedMediaType(GatewayError):
+    """A content type or image format the gateway does not take."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class PayloadTooLarge(GatewayError):
+    """Body over the byte limit, or an image over the pixel limit (checked from its header, before decoding)."""
+
+    code = "payload_too_large"
+    http_status = 413
+
+
+class InvalidInput(GatewayError):
+    """Bad parameters or tensors: top_k, tensor shape or dtype, missing multipart field."""
+
+    code = "invalid_input"
+    http_status = 422
+
+
+class Overloaded(GatewayError):
+    """The model's bounded queue is full: retry after `retry_after` seconds."""
+
+    code = "overloaded"
+    http_status = 503
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class DeadlineExceeded(GatewayError):
+    code = "deadline_exceeded"
+    http_status = 504
+
+
+class BackendUnavailable(GatewayError):
+    """The inference backend (Triton) cannot be reached or is not ready."""
+
+    code = "backend_unavailable"
+    http_status = 503
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class Unauthorized(GatewayError):
+    code = "unauthorized"
+    http_status = 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}

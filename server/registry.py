@@ -1,0 +1,233 @@
+"""The models the gateway serves: `ModelRegistry` (on `app.state.registry`) and `ServedModel`.
+
+`ServedModel.classify` is what the HTTP and gRPC APIs call: preprocess on a thread pool, queue into the model's
+batcher, softmax + top-k. `ServedModel.infer` takes already-preprocessed tensors through the same batcher.
+Deadlines are absolute `time.monotonic()` values; None means the settings' request timeout from now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.backends import Backend, ModelInfo, create_backend
+from server.batching import DirectDispatcher, Dispatcher, DynamicBatcher
+from server.errors import BackendUnavailable, InvalidInput, ModelNotFound
+from server.metrics import Metrics
+from server.preprocessing import preprocess_batch
+from server.settings import Settings
+from server.spec import PreprocessSpec
+
+log = logging.getLogger("resnet.server")
+HEALTH_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    score: float
+
+
+def top_predictions(logits: np.ndarray, k: int, labels: list[str]) -> list[list[Prediction]]:
+    """Softmax over the classes, then the k best per row, best first."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    probabilities = np.exp(shifted)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    k = min(k, logits.shape[1])
+    best = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return [[Prediction(int(i), labels[i], float(row[i])) for i in indexes] for row, indexes in zip(probabilities, best, strict=True)]
+
+
+class ServedModel:
+    def __init__(self, info: ModelInfo, backend: Backend, dispatcher_factory, settings: Settings,
+                 preprocess_pool: concurrent.futures.Executor, metrics: Metrics) -> None:
+        self.info = info
+        self.runtime = backend
+        self.settings = settings
+        self.metrics = metrics
+        self.preprocess_pool = preprocess_pool
+        self.dispatcher: Dispatcher = dispatcher_factory(self)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def version(self) -> str:
+        return self.info.version
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return self.info.spec
+
+    @property
+    def labels(self) -> list[str]:
+        return self.info.labels
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.info.max_batch_size
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.info.input_shape
+
+    @property
+    def backend(self) -> str:
+        """"embedded" or "triton"."""
+        return self.runtime.name
+
+    def deadline(self, deadline: float | None) -> float:
+        return time.monotonic() + self.settings.request_timeout_s if deadline is None else deadline
+
+    async def run_batch(self, batch: np.ndarray) -> np.ndarray:
+        started = time.monotonic()
+        # Deadlines are enforced per request by the dispatcher; the backend gets the longest one allowed.
+        logits = await self.runtime.infer(self.info, np.ascontiguousarray(batch), started + self.settings.request_timeout_s)
+        self.metrics.inference_seconds.labels(self.name).observe(time.monotonic() - started)
+        return logits
+
+    async def preprocess(self, images: list[bytes]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.preprocess_pool, preprocess_batch, images, self.spec,
+                                          self.settings.max_image_pixels)
+
+    async def infer(self, batch: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """float32 [N, *input_shape] preprocessed tensors -> logits [N, num_classes]."""
+        if batch.dtype != np.float32 or batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape or not len(batch):
+            raise InvalidInput(f"{self.name} takes float32 [N, {', '.join(map(str, self.input_shape))}] with N >= 1, "
+                               f"got {batch.dtype} {list(batch.shape)}")
+        with self.dispatcher.admit(len(batch)):
+            return await self._infer(batch, self.deadline(deadline))
+
+    async def _infer(self, batch: np.ndarray, deadline: float) -> np.ndarray:
+        logits = await self.dispatcher.infer(batch, deadline)
+        self.metrics.images.labels(self.name).inc(len(batch))
+        return logits
+
+    async def infer_images(self, images: list[bytes], deadline: float | None = None) -> np.ndarray:
+        """Encoded images -> logits [N, num_classes], admitted like `classify` (the gRPC `_pipeline` models)."""
+        if not images:
+            raise InvalidInput("no images to classify")
+        deadline = self.deadline(deadline)
+        with self.dispatcher.admit(len(images)):  # before decoding: a refused request costs nothing
+            return await self._infer(await self.preprocess(images), deadline)
+
+    async def classify(self, images: list[bytes], top_k: int = 5, deadline: float | None = None) -> list[list[Prediction]]:
+        if top_k < 1:
+            raise InvalidInput(f"top_k must be at least 1, got {top_k}")
+        return top_predictions(await self.infer_images(images, deadline), top_k, self.labels)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "versions": [self.version], "input_shape": list(self.input_shape),
+                "num_classes": len(self.labels), "max_batch_size": self.max_batch_size, "backend": self.backend,
+                "preprocess": self.spec.to_dict()}
+
+
+class ModelRegistry:
+    """The models of one backend. For Triton, a health loop keeps `ready()` current and re-reads the models
+    whenever Triton comes (back) up, so the gateway recovers from a Triton restart by itself."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, backend: Backend | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.backend = backend or create_backend(settings)
+        threads = settings.preprocess_threads or (os.cpu_count() or 1)
+        self.preprocess_pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
+        self.models: dict[str, ServedModel] = {}
+        self._backend_ready = False
+        self._health_task: asyncio.Task | None = None
+
+    def names(self) -> list[str]:
+        return sorted(self.models)
+
+    def get(self, name: str) -> ServedModel:
+        if not self._backend_ready:
+            raise BackendUnavailable(f"{self.describe_backend()} is not ready; retry shortly")
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFound(f"model {name!r} not found; available: {', '.join(self.names()) or 'none'}")
+        return model
+
+    def not_ready_reason(self) -> str:
+        return f"{self.describe_backend()} is not ready" if not self._backend_ready else self._no_models()
+
+    def _no_models(self) -> str:
+        where = self.settings.repository.resolve() if self.backend.name == "embedded" else self.describe_backend()
+        return f"no classifier models to serve from {where}"
+
+    def describe_backend(self) -> str:
+        if self.backend.name == "triton":
+            return f"Triton at {self.settings.triton_url} ({self.settings.triton_protocol})"
+        return "the embedded ONNX Runtime backend"
+
+    def ready(self) -> bool:
+        return self._backend_ready and bool(self.models)
+
+    def _dispatcher(self, model: ServedModel) -> Dispatcher:
+        if not self.settings.batching:
+            return DirectDispatcher(model.name, model.run_batch, queue_size=self.settings.queue_size, metrics=self.metrics)
+        # Against Triton two batches may be in flight (network overlap); in-process, one at a time uses all cores.
+        workers = 2 if self.backend.name == "triton" else 1
+        return DynamicBatcher(model.name, model.run_batch, max_batch_size=model.max_batch_size,
+                              max_delay_s=self.settings.max_delay_ms / 1000, queue_size=self.settings.queue_size,
+                              metrics=self.metrics, workers=workers)
+
+    async def _load_models(self) -> None:
+        infos = await self.backend.start()
+        old = self.models
+        self.models = {info.name: ServedModel(info, self.backend, self._dispatcher, self.settings,
+                                              self.preprocess_pool, self.metrics) for info in infos}
+        for model in self.models.values():
+            model.dispatcher.start()
+        for model in old.values():
+            await model.dispatcher.close()
+        if self.models:
+            log.info("serving %s on the %s backend", ", ".join(self.names()), self.backend.name)
+        else:
+            log.warning(self._no_models())
+
+    async def start(self) -> None:
+        if self.backend.name == "embedded":
+            await self._load_models()
+            self._backend_ready = True
+            return
+        await self._check_health()
+        self._health_task = asyncio.create_task(self._health_loop(), name="backend-health")
+
+    async def _check_health(self) -> None:
+        ready = await self.backend.ready()
+        if ready and (not self._backend_ready or not self.models):
+            try:
+                await self._load_models()
+            except Exception as error:  # noqa: BLE001 - keep polling; readiness stays false
+                log.warning("cannot read models from %s: %s", self.backend.name, error)
+                ready = False
+        if ready != self._backend_ready:
+            log.log(logging.INFO if ready else logging.WARNING, "%s backend at %s is %s", self.backend.name,
+                    self.settings.triton_url, "ready" if ready else "NOT ready")
+        self._backend_ready = ready
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            await self._check_health()
+
+    async def close(self) -> None:
+        """Answer what is queued, then release the backend (called after uvicorn drained the requests)."""
+        if self._health_task:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        for model in self.models.values():
+            await model.dispatcher.close()
+        await self.backend.close()
+        self.preprocess_pool.shutdown(wait=True)

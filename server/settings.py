@@ -1,0 +1,55 @@
+"""Gateway settings: one pydantic-settings model, `RESNET_*` environment variables, validated at start-up.
+
+`resnet serve` flags override the environment; a bad value stops the gateway before it binds a port.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RESNET_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 for all interfaces)")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port")
+    grpc_port: int = Field(8081, ge=0, le=65535, description="gRPC port; 0 disables the gRPC API")
+    repository: Path = Field(Path("model_repository"), description="Triton model repository to serve")
+    backend: Literal["embedded", "triton"] = Field("embedded", description="embedded ONNX Runtime, or a Triton server")
+    triton_url: str = Field("127.0.0.1:8001", description="Triton address host:port (gRPC or HTTP port per protocol)")
+    triton_protocol: Literal["grpc", "http"] = Field("grpc", description="protocol to Triton")
+    batching: bool = Field(True, description="batch requests in the gateway (off: one backend call per request, "
+                                             "leaving batching to Triton's dynamic batcher)")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="largest batch the gateway assembles")
+    max_delay_ms: float = Field(2.0, ge=0, le=10_000, description="longest wait for a batch to fill")
+    queue_size: int = Field(256, ge=1, description="images waiting per model beyond which requests get 503")
+    request_timeout_s: float = Field(10.0, gt=0, description="per-request deadline (504 when exceeded)")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body (413 above)")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest image width*height (413 above)")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per model (0: all cores)")
+    preprocess_threads: int = Field(0, ge=0, description="image decoding threads (0: number of cores)")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                     description="comma-separated API keys; empty: no auth")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port and port must differ (both {self.port})")
+        return self

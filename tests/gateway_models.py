@@ -1,0 +1,76 @@
+"""Tiny real model repositories for the gateway tests, written with the exporter's own repository code.
+
+The "colors" classifier averages each channel and scores classes red, green, blue: a red image is class 0, a
+green one class 1, a blue one class 2, so a test can tell whose answer a client got back.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from export.repository import (
+    CLASSIFIER_MODEL_PY,
+    BatchingPolicy,
+    ClassifierSpec,
+    classifier_config,
+    publish_version,
+    write_model,
+)
+from server.spec import INPUT_NAME, OUTPUT_NAME, PreprocessSpec
+
+COLORS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
+LABELS = list(COLORS)
+TINY_SPEC = PreprocessSpec(resize_shorter=40, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def colors_onnx(crop: int = 32) -> bytes:
+    weights = numpy_helper.from_array(np.eye(3, dtype=np.float32) * 4, "weights")
+    bias = numpy_helper.from_array(np.zeros(3, dtype=np.float32), "bias")
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", [INPUT_NAME], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["flat"]),
+         helper.make_node("Gemm", ["flat", "weights", "bias"], [OUTPUT_NAME], transB=1)],
+        "colors",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", 3, crop, crop])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", 3])],
+        initializer=[weights, bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def write_colors_model(repository: Path, name: str = "colors", max_batch_size: int = 32) -> Path:
+    """A classifier in `repository/name` that both the embedded backend and Triton (Python backend) serve."""
+    spec = ClassifierSpec(name=name, arch="colors", precision="fp32", num_classes=3, preprocess=TINY_SPEC,
+                          batching=BatchingPolicy(max_batch_size=max_batch_size), cpu_threads=1)
+    model_dir = repository / name
+    write_model(model_dir, classifier_config(spec), LABELS)
+    publish_version(model_dir, {"model.onnx": colors_onnx(TINY_SPEC.crop), "model.py": CLASSIFIER_MODEL_PY})
+    return model_dir
+
+
+def color_image(color: str, size: tuple[int, int] = (64, 48), fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+    image = Image.new("RGB", size, COLORS[color])
+    if mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height (a decompression bomb, as far as the header goes)."""
+    data = bytearray(color_image("red", size=(8, 8), fmt="PNG"))
+    data[16:24] = struct.pack(">II", width, height)  # IHDR payload: after the signature, chunk length and type
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)

@@ -1,0 +1,54 @@
+"""`resnet bench --quick` end to end on the CPU (real Triton, real gateway, real naive server), into a tmp dir."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from loadtest.bench_report import OWNED_SECTIONS, split_sections
+from tests.support import REPO_ROOT
+
+FOREIGN = "## gRPC vs HTTP\n\nAnother helper's table | kept | verbatim |\n"
+
+
+def test_sections_split_by_second_level_headings():
+    head, sections = split_sections("# Benchmarks\n\nintro\n\n## A\n\nx\n### sub\ny\n\n## B\n\nz\n")
+    assert head == "# Benchmarks\n\nintro\n\n"
+    assert sections == [("A", "x\n### sub\ny"), ("B", "z")]
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_quick_bench_runs_end_to_end_and_keeps_foreign_sections(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "benchmarks.md").write_text("# Benchmarks\n\nstale\n\n## Gateway efficiency\n\nstale numbers 999\n\n" + FOREIGN)
+    empty_repository = tmp_path / "model_repository"  # forces the random-weight export path
+    empty_repository.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "cli", "bench", "--quick", "--docs", str(docs), "--repository", str(empty_repository),
+         "--threads", "1"],
+        capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    results = json.loads((docs / "benchmarks.json").read_text())
+    runtimes = {row["runtime"] for row in results["runtimes"]}
+    assert {"PyTorch eager FP32", "ONNX Runtime FP32", "ONNX Runtime INT8 (QDQ)"} <= runtimes
+    assert any(name.startswith("Triton") for name in runtimes)
+    assert all(row["images_per_s"] > 0 for row in results["runtimes"])
+    assert results["raw"]["images_per_s"] > 0
+    points = results["gateway"]["points"]
+    assert [p["extra"]["batching"] for p in points] == [False, True]
+    assert all(p["requests"] > 0 and p["errors"] == 0 and p["extra"]["raw_images_per_s"] > 0 for p in points)
+    assert results["naive"]["requests"] > 0 and results["naive"]["errors"] == 0
+    assert results["machine"]["tritonserver"].count(".") == 2  # the version the running server reported
+
+    text = (docs / "benchmarks.md").read_text()
+    titles = [title for title, _ in split_sections(text)[1]]
+    assert titles == [*OWNED_SECTIONS, "gRPC vs HTTP"]
+    assert FOREIGN.strip() in text and "stale" not in text
+    assert "resnet bench --quick" in text and "vs raw runtime" in text
+    assert (docs / "img" / "gateway_latency_throughput.png").stat().st_size > 10_000

@@ -1,0 +1,334 @@
+"""Export -> verify -> publish on real networks (random weights, CPU), FP32 / FP16 / INT8, and the refusals."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from export import onnx as onnx_export
+from export import workflow
+from export.errors import AccuracyBudgetError, ExportError, VerificationError, WeightsUnavailableError
+from export.quantize import QuantizeOptions, preprocess_file, quantize_int8, top1
+from export.repository import read_config, versions
+from export.source import from_arch, from_checkpoint, load_state_dict_from_url
+from server.spec import INPUT_NAME, OUTPUT_NAME, PRECISION_KEY, PreprocessSpec
+from tests.support import VENV_BIN, free_port
+
+
+def write_images(folder: Path, count: int, size: int = 48, seed: int = 0) -> list[Path]:
+    """Smooth random colour fields saved as JPEG: real decoding, real resizing, varied content."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((size + index % 7, size), Image.BILINEAR)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        path = folder / f"{index:03d}.jpg"
+        path.write_bytes(buffer.getvalue())
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return from_arch("resnet18", "random")
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    return from_arch("resnet20", "random")
+
+
+@pytest.fixture(scope="module")
+def resnet18_onnx(resnet18, tmp_path_factory):
+    return onnx_export.export_onnx(resnet18.model, tmp_path_factory.mktemp("onnx") / "fp32.onnx", 224)
+
+
+def test_onnx_is_checked_opset17_with_dynamic_batch_and_matches_torch(resnet18, resnet18_onnx):
+    proto = onnx.load(str(resnet18_onnx))
+    onnx.checker.check_model(proto, full_check=True)
+    assert max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")) >= 17
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value
+    report = onnx_export.verify_onnx(resnet18.model, resnet18_onnx, 224, batch_sizes=(1, 3, 5))
+    assert report.ok and report.relative_error < 1e-5 and report.top1_agreement == 1.0
+    assert onnx_export.TRACE_BATCH not in report.batch_sizes
+
+
+def test_fp16_variant_keeps_fp32_io_and_is_close(resnet18, resnet18_onnx, tmp_path):
+    fp16 = onnx_export.convert_fp16(resnet18_onnx, tmp_path / "fp16.onnx")
+    runtime = onnx_export.session(fp16)
+    assert runtime.get_inputs()[0].type == "tensor(float)" and runtime.get_outputs()[0].type == "tensor(float)"
+    assert fp16.stat().st_size < 0.6 * resnet18_onnx.stat().st_size
+    report = onnx_export.verify_onnx(resnet18.model, fp16, 224, precision="fp16")
+    assert report.ok and report.relative_error > 1e-6  # really half precision, and still within tolerance
+
+
+def test_export_publishes_classifier_preprocess_and_pipeline(resnet18, tmp_path):
+    options = workflow.ExportOptions(name="r18", repository=tmp_path, keep_versions=2, measure_latency=False)
+    artifacts = workflow.export_to_repository(resnet18, options)
+    assert [(a.model, a.version) for a in artifacts] == [("r18", 1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r18", "r18_pipeline", "r18_preprocess"]
+    assert {p.name for p in (tmp_path / "r18" / "1").iterdir()} == {"model.onnx", "model.py"}
+    assert read_config(tmp_path / "r18").parameters[PRECISION_KEY].string_value == "fp32"
+    labels = (tmp_path / "r18" / "labels.txt").read_text().splitlines()
+    assert len(labels) == 1000 and labels[7] == "class_7"
+
+
+def test_reexport_adds_versions_and_prunes(resnet20, tmp_path):
+    options = workflow.ExportOptions(name="r20", repository=tmp_path, keep_versions=2, measure_latency=False)
+    for _ in range(3):
+        workflow.export_to_repository(resnet20, options)
+    for model in ("r20", "r20_preprocess", "r20_pipeline"):
+        assert versions(tmp_path / model) == [2, 3]  # a new number each time, pruned to --keep-versions
+
+
+def test_gpu_target_writes_onnxruntime_configs_with_tensorrt_fp16(resnet20, tmp_path):
+    options = workflow.ExportOptions(name="r20", repository=tmp_path, target="gpu", fp16=True, measure_latency=False)
+    artifacts = workflow.export_to_repository(resnet20, options)
+    assert [a.model for a in artifacts] == ["r20", "r20_fp16"]
+    config = read_config(tmp_path / "r20")
+    assert config.platform == "onnxruntime_onnx"
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert (accelerator.name, accelerator.parameters["precision_mode"]) == ("tensorrt", "FP16")
+    assert read_config(tmp_path / "r20_fp16").parameters[PRECISION_KEY].string_value == "fp16"
+    assert {p.name for p in (tmp_path / "r20" / "1").iterdir()} == {"model.onnx"}  # no Python backend on GPU
+    with pytest.raises(ExportError, match="tensorrt"):
+        workflow.export_to_repository(resnet20, workflow.ExportOptions(name="r20", repository=tmp_path,
+                                                                       target="cpu", tensorrt=True))
+
+
+def test_parity_failure_refuses_publishing(resnet20, tmp_path, monkeypatch):
+    """A subtly wrong ONNX file (classifier bias shifted) must fail verification and publish nothing."""
+    real_export = onnx_export.export_onnx
+
+    def broken_export(model, path, crop, **kwargs):
+        real_export(model, path, crop, **kwargs)
+        proto = onnx.load(str(path))
+        bias = next(t for t in proto.graph.initializer if t.name.endswith("fc.bias"))
+        shifted = onnx.numpy_helper.to_array(bias).copy()
+        shifted[::2] += 5.0
+        bias.CopyFrom(onnx.numpy_helper.from_array(shifted, bias.name))
+        onnx.save(proto, str(path))
+        return path
+
+    monkeypatch.setattr(onnx_export, "export_onnx", broken_export)
+    options = workflow.ExportOptions(name="r18", repository=tmp_path / "repo", measure_latency=False)
+    with pytest.raises(VerificationError, match="does not match PyTorch.*nothing published"):
+        workflow.export_to_repository(resnet20, options)
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
+
+
+def test_int8_calibrates_on_images_checks_accuracy_and_publishes(resnet18, resnet18_onnx, tmp_path):
+    calib = tmp_path / "calib"
+    write_images(calib, 16)
+    eval_dir = tmp_path / "eval"
+    for label in ("a", "b"):
+        write_images(eval_dir / label, 4, seed=ord(label))
+    options = workflow.ExportOptions(
+        name="r18", repository=tmp_path / "repo", int8=True, calib_data=calib, eval_data=eval_dir,
+        max_accuracy_drop=100, quantize=QuantizeOptions(max_calibration_images=16), measure_latency=False,
+    )
+    artifacts = workflow.export_to_repository(resnet18, options)
+    assert [a.model for a in artifacts] == ["r18", "r18_int8"]
+    int8 = tmp_path / "repo" / "r18_int8" / "1" / "model.onnx"
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8)).graph.node)
+    assert int8.stat().st_size < 0.4 * resnet18_onnx.stat().st_size
+    assert read_config(tmp_path / "repo" / "r18_int8").parameters[PRECISION_KEY].string_value == "int8"
+    assert (tmp_path / "repo" / "r18_int8_pipeline" / "config.pbtxt").is_file()
+    assert " pt, n=8)" in artifacts[1].check
+
+
+def test_int8_over_the_accuracy_budget_is_refused(resnet20, tmp_path, monkeypatch):
+    """Labels are the FP32 model's own predictions (FP32 top-1 = 100%); an INT8 model with its classifier
+    damaged must lose more than the budget and be refused."""
+    spec = PreprocessSpec.cifar10()
+    fp32 = onnx_export.export_onnx(resnet20.model, tmp_path / "fp32.onnx", 32)
+    eval_dir, images = tmp_path / "eval", write_images(tmp_path / "all", 24)
+    runtime = onnx_export.session(fp32)
+    for path in images:
+        predicted = int(runtime.run([OUTPUT_NAME], {INPUT_NAME: preprocess_file(path, spec)[None]})[0].argmax())
+        (eval_dir / f"{predicted:04d}").mkdir(parents=True, exist_ok=True)
+        os.replace(path, eval_dir / f"{predicted:04d}" / path.name)
+    classes = [f"{i:04d}" for i in range(10)]
+    samples = [(p, int(p.parent.name)) for p in eval_dir.rglob("*.jpg")]
+    assert top1(fp32, samples, spec) == 1.0
+
+    def damaged_int8(fp32_path, int8_path, calib_dir, spec, options=None, **kwargs):
+        quantize_int8(fp32_path, int8_path, calib_dir, spec, options, **kwargs)
+        proto = onnx.load(str(int8_path))  # negate the logits: argmax becomes argmin
+        producer = next(n for n in proto.graph.node if OUTPUT_NAME in n.output)
+        producer.output[list(producer.output).index(OUTPUT_NAME)] = "logits_before_damage"
+        proto.graph.node.append(onnx.helper.make_node("Neg", ["logits_before_damage"], [OUTPUT_NAME]))
+        onnx.save(proto, str(int8_path))
+        return int8_path
+
+    monkeypatch.setattr(workflow, "quantize_int8", damaged_int8)
+    source = from_arch("resnet20", "random")
+    options = workflow.ExportOptions(
+        name="r18", repository=tmp_path / "repo", int8=True, calib_data=eval_dir, eval_data=eval_dir,
+        labels=classes, quantize=QuantizeOptions(max_calibration_images=8), measure_latency=False,
+    )
+    source.classes = classes
+    with pytest.raises(AccuracyBudgetError, match="budget 1.*nothing published"):
+        workflow.export_to_repository(source, options)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_checkpoint_round_trip_keeps_classes_and_spec(tmp_path):
+    from training.models import build_model
+
+    model = build_model("resnet20")
+    classes = [f"thing{i}" for i in range(10)]
+    torch.save({"model": model.state_dict(), "arch": "resnet20", "num_classes": 10, "classes": classes,
+                "preprocess": PreprocessSpec.cifar10().to_dict()}, tmp_path / "ours.pt")
+    source = from_checkpoint(tmp_path / "ours.pt")
+    assert (source.arch, source.classes, source.spec) == ("resnet20", classes, PreprocessSpec.cifar10())
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(ExportError, match="pass --arch"):
+        from_checkpoint(tmp_path / "bare.pt")
+    with pytest.raises(ExportError, match="does not fit resnet32"):
+        from_checkpoint(tmp_path / "bare.pt", arch="resnet32")
+    assert from_checkpoint(tmp_path / "bare.pt", arch="resnet20").classes is None
+
+
+def test_checkpoint_stride_variant_is_honoured(tmp_path):
+    """v1 and v1.5 bottlenecks have the same weight shapes; only the checkpoint can say which one it is."""
+    from training.models import build_model
+
+    model = build_model("resnet50", num_classes=4, stride_variant="v1")
+    torch.save({"model": model.state_dict(), "arch": "resnet50", "stride_variant": "v1"}, tmp_path / "v1.pt")
+    loaded = from_checkpoint(tmp_path / "v1.pt").model
+    inputs = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs), model.eval()(inputs))
+
+
+def test_unreachable_weights_url_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    url = f"http://127.0.0.1:{free_port()}/resnet18-f37072fd.pth"
+    with pytest.raises(WeightsUnavailableError, match="cannot download .*pass --checkpoint"):
+        load_state_dict_from_url(url, timeout=2)
+    assert not list(tmp_path.rglob("*.pth")) and not list(tmp_path.rglob("*.part"))
+
+
+def test_weights_download_is_cached_and_hash_checked(tmp_path, monkeypatch):
+    """A real HTTP server on loopback stands in for download.pytorch.org."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.save({"w": torch.arange(4.0)}, served / "payload.pth")
+    digest = hashlib.sha256((served / "payload.pth").read_bytes()).hexdigest()
+    os.replace(served / "payload.pth", served / f"tiny-{digest[:8]}.pth")
+    (served / "tiny-00000000.pth").write_bytes((served / f"tiny-{digest[:8]}.pth").read_bytes())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        state = load_state_dict_from_url(f"{base}/tiny-{digest[:8]}.pth", timeout=5)
+        assert torch.equal(state["w"], torch.arange(4.0))
+        (served / f"tiny-{digest[:8]}.pth").unlink()  # the second load must come from the cache
+        assert torch.equal(load_state_dict_from_url(f"{base}/tiny-{digest[:8]}.pth", timeout=5)["w"], state["w"])
+        with pytest.raises(WeightsUnavailableError, match="does not match 00000000"):
+            load_state_dict_from_url(f"{base}/tiny-00000000.pth", timeout=5)
+    finally:
+        server.shutdown()
+    assert not list((tmp_path / "torch").rglob("tiny-00000000*"))
+
+
+def test_torchvision_weights_give_their_preprocessing_and_classes():
+    import torchvision
+
+    from export.source import spec_from_torchvision
+
+    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+    assert spec_from_torchvision(weights) == PreprocessSpec(resize_shorter=232, crop=224)
+    assert spec_from_torchvision(torchvision.models.ResNet50_Weights.IMAGENET1K_V1) == PreprocessSpec.imagenet()
+    assert len(weights.meta["categories"]) == 1000
+
+
+@pytest.mark.slow
+def test_cli_export_prints_summary_and_publishes(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"thing {i}\n" for i in range(10)))
+    result = run_cli("--arch", "resnet20", "--name", "tiny", "--labels", str(labels), "--repository",
+                     str(tmp_path / "repo"), "--max-batch-size", "8", "--keep-versions", "1")
+    assert result.returncode == 0, result.stderr
+    assert "Published to" in result.stdout and "tiny" in result.stdout and "rel. err" in result.stdout
+    config = read_config(tmp_path / "repo" / "tiny")
+    assert config.max_batch_size == 8
+    assert (tmp_path / "repo" / "tiny" / "labels.txt").read_text().splitlines()[3] == "thing 3"
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "resnet"), "export", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_cli_offline_torchvision_weights_is_one_line_error(tmp_path):
+    result = run_cli("--arch", "resnet18", "--weights", "torchvision", "--repository", str(tmp_path / "repo"),
+                     env={"TORCH_HOME": str(tmp_path / "torch"), "RESNET_DOWNLOAD_TIMEOUT": "3"})
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("resnet: error: cannot download https://download.pytorch.org/")
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.slow
+def test_cli_int8_without_calibration_data_is_one_line_error(tmp_path):
+    result = run_cli("--arch", "resnet20", "--int8", "--repository", str(tmp_path / "repo"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "resnet: error: --int8 needs --calib-data DIR (a folder of real images to calibrate on)")
+
+
+def test_cli_help_explains_sources_and_variants():
+    from export.cli import get_args_parser
+
+    text = get_args_parser().format_help()
+    for flag in ("--checkpoint", "--weights", "--int8", "--calib-data", "--max-accuracy-drop", "--tensorrt",
+                 "--keep-versions", "--target"):
+        assert flag in text
+
+
+@pytest.mark.slow
+def test_resnet50_fp32_and_int8_export(tmp_path):
+    calib = tmp_path / "calib"
+    write_images(calib, 8, size=256)
+    source = from_arch("resnet50", "random")
+    options = workflow.ExportOptions(name="r50", repository=tmp_path / "repo", int8=True, calib_data=calib,
+                                     quantize=QuantizeOptions(max_calibration_images=8))
+    artifacts = workflow.export_to_repository(source, options)
+    assert [a.model for a in artifacts] == ["r50", "r50_int8"]
+    assert all(a.latency_ms and a.latency_ms > 0 for a in artifacts)
+    assert "agrees with FP32" in artifacts[1].check
+    assert artifacts[1].size_bytes < 0.4 * artifacts[0].size_bytes
+
+
+def test_bad_calibration_image_names_the_file(tmp_path):
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "calib" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ExportError, match="broken.jpg"):
+        preprocess_file(tmp_path / "calib" / "broken.jpg", PreprocessSpec.cifar10())
+
+
+if sys.platform != "linux":  # pragma: no cover
+    pytest.skip("exports are tested on Linux", allow_module_level=True)

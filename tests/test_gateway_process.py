@@ -1,0 +1,137 @@
+"""The gateway as a real uvicorn process on loopback: end to end, shared batches, overload, deadlines, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.gateway_models import LABELS, color_image, write_colors_model
+from tests.support import REPO_ROOT, free_port, running_process
+
+pytestmark = pytest.mark.slow
+JPEG = {"content-type": "image/jpeg"}
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("repository")
+    write_colors_model(root)
+    return root
+
+
+@contextmanager
+def gateway(repository: Path, tmp_path: Path, *flags: str):
+    port = free_port()
+    command = [sys.executable, "-m", "cli.main", "serve", "--repository", str(repository), "--port", str(port),
+               "--grpc-port", "0", "--intra-op-threads", "1", *flags]
+    with running_process(command, ready_url=f"http://127.0.0.1:{port}/readyz", timeout=60,
+                         log_path=tmp_path / "gateway.log") as process:
+        yield f"http://127.0.0.1:{port}", process
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+async def classify_many(url: str, colors: list[str]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=len(colors))) as client:
+        return await asyncio.gather(*(
+            client.post(f"/v1/models/colors/classify?top_k={1 + i % 3}", content=color_image(color), headers=JPEG)
+            for i, color in enumerate(colors)))
+
+
+def test_many_clients_get_their_own_answers_from_shared_batches(repository, tmp_path):
+    colors = [LABELS[i % 3] for i in range(60)]
+    with gateway(repository, tmp_path, "--max-delay-ms", "25", "--max-batch-size", "16") as (url, _):
+        responses = asyncio.run(classify_many(url, colors))
+        assert [r.status_code for r in responses] == [200] * len(colors)
+        for i, (color, response) in enumerate(zip(colors, responses, strict=True)):
+            predictions = response.json()["predictions"]
+            assert predictions[0]["label"] == color and len(predictions) == 1 + i % 3
+        text = httpx.get(f"{url}/metrics").text
+    batches = metric(text, 'resnet_batch_size_count{model="colors"}')
+    images = metric(text, 'resnet_batch_size_sum{model="colors"}')
+    assert images == len(colors)
+    assert batches < len(colors) / 2, f"{len(colors)} concurrent images ran as {batches:.0f} batches"
+    assert metric(text, 'resnet_queue_depth{model="colors"}') == 0
+
+
+def test_a_full_queue_answers_503_and_the_gateway_carries_on(repository, tmp_path):
+    with gateway(repository, tmp_path, "--max-delay-ms", "2000", "--max-batch-size", "64", "--queue-size", "3") as (url, _):
+        responses = asyncio.run(classify_many(url, LABELS * 3))
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses == [200] * 3 + [503] * 6, statuses
+        for response in responses:
+            if response.status_code == 503:
+                assert response.headers["retry-after"] == "1"
+                assert response.json()["error"]["code"] == "overloaded"
+            else:
+                sent = LABELS[responses.index(response) % 3]
+                assert response.json()["predictions"][0]["label"] == sent
+        again = asyncio.run(classify_many(url, ["green"]))[0]
+        assert again.status_code == 200 and again.json()["predictions"][0]["label"] == "green"
+
+
+def test_deadline_answers_504(repository, tmp_path):
+    with gateway(repository, tmp_path, "--max-delay-ms", "3000", "--request-timeout-s", "0.3") as (url, _):
+        started = time.monotonic()
+        response = httpx.post(f"{url}/v1/models/colors/classify", content=color_image("red"), headers=JPEG, timeout=10)
+        assert response.status_code == 504 and response.json()["error"]["code"] == "deadline_exceeded"
+        assert time.monotonic() - started < 2.5
+        assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_sigterm_drains_requests_in_flight(repository, tmp_path):
+    with gateway(repository, tmp_path, "--max-delay-ms", "3000", "--max-batch-size", "64") as (url, process):
+        async def requests_then_sigterm() -> list[httpx.Response]:
+            pending = asyncio.ensure_future(classify_many(url, ["red", "blue", "green"]))
+            async with httpx.AsyncClient(base_url=url) as client:
+                for _ in range(100):  # until all three are queued, waiting for the batch to fill
+                    text = (await client.get("/metrics")).text
+                    if metric(text, 'resnet_admitted_images{model="colors"}') == 3:
+                        break
+                    await asyncio.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            return await pending
+
+        responses = asyncio.run(requests_then_sigterm())
+        assert [r.status_code for r in responses] == [200] * 3
+        assert [r.json()["predictions"][0]["label"] for r in responses] == ["red", "blue", "green"]
+        # uvicorn re-raises the signal once it has shut down cleanly, so the exit status is SIGTERM's.
+        assert process.wait(20) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in (tmp_path / "gateway.log").read_text()
+
+
+def test_bundled_repository_serves_real_photos(imagenet_samples, tmp_path):
+    """What `make serve` starts: the gateway on model_repository/ with its defaults, classifying real photos."""
+    bundled = REPO_ROOT / "model_repository"
+    models = sorted(p.name for p in bundled.glob("*/config.pbtxt") if any(p.parent.glob("*/model.onnx")))
+    if not models:
+        pytest.skip("model_repository/ holds no model with a model.onnx yet")
+    port = free_port()
+    command = [sys.executable, "-m", "cli.main", "serve", "--repository", str(bundled), "--port", str(port),
+               "--grpc-port", "0"]
+    with running_process(command, ready_url=f"http://127.0.0.1:{port}/readyz", timeout=120,
+                         log_path=tmp_path / "gateway.log"):
+        url = f"http://127.0.0.1:{port}"
+        served = httpx.get(f"{url}/v1/models").json()["models"]
+        assert served
+        for model in served:
+            labels = (bundled / model["name"] / "labels.txt").read_text().splitlines()
+            files = [("file", (path.name, path.read_bytes(), "image/jpeg")) for path in imagenet_samples[:8]]
+            response = httpx.post(f"{url}/v1/models/{model['name']}/classify?top_k=3", files=files, timeout=60)
+            assert response.status_code == 200, response.text
+            for result in response.json():
+                scores = [p["score"] for p in result["predictions"]]
+                assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
+                assert all(p["label"] == labels[p["index"]] for p in result["predictions"])

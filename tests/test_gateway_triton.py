@@ -1,0 +1,82 @@
+"""The gateway in front of a real Triton Inference Server (the CPU build from nvidia-pytriton): classify over gRPC
+and HTTP, answer 503 while Triton is down, and recover by itself when Triton comes back on the same address."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.gateway_models import LABELS, color_image, write_colors_model
+from tests.support import free_port, running_process, wait_until
+
+pytestmark = [pytest.mark.triton, pytest.mark.slow]
+JPEG = {"content-type": "image/jpeg"}
+
+
+@pytest.fixture(scope="module")
+def triton_server():
+    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
+    from export.triton_server import TritonServer
+
+    return TritonServer
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("triton-repository")
+    write_colors_model(root)
+    return root
+
+
+@contextmanager
+def gateway(tmp_path: Path, triton_url: str, *flags: str):
+    port = free_port()
+    # An empty --repository: labels and configs must come from Triton itself.
+    command = [sys.executable, "-m", "cli.main", "serve", "--backend", "triton", "--triton-url", triton_url,
+               "--repository", str(tmp_path), "--port", str(port), "--grpc-port", "0", *flags]
+    with running_process(command, ready_url=f"http://127.0.0.1:{port}/readyz", timeout=60,
+                         log_path=tmp_path / "gateway.log"):
+        yield f"http://127.0.0.1:{port}"
+
+
+def classify(url: str, color: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/models/colors/classify?top_k=2", content=color_image(color), headers=JPEG, timeout=30)
+
+
+def test_kill_triton_mid_run_then_recover(triton_server, repository, tmp_path):
+    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+    triton = triton_server(repository, log_path=tmp_path / "triton.log", **ports).start()
+    try:
+        with gateway(tmp_path, triton.grpc_url) as url:
+            model = httpx.get(f"{url}/v1/models").json()["models"][0]
+            assert (model["name"], model["backend"], model["num_classes"]) == ("colors", "triton", 3)
+            for color in LABELS:
+                response = classify(url, color)
+                assert response.status_code == 200 and response.json()["predictions"][0]["label"] == color
+
+            triton.stop()
+            down = classify(url, "red")
+            assert down.status_code == 503, down.text
+            assert down.json()["error"]["code"] == "backend_unavailable" and "Triton" in down.json()["error"]["message"]
+            wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 503, 10, what="gateway reports not ready")
+            assert httpx.get(f"{url}/healthz").status_code == 200
+
+            triton = triton_server(repository, log_path=tmp_path / "triton2.log", **ports).start()
+            wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 30, what="gateway ready again")
+            again = classify(url, "blue")
+            assert again.status_code == 200 and again.json()["predictions"][0]["label"] == "blue"
+    finally:
+        triton.stop()
+
+
+def test_http_protocol_without_gateway_batching(triton_server, repository, tmp_path):
+    with triton_server(repository, log_path=tmp_path / "triton.log") as triton:
+        with gateway(tmp_path, triton.http_address, "--triton-protocol", "http", "--no-batching") as url:
+            for color in LABELS:
+                response = classify(url, color)
+                assert response.status_code == 200, response.text
+                assert [p["label"] for p in response.json()["predictions"]][0] == color

@@ -1,0 +1,225 @@
+"""The gateway's gRPC API with the stock `tritonclient.grpc` client, against a real gateway process on loopback:
+Triton's protocol and classification strings, every error status, API keys, message size, health checking; and
+the same requests answered identically by a real Triton (nvidia-pytriton's CPU build) on the same repository."""
+
+from __future__ import annotations
+
+import io
+import queue
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as triton_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from server.grpc_service import SERVICE_NAME, classification_strings
+from tests.gateway_models import LABELS, color_image, colors_onnx
+from tests.grpc_support import API_KEY, gateway_process, write_pipeline_repository
+from tests.support import free_port
+
+AUTH = {"authorization": f"Bearer {API_KEY}"}
+QUEUE_SIZE = 4
+MAX_BODY_BYTES = 200_000
+
+
+def noise_jpeg(seed: int, size: tuple[int, int]) -> bytes:
+    """A photo-like image with no ties between class scores (so every ranking is unambiguous)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def images_input(images: list[bytes]) -> triton_grpc.InferInput:
+    data = np.array(images, dtype=np.object_).reshape(len(images), 1)
+    tensor = triton_grpc.InferInput("image", list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    return tensor
+
+
+def tensor_input(batch: np.ndarray, datatype: str = "FP32") -> triton_grpc.InferInput:
+    tensor = triton_grpc.InferInput("input", list(batch.shape), datatype)
+    tensor.set_data_from_numpy(batch)
+    return tensor
+
+
+def classes(count: int) -> list[triton_grpc.InferRequestedOutput]:
+    return [triton_grpc.InferRequestedOutput("logits", class_count=count)]
+
+
+def status_of(call) -> tuple[str, str]:
+    with pytest.raises(InferenceServerException) as caught:
+        call()
+    return caught.value.status(), caught.value.message()
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    return write_pipeline_repository(tmp_path_factory.mktemp("grpc-repository"))
+
+
+@pytest.fixture(scope="module")
+def gateway(repository, tmp_path_factory):
+    with gateway_process(tmp_path_factory.mktemp("grpc-logs"), "--repository", str(repository),
+                         "--api-keys", API_KEY, "--queue-size", str(QUEUE_SIZE),
+                         "--max-body-bytes", str(MAX_BODY_BYTES)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    with triton_grpc.InferenceServerClient(gateway.grpc_address) as grpc_client:
+        yield grpc_client
+
+
+def health_status(address: str, service: str = "") -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_server_and_model_metadata_as_triton_reports_them(client):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.get_server_metadata(headers=AUTH).name == "resnet-gateway"
+    index = client.get_model_repository_index(headers=AUTH)
+    assert {(m.name, m.state) for m in index.models} == {("colors", "READY"), ("colors_pipeline", "READY")}
+    assert client.is_model_ready("colors_pipeline", headers=AUTH) and not client.is_model_ready("nope", headers=AUTH)
+
+    pipeline = client.get_model_metadata("colors_pipeline", headers=AUTH)
+    assert [(t.name, t.datatype, list(t.shape)) for t in pipeline.inputs] == [("image", "BYTES", [-1, 1])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in pipeline.outputs] == [("logits", "FP32", [-1, 3])]
+    tensor = client.get_model_metadata("colors", headers=AUTH)
+    assert [(t.name, t.datatype, list(t.shape)) for t in tensor.inputs] == [("input", "FP32", [-1, 3, 32, 32])]
+    config = client.get_model_config("colors", headers=AUTH).config
+    assert config.max_batch_size == 32 and config.parameters["preprocess.crop"].string_value == "32"
+
+
+def test_pipeline_classifies_encoded_images_with_triton_classification_strings(client):
+    images = [color_image(color) for color in LABELS]
+    result = client.infer("colors_pipeline", [images_input(images)], outputs=classes(2), headers=AUTH, request_id="r1")
+    strings = result.as_numpy("logits")
+    assert strings.shape == (3, 2) and result.get_response().id == "r1"
+    for color, row in zip(LABELS, strings, strict=True):
+        score, index, label = row[0].decode().split(":")
+        assert (int(index), label) == (LABELS.index(color), color) and float(score) > 0
+
+    raw = client.infer("colors_pipeline", [images_input(images)], headers=AUTH).as_numpy("logits")
+    assert raw.dtype == np.float32 and raw.shape == (3, 3)
+    assert [row.tolist() for row in strings] == classification_strings(raw, 2, LABELS).tolist()
+
+
+def test_tensor_model_returns_the_networks_logits(client):
+    batch = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
+    logits = client.infer("colors", [tensor_input(batch)], headers=AUTH).as_numpy("logits")
+    expected = ort.InferenceSession(colors_onnx(), providers=["CPUExecutionProvider"]).run(None, {"input": batch})[0]
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_stream_infer_answers_each_request_and_survives_a_bad_one(client):
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=AUTH)
+    try:
+        client.async_stream_infer("colors_pipeline", [images_input([color_image("green")])], outputs=classes(1))
+        client.async_stream_infer("colors_pipeline", [images_input([b"not an image"])], outputs=classes(1))
+        client.async_stream_infer("colors_pipeline", [images_input([color_image("blue")])], outputs=classes(1))
+        got = [answers.get(timeout=30) for _ in range(3)]
+    finally:
+        client.stop_stream()
+    assert got[0][0].as_numpy("logits")[0, 0].decode().endswith(":1:green")
+    assert got[1][0] is None and "not a decodable image" in got[1][1].message()
+    assert got[2][0].as_numpy("logits")[0, 0].decode().endswith(":2:blue")
+
+
+def test_errors_map_to_grpc_status_codes(client):
+    good = images_input([color_image("red")])
+    code, message = status_of(lambda: client.infer("nope", [good], headers=AUTH))
+    assert code == "StatusCode.NOT_FOUND" and "'nope' not found" in message and "colors_pipeline" in message
+    code, message = status_of(lambda: client.infer("colors", [good], model_version="7", headers=AUTH))
+    assert code == "StatusCode.NOT_FOUND"
+
+    wrong_shape = tensor_input(np.zeros((1, 3, 16, 16), np.float32))
+    code, message = status_of(lambda: client.infer("colors", [wrong_shape], headers=AUTH))
+    assert code == "StatusCode.INVALID_ARGUMENT" and "[-1, 3, 32, 32]" in message and "[1, 3, 16, 16]" in message
+    wrong_dtype = tensor_input(np.zeros((1, 3, 32, 32), np.float64), "FP64")
+    code, message = status_of(lambda: client.infer("colors", [wrong_dtype], headers=AUTH))
+    assert code == "StatusCode.INVALID_ARGUMENT" and "FP64" in message
+    code, message = status_of(lambda: client.infer("colors_pipeline", [images_input([b"\x89PNG broken"])], headers=AUTH))
+    assert code == "StatusCode.INVALID_ARGUMENT" and "image" in message
+    code, message = status_of(lambda: client.infer("colors_pipeline", [good], outputs=[
+        triton_grpc.InferRequestedOutput("probabilities")], headers=AUTH))
+    assert code == "StatusCode.INVALID_ARGUMENT" and "'logits'" in message
+
+    too_many = images_input([color_image("red")] * (QUEUE_SIZE + 1))  # more than the model may hold at once
+    code, message = status_of(lambda: client.infer("colors_pipeline", [too_many], headers=AUTH))
+    assert code == "StatusCode.RESOURCE_EXHAUSTED" and "retry later" in message
+
+    oversized = tensor_input(np.zeros((20, 3, 32, 32), np.float32))  # 245,760 bytes > --max-body-bytes
+    code, message = status_of(lambda: client.infer("colors", [oversized], headers=AUTH))
+    assert code == "StatusCode.RESOURCE_EXHAUSTED" and str(MAX_BODY_BYTES) in message
+
+    code, message = status_of(lambda: client.infer("colors_pipeline", [good], headers=AUTH, client_timeout=0.0005))
+    assert code == "StatusCode.DEADLINE_EXCEEDED"
+
+
+def test_api_key_from_bearer_or_x_api_key_metadata(client):
+    good = images_input([color_image("blue")])
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"x-api-key": "wrong"}):
+        code, message = status_of(lambda headers=headers: client.infer("colors_pipeline", [good], headers=headers))
+        assert code == "StatusCode.UNAUTHENTICATED" and "x-api-key" in message
+    code, _ = status_of(lambda: client.get_model_repository_index())
+    assert code == "StatusCode.UNAUTHENTICATED"
+    answer = client.infer("colors_pipeline", [good], outputs=classes(1), headers={"x-api-key": API_KEY})
+    assert answer.as_numpy("logits")[0, 0].decode().endswith(":blue")
+    assert client.is_server_ready()  # probes stay open, like /readyz
+
+
+def test_health_service_serving_when_ready(gateway):
+    for service in ("", SERVICE_NAME):
+        assert health_status(gateway.grpc_address, service) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_backend_down_is_not_serving_and_unavailable(tmp_path):
+    dead_triton = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with gateway_process(tmp_path, "--backend", "triton", "--triton-url", dead_triton, "--repository", str(tmp_path),
+                         ready_path="/healthz") as down:
+        assert health_status(down.grpc_address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with triton_grpc.InferenceServerClient(down.grpc_address) as down_client:
+            assert down_client.is_server_live() and not down_client.is_server_ready()
+            code, message = status_of(lambda: down_client.infer("colors_pipeline", [images_input([color_image("red")])]))
+            assert code == "StatusCode.UNAVAILABLE" and dead_triton in message
+
+
+# --- against the real Triton ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def triton(repository, tmp_path_factory):
+    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
+    from export.triton_server import TritonServer
+
+    with TritonServer(repository, log_path=tmp_path_factory.mktemp("triton-logs") / "triton.log") as server:
+        yield server
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_gateway_and_triton_answer_byte_for_byte_alike(client, triton):
+    images = [noise_jpeg(seed, size) for seed, size in enumerate([(64, 48), (50, 90), (33, 33), (120, 80)])]
+    images += [color_image(color) for color in LABELS]
+    batch = np.random.default_rng(1).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    with triton_grpc.InferenceServerClient(triton.grpc_url) as real:
+        assert real.get_server_metadata().name == "triton"
+        for class_count in (1, 3, 10):
+            ours = client.infer("colors_pipeline", [images_input(images)], outputs=classes(class_count), headers=AUTH)
+            theirs = real.infer("colors_pipeline", [images_input(images)], outputs=classes(class_count))
+            assert ours.get_output("logits").shape == theirs.get_output("logits").shape
+            assert ours.as_numpy("logits").tolist() == theirs.as_numpy("logits").tolist()
+        ours = client.infer("colors", [tensor_input(batch)], headers=AUTH).as_numpy("logits")
+        theirs = real.infer("colors", [tensor_input(batch)]).as_numpy("logits")
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+        mine, real_meta = client.get_model_metadata("colors_pipeline", headers=AUTH), real.get_model_metadata("colors_pipeline")
+        assert [(t.name, t.datatype, list(t.shape)) for t in mine.inputs] == [(t.name, t.datatype, list(t.shape)) for t in real_meta.inputs]
+        assert [(t.name, t.datatype, list(t.shape)) for t in mine.outputs] == [(t.name, t.datatype, list(t.shape)) for t in real_meta.outputs]

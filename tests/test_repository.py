@@ -1,0 +1,220 @@
+"""The repository writer: configs from Triton's schema (parsed back), atomic versions, pruning, TensorRT configs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export import repository as repo
+from export import tensorrt as trt_config
+from export.errors import ExportError, RepositoryError
+from server.spec import (
+    ARCH_KEY,
+    IMAGE_INPUT_NAME,
+    INPUT_NAME,
+    LABELS_FILENAME,
+    OUTPUT_NAME,
+    PRECISION_KEY,
+    ROLE_KEY,
+    PreprocessSpec,
+    Role,
+)
+from tests.support import REPO_ROOT
+
+
+def classifier(target: str = "cpu", **overrides) -> repo.ClassifierSpec:
+    values = dict(name="resnet50", arch="resnet50", precision="fp32", num_classes=1000,
+                  preprocess=PreprocessSpec.imagenet(), target=target)
+    return repo.ClassifierSpec(**{**values, **overrides})
+
+
+def written_config(tmp_path, config: mc.ModelConfig, labels=None) -> mc.ModelConfig:
+    model_dir = tmp_path / config.name
+    repo.write_model(model_dir, config, labels)
+    return repo.read_config(model_dir)
+
+
+def params(config: mc.ModelConfig) -> dict[str, str]:
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+def test_cpu_classifier_config_is_a_python_backend_model_with_batching_and_spec(tmp_path):
+    spec = classifier(batching=repo.BatchingPolicy(max_batch_size=16, max_queue_delay_us=500, max_queue_size=64))
+    config = written_config(tmp_path, repo.classifier_config(spec), labels=["cat", "dog"])
+    assert config.backend == "python" and config.max_batch_size == 16
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [(INPUT_NAME, mc.TYPE_FP32, [3, 224, 224])]
+    (output,) = config.output
+    assert (output.name, list(output.dims), output.label_filename) == (OUTPUT_NAME, [1000], LABELS_FILENAME)
+    assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 64
+    assert config.dynamic_batching.default_queue_policy.timeout_action == mc.ModelQueuePolicy.REJECT
+    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert config.version_policy.latest.num_versions == 1
+    assert config.model_warmup[0].inputs[INPUT_NAME].zero_data
+    values = params(config)
+    assert (values[ROLE_KEY], values[ARCH_KEY], values[PRECISION_KEY]) == (Role.CLASSIFIER, "resnet50", "fp32")
+    assert PreprocessSpec.from_parameters(values) == PreprocessSpec.imagenet()
+    assert (tmp_path / "resnet50" / LABELS_FILENAME).read_text() == "cat\ndog\n"
+
+
+def test_gpu_onnx_config_uses_tensorrt_accelerator_on_gpu_instances(tmp_path):
+    config = written_config(tmp_path, repo.classifier_config(classifier("gpu", tensorrt_precision="FP16")))
+    assert config.platform == "onnxruntime_onnx" and config.default_model_filename == "model.onnx"
+    assert not config.backend
+    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt"
+    assert accelerator.parameters["precision_mode"] == "FP16"
+    assert int(accelerator.parameters["max_workspace_size_bytes"]) > 0
+
+
+def test_gpu_int8_and_tensorrt_plan_configs(tmp_path):
+    int8 = written_config(tmp_path, repo.classifier_config(
+        classifier("gpu", name="resnet50_int8", precision="int8", tensorrt_precision="INT8")))
+    assert int8.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters["precision_mode"] == "INT8"
+    assert params(int8)[PRECISION_KEY] == "int8"
+    plan = written_config(tmp_path, repo.classifier_config(
+        classifier("gpu", name="resnet50_trt", runtime="tensorrt", precision="fp16")))
+    assert (plan.platform, plan.default_model_filename) == ("tensorrt_plan", "model.plan")
+    assert plan.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert not plan.optimization.execution_accelerators.gpu_execution_accelerator
+
+
+def test_preprocess_and_pipeline_configs_chain_image_bytes_to_logits(tmp_path):
+    spec = classifier(preprocess=PreprocessSpec.cifar10(), num_classes=10, name="r20", arch="resnet20")
+    pre = written_config(tmp_path, repo.preprocess_config("r20_preprocess", "resnet20", spec.preprocess, spec.batching))
+    assert pre.backend == "python"
+    assert (pre.input[0].name, pre.input[0].data_type, list(pre.input[0].dims)) == (IMAGE_INPUT_NAME, mc.TYPE_STRING, [1])
+    assert (pre.output[0].name, list(pre.output[0].dims)) == (INPUT_NAME, [3, 32, 32])
+    assert params(pre)[ROLE_KEY] == Role.PREPROCESS
+    assert PreprocessSpec.from_parameters(params(pre)) == PreprocessSpec.cifar10()
+
+    pipe = written_config(tmp_path, repo.pipeline_config("r20_pipeline", spec, "r20_preprocess"), labels=list("abcdefghij"))
+    assert pipe.platform == "ensemble" and pipe.max_batch_size == spec.batching.max_batch_size
+    assert pipe.output[0].label_filename == LABELS_FILENAME
+    first, second = pipe.ensemble_scheduling.step
+    assert first.model_name == "r20_preprocess" and second.model_name == "r20"
+    assert first.output_map[INPUT_NAME] == second.input_map[INPUT_NAME]
+    assert second.output_map[OUTPUT_NAME] == OUTPUT_NAME
+    assert params(pipe)[ROLE_KEY] == Role.PIPELINE
+
+
+def test_unknown_target_and_misnamed_folder_are_refused(tmp_path):
+    with pytest.raises(RepositoryError, match="unknown target"):
+        repo.classifier_config(classifier("tpu"))
+    with pytest.raises(RepositoryError, match="folder name"):
+        repo.write_model(tmp_path / "other", repo.classifier_config(classifier()))
+
+
+def test_versions_are_numbered_never_reused_and_pruned(tmp_path):
+    model_dir = tmp_path / "m"
+    assert [repo.publish_version(model_dir, {"model.onnx": f"v{i}"}) for i in range(4)] == [1, 2, 3, 4]
+    assert repo.prune_versions(model_dir, keep=2) == [1, 2]
+    assert repo.versions(model_dir) == [3, 4]
+    assert repo.publish_version(model_dir, {"model.onnx": "v5"}) == 5  # not 1 again, though 1 is gone
+    assert (model_dir / "3" / "model.onnx").read_text() == "v2"
+    with pytest.raises(RepositoryError):
+        repo.prune_versions(model_dir, keep=0)
+
+
+def test_failed_rename_publishes_nothing_and_leaves_no_partial(tmp_path, monkeypatch):
+    model_dir = tmp_path / "m"
+    repo.publish_version(model_dir, {"model.onnx": "good"})
+
+    def crash(*_):
+        raise OSError("simulated crash during rename")
+
+    monkeypatch.setattr(repo.os, "rename", crash)
+    with pytest.raises(OSError, match="simulated"):
+        repo.publish_version(model_dir, {"model.onnx": "new"})
+    assert repo.versions(model_dir) == [1]
+    assert (model_dir / "1" / "model.onnx").read_text() == "good"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1"]
+
+
+def test_process_killed_mid_write_leaves_only_a_hidden_partial(tmp_path):
+    """A writer process is SIGKILLed halfway through copying the model file: the worst moment to crash."""
+    model_dir, source = tmp_path / "m", tmp_path / "model.onnx"
+    repo.publish_version(model_dir, {"model.onnx": "good"})
+    source.write_bytes(b"x" * 1_000_000)
+    script = textwrap.dedent(f"""
+        import shutil, sys, time
+        from pathlib import Path
+        from export import repository
+
+        def stalled_copy(src, dst):
+            Path(dst).write_bytes(Path(src).read_bytes()[:500_000])
+            print("half written", flush=True)
+            time.sleep(600)
+
+        repository.shutil.copyfile = stalled_copy
+        repository.publish_version(Path({str(model_dir)!r}), {{"model.onnx": Path({str(source)!r})}})
+    """)
+    writer = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout.readline() == b"half written\n"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(10)
+    assert repo.versions(model_dir) == [1]
+    leftovers = [p.name for p in model_dir.iterdir() if p.name != "1"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(repo.PARTIAL_PREFIX)
+    assert repo.publish_version(model_dir, {"model.onnx": "next"}) == 2
+    os.utime(model_dir / leftovers[0], (0, 0))  # an old crash's leftovers are cleaned by pruning
+    repo.prune_versions(model_dir, keep=5)
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]
+
+
+def test_config_text_round_trips_and_rejects_garbage(tmp_path):
+    config = repo.classifier_config(classifier())
+    assert repo.read_config_text(repo.config_text(config)) == config
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.pbtxt").write_text("max_batch_size: lots")
+    with pytest.raises(RepositoryError, match="cannot read"):
+        repo.read_config(tmp_path / "bad")
+
+
+# --- TensorRT: configuration logic runs everywhere, the build only where tensorrt is installed ---------------
+
+
+def test_tensorrt_profile_spans_one_to_max_batch_with_opt_near_half():
+    shapes = trt_config.optimization_profile(224, 32)
+    assert shapes.min == (1, 3, 224, 224) and shapes.max == (32, 3, 224, 224) and shapes.opt == (16, 3, 224, 224)
+    assert trt_config.optimization_profile(32, 1).opt == (1, 3, 32, 32)
+    assert trt_config.optimization_profile(32, 24).opt[0] == 8
+    assert trt_config.optimization_profile(32, 8, opt_batch_size=4).opt[0] == 4
+    with pytest.raises(ExportError):
+        trt_config.optimization_profile(32, 8, opt_batch_size=16)
+    with pytest.raises(ExportError):
+        trt_config.optimization_profile(32, 0)
+
+
+def test_tensorrt_builder_flags():
+    assert trt_config.builder_flag_names(fp16=False, int8=False) == []
+    assert trt_config.builder_flag_names(fp16=True, int8=False) == ["FP16"]
+    assert trt_config.builder_flag_names(fp16=False, int8=True) == ["FP16", "INT8"]
+
+
+@pytest.mark.skipif(trt_config.tensorrt_available(), reason="checks the message shown where tensorrt is missing")
+def test_tensorrt_build_without_tensorrt_says_so(tmp_path):
+    with pytest.raises(ExportError, match="tensorrt"):
+        trt_config.build_plan(tmp_path / "m.onnx", tmp_path / "model.plan", 224, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not trt_config.tensorrt_available(), reason="tensorrt is not installable on this machine")
+def test_tensorrt_plan_builds(tmp_path):
+    import torchvision
+
+    from export.onnx import export_onnx
+
+    onnx_path = export_onnx(torchvision.models.resnet18(), tmp_path / "model.onnx", 224)
+    plan = trt_config.build_plan(onnx_path, tmp_path / "model.plan", 224, 8, fp16=True,
+                                 timing_cache=tmp_path / "timing.cache")
+    assert plan.stat().st_size > 1_000_000 and (tmp_path / "timing.cache").is_file()

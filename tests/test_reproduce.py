@@ -1,0 +1,190 @@
+"""The reproduction report (table, Fig. 6, claim check) on fake runs, and the runner on a fake trainer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training import reproduce
+from training.reproduce import (
+    TABLE_BEGIN,
+    TABLE_END,
+    ReproduceError,
+    check_claims,
+    collect_runs,
+    read_metrics,
+    render_table,
+    report,
+)
+
+# Final (train, test) error % per net, shaped like the paper: plain nets degrade, residual nets improve.
+PAPER_LIKE = {
+    "resnet20": (3.0, 8.8),
+    "resnet32": (2.0, 7.5),
+    "resnet44": (1.5, 7.2),
+    "resnet56": (1.0, 7.0),
+    "resnet110": (0.5, 6.5),
+    "plain20": (4.0, 9.5),
+    "plain32": (6.0, 10.5),
+    "plain44": (8.0, 12.0),
+    "plain56": (10.0, 13.5),
+}
+
+
+def write_fake_run(runs: Path, arch: str, train_error: float, test_error: float, points: int = 8) -> None:
+    """A metrics.jsonl in the trainer's format (`MetricsWriter`: kind + iteration + values) and a run.json."""
+    folder = runs / arch
+    folder.mkdir(parents=True)
+    lines = []
+    for i in range(1, points + 1):
+        iteration = i * 8000
+        decay = (points - i) / points
+        train = train_error + 40 * decay**2
+        test = test_error + 30 * decay**2
+        lines.append(
+            {"kind": "train", "iteration": iteration, "loss": 0.1 + decay, "error": train, "lr": 0.1}
+        )
+        lines.append(
+            {"kind": "eval", "iteration": iteration, "epoch": i, "top1": 100 - test, "top5": 99.0, "n": 10000}
+        )
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (folder / "run.json").write_text(
+        json.dumps(
+            {
+                "arch": arch,
+                "wall_s": 1800 + len(arch),
+                "gpu": "NVIDIA H100",
+                "commit": "0123456789abcdef",
+                "returncode": 0,
+            }
+        )
+    )
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    for arch, (train, test) in PAPER_LIKE.items():
+        write_fake_run(tmp_path / "runs", arch, train, test)
+    return tmp_path / "runs"
+
+
+def test_read_metrics_accepts_accuracy_percent_fraction_and_error(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [
+        {"kind": "train", "iteration": 10, "acc1": 40.0},
+        {"kind": "eval", "iteration": 10, "acc1": 0.55},
+        {"kind": "train", "iteration": 20, "train_error": 30.0},
+        {"split": "test", "step": 20, "error": 25.0},
+        {"kind": "checkpoint", "iteration": 20, "path": "x.pth"},
+        {"iteration": 30, "train_acc1": 80.0, "val_acc1": 78.0},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    train, test = read_metrics(path)
+    assert train == [(10, 60.0), (20, 30.0), (30, 20.0)]
+    assert [(i, round(e, 6)) for i, e in test] == [(10, 45.0), (20, 25.0), (30, 22.0)]
+    path.write_text("{not json\n")
+    with pytest.raises(ReproduceError, match="not JSON"):
+        read_metrics(path)
+
+
+def test_claims_hold_on_paper_like_runs(runs):
+    results = collect_runs(runs)
+    assert set(results) == set(PAPER_LIKE)
+    assert results["resnet56"].test_error == pytest.approx(7.0)
+    assert results["plain56"].train_error == pytest.approx(10.0)
+    claims = check_claims(results)
+    assert len(claims) == 4 and all(holds for _, holds, _ in claims), claims
+
+
+def test_claims_fail_when_depth_hurts_residual_nets(tmp_path):
+    for arch, (train, test) in {**PAPER_LIKE, "resnet56": (1.0, 14.0)}.items():
+        write_fake_run(tmp_path, arch, train, test)
+    verdicts = {claim: holds for claim, holds, _ in check_claims(collect_runs(tmp_path))}
+    assert verdicts["ResNet test error falls with depth (20 -> 56)"] is False
+    assert verdicts["ResNets beat plain nets of the same depth (test error)"] is False
+
+
+def test_claims_not_checked_without_enough_runs(tmp_path):
+    write_fake_run(tmp_path, "resnet20", 3.0, 8.8)
+    assert [holds for _, holds, _ in check_claims(collect_runs(tmp_path))] == [None, None, None, None]
+
+
+def test_table_lists_paper_and_ours(runs):
+    table = render_table(collect_runs(runs))
+    row = next(line for line in table.splitlines() if line.startswith("| resnet20 "))
+    assert "8.75%" in row and "8.80%" in row and "3.00%" in row and "64,000" in row and "NVIDIA H100" in row
+    assert "0123456789ab" in row and "30 min" in row
+    assert "| plain56 | Fig. 6 only | 13.50% |" in table
+    assert table.index("| resnet20 ") < table.index("| resnet110 ") < table.index("| plain20 ")
+
+
+def test_report_rewrites_only_the_table_block_and_draws_the_figure(runs, tmp_path):
+    doc = tmp_path / "docs" / "reproduction.md"
+    doc.parent.mkdir()
+    doc.write_text(f"# Reproduction\n\nintro\n\n{TABLE_BEGIN}\nold table\n{TABLE_END}\n\nafter\n")
+    figure = tmp_path / "docs" / "img" / "fig6.png"
+    report(runs, doc, figure)
+    text = doc.read_text()
+    assert text.startswith("# Reproduction\n\nintro\n") and text.endswith("\n\nafter\n")
+    assert "old table" not in text and text.count(TABLE_BEGIN) == 1
+    assert "| resnet56 | 6.97% | 7.00% |" in text and "![Fig. 6 reproduced](img/fig6.png)" in text
+    assert figure.read_bytes().startswith(b"\x89PNG") and figure.stat().st_size > 10_000
+    report(runs, doc, figure)  # idempotent
+    assert doc.read_text() == text
+
+
+def test_report_without_runs_is_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.reproduce",
+            "report",
+            "--runs-dir",
+            str(tmp_path),
+            "--doc",
+            str(tmp_path / "r.md"),
+            "--figure",
+            str(tmp_path / "f.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip() == f"resnet: error: no finished runs under {tmp_path} (expected "
+        "<arch>/metrics.jsonl with test evaluations)"
+    )
+
+
+def test_runner_runs_each_net_and_records_wall_time_and_commit(tmp_path, monkeypatch):
+    """The runner with a stand-in trainer that writes a metrics file, so no training is needed here."""
+    fake_trainer = tmp_path / "fake_train.py"
+    fake_trainer.write_text(
+        "import json, sys, pathlib\n"
+        "args = sys.argv[1:]\n"
+        "arch, out = args[args.index('--arch') + 1], pathlib.Path(args[args.index('--output-dir') + 1])\n"
+        "if arch == 'plain56': sys.exit(3)\n"
+        "error = {'resnet20': 9.0, 'resnet32': 8.0}.get(arch, 10.0)\n"
+        "(out / 'metrics.jsonl').write_text(json.dumps({'kind': 'eval', 'iteration': 5, 'acc1': 100 - error}))\n"
+    )
+
+    def command(arch, data, output_dir, extra):
+        return [sys.executable, str(fake_trainer), "--arch", arch, "--output-dir", str(output_dir), *extra]
+
+    monkeypatch.setattr(reproduce, "train_command", command)
+    monkeypatch.setattr(reproduce.time, "sleep", lambda _: None)
+    failed = reproduce.run_all(["resnet20", "resnet32", "plain56"], "unused", tmp_path / "runs", 2, [])
+    assert failed == ["plain56"]
+    info = json.loads((tmp_path / "runs" / "resnet32" / "run.json").read_text())
+    assert info["returncode"] == 0 and info["wall_s"] >= 0 and info["arch"] == "resnet32"
+    assert len(info["commit"]) >= 7 and info["gpu"]
+    assert json.loads((tmp_path / "runs" / "plain56" / "run.json").read_text())["returncode"] == 3
+    results = collect_runs(tmp_path / "runs")
+    assert sorted(results) == ["resnet20", "resnet32"]
+    assert results["resnet32"].test_error == pytest.approx(8.0)

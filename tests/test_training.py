@@ -1,0 +1,510 @@
+"""The training core on tiny synthetic data: transforms, recipes, the loop, checkpoints, exact resume, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as v1
+
+from cli.main import main as cli_main
+from server.spec import PreprocessSpec
+from tests.support import REPO_ROOT, VENV_BIN, wait_until
+from training import recipes
+from training.errors import ConfigError, DataError, UnknownRecipeError
+from training.evaluate import evaluate_checkpoint, evaluate_onnx
+from training.models import ARCHS, build_model
+from training.presets import eval_transform, ten_crop_transform
+from training.recipes import TrainConfig
+from training.train import train
+from training.utils import StepSchedule, list_checkpoints, load_checkpoint
+
+CLASSES = ("cat", "dog", "frog")
+
+
+def make_image_tree(
+    root: Path, per_class: dict[str, int], size: tuple[int, int] = (32, 32), classes=CLASSES, seed: int = 0
+) -> Path:
+    """`<split>/<class>/<n>.jpg` with a learnable signal: each class has its own mean colour."""
+    rng = np.random.default_rng(seed)
+    for split, count in per_class.items():
+        for index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            colour = np.array([60 + 70 * (index % 3), 200 - 60 * (index % 4), 40 + 50 * (index % 5)])
+            for n in range(count):
+                pixels = colour + rng.integers(-40, 40, (size[1], size[0], 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+                    folder / f"{n}.jpg", quality=90
+                )
+    return root
+
+
+# Tiny models on a shared 2-core machine: one thread avoids OpenMP spinning against other processes (3x faster).
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def resnet_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    command = (
+        [str(VENV_BIN / "resnet")] if (VENV_BIN / "resnet").exists() else [sys.executable, "-m", "cli.main"]
+    )
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=ONE_THREAD_ENV
+    )
+
+
+@pytest.fixture(scope="module")
+def cifar_like(tmp_path_factory) -> Path:
+    return make_image_tree(tmp_path_factory.mktemp("cifar"), {"train": 32, "test": 8})
+
+
+def small_config(data: Path, output_dir: Path, **overrides) -> TrainConfig:
+    values = dict(
+        arch="resnet20",
+        data=str(data),
+        output_dir=str(output_dir),
+        batch_size=16,
+        iterations=8,
+        log_every=2,
+        checkpoint_every=4,
+        eval_every=100,
+        keep_last=100,
+        tensorboard=False,
+        device="cpu",
+    )
+    return recipes.resolve("cifar-paper", {**values, **overrides})
+
+
+# ------------------------------------------------------------------------------------------------ transforms
+
+
+def test_eval_transform_matches_the_reference_pillow_pipeline():
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 451, 3), dtype=np.uint8))
+    spec = PreprocessSpec.imagenet()
+    reference = v1.Compose(
+        [v1.Resize(256), v1.CenterCrop(224), v1.ToTensor(), v1.Normalize(spec.mean, spec.std)]
+    )
+    ours = eval_transform(spec)(image)
+    assert ours.shape == (3, 224, 224)
+    torch.testing.assert_close(ours, reference(image), rtol=0, atol=1e-5)
+
+
+def test_eval_transform_applies_channel_order_and_layout():
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    rgb = eval_transform(PreprocessSpec(resize_shorter=36, crop=32))(image)
+    bgr_nhwc = eval_transform(PreprocessSpec(resize_shorter=36, crop=32, channel_order="BGR", layout="NHWC"))(
+        image
+    )
+    torch.testing.assert_close(bgr_nhwc, rgb.flip(0).permute(1, 2, 0))
+
+
+def test_ten_crop_holds_the_center_crop_and_mirrors():
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (70, 90, 3), dtype=np.uint8))
+    spec = PreprocessSpec(resize_shorter=64, crop=48)
+    crops = ten_crop_transform(spec)(image)
+    assert crops.shape == (10, 3, 48, 48)
+    torch.testing.assert_close(crops[4], eval_transform(spec)(image))
+    torch.testing.assert_close(crops[9], crops[4].flip(-1))
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+def test_recipes_follow_the_paper_and_flags_override():
+    cifar = recipes.resolve("cifar-paper", {})
+    assert (cifar.batch_size, cifar.lr, cifar.iterations, cifar.lr_milestones) == (
+        128,
+        0.1,
+        64_000,
+        [32_000, 48_000],
+    )
+    assert (cifar.momentum, cifar.weight_decay, cifar.warmup_lr) == (0.9, 1e-4, None)
+    imagenet = recipes.resolve("imagenet-paper", {"batch_size": 1024})
+    assert imagenet.train_resize == (256, 480) and imagenet.train_crop == 224
+    assert imagenet.effective_lr == pytest.approx(0.4)  # linear scaling from batch 256
+    deep = recipes.resolve("cifar-paper", {"arch": "resnet110", "iterations": 10, "lr_milestones": [5]})
+    assert deep.warmup_lr == 0.01 and deep.iterations == 10 and deep.lr_milestones == [5]
+    with pytest.raises(UnknownRecipeError, match="cifar-paper"):
+        recipes.resolve("cifar-fast", {})
+    with pytest.raises(ConfigError):
+        recipes.resolve("cifar-paper", {"batch_size": 10}).validate(world_size=4)
+
+
+def test_step_schedule_warms_up_then_divides_at_milestones():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = StepSchedule([3, 5], 0.1, warmup_factor=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    schedule.warming_up = False
+    for _ in range(3):
+        optimizer.step(), scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)  # 0.1 ÷ 10 at iteration 3
+    state = scheduler.state_dict()
+    restored = torch.optim.lr_scheduler.LambdaLR(optimizer, StepSchedule([3, 5], 0.1, warmup_factor=0.1))
+    restored.load_state_dict(state)
+    assert restored.lr_lambdas[0].warming_up is False  # the warm-up state survives a checkpoint
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+@pytest.mark.slow
+def test_training_on_an_image_folder_lowers_the_loss_and_skips_corrupt_files(tmp_path, capsys):
+    data = make_image_tree(tmp_path / "data", {"train": 12, "val": 4}, size=(48, 40))
+    (data / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    spec = PreprocessSpec(resize_shorter=36, crop=32).to_dict()
+    config = recipes.resolve(
+        "imagenet-paper",
+        dict(
+            arch="resnet18",
+            data=str(data),
+            output_dir=str(tmp_path / "run"),
+            batch_size=12,
+            lr=0.02,
+            scale_lr=False,
+            iterations=24,
+            log_every=6,
+            checkpoint_every=100,
+            eval_every=100,
+            workers=0,
+            tensorboard=False,
+            device="cpu",
+            seed=1,
+        ),
+    )
+    config.train_resize, config.train_crop, config.preprocess = (36, 44), 32, spec
+    result = train(config, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [line["loss"] for line in lines if line["kind"] == "train"]
+    assert len(losses) == 4 and losses[-1] < losses[0] * 0.7
+    assert result.metrics["eval"]["n"] == 12 and result.metrics["eval"]["top1"] > 50
+    assert "skipped 1 unreadable image" in capsys.readouterr().err
+    checkpoint = load_checkpoint(result.last_checkpoint)
+    assert checkpoint["data"]["skipped_images"] == 1 and checkpoint["classes"] == list(CLASSES)
+
+
+def test_checkpoints_hold_everything_and_are_pruned(cifar_like, tmp_path):
+    config = small_config(cifar_like, tmp_path / "run", iterations=12, keep_last=2, eval_every=6)
+    result = train(config, progress=False)
+    assert [it for it, _ in list_checkpoints(tmp_path / "run")] == [8, 12]
+    assert (tmp_path / "run" / "best.pt").is_file()
+    assert not list((tmp_path / "run").glob(".*tmp"))  # atomic writes leave no temp files
+    checkpoint = load_checkpoint(result.last_checkpoint)
+    for key in (
+        "model",
+        "optimizer",
+        "lr_scheduler",
+        "epoch",
+        "iteration",
+        "rng",
+        "config",
+        "arch",
+        "num_classes",
+        "classes",
+        "preprocess",
+        "data_order",
+        "metrics",
+    ):
+        assert key in checkpoint, key
+    assert (
+        checkpoint["iteration"] == 12 and checkpoint["arch"] == "resnet20" and checkpoint["num_classes"] == 3
+    )
+    assert PreprocessSpec.from_dict(checkpoint["preprocess"]) == PreprocessSpec.cifar10()
+    saved_config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved_config["iterations"] == 12 and saved_config["batch_size"] == 16
+    assert saved_config["effective_lr"] == pytest.approx(0.1 * 16 / 128)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"train", "eval"} == {line["kind"] for line in metrics}
+
+
+def test_warm_up_runs_at_the_low_rate_until_the_error_threshold(cifar_like, tmp_path, capsys):
+    config = small_config(cifar_like, tmp_path / "run", iterations=6, warmup_lr=0.01, warmup_until_error=1.0)
+    train(config, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = [line["lr"] for line in lines if line["kind"] == "train"]
+    scale = 16 / 128
+    assert rates == pytest.approx([0.01 * scale, 0.1 * scale, 0.1 * scale])
+    assert "warm-up done at iteration 2" in capsys.readouterr().err
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(cifar_like, tmp_path):
+    straight = train(small_config(cifar_like, tmp_path / "straight"), progress=False)
+    killed_dir = tmp_path / "killed"
+    command = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "train",
+        "--recipe",
+        "cifar-paper",
+        "--arch",
+        "resnet20",
+        "--data",
+        str(cifar_like),
+        "--output-dir",
+        str(killed_dir),
+        "--batch-size",
+        "16",
+        "--iterations",
+        "100000",
+        "--log-every",
+        "2",
+        "--checkpoint-every",
+        "4",
+        "--eval-every",
+        "100000",
+        "--keep-last",
+        "1000",
+        "--no-tensorboard",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD_ENV
+    )
+    try:
+        wait_until(
+            lambda: (killed_dir / "checkpoint-0000004.pt").exists() or process.poll() is not None,
+            120,
+            interval=0.02,
+            what="first checkpoint",
+        )
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    resumed = train(
+        small_config(cifar_like, killed_dir),
+        resume=str(killed_dir / "checkpoint-0000004.pt"),
+        progress=False,
+        resume_overrides={"iterations": 8},
+    )
+    assert resumed.iteration == straight.iteration == 8
+    expected, actual = _weights(straight.last_checkpoint), _weights(resumed.last_checkpoint)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert (
+        load_checkpoint(resumed.last_checkpoint)["optimizer"]["state"].keys()
+        == load_checkpoint(straight.last_checkpoint)["optimizer"]["state"].keys()
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_resume_auto_continues(cifar_like, tmp_path):
+    output = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "train",
+        "--data",
+        str(cifar_like),
+        "--output-dir",
+        str(output),
+        "--batch-size",
+        "16",
+        "--iterations",
+        "100000",
+        "--checkpoint-every",
+        "100000",
+        "--log-every",
+        "5",
+        "--eval-every",
+        "100000",
+        "--no-tensorboard",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--loader",
+        "folder",
+        "--workers",
+        "2",
+    ]
+    # Its own process group, signalled as a whole (like Ctrl-C in a terminal): DataLoader workers get the
+    # SIGTERM too and must not die before the trainer has written its checkpoint.
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ONE_THREAD_ENV,
+        start_new_session=True,
+    )
+    wait_until(
+        lambda: (
+            (output / "metrics.jsonl").exists()
+            and (output / "metrics.jsonl").stat().st_size > 0
+            or process.poll() is not None
+        ),
+        120,
+        interval=0.05,
+        what="training started",
+    )
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert "resume auto" in err
+    ((iteration, path),) = list_checkpoints(output)
+    assert iteration >= 5 and load_checkpoint(path)["iteration"] == iteration
+    resumed = train(
+        small_config(cifar_like, output),
+        resume="auto",
+        progress=False,
+        resume_overrides={"iterations": iteration + 3},
+    )
+    assert resumed.iteration == iteration + 3
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_evaluate_checkpoint_and_onnx_agree(cifar_like, tmp_path):
+    result = train(small_config(cifar_like, tmp_path / "run", iterations=4), progress=False)
+    center = evaluate_checkpoint(result.last_checkpoint, cifar_like, workers=0)
+    assert (
+        center["n"] == 24
+        and 0 <= center["top1"] <= 100
+        and center["error"] == pytest.approx(100 - center["top1"])
+    )
+    ten = evaluate_checkpoint(result.last_checkpoint, cifar_like, ten_crop=True, workers=0)
+    assert ten["n"] == 24 and ten["ten_crop"]
+    checkpoint = load_checkpoint(result.last_checkpoint)
+    model = build_model("resnet20", 3)
+    model.load_state_dict(checkpoint["model"])
+    onnx_path = tmp_path / "model.onnx"
+    torch.onnx.export(
+        model.eval(),
+        torch.randn(1, 3, 32, 32),
+        str(onnx_path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}},
+        dynamo=False,
+    )
+    onnx = evaluate_onnx(
+        onnx_path, cifar_like, PreprocessSpec.cifar10(), checkpoint["classes"], workers=0, dataset="cifar10"
+    )
+    assert onnx["n"] == 24 and onnx["top1"] == pytest.approx(center["top1"])
+
+
+def test_evaluate_cli_prints_accuracy(cifar_like, tmp_path):
+    result = train(small_config(cifar_like, tmp_path / "run", iterations=2), progress=False)
+    done = resnet_cli(
+        "evaluate",
+        "--checkpoint",
+        str(result.last_checkpoint),
+        "--data",
+        str(cifar_like),
+        "--workers",
+        "0",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["n"] == 24
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_data_errors_are_typed(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        train(small_config(tmp_path / "missing", tmp_path / "run"), progress=False)
+    (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
+    config = small_config(tmp_path / "empty", tmp_path / "run")
+    config.loader = "folder"
+    with pytest.raises(DataError, match="no images"):
+        train(config, progress=False)
+
+
+def test_cli_error_is_one_line_and_non_zero_in_a_real_process(tmp_path):
+    done = resnet_cli(
+        "train", "--output-dir", str(tmp_path / "run"), "--data", str(tmp_path), "--arch", "resnet99"
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "resnet: error: unknown architecture 'resnet99'; choose one of " + ", ".join(ARCHS)
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--recipe", "fast"], "unknown recipe 'fast'"),
+        (["train", "--data", "/nonexistent/data"], "data folder /nonexistent/data does not exist"),
+        (["train", "--batch-size", "0"], "--batch-size 0 must be a positive multiple"),
+        (["train", "--lr-milestones", "5,3"], "--lr-milestones must be increasing"),
+        (
+            ["evaluate", "--checkpoint", "/nonexistent/model.pt"],
+            "checkpoint /nonexistent/model.pt does not exist",
+        ),
+    ],
+)
+def test_cli_errors_are_one_line_and_non_zero(tmp_path, capsys, args, message):
+    # The same boundary as the console script (cli.main.main), without another torch import per case.
+    status = cli_main([*args, "--output-dir", str(tmp_path / "run")] if args[0] == "train" else args)
+    assert status == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"resnet: error: {lines[0][len('resnet: error: ') :]}"] and message in lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+
+
+@pytest.mark.slow
+def test_benchmark_runs_on_cpu_with_tiny_sizes():
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.benchmark",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "4",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--image-size",
+            "32",
+            "--cifar-batch-size",
+            "8",
+            "--cifar-images",
+            "64",
+            "--amp",
+            "none",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO_ROOT,
+        env=ONE_THREAD_ENV,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["resnet50_ours_img_s"] > 0 and result["resnet50_stock_img_s"] > 0
+    assert result["resnet20_cifar_ms_per_iter"] > 0

@@ -1,0 +1,167 @@
+"""A real Triton (the bundled CPU build) on loopback serving a repository the exporter wrote.
+
+One server per module: exporting ResNet-20 and starting Triton takes seconds, the tests then take milliseconds.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from export import workflow
+from export.onnx import session
+from export.source import from_arch
+from export.triton_server import TritonServer, find_tritonserver
+from server.preprocessing import preprocess_image
+from server.spec import IMAGE_INPUT_NAME, INPUT_NAME, OUTPUT_NAME
+from tests.support import VENV_BIN, free_port, http_ok
+
+pytestmark = [pytest.mark.triton, pytest.mark.slow]
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    source = from_arch("resnet20", "random")
+    source.classes = CLASSES
+    root = tmp_path_factory.mktemp("model_repository")
+    workflow.export_to_repository(source, workflow.ExportOptions(name="r20", repository=root, measure_latency=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def triton(repository, tmp_path_factory):
+    try:
+        find_tritonserver()
+    except Exception as error:  # noqa: BLE001 - any reason the binary is unusable is a reason to skip
+        pytest.skip(f"no usable tritonserver: {error}")
+    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    with TritonServer(repository, log_path=log) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def reference(repository):
+    runtime = session(repository / "r20" / "1" / "model.onnx")
+    return lambda batch: runtime.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+
+@pytest.fixture(scope="module")
+def jpeg(request) -> bytes:
+    try:
+        photos = request.getfixturevalue("imagenet_samples")
+        return photos[0].read_bytes()
+    except pytest.skip.Exception:
+        buffer = io.BytesIO()
+        Image.radial_gradient("L").convert("RGB").resize((300, 200)).save(buffer, format="JPEG")
+        return buffer.getvalue()
+
+
+def batch_of(size: int) -> np.ndarray:
+    return np.random.default_rng(size).standard_normal((size, 3, 32, 32), dtype=np.float32)
+
+
+def test_grpc_inference_matches_onnx_runtime(triton, reference):
+    inputs = batch_of(3)
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        assert client.is_model_ready("r20") and client.is_model_ready("r20_pipeline")
+        tensor = grpcclient.InferInput(INPUT_NAME, list(inputs.shape), "FP32")
+        tensor.set_data_from_numpy(inputs)
+        logits = client.infer("r20", [tensor]).as_numpy(OUTPUT_NAME)
+    np.testing.assert_allclose(logits, reference(inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_http_inference_matches_and_classification_extension_names_labels(triton, reference):
+    inputs = batch_of(2)
+    client = httpclient.InferenceServerClient(triton.http_address)
+    try:
+        tensor = httpclient.InferInput(INPUT_NAME, list(inputs.shape), "FP32")
+        tensor.set_data_from_numpy(inputs)
+        logits = client.infer("r20", [tensor]).as_numpy(OUTPUT_NAME)
+        top = client.infer("r20", [tensor], outputs=[httpclient.InferRequestedOutput(OUTPUT_NAME, class_count=2)])
+        top = top.as_numpy(OUTPUT_NAME)
+    finally:
+        client.close()
+    expected = reference(inputs)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    score, index, label = top[0, 0].decode().split(":")
+    assert int(index) == expected[0].argmax() and label == CLASSES[int(index)]
+    assert float(score) == pytest.approx(expected[0].max(), rel=1e-4)
+
+
+def test_pipeline_classifies_encoded_jpeg_like_in_process_preprocessing(triton, reference, repository, jpeg):
+    from server.spec import PreprocessSpec
+
+    image = np.array([[jpeg]], dtype=np.object_)
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        tensor = grpcclient.InferInput(IMAGE_INPUT_NAME, [1, 1], "BYTES")
+        tensor.set_data_from_numpy(image)
+        result = client.infer("r20_pipeline", [tensor], outputs=[
+            grpcclient.InferRequestedOutput(OUTPUT_NAME, class_count=3)]).as_numpy(OUTPUT_NAME)
+        logits = client.infer("r20_pipeline", [tensor]).as_numpy(OUTPUT_NAME)
+    expected = reference(preprocess_image(jpeg, PreprocessSpec.cifar10())[None])
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    entries = [entry.decode().split(":") for entry in result[0]]
+    assert [label for _, _, label in entries] == [CLASSES[i] for i in np.argsort(-expected[0])[:3]]
+
+
+def test_bad_requests_get_errors_and_the_server_keeps_serving(triton, reference):
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        garbage = grpcclient.InferInput(IMAGE_INPUT_NAME, [1, 1], "BYTES")
+        garbage.set_data_from_numpy(np.array([[b"definitely not an image"]], dtype=np.object_))
+        with pytest.raises(InferenceServerException, match="cannot preprocess image"):
+            client.infer("r20_pipeline", [garbage])
+        wrong = grpcclient.InferInput(INPUT_NAME, [1, 3, 16, 16], "FP32")
+        wrong.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
+        with pytest.raises(InferenceServerException, match="unexpected shape|expected"):
+            client.infer("r20", [wrong])
+        inputs = batch_of(1)
+        good = grpcclient.InferInput(INPUT_NAME, [1, 3, 32, 32], "FP32")
+        good.set_data_from_numpy(inputs)
+        np.testing.assert_allclose(client.infer("r20", [good]).as_numpy(OUTPUT_NAME), reference(inputs), atol=1e-5)
+
+
+def test_metrics_endpoint_counts_inferences(triton):
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        tensor = grpcclient.InferInput(INPUT_NAME, [4, 3, 32, 32], "FP32")
+        tensor.set_data_from_numpy(batch_of(4))
+        client.infer("r20", [tensor])
+    with urllib.request.urlopen(triton.metrics_url, timeout=5) as response:
+        metrics = response.read().decode()
+    counts = [line for line in metrics.splitlines() if line.startswith('nv_inference_count{model="r20"')]
+    assert counts and float(counts[0].rsplit(" ", 1)[1]) >= 4
+
+
+def test_cli_serves_until_sigterm_then_exits_cleanly(repository):
+    ports = [str(free_port()) for _ in range(3)]
+    command = [str(VENV_BIN / "resnet"), "triton", "serve", "--repository", str(repository), "--model", "r20",
+               "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        banner = next(line for line in process.stdout if line.startswith("Triton ready"))
+        assert f"HTTP http://127.0.0.1:{ports[0]}" in banner
+        assert http_ok(f"http://127.0.0.1:{ports[0]}/v2/models/r20/ready")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not http_ok(f"http://127.0.0.1:{ports[0]}/v2/health/live")  # tritonserver went down with it
+
+
+def test_cli_missing_repository_is_one_line_error(tmp_path):
+    result = subprocess.run([str(VENV_BIN / "resnet"), "triton", "serve", "--repository", str(tmp_path / "nope")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"resnet: error: model repository not found: {tmp_path / 'nope'}"

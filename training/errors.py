@@ -1,0 +1,27 @@
+"""User-fixable training failures; `cli/main.py` prints each as one line and exits non-zero."""
+
+from cli.errors import ResnetError
+
+
+class UnknownArchError(ResnetError):
+    """An architecture name that `build_model` does not know."""
+
+
+class UnknownRecipeError(ResnetError):
+    """A recipe name that `training.recipes` does not know."""
+
+
+class DataError(ResnetError):
+    """A data folder that is missing, empty, or laid out in a way we cannot read."""
+
+
+class CheckpointError(ResnetError):
+    """A checkpoint that is missing, unreadable, or does not fit the request."""
+
+
+class ClassMismatchError(ResnetError):
+    """Retraining data whose classes differ from the checkpoint's (and no --new-classes)."""
+
+
+class ConfigError(ResnetError):
+    """Flags that contradict each other or the environment (e.g. batch size not divisible by world size)."""

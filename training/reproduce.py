@@ -1,0 +1,427 @@
+"""Reproduce the paper's CIFAR-10 study (Table 6 and Fig. 6): train the set, tabulate, plot, check the claims.
+
+    python -m training.reproduce run --data data/cifar10-jpeg      # train every net (needs a GPU), then report
+    python -m training.reproduce report                            # rebuild table + figure from finished runs
+
+Every net is trained with `resnet train --recipe cifar-paper --arch <net>` and nothing else changed, so the numbers
+are the recipe's. Small nets leave most of a GPU idle, so `--concurrent` of them share each visible GPU. Each run
+directory gets a `run.json` (command, wall time, GPU, commit) next to the trainer's `metrics.jsonl`; `report` reads
+only those files, so it can be re-run anywhere (and is tested on fake runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cli.errors import ResnetError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESIDUAL = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+PLAIN = ("plain20", "plain32", "plain44", "plain56")
+PAPER_SET = RESIDUAL + PLAIN
+# Table 6 of the paper (CIFAR-10 test error, %). The plain nets' numbers are not tabulated, only plotted (Fig. 6).
+PAPER_TEST_ERROR = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43}
+TABLE_BEGIN = "<!-- reproduce:table:begin -->"
+TABLE_END = "<!-- reproduce:table:end -->"
+
+
+class ReproduceError(ResnetError):
+    """No runs to report on, or a run folder the report cannot read."""
+
+
+# --------------------------------------------------------------------------------------------- reading runs
+
+
+@dataclass
+class RunResult:
+    arch: str
+    train_curve: list[tuple[int, float]] = field(default_factory=list)  # (iteration, training error %)
+    test_curve: list[tuple[int, float]] = field(default_factory=list)  # (iteration, test error %)
+    info: dict = field(default_factory=dict)  # run.json: wall time, GPU, commit, command
+
+    @property
+    def test_error(self) -> float | None:
+        return self.test_curve[-1][1] if self.test_curve else None
+
+    @property
+    def train_error(self) -> float | None:
+        return self.train_curve[-1][1] if self.train_curve else None
+
+
+def _error_percent(record: dict, prefixes: Iterable[str]) -> float | None:
+    """Top-1 error in % from whichever of `<prefix>error`, `<prefix>acc1`, `<prefix>top1` a record carries."""
+    for prefix in prefixes:
+        for key, to_error in (
+            ("error", None),
+            ("err1", None),
+            ("acc1", "acc"),
+            ("top1", "acc"),
+            ("acc", "acc"),
+        ):
+            value = record.get(prefix + key)
+            if isinstance(value, int | float) and math.isfinite(value):
+                if not to_error:
+                    return float(value)
+                # Accuracies may be fractions; errors are always % (a 0.5% training error is real).
+                return 100.0 - (value * 100 if value <= 1.0 else float(value))
+    return None
+
+
+def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(training error curve, test error curve) from a trainer's metrics.jsonl.
+
+    Records are JSON objects with an `iteration` (or `step`); evaluation records are marked by a `split`/`phase`
+    of test/val/eval or by `test_`/`val_`/`eval_` keys, training records by `train`/`train_` keys.
+    Accuracies in [0, 1] or in %, and errors, are all accepted.
+    """
+    train, test = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ReproduceError(f"{path}:{number} is not JSON: {error}") from error
+        step = record.get("iteration", record.get("step"))
+        if not isinstance(step, int | float):
+            continue
+        phase = str(record.get("split", record.get("phase", record.get("kind", "")))).lower()
+        if phase in ("test", "val", "eval", "evaluate", "validation"):
+            error = _error_percent(record, ("test_", "val_", "eval_", ""))
+            if error is not None:
+                test.append((int(step), error))
+            continue
+        if phase in ("", "train"):
+            error = _error_percent(record, ("train_",) if not phase else ("train_", ""))
+            if error is not None:
+                train.append((int(step), error))
+        error = _error_percent(record, ("test_", "val_", "eval_"))
+        if error is not None:
+            test.append((int(step), error))
+    return train, test
+
+
+def collect_runs(runs_dir: Path) -> dict[str, RunResult]:
+    """Every `<runs_dir>/<arch>/metrics.jsonl` that holds at least one test evaluation."""
+    results = {}
+    for metrics in sorted(runs_dir.glob("*/metrics.jsonl")):
+        folder = metrics.parent
+        info_path = folder / "run.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        arch = info.get("arch", folder.name)
+        train, test = read_metrics(metrics)
+        if test:
+            results[arch] = RunResult(arch, train, test, info)
+    return results
+
+
+# --------------------------------------------------------------------------------------------- the report
+
+
+def check_claims(results: dict[str, RunResult]) -> list[tuple[str, bool | None, str]]:
+    """The paper's CIFAR-10 claims as (claim, holds (None: not enough runs), evidence)."""
+
+    def errors(archs: Iterable[str], kind: str) -> list[tuple[str, float]] | None:
+        values = [(a, getattr(results[a], kind)) for a in archs if a in results]
+        return values if len(values) >= 2 and all(v is not None for _, v in values) else None
+
+    claims = []
+    for label, archs, kind, want in (
+        ("ResNet test error falls with depth (20 -> 56)", RESIDUAL[:4], "test_error", "falls"),
+        ("plain nets get worse with depth (training error, 20 -> 56)", PLAIN, "train_error", "rises"),
+        ("plain nets get worse with depth (test error, 20 -> 56)", PLAIN, "test_error", "rises"),
+    ):
+        values = errors(archs, kind)
+        if values is None:
+            claims.append((label, None, "needs at least two of " + ", ".join(archs)))
+            continue
+        first, last = values[0][1], values[-1][1]
+        holds = last < first if want == "falls" else last > first
+        claims.append((label, holds, " -> ".join(f"{a} {v:.2f}%" for a, v in values)))
+    pairs = [(f"resnet{d}", f"plain{d}") for d in (20, 32, 44, 56)]
+    pairs = [(r, p) for r, p in pairs if r in results and p in results]
+    if pairs:
+        holds = all(results[r].test_error < results[p].test_error for r, p in pairs)
+        evidence = ", ".join(
+            f"{r} {results[r].test_error:.2f}% vs {p} {results[p].test_error:.2f}%" for r, p in pairs
+        )
+        claims.append(("ResNets beat plain nets of the same depth (test error)", holds, evidence))
+    else:
+        claims.append(
+            ("ResNets beat plain nets of the same depth (test error)", None, "needs resnetN and plainN")
+        )
+    return claims
+
+
+def render_table(results: dict[str, RunResult]) -> str:
+    lines = [
+        "| net | paper test error | our test error | our training error | iterations | wall time | GPU | commit |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for arch in [a for a in PAPER_SET if a in results] + sorted(set(results) - set(PAPER_SET)):
+        run = results[arch]
+        paper = PAPER_TEST_ERROR.get(arch)
+        wall = run.info.get("wall_s")
+        lines.append(
+            f"| {arch} | {f'{paper:.2f}%' if paper else 'Fig. 6 only'} | {run.test_error:.2f}% | "
+            f"{f'{run.train_error:.2f}%' if run.train_error is not None else 'n/a'} | {run.test_curve[-1][0]:,} | "
+            f"{_duration(wall) if wall else 'n/a'} | {run.info.get('gpu', 'n/a')} | "
+            f"{str(run.info.get('commit', 'n/a'))[:12]} |"
+        )
+    lines += ["", "Claims (paper, Sec. 4.2 and Fig. 6):", ""]
+    for claim, holds, evidence in check_claims(results):
+        verdict = {True: "holds", False: "**does not hold**", None: "not checked"}[holds]
+        lines.append(f"- {claim}: {verdict} ({evidence})")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def write_table(doc: Path, table: str) -> None:
+    """Replace the text between the table markers in `doc` (appended with markers if they are missing)."""
+    block = f"{TABLE_BEGIN}\n{table}\n{TABLE_END}"
+    text = doc.read_text() if doc.is_file() else "# Reproduction\n"
+    pattern = re.compile(re.escape(TABLE_BEGIN) + r".*?" + re.escape(TABLE_END), re.S)
+    text = (
+        pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    )
+    _atomic_write(doc, text)
+
+
+def plot_figure6(results: dict[str, RunResult], path: Path) -> Path:
+    """The paper's Fig. 6 layout: plain nets left, ResNets right; thin dashed = training, bold = test error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, family, title in ((axes[0], PLAIN, "plain"), (axes[1], RESIDUAL, "ResNet")):
+        for color, arch in zip(plt.cm.viridis([0.0, 0.3, 0.55, 0.8, 0.95]), family, strict=False):
+            if arch not in results:
+                continue
+            run = results[arch]
+            depth = arch.removeprefix("resnet").removeprefix("plain")
+            if run.train_curve:
+                x, y = zip(*run.train_curve, strict=True)
+                ax.plot([i / 1e4 for i in x], y, color=color, linewidth=0.7, linestyle="--", alpha=0.8)
+            x, y = zip(*run.test_curve, strict=True)
+            ax.plot([i / 1e4 for i in x], y, color=color, linewidth=2.0, label=f"{title}-{depth}")
+        ax.set_title(f"{title} nets on CIFAR-10")
+        ax.set_xlabel("iterations (1e4)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right")
+    axes[0].set_ylabel("error (%)  — dashed: training, bold: test")
+    axes[0].set_ylim(0, 20)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(temporary, dpi=120)
+    plt.close(fig)
+    os.replace(temporary, path)
+    return path
+
+
+def report(runs_dir: Path, doc: Path, figure: Path) -> dict[str, RunResult]:
+    results = collect_runs(runs_dir)
+    if not results:
+        raise ReproduceError(
+            f"no finished runs under {runs_dir} (expected <arch>/metrics.jsonl with test evaluations)"
+        )
+    figure_path = plot_figure6(results, figure)
+    relative = os.path.relpath(figure_path, doc.parent)
+    write_table(doc, render_table(results) + f"\n\n![Fig. 6 reproduced]({relative})")
+    return results
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def gpu_names() -> list[str]:
+    try:
+        import torch
+    except ImportError:
+        return []
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
+def train_command(arch: str, data: str, output_dir: Path, extra: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "train",
+        "--recipe",
+        "cifar-paper",
+        "--arch",
+        arch,
+        "--data",
+        data,
+        "--output-dir",
+        str(output_dir),
+        *extra,
+    ]
+
+
+def run_all(archs: list[str], data: str, runs_dir: Path, concurrent: int, extra: list[str]) -> list[str]:
+    """Train `archs`, `concurrent` per GPU at a time; returns the archs whose training failed."""
+    gpus = gpu_names()
+    free_slots = [str(i) for i in range(len(gpus))] * concurrent if gpus else [None] * concurrent
+    commit, pending, running, failed = git_commit(), list(archs), {}, []
+    while pending or running:
+        while pending and free_slots:
+            arch, slot = pending.pop(0), free_slots.pop(0)
+            folder = runs_dir / arch
+            folder.mkdir(parents=True, exist_ok=True)
+            command = train_command(arch, data, folder, extra)
+            env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {})}
+            with open(folder / "train.log", "ab") as log:
+                process = subprocess.Popen(
+                    command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+                )
+            info = {
+                "arch": arch,
+                "command": shlex.join(command),
+                "gpu": gpus[int(slot)] if slot else "CPU",
+                "commit": commit,
+                "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            }
+            running[process] = (slot, info, time.monotonic())
+            print(f"started {arch} on {info['gpu']} (log: {folder / 'train.log'})", flush=True)
+        time.sleep(2)
+        for process in [p for p in running if p.poll() is not None]:
+            slot, info, start = running.pop(process)
+            free_slots.append(slot)
+            wall = time.monotonic() - start
+            record = {**info, "wall_s": round(wall, 1), "returncode": process.returncode}
+            _atomic_write(runs_dir / info["arch"] / "run.json", json.dumps(record, indent=2) + "\n")
+            print(f"finished {info['arch']}: exit {process.returncode} after {_duration(wall)}", flush=True)
+            if process.returncode:
+                failed.append(info["arch"])
+    return failed
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.reproduce",
+        description="Reproduce the paper's CIFAR-10 results (Table 6, Fig. 6) with `resnet train --recipe "
+        "cifar-paper`, then write the table (paper vs ours) to docs/reproduction.md and the figure "
+        "to docs/img/.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "action",
+        nargs="?",
+        choices=("run", "report"),
+        default="run",
+        help="run: train the nets, then report; report: only rebuild table and figure",
+    )
+    parser.add_argument(
+        "--data",
+        default=os.environ.get("RESNET_DATA_PATH", "data/cifar10-jpeg"),
+        help="CIFAR-10 root (pickle batches or JPEG tree) (env RESNET_DATA_PATH)",
+    )
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=Path(os.environ.get("RESNET_REPRODUCE_DIR", "runs/reproduce")),
+        help="one sub-folder per net (env RESNET_REPRODUCE_DIR)",
+    )
+    parser.add_argument(
+        "--archs",
+        nargs="+",
+        default=list(PAPER_SET),
+        choices=PAPER_SET,
+        metavar="ARCH",
+        help=f"nets to train, from: {' '.join(PAPER_SET)}",
+    )
+    parser.add_argument(
+        "--concurrent",
+        type=int,
+        default=int(os.environ.get("RESNET_REPRODUCE_CONCURRENT", 3)),
+        help="runs sharing each GPU at once (env RESNET_REPRODUCE_CONCURRENT)",
+    )
+    parser.add_argument(
+        "--doc",
+        type=Path,
+        default=REPO_ROOT / "docs" / "reproduction.md",
+        help="markdown file whose table block is rewritten",
+    )
+    parser.add_argument(
+        "--figure",
+        type=Path,
+        default=REPO_ROOT / "docs" / "img" / "cifar10-figure6.png",
+        help="where the Fig. 6 plot goes",
+    )
+    parser.add_argument(
+        "--train-args",
+        default="",
+        help="extra flags for every `resnet train` (e.g. '--amp bf16'); leave empty for the recipe",
+    )
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.concurrent < 1:
+        raise ReproduceError(f"--concurrent must be at least 1, got {args.concurrent}")
+    failed = []
+    if args.action == "run":
+        if not gpu_names():
+            print("warning: no GPU visible; the paper set takes days on a CPU", file=sys.stderr)
+        failed = run_all(args.archs, args.data, args.runs_dir, args.concurrent, shlex.split(args.train_args))
+    results = report(args.runs_dir, args.doc, args.figure)
+    print(render_table(results))
+    print(f"\nwrote {args.doc} and {args.figure}")
+    if failed:
+        raise ReproduceError(f"training failed for {', '.join(failed)} (see their train.log)")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except ResnetError as error:
+        print(f"resnet: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)

@@ -1,0 +1,238 @@
+"""Loop plumbing: distributed setup, atomic checkpoints, RNG state, the lr schedule, metrics output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from training.errors import CheckpointError
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
+BEST_NAME = "best.pt"
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_kind: str) -> DistInfo:
+    """Join the process group torchrun describes in the environment (NCCL on GPUs, gloo on CPUs)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistInfo()
+    info = DistInfo(
+        int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+    )
+    if device_kind == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return info
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", info.local_rank)
+    return torch.device(name)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum numbers over all ranks (identity without a process group)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: readers never see half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are read by export/serving users too
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def checkpoint_path(output_dir: Path, iteration: int) -> Path:
+    return output_dir / f"checkpoint-{iteration:07d}.pt"
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*.pt"):
+        match = CHECKPOINT_PATTERN.search(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
+    for _, path in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+        path.unlink(missing_ok=True)
+
+
+def mark_best(checkpoint: Path, output_dir: Path) -> None:
+    """best.pt becomes the same file as `checkpoint` (a hard link, renamed into place atomically)."""
+    tmp = output_dir / f".{BEST_NAME}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(checkpoint, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(checkpoint, tmp)
+    os.replace(tmp, output_dir / BEST_NAME)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from error
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "arch" not in checkpoint:
+        raise CheckpointError(f"{path} is not a resnet-serving checkpoint (no 'model'/'arch' entries)")
+    return checkpoint
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+
+
+class StepSchedule:
+    """LambdaLR factor: ÷`gamma` at each milestone (iterations); while warming up, `warmup_factor` instead.
+
+    A callable object (not a lambda) so LambdaLR's state_dict saves and restores the warm-up state.
+    """
+
+    def __init__(self, milestones: list[int], gamma: float, warmup_factor: float | None) -> None:
+        self.milestones = list(milestones)
+        self.gamma = gamma
+        self.warmup_factor = warmup_factor
+        self.warming_up = warmup_factor is not None
+
+    def __call__(self, iteration: int) -> float:
+        if self.warming_up:
+            return self.warmup_factor
+        return self.gamma ** sum(iteration >= m for m in self.milestones)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def accuracy_counts(
+    logits: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...] = (1, 5)
+) -> list[float]:
+    """Number of samples whose label is among the top-k predictions, for each k (k capped at #classes)."""
+    maxk = min(max(topk), logits.shape[1])
+    top = logits.topk(maxk, dim=1).indices
+    hits = top == labels[:, None]
+    return [hits[:, : min(k, maxk)].any(dim=1).sum().item() for k in topk]
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per line) plus TensorBoard scalars; rank 0 only."""
+
+    def __init__(self, output_dir: Path, tensorboard: bool) -> None:
+        self.file = open(output_dir / "metrics.jsonl", "a", buffering=1)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def write(self, kind: str, iteration: int, **values: float) -> None:
+        self.file.write(json.dumps({"kind": kind, "iteration": iteration, **values}) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, int | float):
+                    self.tb.add_scalar(f"{kind}/{key}", value, iteration)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
