@@ -33,7 +33,9 @@ def _top_level_parser() -> argparse.ArgumentParser:
         epilog=epilog + "\n\nRun `resnet <command> --help` for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=sorted(COMMANDS), metavar="command", help="one of the commands below")
+    parser.add_argument(
+        "command", choices=sorted(COMMANDS), metavar="command", help="one of the commands below"
+    )
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 

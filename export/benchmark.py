@@ -42,8 +42,11 @@ def _time(run, inputs, min_seconds: float, min_repeats: int = 3) -> list[float]:
 
 
 def benchmark_runtimes(
-    arch: str = "resnet50", batch_sizes: tuple[int, ...] = (1, 8, 32), threads: int | None = None,
-    min_seconds: float = 3.0, workdir: Path | None = None,
+    arch: str = "resnet50",
+    batch_sizes: tuple[int, ...] = (1, 8, 32),
+    threads: int | None = None,
+    min_seconds: float = 3.0,
+    workdir: Path | None = None,
 ) -> list[RuntimeResult]:
     """Each runtime at each batch size for at least `min_seconds`; images/s from the mean, p50 latency per batch."""
     threads = threads or torch.get_num_threads()
@@ -64,7 +67,11 @@ def benchmark_runtimes(
             for batch in batch_sizes:
                 inputs = rng.standard_normal((batch, 3, crop, crop), dtype=np.float32)
                 timings = _time(run, inputs, min_seconds)
-                results.append(RuntimeResult(name, batch, batch / float(np.mean(timings)), float(np.median(timings)) * 1000))
+                results.append(
+                    RuntimeResult(
+                        name, batch, batch / float(np.mean(timings)), float(np.median(timings)) * 1000
+                    )
+                )
         return results
 
 
@@ -84,8 +91,11 @@ def markdown_table(results: list[RuntimeResult]) -> str:
     cell = {(r.runtime, r.batch): r for r in results}
     baseline = runtimes[0]
     ratio_batch = 8 if 8 in batches else batches[-1]
-    header = ("| runtime | " + " | ".join(f"img/s @ batch {b}" for b in batches)
-              + f" | p50 ms @ batch 1 | vs {baseline} @ batch {ratio_batch} |")
+    header = (
+        "| runtime | "
+        + " | ".join(f"img/s @ batch {b}" for b in batches)
+        + f" | p50 ms @ batch 1 | vs {baseline} @ batch {ratio_batch} |"
+    )
     lines = [header, "|" + " --- |" * (len(batches) + 3)]
     for runtime in runtimes:
         speeds = " | ".join(f"{cell[runtime, b].images_per_s:.1f}" for b in batches)
@@ -99,7 +109,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet50", help="architecture (random weights)")
     parser.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="intra-op threads (default: torch's default)"
+    )
     parser.add_argument("--min-seconds", type=float, default=3.0, help="time each cell at least this long")
     return parser
 

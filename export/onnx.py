@@ -44,7 +44,9 @@ class ParityReport:
         return self.relative_error <= self.tolerance
 
 
-def export_onnx(model: torch.nn.Module, path: Path, crop: int, *, opset: int = OPSET, simplify: bool = True) -> Path:
+def export_onnx(
+    model: torch.nn.Module, path: Path, crop: int, *, opset: int = OPSET, simplify: bool = True
+) -> Path:
     """Trace `model` (eval mode, CPU, FP32) into `path` with a dynamic batch axis; full onnx.checker check."""
     if opset < 17:
         raise ValueError("opset >= 17 is required")
@@ -52,11 +54,18 @@ def export_onnx(model: torch.nn.Module, path: Path, crop: int, *, opset: int = O
     example = torch.randn(TRACE_BATCH, 3, crop, crop)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy-exporter notice, see module docstring
+        warnings.simplefilter(
+            "ignore", DeprecationWarning
+        )  # the legacy-exporter notice, see module docstring
         warnings.filterwarnings("ignore", message="Constant folding")  # option-A shortcut slices, harmless
         torch.onnx.export(
-            model, (example,), str(path), dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
     proto = onnx.load(str(path))
@@ -91,8 +100,14 @@ def session(path: Path, threads: int = 0) -> ort.InferenceSession:
 
 
 def verify_onnx(
-    model: torch.nn.Module, onnx_path: Path, crop: int, *, precision: str = "fp32",
-    batch_sizes: tuple[int, ...] = VERIFY_BATCHES, tolerance: float | None = None, seed: int = 0,
+    model: torch.nn.Module,
+    onnx_path: Path,
+    crop: int,
+    *,
+    precision: str = "fp32",
+    batch_sizes: tuple[int, ...] = VERIFY_BATCHES,
+    tolerance: float | None = None,
+    seed: int = 0,
 ) -> ParityReport:
     """Run PyTorch and ONNX Runtime on the same random batches (sizes other than the traced one); compare."""
     tolerance = TOLERANCE[precision] if tolerance is None else tolerance
@@ -106,7 +121,9 @@ def verify_onnx(
             expected = model(inputs).numpy()
         actual = runtime.run([OUTPUT_NAME], {INPUT_NAME: inputs.numpy()})[0]
         if actual.shape != expected.shape:
-            raise VerificationError(f"{onnx_path.name}: batch {batch} gave shape {actual.shape}, expected {expected.shape}")
+            raise VerificationError(
+                f"{onnx_path.name}: batch {batch} gave shape {actual.shape}, expected {expected.shape}"
+            )
         max_abs = max(max_abs, float(np.abs(actual - expected).max()))
         max_ref = max(max_ref, float(np.abs(expected).max()))
         agree += int((actual.argmax(1) == expected.argmax(1)).sum())

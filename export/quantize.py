@@ -95,16 +95,20 @@ def labelled_images(folder: Path, classes: list[str] | None = None) -> list[tupl
     return [(path, index[name]) for name in class_dirs for path in image_files(folder / name)]
 
 
-def batches(paths: list[Path], spec: PreprocessSpec, batch_size: int, advance: Advance | None = None) -> Iterator[np.ndarray]:
+def batches(
+    paths: list[Path], spec: PreprocessSpec, batch_size: int, advance: Advance | None = None
+) -> Iterator[np.ndarray]:
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
+        chunk = paths[start : start + batch_size]
         yield np.stack([preprocess_file(p, spec) for p in chunk])
         if advance:
             advance(len(chunk))
 
 
 class ImageCalibrationReader(CalibrationDataReader):
-    def __init__(self, paths: list[Path], spec: PreprocessSpec, batch_size: int = 8, advance: Advance | None = None):
+    def __init__(
+        self, paths: list[Path], spec: PreprocessSpec, batch_size: int = 8, advance: Advance | None = None
+    ):
         self._batches = batches(paths, spec, batch_size, advance)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -113,7 +117,11 @@ class ImageCalibrationReader(CalibrationDataReader):
 
 
 def quantize_int8(
-    fp32_path: Path, int8_path: Path, calib_dir: Path, spec: PreprocessSpec, options: QuantizeOptions | None = None,
+    fp32_path: Path,
+    int8_path: Path,
+    calib_dir: Path,
+    spec: PreprocessSpec,
+    options: QuantizeOptions | None = None,
     progress: ProgressFactory | None = None,
 ) -> Path:
     """Static INT8 QDQ model from `fp32_path`, calibrated on (up to N, evenly spread) images under `calib_dir`."""
@@ -123,23 +131,34 @@ def quantize_int8(
         step = len(paths) / options.max_calibration_images
         paths = [paths[int(i * step)] for i in range(options.max_calibration_images)]
     advance = progress("calibrating INT8", len(paths)) if progress else None
-    return quantize_with_reader(fp32_path, int8_path, ImageCalibrationReader(paths, spec, advance=advance), options)
+    return quantize_with_reader(
+        fp32_path, int8_path, ImageCalibrationReader(paths, spec, advance=advance), options
+    )
 
 
 def quantize_with_reader(
-    fp32_path: Path, int8_path: Path, reader: CalibrationDataReader, options: QuantizeOptions | None = None,
+    fp32_path: Path,
+    int8_path: Path,
+    reader: CalibrationDataReader,
+    options: QuantizeOptions | None = None,
 ) -> Path:
     """The quantization itself; `reader` yields `{INPUT_NAME: batch}` (benchmarks pass synthetic batches)."""
     options = options or QuantizeOptions()
     if options.method not in CALIBRATION_METHODS:
-        raise ExportError(f"unknown calibration method {options.method!r} (choose from {', '.join(CALIBRATION_METHODS)})")
+        raise ExportError(
+            f"unknown calibration method {options.method!r} (choose from {', '.join(CALIBRATION_METHODS)})"
+        )
     with tempfile.TemporaryDirectory(prefix="quant-") as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
-            str(prepared), str(int8_path), reader,
-            quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            str(prepared),
+            str(int8_path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=options.per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
             calibrate_method=CALIBRATION_METHODS[options.method],
             nodes_to_exclude=_first_last_nodes(prepared) if options.keep_first_last_fp32 else [],
             extra_options={"CalibTensorRangeSymmetric": False},
@@ -158,19 +177,30 @@ class ArrayCalibrationReader(CalibrationDataReader):
 
 
 def top1(
-    onnx_path: Path, samples: list[tuple[Path, int]], spec: PreprocessSpec, batch_size: int = 32,
+    onnx_path: Path,
+    samples: list[tuple[Path, int]],
+    spec: PreprocessSpec,
+    batch_size: int = 32,
     advance: Advance | None = None,
 ) -> float:
     runtime = session(onnx_path)
     paths, labels = [p for p, _ in samples], np.array([label for _, label in samples])
-    predictions = [runtime.run([OUTPUT_NAME], {INPUT_NAME: batch})[0].argmax(1)
-                   for batch in batches(paths, spec, batch_size, advance)]
+    predictions = [
+        runtime.run([OUTPUT_NAME], {INPUT_NAME: batch})[0].argmax(1)
+        for batch in batches(paths, spec, batch_size, advance)
+    ]
     return float((np.concatenate(predictions) == labels).mean())
 
 
 def check_accuracy_budget(
-    fp32_path: Path, int8_path: Path, eval_dir: Path, spec: PreprocessSpec, *, classes: list[str] | None = None,
-    max_drop: float = 1.0, progress: ProgressFactory | None = None,
+    fp32_path: Path,
+    int8_path: Path,
+    eval_dir: Path,
+    spec: PreprocessSpec,
+    *,
+    classes: list[str] | None = None,
+    max_drop: float = 1.0,
+    progress: ProgressFactory | None = None,
 ) -> AccuracyReport:
     """Top-1 of both models on held-out labelled images; raises AccuracyBudgetError above `max_drop` points."""
     samples = labelled_images(eval_dir, classes)

@@ -62,10 +62,14 @@ class ClassifierSpec:
     precision: str  # fp32 | fp16 | int8
     num_classes: int
     preprocess: PreprocessSpec
-    target: str = "cpu"  # cpu: Python backend + ONNX Runtime; gpu: onnxruntime_onnx / tensorrt_plan on KIND_GPU
+    target: str = (
+        "cpu"  # cpu: Python backend + ONNX Runtime; gpu: onnxruntime_onnx / tensorrt_plan on KIND_GPU
+    )
     runtime: str = "onnx"  # onnx | tensorrt
     batching: BatchingPolicy = field(default_factory=BatchingPolicy)
-    tensorrt_precision: str | None = None  # gpu onnx: TensorRT execution accelerator precision_mode (FP16/INT8)
+    tensorrt_precision: str | None = (
+        None  # gpu onnx: TensorRT execution accelerator precision_mode (FP16/INT8)
+    )
     cpu_threads: int = 0  # ONNX Runtime intra-op threads in the Python backend (0: ORT's default)
 
 
@@ -88,10 +92,15 @@ def classifier_config(spec: ClassifierSpec) -> mc.ModelConfig:
     config = mc.ModelConfig(name=spec.name)
     _dynamic_batching(config, spec.batching)
     config.input.add(name=INPUT_NAME, data_type=mc.TYPE_FP32, dims=[3, crop, crop])
-    config.output.add(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[spec.num_classes], label_filename=LABELS_FILENAME)
+    config.output.add(
+        name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[spec.num_classes], label_filename=LABELS_FILENAME
+    )
     config.version_policy.latest.num_versions = 1
     gpu = spec.target == "gpu"
-    config.instance_group.add(count=spec.batching.instances, kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)
+    config.instance_group.add(
+        count=spec.batching.instances,
+        kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU,
+    )
     if spec.target == "cpu":
         config.backend = "python"
         _parameters(config, {THREADS_KEY: str(spec.cpu_threads), SPINNING_KEY: "0"})
@@ -104,7 +113,9 @@ def classifier_config(spec: ClassifierSpec) -> mc.ModelConfig:
         config.platform = "onnxruntime_onnx"
         config.default_model_filename = "model.onnx"
         if spec.tensorrt_precision:
-            accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+            accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(
+                name="tensorrt"
+            )
             accelerator.parameters["precision_mode"] = spec.tensorrt_precision
             accelerator.parameters["max_workspace_size_bytes"] = str(1 << 30)
             accelerator.parameters["trt_engine_cache_enable"] = "1"
@@ -117,7 +128,9 @@ def classifier_config(spec: ClassifierSpec) -> mc.ModelConfig:
     return config
 
 
-def preprocess_config(name: str, arch: str, preprocess: PreprocessSpec, batching: BatchingPolicy) -> mc.ModelConfig:
+def preprocess_config(
+    name: str, arch: str, preprocess: PreprocessSpec, batching: BatchingPolicy
+) -> mc.ModelConfig:
     config = mc.ModelConfig(name=name, backend="python")
     _dynamic_batching(config, batching)
     config.input.add(name=IMAGE_INPUT_NAME, data_type=mc.TYPE_STRING, dims=[1])
@@ -133,8 +146,12 @@ def pipeline_config(name: str, classifier: ClassifierSpec, preprocess_model: str
     """Ensemble: encoded image bytes -> preprocess model -> classifier -> logits (with labels)."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=classifier.batching.max_batch_size)
     config.input.add(name=IMAGE_INPUT_NAME, data_type=mc.TYPE_STRING, dims=[1])
-    config.output.add(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[classifier.num_classes],
-                      label_filename=LABELS_FILENAME)
+    config.output.add(
+        name=OUTPUT_NAME,
+        data_type=mc.TYPE_FP32,
+        dims=[classifier.num_classes],
+        label_filename=LABELS_FILENAME,
+    )
     steps = config.ensemble_scheduling.step
     first = steps.add(model_name=preprocess_model, model_version=-1)
     first.input_map[IMAGE_INPUT_NAME] = IMAGE_INPUT_NAME
@@ -142,7 +159,9 @@ def pipeline_config(name: str, classifier: ClassifierSpec, preprocess_model: str
     second = steps.add(model_name=classifier.name, model_version=-1)
     second.input_map[INPUT_NAME] = "preprocessed"
     second.output_map[OUTPUT_NAME] = OUTPUT_NAME
-    _parameters(config, {ROLE_KEY: Role.PIPELINE, ARCH_KEY: classifier.arch, PRECISION_KEY: classifier.precision})
+    _parameters(
+        config, {ROLE_KEY: Role.PIPELINE, ARCH_KEY: classifier.arch, PRECISION_KEY: classifier.precision}
+    )
     _parameters(config, classifier.preprocess.to_parameters())
     return config
 
@@ -190,7 +209,9 @@ def write_model(model_dir: Path, config: mc.ModelConfig, labels: list[str] | Non
 def versions(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    return sorted(
+        int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+    )
 
 
 def publish_version(model_dir: Path, files: Mapping[str, Path | bytes | str]) -> int:

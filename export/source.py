@@ -96,7 +96,9 @@ def from_arch(arch: str, weights: str = "random", num_classes: int | None = None
     state = load_state_dict_from_url(weight_enum.url)
     model = build_model(arch, num_classes=_num_classes(state))
     model.load_state_dict(state)
-    return ModelSource(model.eval(), arch, list(weight_enum.meta["categories"]), spec_from_torchvision(weight_enum))
+    return ModelSource(
+        model.eval(), arch, list(weight_enum.meta["categories"]), spec_from_torchvision(weight_enum)
+    )
 
 
 def spec_from_torchvision(weight_enum) -> PreprocessSpec:
@@ -129,7 +131,9 @@ def _download(url: str, target: Path, timeout: float) -> None:
         except (TimeoutError, urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
             Path(part.name).unlink(missing_ok=True)
-            raise WeightsUnavailableError(f"cannot download {url} ({reason}); check the network or pass --checkpoint") from error
+            raise WeightsUnavailableError(
+                f"cannot download {url} ({reason}); check the network or pass --checkpoint"
+            ) from error
     digest = hashlib.sha256(Path(part.name).read_bytes()).hexdigest()
     if expected and not digest.startswith(expected.group(1)):
         Path(part.name).unlink(missing_ok=True)

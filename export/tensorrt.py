@@ -58,12 +58,21 @@ def builder_flag_names(fp16: bool, int8: bool) -> list[str]:
 
 
 def build_plan(
-    onnx_path: Path, plan_path: Path, crop: int, max_batch_size: int, *, fp16: bool = False, int8: bool = False,
-    timing_cache: Path | None = None, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    onnx_path: Path,
+    plan_path: Path,
+    crop: int,
+    max_batch_size: int,
+    *,
+    fp16: bool = False,
+    int8: bool = False,
+    timing_cache: Path | None = None,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
 ) -> Path:
     """Serialize an engine for `onnx_path` (the QDQ model when int8) into `plan_path`; reuse/refresh the timing cache."""
     if not tensorrt_available():
-        raise ExportError("--tensorrt needs the `tensorrt` Python package (GPU exporter image); it is not installed here")
+        raise ExportError(
+            "--tensorrt needs the `tensorrt` Python package (GPU exporter image); it is not installed here"
+        )
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -81,7 +90,9 @@ def build_plan(
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, shapes.min, shapes.opt, shapes.max)
     config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b"")
+    cache = config.create_timing_cache(
+        timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
+    )
     config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

@@ -51,12 +51,16 @@ def find_tritonserver() -> TritonInstall:
     try:
         import pytriton
     except ImportError as error:
-        raise TritonError("no tritonserver on PATH and nvidia-pytriton is not installed (pip install -e '.[triton]')") from error
+        raise TritonError(
+            "no tritonserver on PATH and nvidia-pytriton is not installed (pip install -e '.[triton]')"
+        ) from error
     root = Path(pytriton.__file__).parent / "tritonserver"
     binary = root / "bin" / "tritonserver"
     if not binary.is_file():
         raise TritonError(f"nvidia-pytriton has no tritonserver binary at {binary}")
-    return TritonInstall(binary, _backends_with_stub(root), Path(pytriton.__file__).parents[1] / "nvidia_pytriton.libs")
+    return TritonInstall(
+        binary, _backends_with_stub(root), Path(pytriton.__file__).parents[1] / "nvidia_pytriton.libs"
+    )
 
 
 def _backends_with_stub(root: Path) -> Path:
@@ -84,9 +88,19 @@ def _backends_with_stub(root: Path) -> Path:
 def triton_environment(install: TritonInstall) -> dict[str, str]:
     env = dict(os.environ)
     if install.library_path:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(install.library_path), env.get("LD_LIBRARY_PATH")]))
-    # The stub embeds the system libpython, not this venv: point it at the venv's packages and our repo.
-    python_path = [str(REPO_ROOT), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], env.get("PYTHONPATH")]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            filter(None, [str(install.library_path), env.get("LD_LIBRARY_PATH")])
+        )
+    # The stub embeds libpython and finds its prefix through the first `python3` on PATH: put this interpreter's
+    # bin/ first (without it, an unactivated venv's numpy is invisible to the stub even with PYTHONPATH set),
+    # and point PYTHONPATH at the venv's packages and our repo.
+    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
+    python_path = [
+        str(REPO_ROOT),
+        sysconfig.get_paths()["purelib"],
+        sysconfig.get_paths()["platlib"],
+        env.get("PYTHONPATH"),
+    ]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(filter(None, python_path)))
     return env
 
@@ -106,9 +120,18 @@ class TritonServer:
     """
 
     def __init__(
-        self, repository: str | Path, *, host: str = "127.0.0.1", http_port: int | None = None,
-        grpc_port: int | None = None, metrics_port: int | None = None, models: list[str] | None = None,
-        startup_timeout: float = 180, log_path: Path | None = None, log_verbose: int = 0, stream_log: bool = False,
+        self,
+        repository: str | Path,
+        *,
+        host: str = "127.0.0.1",
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        models: list[str] | None = None,
+        startup_timeout: float = 180,
+        log_path: Path | None = None,
+        log_verbose: int = 0,
+        stream_log: bool = False,
         grpc_host: str | None = None,
     ):
         self.repository = Path(repository).resolve()
@@ -121,7 +144,9 @@ class TritonServer:
         self.startup_timeout = startup_timeout
         self.log_verbose = log_verbose
         self.stream_log = stream_log
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        self.log_path = (
+            Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        )
         self.process: subprocess.Popen | None = None
 
     @property
@@ -142,11 +167,16 @@ class TritonServer:
 
     def command(self, install: TritonInstall) -> list[str]:
         cmd = [
-            str(install.binary), f"--model-repository={self.repository}",
-            f"--http-address={self.host}", f"--http-port={self.http_port}",
-            f"--grpc-address={self.grpc_host}", f"--grpc-port={self.grpc_port}",
-            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
-            "--exit-timeout-secs=10", f"--log-verbose={self.log_verbose}",
+            str(install.binary),
+            f"--model-repository={self.repository}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.grpc_host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--exit-timeout-secs=10",
+            f"--log-verbose={self.log_verbose}",
         ]
         if install.backend_dir:
             cmd.append(f"--backend-directory={install.backend_dir}")
@@ -160,8 +190,13 @@ class TritonServer:
         install = find_tritonserver()
         output = None if self.stream_log else open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._log_handle = output
-        self.process = subprocess.Popen(self.command(install), env=triton_environment(install), stdout=output,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            self.command(install),
+            env=triton_environment(install),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             self._wait_ready()
         except BaseException:
@@ -173,7 +208,9 @@ class TritonServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise TritonError(f"tritonserver exited with {self.process.returncode} while starting: {self.log_tail()}")
+                raise TritonError(
+                    f"tritonserver exited with {self.process.returncode} while starting: {self.log_tail()}"
+                )
             if self.ready():
                 return
             time.sleep(0.25)
@@ -189,7 +226,9 @@ class TritonServer:
     def log_tail(self, lines: int = 5) -> str:
         if self.stream_log or not self.log_path.is_file():
             return "see its output above"
-        errors = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.startswith("E")]
+        errors = [
+            line for line in self.log_path.read_text(errors="replace").splitlines() if line.startswith("E")
+        ]
         return " | ".join((errors or self.log_path.read_text(errors="replace").splitlines())[-lines:])
 
     def stop(self) -> None:
@@ -224,44 +263,86 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resnet triton",
         description="Run a Triton Inference Server on a model repository (the bundled CPU build unless a "
-                    "tritonserver is on PATH). Ctrl-C or SIGTERM shuts it down cleanly.",
+        "tritonserver is on PATH). Ctrl-C or SIGTERM shuts it down cleanly.",
     )
     commands = parser.add_subparsers(dest="action", required=True, metavar="serve")
-    serve = commands.add_parser("serve", help="start tritonserver and wait until it is ready",
-                                description="Start tritonserver on a model repository, print its URLs once ready, "
-                                            "serve until Ctrl-C or SIGTERM.")
-    serve.add_argument("--repository", type=Path, default=Path(env("RESNET_MODEL_REPOSITORY", "model_repository")),
-                       help="model repository folder (env RESNET_MODEL_REPOSITORY; default: %(default)s)")
-    serve.add_argument("--http-address", default=env("RESNET_TRITON_HOST", "127.0.0.1"),
-                       help="address for HTTP and metrics; 0.0.0.0 for all interfaces "
-                            "(env RESNET_TRITON_HOST; default: %(default)s)")
+    serve = commands.add_parser(
+        "serve",
+        help="start tritonserver and wait until it is ready",
+        description="Start tritonserver on a model repository, print its URLs once ready, "
+        "serve until Ctrl-C or SIGTERM.",
+    )
+    serve.add_argument(
+        "--repository",
+        type=Path,
+        default=Path(env("RESNET_MODEL_REPOSITORY", "model_repository")),
+        help="model repository folder (env RESNET_MODEL_REPOSITORY; default: %(default)s)",
+    )
+    serve.add_argument(
+        "--http-address",
+        default=env("RESNET_TRITON_HOST", "127.0.0.1"),
+        help="address for HTTP and metrics; 0.0.0.0 for all interfaces "
+        "(env RESNET_TRITON_HOST; default: %(default)s)",
+    )
     serve.add_argument("--grpc-address", default=None, help="gRPC address (default: the --http-address)")
-    serve.add_argument("--http-port", type=int, default=int(env("RESNET_TRITON_HTTP_PORT", "8000")),
-                       help="HTTP/REST port (env RESNET_TRITON_HTTP_PORT; default: %(default)s)")
-    serve.add_argument("--grpc-port", type=int, default=int(env("RESNET_TRITON_GRPC_PORT", "8001")),
-                       help="gRPC port (env RESNET_TRITON_GRPC_PORT; default: %(default)s)")
-    serve.add_argument("--metrics-port", type=int, default=int(env("RESNET_TRITON_METRICS_PORT", "8002")),
-                       help="Prometheus metrics port (env RESNET_TRITON_METRICS_PORT; default: %(default)s)")
-    serve.add_argument("--model", action="append", dest="models", metavar="NAME",
-                       help="load only this model (repeatable; default: every model in the repository)")
-    serve.add_argument("--startup-timeout", type=float, default=180,
-                       help="seconds to wait for readiness (default: %(default)s)")
-    serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level (default: 0)")
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=int(env("RESNET_TRITON_HTTP_PORT", "8000")),
+        help="HTTP/REST port (env RESNET_TRITON_HTTP_PORT; default: %(default)s)",
+    )
+    serve.add_argument(
+        "--grpc-port",
+        type=int,
+        default=int(env("RESNET_TRITON_GRPC_PORT", "8001")),
+        help="gRPC port (env RESNET_TRITON_GRPC_PORT; default: %(default)s)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env("RESNET_TRITON_METRICS_PORT", "8002")),
+        help="Prometheus metrics port (env RESNET_TRITON_METRICS_PORT; default: %(default)s)",
+    )
+    serve.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="load only this model (repeatable; default: every model in the repository)",
+    )
+    serve.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=180,
+        help="seconds to wait for readiness (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--log-verbose", type=int, default=0, help="tritonserver --log-verbose level (default: 0)"
+    )
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     server = TritonServer(
-        args.repository, host=args.http_address, http_port=args.http_port, grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port, models=args.models, startup_timeout=args.startup_timeout,
-        log_verbose=args.log_verbose, stream_log=True, grpc_host=args.grpc_address,
+        args.repository,
+        host=args.http_address,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        models=args.models,
+        startup_timeout=args.startup_timeout,
+        log_verbose=args.log_verbose,
+        stream_log=True,
+        grpc_host=args.grpc_address,
     )
     # SIGTERM (docker stop, systemd) is a normal shutdown, at any moment: unwind through TritonServer.stop().
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         with server:
-            print(f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}",
-                  flush=True)
+            print(
+                f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}",
+                flush=True,
+            )
             try:
                 status = server.process.wait()
             except KeyboardInterrupt:

@@ -82,7 +82,9 @@ def validate(options: ExportOptions, source: ModelSource) -> list[str]:
     if options.tensorrt and options.target != "gpu":
         raise ExportError("--tensorrt builds a GPU engine; use it with --target gpu")
     if options.tensorrt and not tensorrt_available():
-        raise ExportError("--tensorrt needs the `tensorrt` Python package (GPU exporter image); it is not installed here")
+        raise ExportError(
+            "--tensorrt needs the `tensorrt` Python package (GPU exporter image); it is not installed here"
+        )
     if options.keep_versions < 1:
         raise ExportError("--keep-versions must be at least 1")
     if options.batching.max_batch_size < 1:
@@ -95,14 +97,22 @@ def validate(options: ExportOptions, source: ModelSource) -> list[str]:
     return labels
 
 
-def export_to_repository(source: ModelSource, options: ExportOptions, console: Console | None = None) -> list[Artifact]:
+def export_to_repository(
+    source: ModelSource, options: ExportOptions, console: Console | None = None
+) -> list[Artifact]:
     """Export, verify and publish `source` as described in the module docstring; returns what was published."""
     console = console or Console(quiet=True)
     labels = validate(options, source)
     crop = source.spec.crop
     base = repo.ClassifierSpec(
-        name=options.name, arch=source.arch, precision="fp32", num_classes=source.num_classes, preprocess=source.spec,
-        target=options.target, batching=options.batching, cpu_threads=options.cpu_threads,
+        name=options.name,
+        arch=source.arch,
+        precision="fp32",
+        num_classes=source.num_classes,
+        preprocess=source.spec,
+        target=options.target,
+        batching=options.batching,
+        cpu_threads=options.cpu_threads,
         tensorrt_precision=("FP16" if options.fp16 else "FP32") if options.target == "gpu" else None,
     )
     with tempfile.TemporaryDirectory(prefix="resnet-export-") as scratch:
@@ -110,18 +120,41 @@ def export_to_repository(source: ModelSource, options: ExportOptions, console: C
         artifacts = []
         with console.status("exporting ONNX (FP32)..."):
             fp32 = onnx_export.export_onnx(source.model, scratch / "fp32.onnx", crop)
-            report = onnx_export.require_parity(onnx_export.verify_onnx(source.model, fp32, crop), "the FP32 ONNX model")
-        artifacts.append(Artifact(options.name, "fp32", "model.onnx", fp32.stat().st_size,
-                                  f"rel. err {report.relative_error:.1e}", classifier=base, path=fp32))
-        console.log(f"FP32 ONNX verified on batches {report.batch_sizes}: relative error {report.relative_error:.1e}")
+            report = onnx_export.require_parity(
+                onnx_export.verify_onnx(source.model, fp32, crop), "the FP32 ONNX model"
+            )
+        artifacts.append(
+            Artifact(
+                options.name,
+                "fp32",
+                "model.onnx",
+                fp32.stat().st_size,
+                f"rel. err {report.relative_error:.1e}",
+                classifier=base,
+                path=fp32,
+            )
+        )
+        console.log(
+            f"FP32 ONNX verified on batches {report.batch_sizes}: relative error {report.relative_error:.1e}"
+        )
         if options.fp16:
             with console.status("converting to FP16..."):
                 fp16 = onnx_export.convert_fp16(fp32, scratch / "fp16.onnx")
                 report = onnx_export.require_parity(
-                    onnx_export.verify_onnx(source.model, fp16, crop, precision="fp16"), "the FP16 ONNX model")
+                    onnx_export.verify_onnx(source.model, fp16, crop, precision="fp16"), "the FP16 ONNX model"
+                )
             spec = replace(base, name=f"{options.name}_fp16", precision="fp16", tensorrt_precision=None)
-            artifacts.append(Artifact(spec.name, "fp16", "model.onnx", fp16.stat().st_size,
-                                      f"rel. err {report.relative_error:.1e}", classifier=spec, path=fp16))
+            artifacts.append(
+                Artifact(
+                    spec.name,
+                    "fp16",
+                    "model.onnx",
+                    fp16.stat().st_size,
+                    f"rel. err {report.relative_error:.1e}",
+                    classifier=spec,
+                    path=fp16,
+                )
+            )
             console.log(f"FP16 ONNX verified: relative error {report.relative_error:.1e}")
         if options.int8:
             artifacts.append(_int8(source, options, fp32, scratch, base, console))
@@ -139,30 +172,52 @@ def export_to_repository(source: ModelSource, options: ExportOptions, console: C
 
 def _int8(source, options, fp32, scratch, base, console) -> Artifact:
     with _progress(console) as progress:
-        int8 = quantize_int8(fp32, scratch / "int8.onnx", options.calib_data, source.spec, options.quantize,
-                             progress=progress)
+        int8 = quantize_int8(
+            fp32, scratch / "int8.onnx", options.calib_data, source.spec, options.quantize, progress=progress
+        )
     if options.eval_data:
         with _progress(console) as progress:
-            accuracy = check_accuracy_budget(fp32, int8, options.eval_data, source.spec, classes=source.classes,
-                                             max_drop=options.max_accuracy_drop, progress=progress)
+            accuracy = check_accuracy_budget(
+                fp32,
+                int8,
+                options.eval_data,
+                source.spec,
+                classes=source.classes,
+                max_drop=options.max_accuracy_drop,
+                progress=progress,
+            )
         check = f"top-1 {accuracy.int8_top1:.2%} ({-accuracy.drop:+.2f} pt, n={accuracy.images})"
-        console.log(f"INT8 accuracy: FP32 {accuracy.fp32_top1:.2%} -> INT8 {accuracy.int8_top1:.2%} on {accuracy.images} images")
+        console.log(
+            f"INT8 accuracy: FP32 {accuracy.fp32_top1:.2%} -> INT8 {accuracy.int8_top1:.2%} on {accuracy.images} images"
+        )
     else:
         # No labels: agreement with FP32 on the calibration images is the best evidence available.
         samples = [(path, 0) for path in image_files(options.calib_data)[:64]]
         agreement = _agreement(fp32, int8, samples, source.spec)
         check = f"agrees with FP32 on {agreement:.0%} (no --eval-data)"
-        console.log(f"INT8: no --eval-data, accuracy budget not checked; top-1 agreement with FP32 {agreement:.0%}")
-    spec = replace(base, name=f"{options.name}_int8", precision="int8",
-                   tensorrt_precision="INT8" if options.target == "gpu" else None)
+        console.log(
+            f"INT8: no --eval-data, accuracy budget not checked; top-1 agreement with FP32 {agreement:.0%}"
+        )
+    spec = replace(
+        base,
+        name=f"{options.name}_int8",
+        precision="int8",
+        tensorrt_precision="INT8" if options.target == "gpu" else None,
+    )
     return Artifact(spec.name, "int8", "model.onnx", int8.stat().st_size, check, classifier=spec, path=int8)
 
 
 @contextlib.contextmanager
 def _progress(console: Console):
     """A factory of rich progress bars (description, total) -> advance(n), shown on `console`."""
-    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console, transient=False,
-                  disable=console.quiet) as bars:
+    with Progress(
+        *Progress.get_default_columns(),
+        MofNCompleteColumn(),
+        console=console,
+        transient=False,
+        disable=console.quiet,
+    ) as bars:
+
         def factory(description: str, total: int):
             task = bars.add_task(description, total=total)
             return lambda n: bars.advance(task, n)
@@ -187,15 +242,27 @@ def _agreement(fp32: Path, int8: Path, samples, spec) -> float:
 def _tensorrt(options, fp32, scratch, base, console, artifacts) -> Artifact:
     source_onnx = next((a.path for a in artifacts if a.precision == "int8"), fp32)
     with console.status("building the TensorRT engine..."):
-        plan = build_plan(source_onnx, scratch / "model.plan", base.preprocess.crop, options.batching.max_batch_size,
-                          fp16=options.fp16, int8=options.int8,
-                          timing_cache=options.repository / ".tensorrt_timing_cache")
+        plan = build_plan(
+            source_onnx,
+            scratch / "model.plan",
+            base.preprocess.crop,
+            options.batching.max_batch_size,
+            fp16=options.fp16,
+            int8=options.int8,
+            timing_cache=options.repository / ".tensorrt_timing_cache",
+        )
     precision = "int8" if options.int8 else "fp16" if options.fp16 else "fp32"
-    spec = replace(base, name=f"{options.name}_trt", precision=precision, runtime="tensorrt", tensorrt_precision=None)
-    return Artifact(spec.name, precision, "model.plan", plan.stat().st_size, "TensorRT build", classifier=spec, path=plan)
+    spec = replace(
+        base, name=f"{options.name}_trt", precision=precision, runtime="tensorrt", tensorrt_precision=None
+    )
+    return Artifact(
+        spec.name, precision, "model.plan", plan.stat().st_size, "TensorRT build", classifier=spec, path=plan
+    )
 
 
-def _publish(artifacts: list[Artifact], labels: list[str], source: ModelSource, options: ExportOptions) -> None:
+def _publish(
+    artifacts: list[Artifact], labels: list[str], source: ModelSource, options: ExportOptions
+) -> None:
     root = options.repository
     for artifact in artifacts:
         files: dict[str, Path | bytes] = {artifact.file: artifact.path}
@@ -210,12 +277,18 @@ def _publish(artifacts: list[Artifact], labels: list[str], source: ModelSource, 
     preprocess_name = f"{options.name}_preprocess"
     preprocess_dir = root / preprocess_name
     repo.publish_version(preprocess_dir, {"model.py": repo.PREPROCESS_MODEL_PY})
-    repo.write_model(preprocess_dir, repo.preprocess_config(preprocess_name, source.arch, source.spec, options.batching))
+    repo.write_model(
+        preprocess_dir, repo.preprocess_config(preprocess_name, source.arch, source.spec, options.batching)
+    )
     repo.prune_versions(preprocess_dir, options.keep_versions)
     for artifact in artifacts:
         pipeline_dir = root / f"{artifact.model}_pipeline"
         repo.publish_version(pipeline_dir, {})  # an ensemble's version folder is empty but must exist
-        repo.write_model(pipeline_dir, repo.pipeline_config(pipeline_dir.name, artifact.classifier, preprocess_name), labels)
+        repo.write_model(
+            pipeline_dir,
+            repo.pipeline_config(pipeline_dir.name, artifact.classifier, preprocess_name),
+            labels,
+        )
         repo.prune_versions(pipeline_dir, options.keep_versions)
 
 
@@ -225,5 +298,7 @@ def summary_table(artifacts: list[Artifact], repository: Path) -> Table:
         table.add_column(column)
     for a in artifacts:
         latency = f"{a.latency_ms:.1f} ms" if a.latency_ms is not None else "-"
-        table.add_row(a.model, str(a.version), a.precision, a.file, f"{a.size_bytes / 1e6:.1f} MB", a.check, latency)
+        table.add_row(
+            a.model, str(a.version), a.precision, a.file, f"{a.size_bytes / 1e6:.1f} MB", a.check, latency
+        )
     return table

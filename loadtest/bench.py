@@ -68,9 +68,22 @@ class BenchPlan:
     def make(cls, args: argparse.Namespace) -> BenchPlan:
         threads = args.threads or max(1, os.cpu_count() or 1)
         if args.quick:
-            return cls(args.arch, True, args.concurrency or 16, threads, 3.0, 1.0, 0.4, 1.0, (1, 8), (2.0,), 0.0)
-        return cls(args.arch, False, args.concurrency or 64, threads, 12.0, 3.0, 3.0, 3.0, (1, 8, 32),
-                   (0.5, 2.0, 5.0, 10.0), 64.0)
+            return cls(
+                args.arch, True, args.concurrency or 16, threads, 3.0, 1.0, 0.4, 1.0, (1, 8), (2.0,), 0.0
+            )
+        return cls(
+            args.arch,
+            False,
+            args.concurrency or 64,
+            threads,
+            12.0,
+            3.0,
+            3.0,
+            3.0,
+            (1, 8, 32),
+            (0.5, 2.0, 5.0, 10.0),
+            64.0,
+        )
 
 
 @dataclass
@@ -100,7 +113,11 @@ class ModelUnderTest:
 
 
 def latest_onnx(model_dir: Path) -> Path | None:
-    versions = sorted((int(p.name), p) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()) if model_dir.is_dir() else []
+    versions = (
+        sorted((int(p.name), p) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        if model_dir.is_dir()
+        else []
+    )
     for _, folder in reversed(versions):
         if (folder / "model.onnx").is_file():
             return folder / "model.onnx"
@@ -109,18 +126,34 @@ def latest_onnx(model_dir: Path) -> Path | None:
 
 def prepare_model(arch: str, repository: Path, scratch: Path, threads: int) -> ModelUnderTest:
     """The bundled repository's model when it has one for `arch`; otherwise a random-weight export in scratch."""
+    import shutil
+
     name = ARCH_MODEL_NAMES.get(arch, arch)
     onnx = latest_onnx(repository / name)
     if onnx is not None:
-        checkpoint = next(iter(sorted(repository.glob(f"{name}/*.pt"))), None)
-        return ModelUnderTest(repository, name, arch, onnx, checkpoint, f"bundled `{repository.name}/{name}`")
+        # A snapshot: a publish or re-export into the repository during the run must not change what is measured.
+        snapshot = scratch / "model_repository" / name
+        shutil.copytree(repository / name, snapshot, ignore=shutil.ignore_patterns(".partial-*"))
+        checkpoint = next(iter(sorted(snapshot.glob("*.pt"))), None)
+        return ModelUnderTest(
+            snapshot.parent,
+            name,
+            arch,
+            latest_onnx(snapshot),
+            checkpoint,
+            f"bundled `{repository.name}/{name}`, version {latest_onnx(snapshot).parent.name}",
+        )
     from export.source import from_arch
     from export.workflow import ExportOptions, export_to_repository
 
     target = scratch / "model_repository"
-    export_to_repository(from_arch(arch, "random"),
-                         ExportOptions(name=name, repository=target, cpu_threads=threads, measure_latency=False))
-    return ModelUnderTest(target, name, arch, latest_onnx(target / name), None, "random weights, exported for this run")
+    export_to_repository(
+        from_arch(arch, "random"),
+        ExportOptions(name=name, repository=target, cpu_threads=threads, measure_latency=False),
+    )
+    return ModelUnderTest(
+        target, name, arch, latest_onnx(target / name), None, "random weights, exported for this run"
+    )
 
 
 # --- 1. runtimes -----------------------------------------------------------------------------------------
@@ -129,8 +162,12 @@ def prepare_model(arch: str, repository: Path, scratch: Path, threads: int) -> M
 def bench_runtimes(plan: BenchPlan, model: ModelUnderTest, scratch: Path) -> list[dict]:
     from export.benchmark import benchmark_runtimes
 
-    rows = [asdict(r) for r in benchmark_runtimes(plan.arch, plan.batch_sizes, plan.threads, plan.runtime_seconds,
-                                                  workdir=scratch)]
+    rows = [
+        asdict(r)
+        for r in benchmark_runtimes(
+            plan.arch, plan.batch_sizes, plan.threads, plan.runtime_seconds, workdir=scratch
+        )
+    ]
     rows += bench_triton(plan, model)
     return rows
 
@@ -153,9 +190,17 @@ def bench_triton(plan: BenchPlan, model: ModelUnderTest) -> list[dict]:
             tensor = grpcclient.InferInput(INPUT_NAME, list(inputs.shape), "FP32")
             tensor.set_data_from_numpy(inputs)
             wanted = [grpcclient.InferRequestedOutput(OUTPUT_NAME)]
-            timings = _time_calls(lambda t=tensor, w=wanted: client.infer(model.name, [t], outputs=w), plan.runtime_seconds)
-            rows.append({"runtime": "Triton (CPU, Python backend + ORT FP32)", "batch": batch,
-                         "images_per_s": batch / float(np.mean(timings)), "p50_ms": float(np.median(timings)) * 1000})
+            timings = _time_calls(
+                lambda t=tensor, w=wanted: client.infer(model.name, [t], outputs=w), plan.runtime_seconds
+            )
+            rows.append(
+                {
+                    "runtime": "Triton (CPU, Python backend + ORT FP32)",
+                    "batch": batch,
+                    "images_per_s": batch / float(np.mean(timings)),
+                    "p50_ms": float(np.median(timings)) * 1000,
+                }
+            )
         client.close()
     return rows
 
@@ -202,8 +247,11 @@ class RawRuntime:
 
         import onnxruntime as ort
 
+        # The gateway's session options (server/backends.py), so that only HTTP, queueing and batching differ.
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(model.onnx), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.spec, self.images, self.threads = _spec(model), images, threads
@@ -215,7 +263,7 @@ class RawRuntime:
 
         # Spread over the pool, as concurrent requests spread over the gateway's decoding pool.
         chunk = [self.images[(start + i) % len(self.images)] for i in range(batch)]
-        parts = [chunk[k::self.decoders] for k in range(self.decoders) if chunk[k::self.decoders]]
+        parts = [chunk[k :: self.decoders] for k in range(self.decoders) if chunk[k :: self.decoders]]
         return [self.pool.submit(preprocess_batch, part, self.spec) for part in parts]
 
     def images_per_s(self, batch: int, seconds: float) -> float:
@@ -254,8 +302,14 @@ def bench_raw(plan: BenchPlan, raw: RawRuntime) -> dict:
     """Images/s at each batch size; the best batch is the one the adjacent measurements use."""
     per_batch = {batch: raw.images_per_s(batch, plan.runtime_seconds) for batch in plan.batch_sizes}
     best = max(per_batch, key=per_batch.get)
-    return {"images_per_s": per_batch[best], "best_batch": best, "per_batch": per_batch, "decode_threads": raw.decoders,
-            "infer_only_images_per_s": raw.infer_only_images_per_s(best, plan.runtime_seconds), "threads": raw.threads}
+    return {
+        "images_per_s": per_batch[best],
+        "best_batch": best,
+        "per_batch": per_batch,
+        "decode_threads": raw.decoders,
+        "infer_only_images_per_s": raw.infer_only_images_per_s(best, plan.runtime_seconds),
+        "threads": raw.threads,
+    }
 
 
 def adjacent_raw(plan: BenchPlan, raw: RawRuntime, best_batch: int, measure):
@@ -270,8 +324,9 @@ def adjacent_raw(plan: BenchPlan, raw: RawRuntime, best_batch: int, measure):
     return result, (before + after) / 2
 
 
-async def _load(url: str, images: list[bytes], concurrency: int, seconds: float, warmup_s: float,
-                headers: dict[str, str]) -> tuple[list[float], int, float]:
+async def _load(
+    url: str, images: list[bytes], concurrency: int, seconds: float, warmup_s: float, headers: dict[str, str]
+) -> tuple[list[float], int, float]:
     """Keep `concurrency` single-image requests in flight; latencies (s) of those that completed in the window."""
     import aiohttp
 
@@ -309,20 +364,35 @@ async def _load(url: str, images: list[bytes], concurrency: int, seconds: float,
     return latencies, errors, seconds
 
 
-def http_load(label: str, base_url: str, model_name: str, images: list[bytes], concurrency: int, seconds: float,
-              warmup_s: float) -> LoadResult:
+def http_load(
+    label: str,
+    base_url: str,
+    model_name: str,
+    images: list[bytes],
+    concurrency: int,
+    seconds: float,
+    warmup_s: float,
+) -> LoadResult:
     url = f"{base_url}/v1/models/{model_name}/classify?top_k=5"
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     latencies, errors, window = asyncio.run(
-        _load(url, images, concurrency, seconds, warmup_s, {"Content-Type": "image/jpeg"}))
+        _load(url, images, concurrency, seconds, warmup_s, {"Content-Type": "image/jpeg"})
+    )
     # The client shares the cores with the server: how much of them it took is part of the result.
     client_cores = (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
     if not latencies:
         raise BenchError(f"{label}: no request succeeded at {url} ({errors} failed)")
     milliseconds = np.array(latencies) * 1000
-    return LoadResult(label, concurrency, len(latencies), errors, len(latencies) / window,
-                      float(np.percentile(milliseconds, 50)), float(np.percentile(milliseconds, 99)),
-                      client_cores=client_cores)
+    return LoadResult(
+        label,
+        concurrency,
+        len(latencies),
+        errors,
+        len(latencies) / window,
+        float(np.percentile(milliseconds, 50)),
+        float(np.percentile(milliseconds, 99)),
+        client_cores=client_cores,
+    )
 
 
 def _wait_http(url: str, process: subprocess.Popen, timeout: float, log: Path) -> None:
@@ -345,14 +415,26 @@ def _wait_http(url: str, process: subprocess.Popen, timeout: float, log: Path) -
 
 
 @contextlib.contextmanager
-def serving(command: list[str], port: int, log: Path, env: dict[str, str] | None = None,
-            ready_path: str = "/readyz", timeout: float = 120) -> Iterator[str]:
+def serving(
+    command: list[str],
+    port: int,
+    log: Path,
+    env: dict[str, str] | None = None,
+    ready_path: str = "/readyz",
+    timeout: float = 120,
+) -> Iterator[str]:
     """Run a server process on loopback until the block ends; yields its base URL."""
     import signal
 
     with open(log, "wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, **(env or {})}, cwd=REPO_ROOT)
+        process = subprocess.Popen(
+            command,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+            cwd=REPO_ROOT,
+        )
         try:
             base = f"http://127.0.0.1:{port}"
             _wait_http(base + ready_path, process, timeout, log)
@@ -375,45 +457,99 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def gateway_command(model: ModelUnderTest, port: int, threads: int, batching: bool, delay_ms: float) -> tuple[list[str], dict]:
+def gateway_command(
+    model: ModelUnderTest, port: int, threads: int, batching: bool, delay_ms: float
+) -> tuple[list[str], dict]:
     """`resnet serve` on the embedded ONNX Runtime backend, configured through its RESNET_* settings."""
     command = [sys.executable, "-m", "cli", "serve"]
     env = {
-        "RESNET_HOST": "127.0.0.1", "RESNET_PORT": str(port), "RESNET_GRPC_PORT": "0",
-        "RESNET_REPOSITORY": str(model.repository), "RESNET_BACKEND": "embedded",
-        "RESNET_BATCHING": str(batching).lower(), "RESNET_MAX_DELAY_MS": f"{delay_ms:g}",
-        "RESNET_INTRA_OP_THREADS": str(threads), "RESNET_LOG_LEVEL": "warning", "RESNET_API_KEYS": "",
+        "RESNET_HOST": "127.0.0.1",
+        "RESNET_PORT": str(port),
+        "RESNET_GRPC_PORT": "0",
+        "RESNET_REPOSITORY": str(model.repository),
+        "RESNET_BACKEND": "embedded",
+        "RESNET_BATCHING": str(batching).lower(),
+        "RESNET_MAX_DELAY_MS": f"{delay_ms:g}",
+        "RESNET_INTRA_OP_THREADS": str(threads),
+        "RESNET_LOG_LEVEL": "warning",
+        "RESNET_API_KEYS": "",
         "RESNET_QUEUE_SIZE": "4096",
     }
     return command, env
 
 
-def bench_gateway(plan: BenchPlan, model: ModelUnderTest, images: list[bytes], scratch: Path, raw: RawRuntime,
-                  best_batch: int, progress) -> dict:
-    points = [("batching off", False, 0.0)] + [(f"batching on, max delay {d:g} ms", True, d) for d in plan.delays_ms]
+def bench_gateway(
+    plan: BenchPlan,
+    model: ModelUnderTest,
+    images: list[bytes],
+    scratch: Path,
+    raw: RawRuntime,
+    best_batch: int,
+    progress,
+) -> dict:
+    points = [("batching off", False, 0.0)] + [
+        (f"batching on, max delay {d:g} ms", True, d) for d in plan.delays_ms
+    ]
     results = []
     for label, batching, delay in points:
         port = _free_port()
         command, env = gateway_command(model, port, plan.threads, batching, delay)
         with serving(command, port, scratch / f"gateway-{batching}-{delay:g}.log", env) as base:
-            result, raw_beside = adjacent_raw(plan, raw, best_batch, lambda base=base, label=label: http_load(
-                label, base, model.name, images, plan.concurrency, plan.seconds, plan.warmup_s))
+            result, raw_beside = adjacent_raw(
+                plan,
+                raw,
+                best_batch,
+                lambda base=base, label=label: http_load(
+                    label, base, model.name, images, plan.concurrency, plan.seconds, plan.warmup_s
+                ),
+            )
         result.extra = {"batching": batching, "max_delay_ms": delay, "raw_images_per_s": raw_beside}
         results.append(result)
-        progress(f"gateway {label}: {result.images_per_s:.1f} img/s, raw runtime beside it {raw_beside:.1f} img/s")
+        progress(
+            f"gateway {label}: {result.images_per_s:.1f} img/s, raw runtime beside it {raw_beside:.1f} img/s"
+        )
     return {"points": [asdict(r) for r in results]}
 
 
-def bench_naive(plan: BenchPlan, model: ModelUnderTest, images: list[bytes], scratch: Path, raw: RawRuntime,
-                best_batch: int) -> LoadResult:
+def bench_naive(
+    plan: BenchPlan,
+    model: ModelUnderTest,
+    images: list[bytes],
+    scratch: Path,
+    raw: RawRuntime,
+    best_batch: int,
+) -> LoadResult:
     port = _free_port()
-    command = [sys.executable, "-m", "loadtest.naive_server", "--arch", model.arch, "--name", model.name,
-               "--port", str(port), "--labels", str(model.repository / model.name / "labels.txt")]
+    command = [
+        sys.executable,
+        "-m",
+        "loadtest.naive_server",
+        "--arch",
+        model.arch,
+        "--name",
+        model.name,
+        "--port",
+        str(port),
+        "--labels",
+        str(model.repository / model.name / "labels.txt"),
+    ]
     if model.checkpoint:
         command += ["--checkpoint", str(model.checkpoint)]
     with serving(command, port, scratch / "naive.log", ready_path="/healthz") as base:
-        result, raw_beside = adjacent_raw(plan, raw, best_batch, lambda: http_load(
-            "naive FastAPI + PyTorch eager", base, model.name, images, plan.concurrency, plan.seconds, plan.warmup_s))
+        result, raw_beside = adjacent_raw(
+            plan,
+            raw,
+            best_batch,
+            lambda: http_load(
+                "naive FastAPI + PyTorch eager",
+                base,
+                model.name,
+                images,
+                plan.concurrency,
+                plan.seconds,
+                plan.warmup_s,
+            ),
+        )
     result.extra = {"raw_images_per_s": raw_beside}
     return result
 
@@ -424,20 +560,45 @@ def bench_loadtest(plan: BenchPlan, model: ModelUnderTest, scratch: Path, img_di
     from loadtest import report
 
     port = _free_port()
-    command, env = gateway_command(model, port, plan.threads, True, plan.delays_ms[min(1, len(plan.delays_ms) - 1)])
+    command, env = gateway_command(
+        model, port, plan.threads, True, plan.delays_ms[min(1, len(plan.delays_ms) - 1)]
+    )
     out = scratch / "loadtest"
     with serving(command, port, scratch / "gateway-loadtest.log", env) as base:
-        args = loadtest_cli.get_args_parser().parse_args([
-            "--url", base, "--scenario", "ramp", "--users", str(LOADTEST_USERS), "--duration", f"{plan.loadtest_s:g}s",
-            "--model", model.name, "--out", str(out), "--max-fail-ratio", "1"])
+        args = loadtest_cli.get_args_parser().parse_args(
+            [
+                "--url",
+                base,
+                "--scenario",
+                "ramp",
+                "--users",
+                str(LOADTEST_USERS),
+                "--duration",
+                f"{plan.loadtest_s:g}s",
+                "--model",
+                model.name,
+                "--out",
+                str(out),
+                "--max-fail-ratio",
+                "1",
+            ]
+        )
         # Its progress bar and summary go to a log: the bench's own status line owns the terminal.
-        with open(scratch / "loadtest.out", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        with (
+            open(scratch / "loadtest.out", "w") as log,
+            contextlib.redirect_stdout(log),
+            contextlib.redirect_stderr(log),
+        ):
             loadtest_cli.main(args)
     for name in ("timeline.png", "latency_vs_throughput.png"):
         (img_dir / f"loadtest_{name}").write_bytes((out / name).read_bytes())
     summary = json.loads((out / "summary.json").read_text())
-    return {"summary": summary["summary"], "steps": report.steps_by_users(report.read_history(out / "locust_stats_history.csv")),
-            "users": LOADTEST_USERS, "duration_s": plan.loadtest_s}
+    return {
+        "summary": summary["summary"],
+        "steps": report.steps_by_users(report.read_history(out / "locust_stats_history.csv")),
+        "users": LOADTEST_USERS,
+        "duration_s": plan.loadtest_s,
+    }
 
 
 # --- report ------------------------------------------------------------------------------------------------
@@ -456,8 +617,15 @@ def machine_info() -> dict:
         from importlib.metadata import version as package_version
 
         triton = f"from nvidia-pytriton {package_version('nvidia-pytriton')}"
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "tritonserver": triton, "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "tritonserver": triton,
+        "platform": platform.platform(),
+    }
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------
@@ -466,22 +634,46 @@ def machine_info() -> dict:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Run the benchmark suite (runtimes, gateway vs raw runtime, naive baseline, Locust ramp) and "
-                    "regenerate docs/benchmarks.md, docs/benchmarks.json and docs/img/.",
+        "regenerate docs/benchmarks.md, docs/benchmarks.json and docs/img/.",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--arch", default=os.environ.get("RESNET_BENCH_ARCH", "resnet20"), choices=sorted(ARCH_MODEL_NAMES),
-                        help="resnet20: the bundled CIFAR-10 model; resnet50: an ImageNet-size model (random weights)")
-    parser.add_argument("--quick", action="store_true", help="short measurement windows, fewer points, no Locust run")
-    parser.add_argument("--repository", type=Path, default=Path(os.environ.get("RESNET_MODEL_REPOSITORY", "model_repository")),
-                        help="model repository holding the bundled model (otherwise a random-weight one is exported)")
-    parser.add_argument("--concurrency", type=int, default=0, help="HTTP requests in flight (default: 64; 16 with --quick)")
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads for every runtime (default: all cores)")
-    parser.add_argument("--images", type=Path, default=None,
-                        help="photo folder (default: ../shared/data/imagenet-samples, else generated images)")
-    parser.add_argument("--docs", type=Path, default=Path("docs"),
-                        help="folder for benchmarks.md, benchmarks.json and img/")
-    parser.add_argument("--skip", action="append", default=[], choices=["runtimes", "naive", "loadtest"],
-                        help="leave a part out (repeatable)")
+    parser.add_argument(
+        "--arch",
+        default=os.environ.get("RESNET_BENCH_ARCH", "resnet20"),
+        choices=sorted(ARCH_MODEL_NAMES),
+        help="resnet20: the bundled CIFAR-10 model; resnet50: an ImageNet-size model (random weights)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="short measurement windows, fewer points, no Locust run"
+    )
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=Path(os.environ.get("RESNET_MODEL_REPOSITORY", "model_repository")),
+        help="model repository holding the bundled model (otherwise a random-weight one is exported)",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=0, help="HTTP requests in flight (default: 64; 16 with --quick)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="intra-op threads for every runtime (default: all cores)"
+    )
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="photo folder (default: ../shared/data/imagenet-samples, else generated images)",
+    )
+    parser.add_argument(
+        "--docs", type=Path, default=Path("docs"), help="folder for benchmarks.md, benchmarks.json and img/"
+    )
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["runtimes", "naive", "loadtest"],
+        help="leave a part out (repeatable)",
+    )
     return parser
 
 
@@ -530,13 +722,21 @@ def main(args: argparse.Namespace) -> int:
         if not plan.quick and "loadtest" not in args.skip:
             with console.status(f"Locust ramp ({plan.loadtest_s:g} s)..."):
                 results["loadtest"] = bench_loadtest(plan, model, scratch, img_dir)
-    plot_delay_sweep(results["gateway"], results.get("naive"), results["raw"], img_dir / "gateway_latency_throughput.png")
+    plot_delay_sweep(
+        results["gateway"], results.get("naive"), results["raw"], img_dir / "gateway_latency_throughput.png"
+    )
     argv = ["resnet", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else ["resnet", "bench"]
-    results.update(command=shlex.join(argv), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   elapsed_s=time.monotonic() - started, json_name="benchmarks.json")
+    results.update(
+        command=shlex.join(argv),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        elapsed_s=time.monotonic() - started,
+        json_name="benchmarks.json",
+    )
     (args.docs / "benchmarks.json").write_text(json.dumps(results, indent=2, default=str))
     write_markdown(results, args.docs / "benchmarks.md", "img/")
     best = max(results["gateway"]["points"], key=efficiency)
-    console.log(f"gateway best {best['images_per_s']:.1f} img/s = {efficiency(best):.2f} x the raw runtime beside it; "
-                f"wrote {args.docs / 'benchmarks.md'}")
+    console.log(
+        f"gateway best {best['images_per_s']:.1f} img/s = {efficiency(best):.2f} x the raw runtime beside it; "
+        f"wrote {args.docs / 'benchmarks.md'}"
+    )
     return 0

@@ -22,18 +22,40 @@ def plot_delay_sweep(gateway: dict, naive: dict | None, raw: dict, path: Path) -
     fig, axis = plt.subplots(figsize=(7, 4.5))
     points = [p for p in gateway["points"] if p["extra"]["batching"]]
     for key, color in (("p50_ms", "tab:green"), ("p99_ms", "tab:red")):
-        axis.plot([p["images_per_s"] for p in points], [p[key] for p in points], marker="o", color=color,
-                  label=f"gateway, batching on ({key[:3]})")
+        axis.plot(
+            [p["images_per_s"] for p in points],
+            [p[key] for p in points],
+            marker="o",
+            color=color,
+            label=f"gateway, batching on ({key[:3]})",
+        )
         for p in points:
-            axis.annotate(f"{p['extra']['max_delay_ms']:g} ms", (p["images_per_s"], p[key]), textcoords="offset points",
-                          xytext=(4, 2), fontsize=8)
+            axis.annotate(
+                f"{p['extra']['max_delay_ms']:g} ms",
+                (p["images_per_s"], p[key]),
+                textcoords="offset points",
+                xytext=(4, 2),
+                fontsize=8,
+            )
     off = next(p for p in gateway["points"] if not p["extra"]["batching"])
-    axis.scatter([off["images_per_s"]] * 2, [off["p50_ms"], off["p99_ms"]], marker="s", color="tab:gray",
-                 label="gateway, batching off (p50, p99)")
+    axis.scatter(
+        [off["images_per_s"]] * 2,
+        [off["p50_ms"], off["p99_ms"]],
+        marker="s",
+        color="tab:gray",
+        label="gateway, batching off (p50, p99)",
+    )
     if naive:
-        axis.scatter([naive["images_per_s"]] * 2, [naive["p50_ms"], naive["p99_ms"]], marker="x", color="black",
-                     label="naive FastAPI + PyTorch (p50, p99)")
-    axis.axvline(raw["images_per_s"], linestyle="--", color="tab:blue", label="raw runtime at the start (in-process)")
+        axis.scatter(
+            [naive["images_per_s"]] * 2,
+            [naive["p50_ms"], naive["p99_ms"]],
+            marker="x",
+            color="black",
+            label="naive FastAPI + PyTorch (p50, p99)",
+        )
+    axis.axvline(
+        raw["images_per_s"], linestyle="--", color="tab:blue", label="raw runtime at the start (in-process)"
+    )
     axis.set_xlabel("throughput (images/s)")
     axis.set_ylabel("latency (ms)")
     axis.set_title(f"latency vs throughput, {off['concurrency']} requests in flight")
@@ -57,8 +79,10 @@ def efficiency(point: dict) -> float:
 def render_sections(results: dict, img_prefix: str) -> dict[str, str]:
     """Markdown body of each owned section that this run has data for."""
     best = max(results["gateway"]["points"], key=efficiency)
-    sections = {"Gateway efficiency": _gateway_section(results, best, img_prefix),
-                "Load test": _loadtest_section(results.get("loadtest"), img_prefix)}
+    sections = {
+        "Gateway efficiency": _gateway_section(results, best, img_prefix),
+        "Load test": _loadtest_section(results.get("loadtest"), img_prefix),
+    }
     if results["runtimes"]:
         sections["Runtime comparison"] = _runtime_section(results)
     if results.get("naive"):
@@ -75,32 +99,51 @@ def _runtime_section(results: dict) -> str:
     rows = []
     for name in names:
         speeds = [f"{cell[name, b]['images_per_s']:.1f}" if (name, b) in cell else "-" for b in batches]
-        p50 = [f"{cell[name, b]['p50_ms']:.2f}" if (name, b) in cell else "-" for b in (batches[0], batches[-1])]
+        p50 = [
+            f"{cell[name, b]['p50_ms']:.2f}" if (name, b) in cell else "-" for b in (batches[0], batches[-1])
+        ]
         ratio = cell[name, batches[-1]]["images_per_s"] / cell[base, batches[-1]]["images_per_s"]
         rows.append([name, *speeds, *p50, f"{ratio:.2f}x"])
-    header = ["runtime", *(f"img/s @ batch {b}" for b in batches), f"p50 ms @ batch {batches[0]}",
-              f"p50 ms @ batch {batches[-1]}", f"vs PyTorch @ batch {batches[-1]}"]
+    header = [
+        "runtime",
+        *(f"img/s @ batch {b}" for b in batches),
+        f"p50 ms @ batch {batches[0]}",
+        f"p50 ms @ batch {batches[-1]}",
+        f"vs PyTorch @ batch {batches[-1]}",
+    ]
     return (
         f"Same network ({results['arch']}, random weights: speed does not depend on them), same random inputs, "
         f"{results['plan']['threads']} intra-op threads, one request at a time; img/s from the mean time per call, "
         f"p50 = median time per call. Triton runs the FP32 ONNX model "
         "in its Python backend (the CPU build has no ONNX Runtime backend) and is called over gRPC on loopback, "
-        "so its numbers include that hop and the shared-memory transfer.\n\n" + _table(header, rows))
+        "so its numbers include that hop and the shared-memory transfer.\n\n" + _table(header, rows)
+    )
 
 
 def _gateway_section(results: dict, best: dict, img_prefix: str) -> str:
     raw, gateway = results["raw"], results["gateway"]
     rows = []
     for p in gateway["points"]:
-        rows.append([p["label"], f"{p['images_per_s']:.1f}", f"{p['p50_ms']:.1f}", f"{p['p99_ms']:.1f}", str(p["errors"]),
-                     f"{p['client_cores']:.2f}", f"{p['extra']['raw_images_per_s']:.1f}", f"**{efficiency(p):.2f}**"])
+        rows.append(
+            [
+                p["label"],
+                f"{p['images_per_s']:.1f}",
+                f"{p['p50_ms']:.1f}",
+                f"{p['p99_ms']:.1f}",
+                str(p["errors"]),
+                f"{p['client_cores']:.2f}",
+                f"{p['extra']['raw_images_per_s']:.1f}",
+                f"**{efficiency(p):.2f}**",
+            ]
+        )
     return (
         f"End to end: JPEG photos in ({results['images']['count']} {results['images']['kind']}), top-5 JSON out, over "
         f"HTTP on loopback, an async client (aiohttp) keeping {results['plan']['concurrency']} requests in flight for "
         f"{results['plan']['seconds']:g} s after a {results['plan']['warmup_s']:g} s warm-up. **Raw runtime** = the same "
         f"photos decoded and preprocessed with the gateway's own `server.preprocessing` on {raw['decode_threads']} "
         f"threads (the gateway's pool), the next batches decoded while ONNX Runtime runs the current one with "
-        f"{raw['threads']} intra-op threads (the gateway's setting), in one process with no HTTP and no queue, at its "
+        f"{raw['threads']} intra-op threads and the gateway's session options (no spin-waiting), in one process with "
+        f"no HTTP and no queue, at its "
         f"best batch size ({raw['best_batch']} of {', '.join(str(b) for b in raw['per_batch'])}): "
         f"{raw['images_per_s']:.1f} img/s at the start (inference alone on preprocessed tensors, same batch: "
         f"{raw['infer_only_images_per_s']:.1f} img/s). Because the load on these shared cores drifts, every server "
@@ -110,10 +153,22 @@ def _gateway_section(results: dict, best: dict, img_prefix: str) -> str:
         f"charges to the gateway. While other jobs share the cores, a process with more runnable threads gets a "
         f"larger share of them, and the gateway runs more threads (event loop, decoding pool, inference) than the raw "
         f"loop: a ratio above 1 comes from that, not from free work.\n\n"
-        + _table(["gateway", "img/s", "p50 ms", "p99 ms", "errors", "client CPU (cores)", "raw img/s beside",
-                  "vs raw runtime"], rows)
+        + _table(
+            [
+                "gateway",
+                "img/s",
+                "p50 ms",
+                "p99 ms",
+                "errors",
+                "client CPU (cores)",
+                "raw img/s beside",
+                "vs raw runtime",
+            ],
+            rows,
+        )
         + f"\n\nBest gateway / raw runtime: **{efficiency(best):.2f}** ({best['label']}; target >= 0.90)."
-        + f"\n\n![latency vs throughput]({img_prefix}gateway_latency_throughput.png)")
+        + f"\n\n![latency vs throughput]({img_prefix}gateway_latency_throughput.png)"
+    )
 
 
 def _naive_section(naive: dict, best: dict) -> str:
@@ -122,22 +177,48 @@ def _naive_section(naive: dict, best: dict) -> str:
         "transforms, PyTorch eager, one forward per request; the same architecture (the repository's checkpoint when "
         "it has one, otherwise random weights: speed does not depend on them), same photos, same client and "
         "concurrency as above, with the raw runtime measured beside it the same way.\n\n"
-        + _table(["server", "img/s", "p50 ms", "p99 ms", "errors", "raw img/s beside", "vs raw runtime"], [
-            [naive["label"], f"{naive['images_per_s']:.1f}", f"{naive['p50_ms']:.1f}", f"{naive['p99_ms']:.1f}",
-             str(naive["errors"]), f"{naive['extra']['raw_images_per_s']:.1f}", f"{efficiency(naive):.2f}"],
-            [f"gateway ({best['label']})", f"{best['images_per_s']:.1f}", f"{best['p50_ms']:.1f}",
-             f"{best['p99_ms']:.1f}", str(best["errors"]), f"{best['extra']['raw_images_per_s']:.1f}",
-             f"{efficiency(best):.2f}"]])
+        + _table(
+            ["server", "img/s", "p50 ms", "p99 ms", "errors", "raw img/s beside", "vs raw runtime"],
+            [
+                [
+                    naive["label"],
+                    f"{naive['images_per_s']:.1f}",
+                    f"{naive['p50_ms']:.1f}",
+                    f"{naive['p99_ms']:.1f}",
+                    str(naive["errors"]),
+                    f"{naive['extra']['raw_images_per_s']:.1f}",
+                    f"{efficiency(naive):.2f}",
+                ],
+                [
+                    f"gateway ({best['label']})",
+                    f"{best['images_per_s']:.1f}",
+                    f"{best['p50_ms']:.1f}",
+                    f"{best['p99_ms']:.1f}",
+                    str(best["errors"]),
+                    f"{best['extra']['raw_images_per_s']:.1f}",
+                    f"{efficiency(best):.2f}",
+                ],
+            ],
+        )
         + f"\n\nGateway / naive: **{efficiency(best) / efficiency(naive):.2f}x** in efficiency (each against the "
         f"raw runtime beside it), {best['images_per_s'] / naive['images_per_s']:.2f}x in raw img/s; p99 "
-        f"{best['p99_ms']:.0f} ms against {naive['p99_ms']:.0f} ms.")
+        f"{best['p99_ms']:.0f} ms against {naive['p99_ms']:.0f} ms."
+    )
 
 
 def _loadtest_section(load: dict | None, img_prefix: str) -> str:
     if load:
         s = load["summary"]
-        rows = [[str(step["users"]), f"{step['rps']:.1f}", f"{step['p50']:.0f}", f"{step['p95']:.0f}", f"{step['p99']:.0f}"]
-                for step in load["steps"]]
+        rows = [
+            [
+                str(step["users"]),
+                f"{step['rps']:.1f}",
+                f"{step['p50']:.0f}",
+                f"{step['p95']:.0f}",
+                f"{step['p99']:.0f}",
+            ]
+            for step in load["steps"]
+        ]
         return (
             f"`resnet loadtest --scenario ramp --users {load['users']} --duration {load['duration_s']:g}s` against the "
             f"gateway (batching on): Locust HTTP users with zero think time, tasks weighted 8:2:1 for one photo, four "
@@ -146,7 +227,8 @@ def _loadtest_section(load: dict | None, img_prefix: str) -> str:
             f"(median of each step's seconds; Locust itself shares the cores):\n\n"
             + _table(["users", "req/s", "p50 ms", "p95 ms", "p99 ms"], rows)
             + f"\n\n![load test timeline]({img_prefix}loadtest_timeline.png)\n"
-            + f"![latency vs throughput per step]({img_prefix}loadtest_latency_vs_throughput.png)")
+            + f"![latency vs throughput per step]({img_prefix}loadtest_latency_vs_throughput.png)"
+        )
     return "Not run (`--quick`); see `resnet loadtest` in the README."
 
 
@@ -163,6 +245,8 @@ def write_markdown(results: dict, path: Path, img_prefix: str) -> None:
         "# Benchmarks\n\n"
         "<!-- Generated by `resnet bench`; sections below whose titles `loadtest/bench_report.py` does not own are kept "
         "as they are. Edit the code, not the numbers. -->\n\n"
+        "Each `## ` section belongs to one part of the project and says how its numbers were measured. The first "
+        f"{len(OWNED_SECTIONS)} come from one run of `resnet bench` (`make bench`):\n\n"
         f"Command: `{results['command']}` ({results['date']}, {results['elapsed_s']:.0f} s). Raw results: "
         f"`{results['json_name']}`.\n\n"
         f"Machine: {machine['cpu']}, {machine['cores']} cores, no GPU; Python {machine['python']}, torch "

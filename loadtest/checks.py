@@ -46,8 +46,12 @@ def check_prediction(body: object, model: str, top_k: int) -> str | None:
         return f"{len(predictions)} predictions for top_k={top_k}"
     scores = []
     for p in predictions:
-        if not (isinstance(p, dict) and isinstance(p.get("index"), int) and isinstance(p.get("label"), str)
-                and isinstance(p.get("score"), int | float)):
+        if not (
+            isinstance(p, dict)
+            and isinstance(p.get("index"), int)
+            and isinstance(p.get("label"), str)
+            and isinstance(p.get("score"), int | float)
+        ):
             return f"malformed prediction {p!r}"
         scores.append(float(p["score"]))
     if scores != sorted(scores, reverse=True):

@@ -66,42 +66,102 @@ def _env(name: str, default: str | None = None) -> str | None:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Run a headless Locust scenario against the gateway; write CSV stats, Locust's HTML report and "
-                    "plots; exit 3 when a threshold breaks. Flags default to RESNET_* environment variables.",
+        "plots; exit 3 when a threshold breaks. Flags default to RESNET_* environment variables.",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--url", default=_env("LOADTEST_URL", "http://127.0.0.1:8080"),
-                        help="gateway base URL (RESNET_LOADTEST_URL)")
-    parser.add_argument("--scenario", choices=shapes.SCENARIOS, default=_env("LOADTEST_SCENARIO", "steady"),
-                        help="steady: hold --users; ramp: staircase up to --users (finds the knee); "
-                             "spike: users/5, then --users for 20%% of the run, then back")
-    parser.add_argument("--users", type=int, default=int(_env("LOADTEST_USERS", "10")),
-                        help="concurrent users (peak for ramp/spike); users send back-to-back requests")
-    parser.add_argument("--spawn-rate", type=float, default=None, help="users started per second (default: all at once)")
-    parser.add_argument("--duration", type=parse_duration, default=parse_duration(_env("LOADTEST_DURATION", "30s")),
-                        help="run time (30s, 2m, 1m30s; RESNET_LOADTEST_DURATION), in seconds")
-    parser.add_argument("--grpc", action="store_true", help="use the gRPC user (tritonclient, KServe v2) instead of HTTP")
-    parser.add_argument("--grpc-url", default=_env("GRPC_URL", ""), help="gateway gRPC host:port (RESNET_GRPC_URL; default: --url's host, port 8081)")
-    parser.add_argument("--model", default=_env("MODEL", ""), help="model name (default: the first the gateway lists)")
-    parser.add_argument("--images", default=_env("LOADTEST_IMAGES", ""),
-                        help="folder of photos to send (default: ../shared/data/imagenet-samples, else generated)")
+    parser.add_argument(
+        "--url",
+        default=_env("LOADTEST_URL", "http://127.0.0.1:8080"),
+        help="gateway base URL (RESNET_LOADTEST_URL)",
+    )
+    parser.add_argument(
+        "--scenario",
+        choices=shapes.SCENARIOS,
+        default=_env("LOADTEST_SCENARIO", "steady"),
+        help="steady: hold --users; ramp: staircase up to --users (finds the knee); "
+        "spike: users/5, then --users for 20%% of the run, then back",
+    )
+    parser.add_argument(
+        "--users",
+        type=int,
+        default=int(_env("LOADTEST_USERS", "10")),
+        help="concurrent users (peak for ramp/spike); users send back-to-back requests",
+    )
+    parser.add_argument(
+        "--spawn-rate", type=float, default=None, help="users started per second (default: all at once)"
+    )
+    parser.add_argument(
+        "--duration",
+        type=parse_duration,
+        default=parse_duration(_env("LOADTEST_DURATION", "30s")),
+        help="run time (30s, 2m, 1m30s; RESNET_LOADTEST_DURATION), in seconds",
+    )
+    parser.add_argument(
+        "--grpc", action="store_true", help="use the gRPC user (tritonclient, KServe v2) instead of HTTP"
+    )
+    parser.add_argument(
+        "--grpc-url",
+        default=_env("GRPC_URL", ""),
+        help="gateway gRPC host:port (RESNET_GRPC_URL; default: --url's host, port 8081)",
+    )
+    parser.add_argument(
+        "--model", default=_env("MODEL", ""), help="model name (default: the first the gateway lists)"
+    )
+    parser.add_argument(
+        "--images",
+        default=_env("LOADTEST_IMAGES", ""),
+        help="folder of photos to send (default: ../shared/data/imagenet-samples, else generated)",
+    )
     parser.add_argument("--api-key", default=_env("API_KEY", ""), help="API key, if the gateway requires one")
-    parser.add_argument("--out", type=Path, default=Path(_env("LOADTEST_OUT", "loadtest-results")),
-                        help="folder for the CSVs, report.html, plots and summary.json")
-    parser.add_argument("--max-fail-ratio", type=float, default=0.01, help="fail when failures/requests exceed this")
-    parser.add_argument("--max-p95-ms", type=float, default=None, help="fail when the overall p95 latency exceeds this")
-    parser.add_argument("--max-p99-ms", type=float, default=None, help="fail when the overall p99 latency exceeds this")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(_env("LOADTEST_OUT", "loadtest-results")),
+        help="folder for the CSVs, report.html, plots and summary.json",
+    )
+    parser.add_argument(
+        "--max-fail-ratio", type=float, default=0.01, help="fail when failures/requests exceed this"
+    )
+    parser.add_argument(
+        "--max-p95-ms", type=float, default=None, help="fail when the overall p95 latency exceeds this"
+    )
+    parser.add_argument(
+        "--max-p99-ms", type=float, default=None, help="fail when the overall p99 latency exceeds this"
+    )
     return parser
 
 
 def locust_command(args: argparse.Namespace, model: str, csv_prefix: Path, html: Path) -> list[str]:
     command = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", args.url,
-        "--users", str(args.users), "--spawn-rate", str(args.spawn_rate or args.users),
-        "--run-time", f"{max(1, round(args.duration))}s", "--stop-timeout", "10",
-        "--csv", str(csv_prefix), "--csv-full-history", "--html", str(html), "--only-summary",
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        args.url,
+        "--users",
+        str(args.users),
+        "--spawn-rate",
+        str(args.spawn_rate or args.users),
+        "--run-time",
+        f"{max(1, round(args.duration))}s",
+        "--stop-timeout",
+        "10",
+        "--csv",
+        str(csv_prefix),
+        "--csv-full-history",
+        "--html",
+        str(html),
+        "--only-summary",
         # Thresholds decide the exit status, not Locust's "any failure -> 1".
-        "--exit-code-on-error", "0",
-        "--scenario", args.scenario, "--model", model,
+        "--exit-code-on-error",
+        "0",
+        "--scenario",
+        args.scenario,
+        "--model",
+        model,
     ]
     for flag, value in (("--grpc-host", args.grpc_url), ("--images", args.images)):
         if value:
@@ -114,7 +174,10 @@ def run_locust(command: list[str], duration: float, log_path: Path, api_key: str
     """Run Locust with a progress bar over the planned duration; its output goes to `log_path`."""
     from tqdm import tqdm
 
-    with open(log_path, "wb") as log, tqdm(total=round(duration), unit="s", desc="load test", leave=False) as bar:
+    with (
+        open(log_path, "wb") as log,
+        tqdm(total=round(duration), unit="s", desc="load test", leave=False) as bar,
+    ):
         # The key travels in the environment (the locustfile reads RESNET_API_KEY), not on a visible command line.
         env = {**os.environ, "RESNET_API_KEY": api_key} if api_key else None
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -141,7 +204,9 @@ def main(args: argparse.Namespace) -> int:
         raise LoadTestError(f"cannot list models at {args.url}: {error}") from error
     args.out.mkdir(parents=True, exist_ok=True)
     csv_prefix, html = args.out / "locust", args.out / "report.html"
-    run_locust(locust_command(args, model, csv_prefix, html), args.duration, args.out / "locust.log", args.api_key)
+    run_locust(
+        locust_command(args, model, csv_prefix, html), args.duration, args.out / "locust.log", args.api_key
+    )
 
     summary = report.read_summary(Path(f"{csv_prefix}_stats.csv"))
     history = report.read_history(Path(f"{csv_prefix}_stats_history.csv"))
@@ -149,14 +214,29 @@ def main(args: argparse.Namespace) -> int:
     plots = report.plot_run(history, args.out, f"{args.scenario}, {args.users} {protocol} users, {model}")
     thresholds = report.Thresholds(args.max_fail_ratio, args.max_p95_ms, args.max_p99_ms)
     broken = report.broken_thresholds(summary, thresholds)
-    (args.out / "summary.json").write_text(json.dumps({
-        "url": args.url, "model": model, "protocol": protocol, "scenario": args.scenario, "users": args.users,
-        "duration_s": args.duration, "summary": asdict(summary), "fail_ratio": summary.fail_ratio,
-        "thresholds": asdict(thresholds), "broken": broken, "ramp_steps": report.steps_by_users(history),
-    }, indent=2))
-    print(f"{summary.requests} requests, {summary.failures} failed ({summary.fail_ratio:.2%}), "
-          f"{summary.requests_per_s:.1f} req/s, p50 {summary.p50_ms:.0f} ms, p95 {summary.p95_ms:.0f} ms, "
-          f"p99 {summary.p99_ms:.0f} ms")
+    (args.out / "summary.json").write_text(
+        json.dumps(
+            {
+                "url": args.url,
+                "model": model,
+                "protocol": protocol,
+                "scenario": args.scenario,
+                "users": args.users,
+                "duration_s": args.duration,
+                "summary": asdict(summary),
+                "fail_ratio": summary.fail_ratio,
+                "thresholds": asdict(thresholds),
+                "broken": broken,
+                "ramp_steps": report.steps_by_users(history),
+            },
+            indent=2,
+        )
+    )
+    print(
+        f"{summary.requests} requests, {summary.failures} failed ({summary.fail_ratio:.2%}), "
+        f"{summary.requests_per_s:.1f} req/s, p50 {summary.p50_ms:.0f} ms, p95 {summary.p95_ms:.0f} ms, "
+        f"p99 {summary.p99_ms:.0f} ms"
+    )
     print(f"wrote {html}, {', '.join(p.name for p in plots)} and CSVs to {args.out}")
     if broken:
         for line in broken:

@@ -17,7 +17,16 @@ from PIL import Image
 # The shared real photos beside the project (../shared/data); used when present, never required.
 SHARED_PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-samples"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-GENERATED_SIZES = ((500, 375), (500, 333), (375, 500), (640, 480), (500, 400), (333, 500), (800, 600), (400, 300))
+GENERATED_SIZES = (
+    (500, 375),
+    (500, 333),
+    (375, 500),
+    (640, 480),
+    (500, 400),
+    (333, 500),
+    (800, 600),
+    (400, 300),
+)
 
 
 def default_folder() -> Path | None:
@@ -44,7 +53,9 @@ def generate(count: int = 8, seed: int = 0, quality: int = 85) -> list[tuple[str
         phase = rng.uniform(0, 2 * np.pi, size=3)
         freq = rng.uniform(0.005, 0.03, size=(3, 2))
         channels = [
-            127 + 100 * np.sin(freq[c, 0] * x + freq[c, 1] * y + phase[c]) + rng.normal(0, 12, (height, width))
+            127
+            + 100 * np.sin(freq[c, 0] * x + freq[c, 1] * y + phase[c])
+            + rng.normal(0, 12, (height, width))
             for c in range(3)
         ]
         pixels = np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)

@@ -50,15 +50,32 @@ BATCH_FILES = 4  # images per multipart request in the "several images" task
 @events.init_command_line_parser.add_listener
 def _add_options(parser) -> None:
     group = parser.add_argument_group("resnet-serving")
-    group.add_argument("--scenario", choices=shapes.SCENARIOS, default="steady", env_var="LOCUST_SCENARIO",
-                       help="load shape: steady, ramp (staircase to --users) or spike (default: steady)")
-    group.add_argument("--model", default="", env_var="RESNET_MODEL",
-                       help="model to classify with (default: the first one GET /v1/models lists)")
-    group.add_argument("--images", default="", env_var="RESNET_LOADTEST_IMAGES",
-                       help="folder of photos to send (default: ../shared/data/imagenet-samples, else generated)")
+    group.add_argument(
+        "--scenario",
+        choices=shapes.SCENARIOS,
+        default="steady",
+        env_var="LOCUST_SCENARIO",
+        help="load shape: steady, ramp (staircase to --users) or spike (default: steady)",
+    )
+    group.add_argument(
+        "--model",
+        default="",
+        env_var="RESNET_MODEL",
+        help="model to classify with (default: the first one GET /v1/models lists)",
+    )
+    group.add_argument(
+        "--images",
+        default="",
+        env_var="RESNET_LOADTEST_IMAGES",
+        help="folder of photos to send (default: ../shared/data/imagenet-samples, else generated)",
+    )
     group.add_argument("--top-k", type=int, default=5, env_var="RESNET_TOP_K", help="predictions to ask for")
-    group.add_argument("--grpc-host", default="", env_var="RESNET_GRPC_URL",
-                       help=f"gateway gRPC host:port for GrpcUser (default: --host's hostname, port {DEFAULT_GRPC_PORT})")
+    group.add_argument(
+        "--grpc-host",
+        default="",
+        env_var="RESNET_GRPC_URL",
+        help=f"gateway gRPC host:port for GrpcUser (default: --host's hostname, port {DEFAULT_GRPC_PORT})",
+    )
     group.add_argument("--api-key", default="", env_var="RESNET_API_KEY", help="sent as the X-API-Key header")
 
 
@@ -85,7 +102,9 @@ class ClassifyUser(HttpUser):
         options = _options(self)
         self.top_k = options.top_k if options else 5
         self.headers = auth_headers(options.api_key if options else "")
-        self.model = (options.model if options else "") or discover_model(self.host, self.headers.get(API_KEY_HEADER, ""))
+        self.model = (options.model if options else "") or discover_model(
+            self.host, self.headers.get(API_KEY_HEADER, "")
+        )
         self.path = f"/v1/models/{urllib.parse.quote(self.model)}/classify?top_k={self.top_k}"
         self.photos = itertools.cycle(random.sample(_images, len(_images)))
 
@@ -93,21 +112,35 @@ class ClassifyUser(HttpUser):
     @task(8)
     def classify_one(self) -> None:
         _, data = next(self.photos)
-        with self.client.post(self.path, data=data, headers={**self.headers, "Content-Type": "image/jpeg"},
-                              name="classify 1 image", catch_response=True) as response:
+        with self.client.post(
+            self.path,
+            data=data,
+            headers={**self.headers, "Content-Type": "image/jpeg"},
+            name="classify 1 image",
+            catch_response=True,
+        ) as response:
             self._validate(response, expected=1)
 
     @tag("classify")
     @task(2)
     def classify_several(self) -> None:
-        files = [("file", (name, data, "image/jpeg")) for name, data in itertools.islice(self.photos, BATCH_FILES)]
-        with self.client.post(self.path, files=files, headers=self.headers,
-                              name=f"classify {BATCH_FILES} images", catch_response=True) as response:
+        files = [
+            ("file", (name, data, "image/jpeg")) for name, data in itertools.islice(self.photos, BATCH_FILES)
+        ]
+        with self.client.post(
+            self.path,
+            files=files,
+            headers=self.headers,
+            name=f"classify {BATCH_FILES} images",
+            catch_response=True,
+        ) as response:
             self._validate(response, expected=BATCH_FILES)
 
     @task(1)
     def list_models(self) -> None:
-        with self.client.get("/v1/models", headers=self.headers, name="list models", catch_response=True) as response:
+        with self.client.get(
+            "/v1/models", headers=self.headers, name="list models", catch_response=True
+        ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
             elif self.model not in listed_names(response.json()):
@@ -175,8 +208,12 @@ class GrpcUser(User):
         except Exception as error:  # a failed call is a data point, not a crash of the user
             exception = describe_error(error)
         self.environment.events.request.fire(
-            request_type="gRPC", name="ModelInfer 1 image", response_time=(time.perf_counter() - start) * 1000,
-            response_length=length, exception=exception, context={},
+            request_type="gRPC",
+            name="ModelInfer 1 image",
+            response_time=(time.perf_counter() - start) * 1000,
+            response_length=length,
+            exception=exception,
+            context={},
         )
 
 
@@ -193,5 +230,10 @@ class ScenarioShape(LoadTestShape):
     def tick(self):
         options = self.runner.environment.parsed_options
         run_time = float(options.run_time or shapes.DEFAULT_RUN_TIME_S)
-        return shapes.users_at(options.scenario, self.get_run_time(), int(options.num_users or 1),
-                               float(options.spawn_rate or 1), run_time)
+        return shapes.users_at(
+            options.scenario,
+            self.get_run_time(),
+            int(options.num_users or 1),
+            float(options.spawn_rate or 1),
+            run_time,
+        )

@@ -33,9 +33,14 @@ def build_app(model: torch.nn.Module, name: str, labels: list[str], transform) -
         with torch.inference_mode():
             probabilities = model(transform(image).unsqueeze(0)).softmax(dim=1)[0]
         scores, indices = probabilities.topk(min(top_k, len(labels)))
-        return {"model": name, "version": "1", "predictions": [
-            {"index": int(i), "label": labels[int(i)], "score": float(s)} for s, i in zip(scores, indices, strict=True)
-        ]}
+        return {
+            "model": name,
+            "version": "1",
+            "predictions": [
+                {"index": int(i), "label": labels[int(i)], "score": float(s)}
+                for s, i in zip(scores, indices, strict=True)
+            ],
+        }
 
     @app.get("/healthz")
     @app.get("/readyz")
@@ -44,7 +49,9 @@ def build_app(model: torch.nn.Module, name: str, labels: list[str], transform) -
 
     @app.get("/v1/models")
     def list_models() -> dict:
-        return {"models": [{"name": name, "versions": ["1"], "labels": len(labels), "backend": "pytorch-eager"}]}
+        return {
+            "models": [{"name": name, "versions": ["1"], "labels": len(labels), "backend": "pytorch-eager"}]
+        }
 
     @app.post("/v1/models/{model_name}/classify")
     async def classify_endpoint(model_name: str, request: Request, top_k: int = 5):
@@ -72,9 +79,13 @@ def load(args: argparse.Namespace):
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="", help="training checkpoint to serve (default: random weights)")
+    parser.add_argument(
+        "--checkpoint", default="", help="training checkpoint to serve (default: random weights)"
+    )
     parser.add_argument("--arch", default="resnet20", help="architecture when no checkpoint is given")
-    parser.add_argument("--labels", default="", help="labels file, one per line (default: the checkpoint's classes)")
+    parser.add_argument(
+        "--labels", default="", help="labels file, one per line (default: the checkpoint's classes)"
+    )
     parser.add_argument("--name", default="resnet20_cifar10", help="model name in the URL")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8090)
@@ -83,7 +94,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     model, labels, transform = load(args)
-    uvicorn.run(build_app(model, args.name, labels, transform), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(
+        build_app(model, args.name, labels, transform), host=args.host, port=args.port, log_level="warning"
+    )
 
 
 if __name__ == "__main__":

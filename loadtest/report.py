@@ -51,9 +51,13 @@ def read_summary(stats_csv: Path) -> Summary:
         raise ValueError(f"{stats_csv} has no {AGGREGATED} row")
     row = rows[AGGREGATED]
     return Summary(
-        requests=int(row["Request Count"]), failures=int(row["Failure Count"]),
-        requests_per_s=_number(row["Requests/s"]), p50_ms=_number(row["50%"]), p95_ms=_number(row["95%"]),
-        p99_ms=_number(row["99%"]), max_ms=_number(row["Max Response Time"]),
+        requests=int(row["Request Count"]),
+        failures=int(row["Failure Count"]),
+        requests_per_s=_number(row["Requests/s"]),
+        p50_ms=_number(row["50%"]),
+        p95_ms=_number(row["95%"]),
+        p99_ms=_number(row["99%"]),
+        max_ms=_number(row["Max Response Time"]),
     )
 
 
@@ -72,9 +76,17 @@ def read_history(history_csv: Path) -> list[dict[str, float]]:
     for r in rows:
         now, total, failed = int(r["Timestamp"]), int(r["Total Request Count"]), int(r["Total Failure Count"])
         elapsed = max(1, now - previous[0])
-        history.append({"t": now - start, "users": int(r["User Count"]), "rps": (total - previous[1]) / elapsed,
-                        "fps": (failed - previous[2]) / elapsed, "p50": _number(r["50%"]), "p95": _number(r["95%"]),
-                        "p99": _number(r["99%"])})
+        history.append(
+            {
+                "t": now - start,
+                "users": int(r["User Count"]),
+                "rps": (total - previous[1]) / elapsed,
+                "fps": (failed - previous[2]) / elapsed,
+                "p50": _number(r["50%"]),
+                "p95": _number(r["95%"]),
+                "p99": _number(r["99%"]),
+            }
+        )
         previous = (now, total, failed)
     return history
 
@@ -85,9 +97,14 @@ def broken_thresholds(summary: Summary, thresholds: Thresholds) -> list[str]:
     if summary.requests == 0:
         broken.append("no request completed")
     if thresholds.max_fail_ratio is not None and summary.fail_ratio > thresholds.max_fail_ratio:
-        broken.append(f"fail ratio {summary.fail_ratio:.4f} > {thresholds.max_fail_ratio}"
-                      f" ({summary.failures} of {summary.requests} requests failed)")
-    for name, value, limit in (("p95", summary.p95_ms, thresholds.max_p95_ms), ("p99", summary.p99_ms, thresholds.max_p99_ms)):
+        broken.append(
+            f"fail ratio {summary.fail_ratio:.4f} > {thresholds.max_fail_ratio}"
+            f" ({summary.failures} of {summary.requests} requests failed)"
+        )
+    for name, value, limit in (
+        ("p95", summary.p95_ms, thresholds.max_p95_ms),
+        ("p99", summary.p99_ms, thresholds.max_p99_ms),
+    ):
         if limit is not None and not value <= limit:  # NaN (no data) breaks it too
             broken.append(f"{name} latency {value:.0f} ms > {limit:g} ms")
     return broken
@@ -101,10 +118,17 @@ def steps_by_users(history: list[dict[str, float]], settle_s: int = 2) -> list[d
             groups.setdefault(int(row["users"]), []).append(row)
     steps = []
     for users, rows in sorted(groups.items()):
-        settled = [r for r in rows[settle_s:] if not math.isnan(r["p50"])] or [r for r in rows if not math.isnan(r["p50"])]
+        settled = [r for r in rows[settle_s:] if not math.isnan(r["p50"])] or [
+            r for r in rows if not math.isnan(r["p50"])
+        ]
         if not settled:
             continue
-        steps.append({"users": users, **{key: _median([r[key] for r in settled]) for key in ("rps", "p50", "p95", "p99")}})
+        steps.append(
+            {
+                "users": users,
+                **{key: _median([r[key] for r in settled]) for key in ("rps", "p50", "p95", "p99")},
+            }
+        )
     return steps
 
 
@@ -128,7 +152,9 @@ def plot_run(history: list[dict[str, float]], out_dir: Path, title: str) -> list
     top.plot(t, [r["fps"] for r in history], label="failures/s", color="tab:red")
     top.set_ylabel("requests/s")
     users_axis = top.twinx()
-    users_axis.step(t, [r["users"] for r in history], where="post", color="tab:gray", alpha=0.6, label="users")
+    users_axis.step(
+        t, [r["users"] for r in history], where="post", color="tab:gray", alpha=0.6, label="users"
+    )
     users_axis.set_ylabel("users")
     top.legend(loc="upper left")
     for key, color in (("p50", "tab:green"), ("p95", "tab:orange"), ("p99", "tab:red")):
@@ -149,8 +175,13 @@ def plot_run(history: list[dict[str, float]], out_dir: Path, title: str) -> list
         for key, color in (("p50", "tab:green"), ("p95", "tab:orange"), ("p99", "tab:red")):
             axis.plot(rps, [s[key] for s in steps], marker="o", label=key, color=color)
         for step in steps:
-            axis.annotate(f"{step['users']}u", (step["rps"], step["p99"]), textcoords="offset points", xytext=(3, 3),
-                          fontsize=8)
+            axis.annotate(
+                f"{step['users']}u",
+                (step["rps"], step["p99"]),
+                textcoords="offset points",
+                xytext=(3, 3),
+                fontsize=8,
+            )
         axis.set_xlabel("throughput (requests/s)")
         axis.set_ylabel("latency (ms)")
         axis.set_title(f"{title}: latency vs throughput per user count")

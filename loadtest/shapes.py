@@ -19,7 +19,9 @@ SPIKE_BASELINE_FRACTION = 0.2
 DEFAULT_RUN_TIME_S = 60.0  # in Locust's web UI the run time is optional; shapes need a horizon
 
 
-def users_at(scenario: str, elapsed: float, users: int, spawn_rate: float, run_time: float) -> tuple[int, float] | None:
+def users_at(
+    scenario: str, elapsed: float, users: int, spawn_rate: float, run_time: float
+) -> tuple[int, float] | None:
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
     if elapsed >= run_time:

@@ -74,7 +74,9 @@ class ErrorOut(BaseModel):
 ERROR_RESPONSES = {status: {"model": ErrorOut} for status in (400, 401, 404, 413, 415, 422, 503, 504)}
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
@@ -104,7 +106,9 @@ class GatewayMiddleware:
         try:
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-                error = PayloadTooLarge(f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes}")
+                error = PayloadTooLarge(
+                    f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes}"
+                )
                 await JSONResponse(error.to_dict(), error.http_status)(scope, receive, send_with_status)
             else:
                 await self.app(scope, self._limited(receive), send_with_status)
@@ -149,12 +153,16 @@ def install_error_handlers(app: FastAPI) -> None:
         message = error.detail if isinstance(error.detail, str) else str(error.detail)
         if error.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
-        return error_response(error.status_code, codes.get(error.status_code, "http_error"), message, error.headers)
+        return error_response(
+            error.status_code, codes.get(error.status_code, "http_error"), message, error.headers
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal", f"internal error ({type(error).__name__}); see the gateway log")
+        return error_response(
+            500, "internal", f"internal error ({type(error).__name__}); see the gateway log"
+        )
 
 
 # --- routes ------------------------------------------------------------------------------------------------
@@ -169,16 +177,25 @@ async def require_api_key(request: Request) -> None:
     if not keys:
         return
     authorization = request.headers.get("authorization", "")
-    offered = authorization[7:].strip() if authorization.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    offered = (
+        authorization[7:].strip()
+        if authorization.lower().startswith("bearer ")
+        else request.headers.get("x-api-key", "")
+    )
     # compare against every key (no early exit), each in constant time
     matches = [hmac.compare_digest(offered.encode(), key.encode()) for key in keys]
     if not offered or not any(matches):
-        raise Unauthorized("missing or invalid API key (send 'Authorization: Bearer <key>' or 'X-API-Key: <key>')")
+        raise Unauthorized(
+            "missing or invalid API key (send 'Authorization: Bearer <key>' or 'X-API-Key: <key>')"
+        )
 
 
 def result(model, predictions: list[Prediction]) -> dict:
-    return {"model": model.name, "version": model.version,
-            "predictions": [{"index": p.index, "label": p.label, "score": p.score} for p in predictions]}
+    return {
+        "model": model.name,
+        "version": model.version,
+        "predictions": [{"index": p.index, "label": p.label, "score": p.score} for p in predictions],
+    }
 
 
 async def read_images(request: Request, max_body_bytes: int) -> tuple[list[bytes], bool]:
@@ -189,15 +206,19 @@ async def read_images(request: Request, max_body_bytes: int) -> tuple[list[bytes
         try:
             files = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
             if not files:
-                raise InvalidInput("multipart body has no 'file' part; send each image as a field named 'file'")
+                raise InvalidInput(
+                    "multipart body has no 'file' part; send each image as a field named 'file'"
+                )
             images = [await upload.read() for upload in files]
         finally:
             await form.close()
         return images, len(images) > 1
     if content_type.startswith("image/") or content_type in RAW_CONTENT_TYPES:
         return [await request.body()], False
-    raise UnsupportedMediaType(f"content type {content_type!r} is not accepted; send the image as the raw body with "
-                               "an image/* content type, or as multipart/form-data field 'file'")
+    raise UnsupportedMediaType(
+        f"content type {content_type!r} is not accepted; send the image as the raw body with "
+        "an image/* content type, or as multipart/form-data field 'file'"
+    )
 
 
 CLASSIFY_BODY = {
@@ -205,8 +226,15 @@ CLASSIFY_BODY = {
         "required": True,
         "content": {
             "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-                "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            },
         },
     }
 }
@@ -226,10 +254,17 @@ def api_router() -> APIRouter:
         """One model: versions, input size, classes, preprocessing."""
         return registry_of(request).get(name).describe()
 
-    @router.post("/v1/models/{name}/classify", response_model=Classification | list[Classification],
-                 tags=["inference"], openapi_extra=CLASSIFY_BODY)
-    async def classify(name: str, request: Request,
-                       top_k: int = Query(5, ge=1, le=MAX_TOP_K, description="predictions per image")) -> object:
+    @router.post(
+        "/v1/models/{name}/classify",
+        response_model=Classification | list[Classification],
+        tags=["inference"],
+        openapi_extra=CLASSIFY_BODY,
+    )
+    async def classify(
+        name: str,
+        request: Request,
+        top_k: int = Query(5, ge=1, le=MAX_TOP_K, description="predictions per image"),
+    ) -> object:
         """Classify the image in the body (any image/* type), or each `file` of a multipart form.
 
         Returns the top-k classes with softmax scores; a list of results when several files were sent.
@@ -285,7 +320,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry = ModelRegistry(settings, app.state.metrics)
     app.state.registry = registry
     await registry.start()
-    # --- gRPC API (server/grpc_service.py, helper D): start it here, stop it below -------------------------
+    # --- gRPC API (server/grpc_service.py): same process, same registry and batchers as HTTP ------------------
     grpc_server = None
     if settings.grpc_port:
         from server import grpc_service
@@ -307,9 +342,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(title="resnet-serving gateway", version="0.1.0", lifespan=lifespan,
-                  description="Image classification with ResNets: embedded ONNX Runtime or NVIDIA Triton behind "
-                              "one API, with dynamic batching.")
+    app = FastAPI(
+        title="resnet-serving gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Image classification with ResNets: embedded ONNX Runtime or NVIDIA Triton behind "
+        "one API, with dynamic batching.",
+    )
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)

@@ -6,6 +6,7 @@ config API) and runs already-preprocessed batches: `await backend.infer(info, ba
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import concurrent.futures
 import logging
@@ -48,12 +49,16 @@ def read_labels(model_dir: Path, num_classes: int) -> list[str]:
     labels = path.read_text().splitlines() if path.is_file() else []
     if len(labels) != num_classes:
         if labels:
-            log.warning("%s has %d labels for %d classes; using class indexes", path, len(labels), num_classes)
+            log.warning(
+                "%s has %d labels for %d classes; using class indexes", path, len(labels), num_classes
+            )
         return [str(index) for index in range(num_classes)]
     return labels
 
 
-def model_info(config: mc.ModelConfig, version: str, labels_dir: Path | None, max_batch_size: int) -> ModelInfo:
+def model_info(
+    config: mc.ModelConfig, version: str, labels_dir: Path | None, max_batch_size: int
+) -> ModelInfo:
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     try:
         spec = PreprocessSpec.from_parameters(parameters)
@@ -75,21 +80,22 @@ def is_classifier(config: mc.ModelConfig) -> bool:
     return role == Role.CLASSIFIER
 
 
-class Backend:
+class Backend(abc.ABC):
     name = "backend"
 
+    @abc.abstractmethod
     async def start(self) -> list[ModelInfo]:
         """Connect / load; returns the models found (possibly none yet for a remote backend that is down)."""
-        raise NotImplementedError
+        ...
 
-    async def infer(self, info: ModelInfo, batch: np.ndarray, deadline: float) -> np.ndarray:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def infer(self, info: ModelInfo, batch: np.ndarray, deadline: float) -> np.ndarray: ...
 
     async def ready(self) -> bool:
         return True
 
     async def close(self) -> None:
-        pass
+        return None  # a hook: remote backends close their connections
 
 
 # --- embedded ONNX Runtime ---------------------------------------------------------------------------------
@@ -126,8 +132,14 @@ class EmbeddedBackend(Backend):
                 continue
             if not is_classifier(config):
                 continue
-            versions = sorted((int(p.name) for p in model_dir.iterdir()
-                               if p.name.isdigit() and (p / ONNX_FILENAME).is_file()), reverse=True)
+            versions = sorted(
+                (
+                    int(p.name)
+                    for p in model_dir.iterdir()
+                    if p.name.isdigit() and (p / ONNX_FILENAME).is_file()
+                ),
+                reverse=True,
+            )
             if not versions:
                 log.warning("skipping %s: no version folder with %s", model_dir.name, ONNX_FILENAME)
                 continue
@@ -158,8 +170,12 @@ class EmbeddedBackend(Backend):
         if onnx_shape != info.input_shape:
             raise ConfigError(f"{config.name}: model.onnx takes {onnx_shape}, config says {info.input_shape}")
         self.sessions[info.name] = session
-        self.executors[info.name] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"ort-{info.name}")
-        log.info("loaded %s version %s (%s) with %s", info.name, version, info.input_shape, session.get_providers())
+        self.executors[info.name] = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"ort-{info.name}"
+        )
+        log.info(
+            "loaded %s version %s (%s) with %s", info.name, version, info.input_shape, session.get_providers()
+        )
         return info
 
     async def start(self) -> list[ModelInfo]:
@@ -245,7 +261,9 @@ class TritonBackend(Backend):
             labels_dir = self.settings.repository / name
             local_labels = (labels_dir / LABELS_FILENAME).is_file()
             try:
-                info = model_info(config, version, labels_dir if local_labels else None, self.settings.max_batch_size)
+                info = model_info(
+                    config, version, labels_dir if local_labels else None, self.settings.max_batch_size
+                )
             except ConfigError as error:
                 log.error("cannot serve %s: %s", name, error)
                 continue
@@ -260,8 +278,11 @@ class TritonBackend(Backend):
         tensor = self.module.InferInput(INPUT_NAME, [1, *info.input_shape], "FP32")
         tensor.set_data_from_numpy(np.zeros((1, *info.input_shape), np.float32))
         try:
-            result = await self.client.infer(info.name, [tensor], outputs=[
-                self.module.InferRequestedOutput(OUTPUT_NAME, class_count=info.num_classes)])
+            result = await self.client.infer(
+                info.name,
+                [tensor],
+                outputs=[self.module.InferRequestedOutput(OUTPUT_NAME, class_count=info.num_classes)],
+            )
         except self.exception as error:
             log.warning("cannot read labels of %s from Triton: %s", info.name, error)
             return None
@@ -287,15 +308,21 @@ class TritonBackend(Backend):
         remaining = max(deadline - time.monotonic(), 0.001)
         try:
             if self.protocol == "grpc":
-                result = await self.client.infer(info.name, [tensor], outputs=outputs, client_timeout=remaining)
+                result = await self.client.infer(
+                    info.name, [tensor], outputs=outputs, client_timeout=remaining
+                )
             else:
-                result = await asyncio.wait_for(self.client.infer(info.name, [tensor], outputs=outputs), remaining)
+                result = await asyncio.wait_for(
+                    self.client.infer(info.name, [tensor], outputs=outputs), remaining
+                )
         except TimeoutError:
             raise DeadlineExceeded("Triton did not answer within the request deadline") from None
         except self.exception as error:
             raise translate_triton_error(error) from None
         except OSError as error:  # HTTP connection refused / reset
-            raise BackendUnavailable(f"Triton at {self.settings.triton_url} is unreachable: {error}") from None
+            raise BackendUnavailable(
+                f"Triton at {self.settings.triton_url} is unreachable: {error}"
+            ) from None
         logits = result.as_numpy(OUTPUT_NAME)
         if logits is None or len(logits) != len(batch):
             raise BackendUnavailable(f"Triton returned no {OUTPUT_NAME!r} for {info.name}")

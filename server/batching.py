@@ -8,6 +8,7 @@ passed its deadline is dropped before it costs inference.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import contextlib
@@ -30,7 +31,7 @@ class _Pending:
     enqueued: float = field(default_factory=time.monotonic)
 
 
-class Dispatcher:
+class Dispatcher(abc.ABC):
     """What ServedModel calls: `with dispatcher.admit(n): ... await dispatcher.infer(batch, deadline)`.
 
     Admission bounds the images a model holds at once (being decoded, queued or inferred) to `queue_size`: one
@@ -46,10 +47,14 @@ class Dispatcher:
         if getattr(self, "_closing", False):
             raise Overloaded("the gateway is shutting down", retry_after=1)
         if images > self.queue_size:
-            raise InvalidInput(f"{images} images in one request is more than model {self.model!r} queues "
-                               f"({self.queue_size}); send fewer per request")
+            raise InvalidInput(
+                f"{images} images in one request is more than model {self.model!r} queues "
+                f"({self.queue_size}); send fewer per request"
+            )
         if self._admitted + images > self.queue_size:
-            raise Overloaded(f"model {self.model!r} holds {self._admitted} images (limit {self.queue_size}); retry later")
+            raise Overloaded(
+                f"model {self.model!r} holds {self._admitted} images (limit {self.queue_size}); retry later"
+            )
         self._admitted += images
         try:
             yield
@@ -59,14 +64,14 @@ class Dispatcher:
     def admitted(self) -> int:
         return self._admitted
 
-    async def infer(self, batch: np.ndarray, deadline: float) -> np.ndarray:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def infer(self, batch: np.ndarray, deadline: float) -> np.ndarray: ...
 
     def start(self) -> None:
-        pass
+        return None  # a hook: only dispatchers with a background task start one
 
     async def close(self) -> None:
-        pass
+        return None  # a hook: only dispatchers with a background task stop one
 
     def depth(self) -> int:
         return 0
@@ -80,8 +85,17 @@ def _remaining(deadline: float) -> float:
 
 
 class DynamicBatcher(Dispatcher):
-    def __init__(self, model: str, run_batch: RunBatch, *, max_batch_size: int, max_delay_s: float, queue_size: int,
-                 metrics: Metrics, workers: int = 1) -> None:
+    def __init__(
+        self,
+        model: str,
+        run_batch: RunBatch,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        queue_size: int,
+        metrics: Metrics,
+        workers: int = 1,
+    ) -> None:
         self.model = model
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -98,7 +112,9 @@ class DynamicBatcher(Dispatcher):
         return len(self._queue)
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._work(), name=f"batcher-{self.model}-{i}") for i in range(self.workers)]
+        self._tasks = [
+            asyncio.create_task(self._work(), name=f"batcher-{self.model}-{i}") for i in range(self.workers)
+        ]
 
     async def infer(self, batch: np.ndarray, deadline: float) -> np.ndarray:
         remaining = _remaining(deadline)
@@ -111,7 +127,9 @@ class DynamicBatcher(Dispatcher):
         try:
             rows = await asyncio.wait_for(asyncio.gather(*futures), remaining)
         except TimeoutError:
-            raise DeadlineExceeded(f"no result within the request deadline ({remaining:.1f}s left at submit)") from None
+            raise DeadlineExceeded(
+                f"no result within the request deadline ({remaining:.1f}s left at submit)"
+            ) from None
         finally:
             for future in futures:  # dropped by the worker if still queued
                 future.cancel()

@@ -21,14 +21,24 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--grpc-port", "grpc_port", int, "gRPC port; 0 disables the gRPC API"),
     ("--repository", "repository", str, "Triton model repository folder"),
     ("--backend", "backend", str, "embedded (ONNX Runtime in this process) or triton"),
-    ("--triton-url", "triton_url", str, "Triton host:port (its gRPC port, or HTTP port with --triton-protocol http)"),
+    (
+        "--triton-url",
+        "triton_url",
+        str,
+        "Triton host:port (its gRPC port, or HTTP port with --triton-protocol http)",
+    ),
     ("--triton-protocol", "triton_protocol", str, "grpc or http"),
     ("--max-batch-size", "max_batch_size", int, "largest batch the gateway assembles"),
     ("--max-delay-ms", "max_delay_ms", float, "longest wait for a batch to fill, in ms"),
     ("--queue-size", "queue_size", int, "images queued per model before requests get 503 + Retry-After"),
     ("--request-timeout-s", "request_timeout_s", float, "per-request deadline in seconds (504 after)"),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body (413 above)"),
-    ("--max-image-pixels", "max_image_pixels", int, "largest image width*height (413 above, checked before decoding)"),
+    (
+        "--max-image-pixels",
+        "max_image_pixels",
+        int,
+        "largest image width*height (413 above, checked before decoding)",
+    ),
     ("--intra-op-threads", "intra_op_threads", int, "ONNX Runtime threads per model (0: all cores)"),
     ("--preprocess-threads", "preprocess_threads", int, "image decoding threads (0: number of cores)"),
     ("--api-keys", "api_keys", str, "comma-separated API keys required on /v1 and /metrics (empty: no auth)"),
@@ -40,31 +50,42 @@ def get_args_parser() -> argparse.ArgumentParser:
     defaults = Settings.model_fields
     parser = argparse.ArgumentParser(
         description="Serve the classifiers of a Triton model repository over HTTP (FastAPI) and gRPC, with dynamic "
-                    "batching, on an embedded ONNX Runtime (default) or a Triton server. "
-                    "Docs at http://HOST:PORT/docs, demo page at http://HOST:PORT/.",
+        "batching, on an embedded ONNX Runtime (default) or a Triton server. "
+        "Docs at http://HOST:PORT/docs, demo page at http://HOST:PORT/.",
         epilog="Each flag defaults to its RESNET_<NAME> environment variable (e.g. RESNET_PORT), then to the default "
-               "shown.",
+        "shown.",
     )
     for flag, field, kind, text in FLAGS:
         default = defaults[field].get_default(call_default_factory=True)
         shown = ",".join(default) if isinstance(default, list) else default
         env = "RESNET_" + field.upper()
-        parser.add_argument(flag, dest=field, type=kind, default=None, help=f"{text} (env {env}; default: {shown})")
-    parser.add_argument("--batching", dest="batching", action=argparse.BooleanOptionalAction, default=None,
-                        help="batch requests in the gateway; --no-batching sends each request on its own and leaves "
-                             "batching to Triton (env RESNET_BATCHING; default: on)")
+        parser.add_argument(
+            flag, dest=field, type=kind, default=None, help=f"{text} (env {env}; default: {shown})"
+        )
+    parser.add_argument(
+        "--batching",
+        dest="batching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="batch requests in the gateway; --no-batching sends each request on its own and leaves "
+        "batching to Triton (env RESNET_BATCHING; default: on)",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
     return parser
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    overrides = {field: getattr(args, field) for _, field, _, _ in FLAGS if getattr(args, field, None) is not None}
+    overrides = {
+        field: getattr(args, field) for _, field, _, _ in FLAGS if getattr(args, field, None) is not None
+    }
     if getattr(args, "batching", None) is not None:
         overrides["batching"] = args.batching
     try:
         return Settings(**overrides)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()
+        )
         raise ResnetError(f"invalid settings: {problems}") from None
 
 
@@ -78,8 +99,9 @@ def check_port_free(host: str, port: int, what: str, flag: str) -> None:
         try:
             sock.bind((host, port))
         except OSError as error:
-            raise ResnetError(f"cannot bind the {what} port {host}:{port} ({error.strerror}); "
-                              f"choose another with {flag}") from None
+            raise ResnetError(
+                f"cannot bind the {what} port {host}:{port} ({error.strerror}); choose another with {flag}"
+            ) from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -89,13 +111,23 @@ def main(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     if not settings.repository.is_dir() and settings.backend == "embedded":
-        raise ResnetError(f"model repository not found: {settings.repository} (set --repository or RESNET_REPOSITORY)")
+        raise ResnetError(
+            f"model repository not found: {settings.repository} (set --repository or RESNET_REPOSITORY)"
+        )
     check_port_free(settings.host, settings.port, "HTTP", "--port")
     check_port_free(settings.host, settings.grpc_port, "gRPC", "--grpc-port (0 disables gRPC)")
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     app = create_app(settings)
     # uvicorn stops accepting on SIGTERM/Ctrl-C, finishes in-flight requests (up to the grace period), then runs
     # the lifespan shutdown, which answers whatever is still queued before the backends close.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=args.access_log, timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
     return 0

@@ -70,7 +70,7 @@ def collect_images(paths: list[Path]) -> list[Path]:
 
 def chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def top_k_from_logits(scored: list[tuple[float, int, str]], k: int) -> list[Prediction]:
@@ -121,7 +121,11 @@ class GatewayHttp:
         except ValueError:
             body = None
         if response.status_code >= 400:
-            message = body["error"]["message"] if isinstance(body, dict) and "error" in body else response.text[:200]
+            message = (
+                body["error"]["message"]
+                if isinstance(body, dict) and "error" in body
+                else response.text[:200]
+            )
             raise ClientError(f"{self.url} answered {response.status_code}: {message}")
         return body
 
@@ -133,7 +137,9 @@ class GatewayHttp:
 
     def classify(self, model: str, images: list[Path], top_k: int) -> list[list[Prediction]]:
         files = [("file", (path.name, path.read_bytes(), "application/octet-stream")) for path in images]
-        body = self._json(self._call("POST", f"/v1/models/{model}/classify", params={"top_k": top_k}, files=files))
+        body = self._json(
+            self._call("POST", f"/v1/models/{model}/classify", params={"top_k": top_k}, files=files)
+        )
         results = body if isinstance(body, list) else [body]
         return [[Prediction(p["index"], p["label"], p["score"]) for p in r["predictions"]] for r in results]
 
@@ -150,6 +156,7 @@ class KServe:
         self.address = address
         self.timeout = timeout
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+        self._classes: dict[str, int] = {}
         self.client = self._guard(lambda: module.InferenceServerClient(address))
         metadata = self._guard(lambda: self.client.get_server_metadata(headers=self.headers))
         name = metadata["name"] if isinstance(metadata, dict) else metadata.name
@@ -167,17 +174,21 @@ class KServe:
 
     def _index(self) -> list[str]:
         index = self._guard(lambda: self.client.get_model_repository_index(headers=self.headers))
-        entries = index["models"] if isinstance(index, dict) else index.models
-        # Triton's HTTP index is a list of dicts, gRPC's a message list
+        # HTTP: a list of dicts; gRPC: a RepositoryIndexResponse message
+        entries = index if isinstance(index, list) else index.models
         return [entry["name"] if isinstance(entry, dict) else entry.name for entry in entries]
 
     def default_model(self) -> str:
         names = set(self._index())
-        return only_model(sorted(n.removesuffix(PIPELINE_SUFFIX) for n in names if n.endswith(PIPELINE_SUFFIX)),
-                          f"{self.protocol}://{self.address}")
+        return only_model(
+            sorted(n.removesuffix(PIPELINE_SUFFIX) for n in names if n.endswith(PIPELINE_SUFFIX)),
+            f"{self.protocol}://{self.address}",
+        )
 
     def _metadata(self, model: str) -> dict:
-        metadata = self._guard(lambda: self.client.get_model_metadata(model + PIPELINE_SUFFIX, headers=self.headers))
+        metadata = self._guard(
+            lambda: self.client.get_model_metadata(model + PIPELINE_SUFFIX, headers=self.headers)
+        )
         if not isinstance(metadata, dict):
             from google.protobuf.json_format import MessageToDict
 
@@ -185,22 +196,32 @@ class KServe:
         return metadata
 
     def batch_limit(self, model: str) -> int:
-        config = self._guard(lambda: self.client.get_model_config(model + PIPELINE_SUFFIX, headers=self.headers))
+        config = self._guard(
+            lambda: self.client.get_model_config(model + PIPELINE_SUFFIX, headers=self.headers)
+        )
         config = config["config"] if isinstance(config, dict) and "config" in config else config
         limit = config.get("max_batch_size", 0) if isinstance(config, dict) else config.config.max_batch_size
         return int(limit) or 1
 
+    def num_classes(self, model: str) -> int:
+        if model not in self._classes:
+            outputs = self._metadata(model)["outputs"]
+            self._classes[model] = int(next(o for o in outputs if o["name"] == LOGITS_OUTPUT)["shape"][-1])
+        return self._classes[model]
+
     def classify(self, model: str, images: list[Path], top_k: int) -> list[list[Prediction]]:
-        outputs = self._metadata(model)["outputs"]
-        num_classes = int(next(o for o in outputs if o["name"] == LOGITS_OUTPUT)["shape"][-1])
+        num_classes = self.num_classes(model)
         data = np.array([path.read_bytes() for path in images], dtype=np.object_).reshape(len(images), 1)
         tensor = self.module.InferInput(IMAGE_INPUT, list(data.shape), "BYTES")
         tensor.set_data_from_numpy(data)
         # every class, so the client can turn raw scores into probabilities the way the gateway's HTTP API does
         wanted = [self.module.InferRequestedOutput(LOGITS_OUTPUT, class_count=num_classes)]
         timeout = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
-        result = self._guard(lambda: self.client.infer(model + PIPELINE_SUFFIX, [tensor], outputs=wanted,
-                                                       headers=self.headers, **timeout))
+        result = self._guard(
+            lambda: self.client.infer(
+                model + PIPELINE_SUFFIX, [tensor], outputs=wanted, headers=self.headers, **timeout
+            )
+        )
         rows = result.as_numpy(LOGITS_OUTPUT).reshape(len(images), -1)
         return [top_k_from_logits([parse_classification(item) for item in row], top_k) for row in rows]
 
@@ -256,12 +277,19 @@ def print_table(results: list[Result], server: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"{results[0].model} on {server}" if results else server)
-    for column, justify in (("image", "left"), ("#", "right"), ("label", "left"), ("index", "right"), ("score", "right")):
+    table.add_column("image", overflow="fold")  # a path is worth more whole than on one line
+    for column, justify in (("#", "right"), ("label", "left"), ("index", "right"), ("score", "right")):
         table.add_column(column, justify=justify)
     for result in results:
         for rank, prediction in enumerate(result.predictions, 1):
-            table.add_row(result.image if rank == 1 else "", str(rank), prediction.label, str(prediction.index),
-                          f"{prediction.score:.4f}", end_section=rank == len(result.predictions))
+            table.add_row(
+                result.image if rank == 1 else "",
+                str(rank),
+                prediction.label,
+                str(prediction.index),
+                f"{prediction.score:.4f}",
+                end_section=rank == len(result.predictions),
+            )
     Console().print(table)
 
 
@@ -273,27 +301,45 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Classify images with a served model: the gateway (HTTP or gRPC) or a Triton server (HTTP or gRPC).",
         epilog="Scores are softmax probabilities on every path. Over gRPC, and over HTTP to Triton, the client calls "
-               "<model>_pipeline with Triton's classification extension.",
+        "<model>_pipeline with Triton's classification extension.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="classify")
-    classify = actions.add_parser("classify", help="classify image files or directories of images",
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                  description="Classify images (files, or directories of .jpg/.png/... files), "
-                                              "sent in batches.")
+    classify = actions.add_parser(
+        "classify",
+        help="classify image files or directories of images",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Classify images (files, or directories of .jpg/.png/... files), sent in batches.",
+    )
     classify.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image file or directory")
-    classify.add_argument("--url", default=env("RESNET_CLIENT_URL", "http://127.0.0.1:8080"),
-                          help="http://HOST:PORT (gateway or Triton HTTP) or grpc://HOST:PORT (gateway or Triton "
-                               "gRPC) (env RESNET_CLIENT_URL)")
-    classify.add_argument("--model", default=env("RESNET_CLIENT_MODEL"),
-                          help="model name (env RESNET_CLIENT_MODEL; default: the only model served)")
+    classify.add_argument(
+        "--url",
+        default=env("RESNET_CLIENT_URL", "http://127.0.0.1:8080"),
+        help="http://HOST:PORT (gateway or Triton HTTP) or grpc://HOST:PORT (gateway or Triton "
+        "gRPC) (env RESNET_CLIENT_URL)",
+    )
+    classify.add_argument(
+        "--model",
+        default=env("RESNET_CLIENT_MODEL"),
+        help="model name (env RESNET_CLIENT_MODEL; default: the only model served)",
+    )
     classify.add_argument("--top-k", type=int, default=5, help="predictions per image")
-    classify.add_argument("--batch-size", type=int, default=16, help="images per request (capped by the model's maximum)")
-    classify.add_argument("--server", choices=("auto", "gateway", "triton"), default="auto",
-                          help="what answers an http:// URL (auto: Triton if it answers GET /v2)")
-    classify.add_argument("--api-key", default=env("RESNET_API_KEY"), help="gateway API key (env RESNET_API_KEY)")
+    classify.add_argument(
+        "--batch-size", type=int, default=16, help="images per request (capped by the model's maximum)"
+    )
+    classify.add_argument(
+        "--server",
+        choices=("auto", "gateway", "triton"),
+        default="auto",
+        help="what answers an http:// URL (auto: Triton if it answers GET /v2)",
+    )
+    classify.add_argument(
+        "--api-key", default=env("RESNET_API_KEY"), help="gateway API key (env RESNET_API_KEY)"
+    )
     classify.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
-    classify.add_argument("--json", action="store_true", help="print JSON (one object per image) instead of a table")
+    classify.add_argument(
+        "--json", action="store_true", help="print JSON (one object per image) instead of a table"
+    )
     return parser
 
 
@@ -309,7 +355,9 @@ def run(args: argparse.Namespace) -> tuple[list[Result], str]:
         batches = list(chunks(images, size))
         from tqdm import tqdm
 
-        for batch in tqdm(batches, desc="classifying", unit="batch", disable=len(batches) < 2, file=sys.stderr):
+        for batch in tqdm(
+            batches, desc="classifying", unit="batch", disable=len(batches) < 2, file=sys.stderr
+        ):
             for path, predictions in zip(batch, client.classify(model, batch, args.top_k), strict=True):
                 results.append(Result(str(path), model, predictions))
         return results, client.kind
@@ -319,8 +367,12 @@ def run(args: argparse.Namespace) -> tuple[list[Result], str]:
 
 def main(args: argparse.Namespace) -> int:
     results, server = run(args)
-    if args.json:
-        print(json.dumps([asdict(result) for result in results], indent=2))
-    else:
-        print_table(results, server)
+    try:
+        if args.json:
+            print(json.dumps([asdict(result) for result in results], indent=2))
+        else:
+            print_table(results, server)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

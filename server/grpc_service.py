@@ -42,8 +42,14 @@ PIPELINE_SUFFIX = "_pipeline"
 CLASSIFICATION_PARAMETER = "classification"
 HEALTH_POLL_S = 0.5
 # Probes answer without an API key, like /healthz and /readyz over HTTP.
-OPEN_METHODS = frozenset({f"/{SERVICE_NAME}/ServerLive", f"/{SERVICE_NAME}/ServerReady",
-                          "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+OPEN_METHODS = frozenset(
+    {
+        f"/{SERVICE_NAME}/ServerLive",
+        f"/{SERVICE_NAME}/ServerReady",
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+    }
+)
 
 STATUS_OF: dict[type[errors.GatewayError], grpc.StatusCode] = {
     errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
@@ -73,8 +79,10 @@ def classification_strings(logits: np.ndarray, class_count: int, labels: list[st
     probabilities: Triton ranks whatever the output holds). `%f` is what C++ `std::to_string(float)` prints."""
     count = min(class_count, logits.shape[1])
     best = np.argsort(-logits, axis=1, kind="stable")[:, :count]
-    rows = [[f"{float(row[i]):f}:{int(i)}:{labels[i]}".encode() for i in indexes]
-            for row, indexes in zip(logits, best, strict=True)]
+    rows = [
+        [f"{float(row[i]):f}:{int(i)}:{labels[i]}".encode() for i in indexes]
+        for row, indexes in zip(logits, best, strict=True)
+    ]
     return np.array(rows, dtype=np.object_).reshape(len(rows), count)
 
 
@@ -114,11 +122,15 @@ def resolve(registry: ModelRegistry, name: str, version: str = "") -> Endpoint:
     except errors.ModelNotFound:
         if base == name or base not in registry.names():
             served = [served for model in registry.names() for served in (model, model + PIPELINE_SUFFIX)]
-            raise errors.ModelNotFound(f"model {name!r} not found; available: {', '.join(served) or 'none'}") from None
+            raise errors.ModelNotFound(
+                f"model {name!r} not found; available: {', '.join(served) or 'none'}"
+            ) from None
         endpoint = Endpoint(registry.get(base), pipeline=True)
     if version and version != endpoint.model.version:
-        raise errors.ModelNotFound(f"model {name!r} has no version {version!r}; serving version "
-                                   f"{endpoint.model.version!r} (leave model_version empty for it)")
+        raise errors.ModelNotFound(
+            f"model {name!r} has no version {version!r}; serving version "
+            f"{endpoint.model.version!r} (leave model_version empty for it)"
+        )
     return endpoint
 
 
@@ -126,48 +138,71 @@ def input_array(endpoint: Endpoint, request: pb.ModelInferRequest) -> np.ndarray
     """The request's one input as an array: float32 [N, 3, H, W], or object (bytes) [N] for a pipeline."""
     if len(request.inputs) != 1 or request.inputs[0].name != endpoint.input_name:
         given = ", ".join(repr(tensor.name) for tensor in request.inputs) or "none"
-        raise errors.InvalidInput(f"{endpoint.name} takes exactly one input {endpoint.input_name!r} "
-                                  f"({endpoint.input_datatype} [-1, {', '.join(map(str, endpoint.input_dims))}]); got {given}")
+        raise errors.InvalidInput(
+            f"{endpoint.name} takes exactly one input {endpoint.input_name!r} "
+            f"({endpoint.input_datatype} [-1, {', '.join(map(str, endpoint.input_dims))}]); got {given}"
+        )
     tensor = request.inputs[0]
     shape = tuple(tensor.shape)
     expected = (-1, *endpoint.input_dims)
-    if tensor.datatype != endpoint.input_datatype or len(shape) != len(expected) or shape[1:] != expected[1:] or shape[0] < 1:
-        raise errors.InvalidInput(f"input {tensor.name!r} of {endpoint.name} must be {endpoint.input_datatype} "
-                                  f"{list(expected)} (-1: batch size >= 1); got {tensor.datatype} {list(shape)}")
+    if (
+        tensor.datatype != endpoint.input_datatype
+        or len(shape) != len(expected)
+        or shape[1:] != expected[1:]
+        or shape[0] < 1
+    ):
+        raise errors.InvalidInput(
+            f"input {tensor.name!r} of {endpoint.name} must be {endpoint.input_datatype} "
+            f"{list(expected)} (-1: batch size >= 1); got {tensor.datatype} {list(shape)}"
+        )
     if shape[0] > endpoint.model.max_batch_size:
-        raise errors.InvalidInput(f"batch size {shape[0]} is over the maximum of {endpoint.model.max_batch_size} "
-                                  f"for {endpoint.name}; split the request")
+        raise errors.InvalidInput(
+            f"batch size {shape[0]} is over the maximum of {endpoint.model.max_batch_size} "
+            f"for {endpoint.name}; split the request"
+        )
     raw = request.raw_input_contents[0] if request.raw_input_contents else None
     return _bytes_input(tensor, raw, shape) if endpoint.pipeline else _float_input(tensor, raw, shape)
 
 
-def _float_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: tuple[int, ...]) -> np.ndarray:
+def _float_input(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: tuple[int, ...]
+) -> np.ndarray:
     count = int(np.prod(shape))
     if raw is not None:
         if len(raw) != count * 4:
-            raise errors.InvalidInput(f"input {tensor.name!r}: {len(raw)} bytes of raw content for shape {list(shape)} "
-                                      f"(FP32 needs {count * 4})")
+            raise errors.InvalidInput(
+                f"input {tensor.name!r}: {len(raw)} bytes of raw content for shape {list(shape)} "
+                f"(FP32 needs {count * 4})"
+            )
         values = np.frombuffer(raw, dtype="<f4")
     else:
         values = np.asarray(tensor.contents.fp32_contents, dtype=np.float32)
         if values.size != count:
-            raise errors.InvalidInput(f"input {tensor.name!r}: {values.size} fp32_contents for shape {list(shape)}")
+            raise errors.InvalidInput(
+                f"input {tensor.name!r}: {values.size} fp32_contents for shape {list(shape)}"
+            )
     return values.astype(np.float32, copy=False).reshape(shape)
 
 
-def _bytes_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: tuple[int, ...]) -> np.ndarray:
+def _bytes_input(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: tuple[int, ...]
+) -> np.ndarray:
     count = int(np.prod(shape))
     if raw is not None:
         try:
             items = deserialize_bytes_tensor(raw)
         except Exception as error:  # noqa: BLE001 - any framing problem is the client's
-            raise errors.InvalidInput(f"input {tensor.name!r}: raw BYTES content is not length-prefixed "
-                                      f"(4-byte little-endian length before each element): {error}") from None
+            raise errors.InvalidInput(
+                f"input {tensor.name!r}: raw BYTES content is not length-prefixed "
+                f"(4-byte little-endian length before each element): {error}"
+            ) from None
     else:
         items = np.array(list(tensor.contents.bytes_contents), dtype=np.object_)
     if items.size != count:
-        raise errors.InvalidInput(f"input {tensor.name!r}: {items.size} elements for shape {list(shape)}; "
-                                  "send one encoded image per row")
+        raise errors.InvalidInput(
+            f"input {tensor.name!r}: {items.size} elements for shape {list(shape)}; "
+            "send one encoded image per row"
+        )
     return items.reshape(-1)
 
 
@@ -182,14 +217,20 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[tuple[str, int]]:
             parameter = output.parameters[CLASSIFICATION_PARAMETER]
             count = parameter.int64_param if parameter.WhichOneof("parameter_choice") == "int64_param" else -1
             if count < 1:
-                raise errors.InvalidInput("the 'classification' parameter must be an integer >= 1 (tritonclient: "
-                                          "InferRequestedOutput(name, class_count=K))")
+                raise errors.InvalidInput(
+                    "the 'classification' parameter must be an integer >= 1 (tritonclient: "
+                    "InferRequestedOutput(name, class_count=K))"
+                )
         outputs.append((output.name, count))
     return outputs or [(OUTPUT_NAME, 0)]
 
 
-def infer_response(endpoint: Endpoint, request: pb.ModelInferRequest, logits: np.ndarray) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=endpoint.name, model_version=endpoint.model.version, id=request.id)
+def infer_response(
+    endpoint: Endpoint, request: pb.ModelInferRequest, logits: np.ndarray
+) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(
+        model_name=endpoint.name, model_version=endpoint.model.version, id=request.id
+    )
     for name, class_count in requested_outputs(request):
         tensor = response.outputs.add(name=name)
         if class_count:
@@ -210,17 +251,26 @@ def infer_response(endpoint: Endpoint, request: pb.ModelInferRequest, logits: np
 
 def model_metadata(endpoint: Endpoint) -> pb.ModelMetadataResponse:
     model = endpoint.model
-    response = pb.ModelMetadataResponse(name=endpoint.name, versions=[model.version],
-                                        platform="ensemble" if endpoint.pipeline else f"gateway_{model.backend}")
-    response.inputs.add(name=endpoint.input_name, datatype=endpoint.input_datatype, shape=[-1, *endpoint.input_dims])
+    response = pb.ModelMetadataResponse(
+        name=endpoint.name,
+        versions=[model.version],
+        platform="ensemble" if endpoint.pipeline else f"gateway_{model.backend}",
+    )
+    response.inputs.add(
+        name=endpoint.input_name, datatype=endpoint.input_datatype, shape=[-1, *endpoint.input_dims]
+    )
     response.outputs.add(name=OUTPUT_NAME, datatype="FP32", shape=[-1, len(model.labels)])
     return response
 
 
 def model_config(endpoint: Endpoint) -> mc.ModelConfig:
     model = endpoint.model
-    config = mc.ModelConfig(name=endpoint.name, max_batch_size=model.max_batch_size,
-                            platform="ensemble" if endpoint.pipeline else "", backend="" if endpoint.pipeline else model.backend)
+    config = mc.ModelConfig(
+        name=endpoint.name,
+        max_batch_size=model.max_batch_size,
+        platform="ensemble" if endpoint.pipeline else "",
+        backend="" if endpoint.pipeline else model.backend,
+    )
     data_type = mc.TYPE_STRING if endpoint.pipeline else mc.TYPE_FP32
     config.input.add(name=endpoint.input_name, data_type=data_type, dims=endpoint.input_dims)
     config.output.add(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[len(model.labels)])
@@ -248,6 +298,7 @@ async def _abort(context: grpc.aio.ServicerContext, error: errors.GatewayError) 
 
 def translated(method):
     """Run a unary handler, turning GatewayErrors into their gRPC status and anything else into INTERNAL."""
+
     async def handler(self: InferenceService, request, context: grpc.aio.ServicerContext):
         try:
             return await method(self, request, context)
@@ -257,7 +308,10 @@ def translated(method):
             raise
         except Exception:
             log.exception("unhandled error in gRPC %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the gateway log")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the gateway log"
+            )
+
     handler.__name__ = method.__name__
     return handler
 
@@ -277,8 +331,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.registry.ready())
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version,
-                                         extensions=["classification", "model_configuration"])
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=self.version, extensions=["classification", "model_configuration"]
+        )
 
     @translated
     async def ModelReady(self, request, context):
@@ -294,7 +349,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @translated
     async def ModelConfig(self, request, context):
-        return pb.ModelConfigResponse(config=model_config(resolve(self.registry, request.name, request.version)))
+        return pb.ModelConfigResponse(
+            config=model_config(resolve(self.registry, request.name, request.version))
+        )
 
     @translated
     async def RepositoryIndex(self, request, context):
@@ -303,8 +360,12 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         for name in self.registry.names():
             model = self.registry.models[name]
             for served in (name, name + PIPELINE_SUFFIX):
-                response.models.add(name=served, version=model.version, state="READY" if ready else "UNAVAILABLE",
-                                    reason="" if ready else self.registry.describe_backend() + " is not ready")
+                response.models.add(
+                    name=served,
+                    version=model.version,
+                    state="READY" if ready else "UNAVAILABLE",
+                    reason="" if ready else self.registry.describe_backend() + " is not ready",
+                )
         return response
 
     @translated
@@ -359,7 +420,9 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method in OPEN_METHODS:
             return handler
-        metadata = {key: value for key, value in handler_call_details.invocation_metadata if isinstance(value, str)}
+        metadata = {
+            key: value for key, value in handler_call_details.invocation_metadata if isinstance(value, str)
+        }
         if key_accepted(offered_key(metadata), self.keys):
             return handler
         return self._deny(handler)
@@ -380,8 +443,11 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         }
         streaming = handler.response_streaming
         make = kinds[(handler.request_streaming, streaming)]
-        return make(deny_stream if streaming else deny, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        return make(
+            deny_stream if streaming else deny,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 # --- lifecycle (called from server.app's lifespan) ---------------------------------------------------------
@@ -397,9 +463,11 @@ class GrpcHandle:
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     # A request larger than the HTTP body limit gets RESOURCE_EXHAUSTED from gRPC itself, before any decoding.
-    return [("grpc.max_receive_message_length", settings.max_body_bytes),
-            ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0)]
+    return [
+        ("grpc.max_receive_message_length", settings.max_body_bytes),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.so_reuseport", 0),
+    ]
 
 
 async def _set_health(health: HealthServicer, ready: bool) -> None:
@@ -432,16 +500,24 @@ async def start(app, settings: Settings) -> GrpcHandle:
     registry: ModelRegistry = app.state.registry
     interceptors = [ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []
     server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(registry, _package_version()), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceService(registry, _package_version()), server
+    )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    address = f"[{settings.host}]:{settings.grpc_port}" if ":" in settings.host else f"{settings.host}:{settings.grpc_port}"
+    address = (
+        f"[{settings.host}]:{settings.grpc_port}"
+        if ":" in settings.host
+        else f"{settings.host}:{settings.grpc_port}"
+    )
     try:
         port = server.add_insecure_port(address)
     except RuntimeError:
         port = 0
     if not port:
-        raise OSError(f"cannot bind the gRPC port {address} (in use? set --grpc-port or RESNET_GRPC_PORT, 0 disables)")
+        raise OSError(
+            f"cannot bind the gRPC port {address} (in use? set --grpc-port or RESNET_GRPC_PORT, 0 disables)"
+        )
     ready = registry.ready()
     await _set_health(health, ready)  # before the first call can ask
     await server.start()

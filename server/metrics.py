@@ -12,19 +12,47 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("resnet_requests", "HTTP requests by route, method and status",
-                                ["route", "method", "status"], registry=r)
-        self.latency = Histogram("resnet_request_latency_seconds", "HTTP request latency by route",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "resnet_requests",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "resnet_request_latency_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge("resnet_requests_in_flight", "HTTP requests being handled", registry=r)
-        self.queue_seconds = Histogram("resnet_queue_seconds", "time an image waits in the batch queue",
-                                       ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.inference_seconds = Histogram("resnet_inference_seconds", "backend time per batch",
-                                           ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("resnet_batch_size", "images per backend call", ["model"],
-                                    buckets=BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("resnet_queue_depth", "images queued (or in flight without batching) per model",
-                                 ["model"], registry=r)
-        self.admitted = Gauge("resnet_admitted_images", "images a model holds: decoding, queued or inferring "
-                              "(bounded by queue_size)", ["model"], registry=r)
+        self.queue_seconds = Histogram(
+            "resnet_queue_seconds",
+            "time an image waits in the batch queue",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "resnet_inference_seconds",
+            "backend time per batch",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "resnet_batch_size", "images per backend call", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge(
+            "resnet_queue_depth",
+            "images queued (or in flight without batching) per model",
+            ["model"],
+            registry=r,
+        )
+        self.admitted = Gauge(
+            "resnet_admitted_images",
+            "images a model holds: decoding, queued or inferring (bounded by queue_size)",
+            ["model"],
+            registry=r,
+        )
         self.images = Counter("resnet_images", "images classified per model", ["model"], registry=r)

@@ -44,10 +44,14 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     except (OSError, ValueError, SyntaxError) as error:
         raise InvalidImage(f"cannot read image header: {error}") from error
     if image.format not in SUPPORTED_FORMATS:
-        raise UnsupportedMediaType(f"unsupported image format {image.format}; send JPEG, PNG, WebP, BMP or GIF")
+        raise UnsupportedMediaType(
+            f"unsupported image format {image.format}; send JPEG, PNG, WebP, BMP or GIF"
+        )
     width, height = image.size
     if width * height > max_pixels:
-        raise PayloadTooLarge(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+        raise PayloadTooLarge(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+        )
     if width == 0 or height == 0:
         raise InvalidImage(f"image has no pixels ({width}x{height})")
     return image
@@ -107,7 +111,7 @@ def normalize(pixels: np.ndarray, spec: PreprocessSpec, out: np.ndarray | None =
         mean, std = spec.mean[::-1], spec.std[::-1]
     else:
         mean, std = spec.mean, spec.std
-    scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float32)))
+    scale = 1.0 / (255.0 * np.asarray(std, dtype=np.float32))
     offset = np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)
     if spec.layout == "NCHW":
         pixels = pixels.transpose(2, 0, 1)
@@ -129,7 +133,9 @@ def preprocess_image(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAUL
     return normalize(np.asarray(image, dtype=np.uint8), spec)
 
 
-def preprocess_batch(images: list[bytes], spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def preprocess_batch(
+    images: list[bytes], spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Several images into one contiguous float32 batch [N, ...] without an extra copy per image."""
     first = preprocess_image(images[0], spec, max_pixels)
     batch = np.empty((len(images), *first.shape), dtype=np.float32)

@@ -43,12 +43,22 @@ def top_predictions(logits: np.ndarray, k: int, labels: list[str]) -> list[list[
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     k = min(k, logits.shape[1])
     best = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    return [[Prediction(int(i), labels[i], float(row[i])) for i in indexes] for row, indexes in zip(probabilities, best, strict=True)]
+    return [
+        [Prediction(int(i), labels[i], float(row[i])) for i in indexes]
+        for row, indexes in zip(probabilities, best, strict=True)
+    ]
 
 
 class ServedModel:
-    def __init__(self, info: ModelInfo, backend: Backend, dispatcher_factory, settings: Settings,
-                 preprocess_pool: concurrent.futures.Executor, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        info: ModelInfo,
+        backend: Backend,
+        dispatcher_factory,
+        settings: Settings,
+        preprocess_pool: concurrent.futures.Executor,
+        metrics: Metrics,
+    ) -> None:
         self.info = info
         self.runtime = backend
         self.settings = settings
@@ -82,7 +92,7 @@ class ServedModel:
 
     @property
     def backend(self) -> str:
-        """"embedded" or "triton"."""
+        """ "embedded" or "triton"."""
         return self.runtime.name
 
     def deadline(self, deadline: float | None) -> float:
@@ -91,20 +101,30 @@ class ServedModel:
     async def run_batch(self, batch: np.ndarray) -> np.ndarray:
         started = time.monotonic()
         # Deadlines are enforced per request by the dispatcher; the backend gets the longest one allowed.
-        logits = await self.runtime.infer(self.info, np.ascontiguousarray(batch), started + self.settings.request_timeout_s)
+        logits = await self.runtime.infer(
+            self.info, np.ascontiguousarray(batch), started + self.settings.request_timeout_s
+        )
         self.metrics.inference_seconds.labels(self.name).observe(time.monotonic() - started)
         return logits
 
     async def preprocess(self, images: list[bytes]) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.preprocess_pool, preprocess_batch, images, self.spec,
-                                          self.settings.max_image_pixels)
+        return await loop.run_in_executor(
+            self.preprocess_pool, preprocess_batch, images, self.spec, self.settings.max_image_pixels
+        )
 
     async def infer(self, batch: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """float32 [N, *input_shape] preprocessed tensors -> logits [N, num_classes]."""
-        if batch.dtype != np.float32 or batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape or not len(batch):
-            raise InvalidInput(f"{self.name} takes float32 [N, {', '.join(map(str, self.input_shape))}] with N >= 1, "
-                               f"got {batch.dtype} {list(batch.shape)}")
+        if (
+            batch.dtype != np.float32
+            or batch.ndim != 4
+            or tuple(batch.shape[1:]) != self.input_shape
+            or not len(batch)
+        ):
+            raise InvalidInput(
+                f"{self.name} takes float32 [N, {', '.join(map(str, self.input_shape))}] with N >= 1, "
+                f"got {batch.dtype} {list(batch.shape)}"
+            )
         with self.dispatcher.admit(len(batch)):
             return await self._infer(batch, self.deadline(deadline))
 
@@ -121,22 +141,32 @@ class ServedModel:
         with self.dispatcher.admit(len(images)):  # before decoding: a refused request costs nothing
             return await self._infer(await self.preprocess(images), deadline)
 
-    async def classify(self, images: list[bytes], top_k: int = 5, deadline: float | None = None) -> list[list[Prediction]]:
+    async def classify(
+        self, images: list[bytes], top_k: int = 5, deadline: float | None = None
+    ) -> list[list[Prediction]]:
         if top_k < 1:
             raise InvalidInput(f"top_k must be at least 1, got {top_k}")
         return top_predictions(await self.infer_images(images, deadline), top_k, self.labels)
 
     def describe(self) -> dict:
-        return {"name": self.name, "versions": [self.version], "input_shape": list(self.input_shape),
-                "num_classes": len(self.labels), "max_batch_size": self.max_batch_size, "backend": self.backend,
-                "preprocess": self.spec.to_dict()}
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "input_shape": list(self.input_shape),
+            "num_classes": len(self.labels),
+            "max_batch_size": self.max_batch_size,
+            "backend": self.backend,
+            "preprocess": self.spec.to_dict(),
+        }
 
 
 class ModelRegistry:
     """The models of one backend. For Triton, a health loop keeps `ready()` current and re-reads the models
     whenever Triton comes (back) up, so the gateway recovers from a Triton restart by itself."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None, backend: Backend | None = None) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics | None = None, backend: Backend | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.backend = backend or create_backend(settings)
@@ -161,7 +191,9 @@ class ModelRegistry:
         return f"{self.describe_backend()} is not ready" if not self._backend_ready else self._no_models()
 
     def _no_models(self) -> str:
-        where = self.settings.repository.resolve() if self.backend.name == "embedded" else self.describe_backend()
+        where = (
+            self.settings.repository.resolve() if self.backend.name == "embedded" else self.describe_backend()
+        )
         return f"no classifier models to serve from {where}"
 
     def describe_backend(self) -> str:
@@ -174,18 +206,30 @@ class ModelRegistry:
 
     def _dispatcher(self, model: ServedModel) -> Dispatcher:
         if not self.settings.batching:
-            return DirectDispatcher(model.name, model.run_batch, queue_size=self.settings.queue_size, metrics=self.metrics)
+            return DirectDispatcher(
+                model.name, model.run_batch, queue_size=self.settings.queue_size, metrics=self.metrics
+            )
         # Against Triton two batches may be in flight (network overlap); in-process, one at a time uses all cores.
         workers = 2 if self.backend.name == "triton" else 1
-        return DynamicBatcher(model.name, model.run_batch, max_batch_size=model.max_batch_size,
-                              max_delay_s=self.settings.max_delay_ms / 1000, queue_size=self.settings.queue_size,
-                              metrics=self.metrics, workers=workers)
+        return DynamicBatcher(
+            model.name,
+            model.run_batch,
+            max_batch_size=model.max_batch_size,
+            max_delay_s=self.settings.max_delay_ms / 1000,
+            queue_size=self.settings.queue_size,
+            metrics=self.metrics,
+            workers=workers,
+        )
 
     async def _load_models(self) -> None:
         infos = await self.backend.start()
         old = self.models
-        self.models = {info.name: ServedModel(info, self.backend, self._dispatcher, self.settings,
-                                              self.preprocess_pool, self.metrics) for info in infos}
+        self.models = {
+            info.name: ServedModel(
+                info, self.backend, self._dispatcher, self.settings, self.preprocess_pool, self.metrics
+            )
+            for info in infos
+        }
         for model in self.models.values():
             model.dispatcher.start()
         for model in old.values():
@@ -212,8 +256,13 @@ class ModelRegistry:
                 log.warning("cannot read models from %s: %s", self.backend.name, error)
                 ready = False
         if ready != self._backend_ready:
-            log.log(logging.INFO if ready else logging.WARNING, "%s backend at %s is %s", self.backend.name,
-                    self.settings.triton_url, "ready" if ready else "NOT ready")
+            log.log(
+                logging.INFO if ready else logging.WARNING,
+                "%s backend at %s is %s",
+                self.backend.name,
+                self.settings.triton_url,
+                "ready" if ready else "NOT ready",
+            )
         self._backend_ready = ready
 
     async def _health_loop(self) -> None:

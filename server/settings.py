@@ -19,22 +19,34 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535, description="HTTP port")
     grpc_port: int = Field(8081, ge=0, le=65535, description="gRPC port; 0 disables the gRPC API")
     repository: Path = Field(Path("model_repository"), description="Triton model repository to serve")
-    backend: Literal["embedded", "triton"] = Field("embedded", description="embedded ONNX Runtime, or a Triton server")
-    triton_url: str = Field("127.0.0.1:8001", description="Triton address host:port (gRPC or HTTP port per protocol)")
+    backend: Literal["embedded", "triton"] = Field(
+        "embedded", description="embedded ONNX Runtime, or a Triton server"
+    )
+    triton_url: str = Field(
+        "127.0.0.1:8001", description="Triton address host:port (gRPC or HTTP port per protocol)"
+    )
     triton_protocol: Literal["grpc", "http"] = Field("grpc", description="protocol to Triton")
-    batching: bool = Field(True, description="batch requests in the gateway (off: one backend call per request, "
-                                             "leaving batching to Triton's dynamic batcher)")
+    batching: bool = Field(
+        True,
+        description="batch requests in the gateway (off: one backend call per request, "
+        "leaving batching to Triton's dynamic batcher)",
+    )
     max_batch_size: int = Field(32, ge=1, le=4096, description="largest batch the gateway assembles")
     max_delay_ms: float = Field(2.0, ge=0, le=10_000, description="longest wait for a batch to fill")
     queue_size: int = Field(256, ge=1, description="images waiting per model beyond which requests get 503")
     request_timeout_s: float = Field(10.0, gt=0, description="per-request deadline (504 when exceeded)")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body (413 above)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest image width*height (413 above)")
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per model (0: all cores)")
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads per model (0: all cores)"
+    )
     preprocess_threads: int = Field(0, ge=0, description="image decoding threads (0: number of cores)")
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
-                                                     description="comma-separated API keys; empty: no auth")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated API keys; empty: no auth"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="log level"
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

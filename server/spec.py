@@ -54,7 +54,9 @@ class PreprocessSpec:
 
     def __post_init__(self) -> None:
         if self.crop <= 0 or self.resize_shorter < self.crop:
-            raise SpecError(f"need 0 < crop <= resize_shorter, got crop={self.crop} resize={self.resize_shorter}")
+            raise SpecError(
+                f"need 0 < crop <= resize_shorter, got crop={self.crop} resize={self.resize_shorter}"
+            )
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise SpecError(f"mean and std need 3 values each, std > 0; got mean={self.mean} std={self.std}")
         if self.interpolation not in ("bilinear", "bicubic", "nearest"):
@@ -81,7 +83,9 @@ class PreprocessSpec:
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> PreprocessSpec:
         """Inverse of `to_parameters`; unknown `preprocess.*` keys are kept in `extra`, missing ones default."""
-        fields = {k[len(PREPROCESS_PREFIX):]: v for k, v in parameters.items() if k.startswith(PREPROCESS_PREFIX)}
+        fields = {
+            k[len(PREPROCESS_PREFIX) :]: v for k, v in parameters.items() if k.startswith(PREPROCESS_PREFIX)
+        }
         try:
             known = {
                 "resize_shorter": int(fields.pop("resize_shorter", cls.resize_shorter)),
@@ -103,7 +107,11 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, values: Mapping) -> PreprocessSpec:
-        known = {k: values[k] for k in ("resize_shorter", "crop", "interpolation", "channel_order", "layout") if k in values}
+        known = {
+            k: values[k]
+            for k in ("resize_shorter", "crop", "interpolation", "channel_order", "layout")
+            if k in values
+        }
         for key in ("mean", "std"):
             if key in values:
                 known[key] = tuple(float(v) for v in values[key])

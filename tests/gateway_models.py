@@ -35,9 +35,11 @@ def colors_onnx(crop: int = 32) -> bytes:
     weights = numpy_helper.from_array(np.eye(3, dtype=np.float32) * 4, "weights")
     bias = numpy_helper.from_array(np.zeros(3, dtype=np.float32), "bias")
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", [INPUT_NAME], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["flat"]),
-         helper.make_node("Gemm", ["flat", "weights", "bias"], [OUTPUT_NAME], transB=1)],
+        [
+            helper.make_node("GlobalAveragePool", [INPUT_NAME], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("Gemm", ["flat", "weights", "bias"], [OUTPUT_NAME], transB=1),
+        ],
         "colors",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", 3, crop, crop])],
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", 3])],
@@ -51,8 +53,15 @@ def colors_onnx(crop: int = 32) -> bytes:
 
 def write_colors_model(repository: Path, name: str = "colors", max_batch_size: int = 32) -> Path:
     """A classifier in `repository/name` that both the embedded backend and Triton (Python backend) serve."""
-    spec = ClassifierSpec(name=name, arch="colors", precision="fp32", num_classes=3, preprocess=TINY_SPEC,
-                          batching=BatchingPolicy(max_batch_size=max_batch_size), cpu_threads=1)
+    spec = ClassifierSpec(
+        name=name,
+        arch="colors",
+        precision="fp32",
+        num_classes=3,
+        preprocess=TINY_SPEC,
+        batching=BatchingPolicy(max_batch_size=max_batch_size),
+        cpu_threads=1,
+    )
     model_dir = repository / name
     write_model(model_dir, classifier_config(spec), LABELS)
     publish_version(model_dir, {"model.onnx": colors_onnx(TINY_SPEC.crop), "model.py": CLASSIFIER_MODEL_PY})
@@ -71,6 +80,8 @@ def color_image(color: str, size: tuple[int, int] = (64, 48), fmt: str = "JPEG",
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height (a decompression bomb, as far as the header goes)."""
     data = bytearray(color_image("red", size=(8, 8), fmt="PNG"))
-    data[16:24] = struct.pack(">II", width, height)  # IHDR payload: after the signature, chunk length and type
+    data[16:24] = struct.pack(
+        ">II", width, height
+    )  # IHDR payload: after the signature, chunk length and type
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     return bytes(data)

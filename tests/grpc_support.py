@@ -30,8 +30,14 @@ def write_pipeline_repository(root: Path, name: str = "colors") -> Path:
     preprocess = root / f"{name}_preprocess"
     publish_version(preprocess, {"model.py": PREPROCESS_MODEL_PY})
     write_model(preprocess, preprocess_config(preprocess.name, "colors", TINY_SPEC, batching))
-    classifier = ClassifierSpec(name=name, arch="colors", precision="fp32", num_classes=len(LABELS),
-                                preprocess=TINY_SPEC, batching=batching)
+    classifier = ClassifierSpec(
+        name=name,
+        arch="colors",
+        precision="fp32",
+        num_classes=len(LABELS),
+        preprocess=TINY_SPEC,
+        batching=batching,
+    )
     pipeline = root / f"{name}_pipeline"
     publish_version(pipeline, {})  # an ensemble's version folder is empty but must exist
     write_model(pipeline, pipeline_config(pipeline.name, classifier, preprocess.name), LABELS)
@@ -52,8 +58,23 @@ class Gateway:
 def gateway_process(log_dir: Path, *flags: str, ready_path: str = "/readyz"):
     """`resnet serve` on loopback with free HTTP and gRPC ports; yields once `ready_path` answers 2xx."""
     port, grpc_port = free_port(), free_port()
-    command = [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--grpc-port", str(grpc_port),
-               "--intra-op-threads", "1", "--preprocess-threads", "1", *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "serve",
+        "--port",
+        str(port),
+        "--grpc-port",
+        str(grpc_port),
+        "--intra-op-threads",
+        "1",
+        "--preprocess-threads",
+        "1",
+        *flags,
+    ]
     log_path = log_dir / f"gateway-{port}.log"
-    with running_process(command, ready_url=f"http://127.0.0.1:{port}{ready_path}", timeout=90, log_path=log_path):
+    with running_process(
+        command, ready_url=f"http://127.0.0.1:{port}{ready_path}", timeout=90, log_path=log_path
+    ):
         yield Gateway(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}")

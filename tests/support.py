@@ -25,7 +25,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1, what: str = "condition") -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float, interval: float = 0.1, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -44,19 +46,25 @@ def http_ok(url: str) -> bool:
 
 @contextlib.contextmanager
 def running_process(
-    cmd: list[str], ready_url: str | None = None, timeout: float = 60, env: dict[str, str] | None = None,
+    cmd: list[str],
+    ready_url: str | None = None,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
     log_path: Path | None = None,
 ) -> Iterator[subprocess.Popen]:
     """Start `cmd`, wait until `ready_url` answers 2xx, yield the process, then SIGTERM (SIGKILL after 10 s)."""
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    process = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         if ready_url:
+
             def ready() -> bool:
                 if process.poll() is not None:
                     raise RuntimeError(f"{cmd[0]} exited with {process.returncode} before it was ready")
                 return http_ok(ready_url)
+
             wait_until(ready, timeout, what=f"{ready_url} ready")
         yield process
     finally:

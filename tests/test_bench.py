@@ -25,13 +25,30 @@ def test_sections_split_by_second_level_headings():
 def test_quick_bench_runs_end_to_end_and_keeps_foreign_sections(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
-    (docs / "benchmarks.md").write_text("# Benchmarks\n\nstale\n\n## Gateway efficiency\n\nstale numbers 999\n\n" + FOREIGN)
+    (docs / "benchmarks.md").write_text(
+        "# Benchmarks\n\nstale\n\n## Gateway efficiency\n\nstale numbers 999\n\n" + FOREIGN
+    )
     empty_repository = tmp_path / "model_repository"  # forces the random-weight export path
     empty_repository.mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "cli", "bench", "--quick", "--docs", str(docs), "--repository", str(empty_repository),
-         "--threads", "1"],
-        capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "bench",
+            "--quick",
+            "--docs",
+            str(docs),
+            "--repository",
+            str(empty_repository),
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     results = json.loads((docs / "benchmarks.json").read_text())

@@ -13,9 +13,17 @@ from tests.gateway_models import color_image, write_colors_model
 from tests.support import free_port, running_process
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+)
 
 
 @pytest.fixture
@@ -42,9 +50,21 @@ def gateway_url(tmp_path):
     repository = tmp_path / "repository"
     write_colors_model(repository)
     port = free_port()
-    command = [sys.executable, "-m", "cli.main", "serve", "--repository", str(repository), "--port", str(port),
-               "--grpc-port", "0"]
-    with running_process(command, ready_url=f"http://127.0.0.1:{port}/readyz", log_path=tmp_path / "gateway.log"):
+    command = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "serve",
+        "--repository",
+        str(repository),
+        "--port",
+        str(port),
+        "--grpc-port",
+        "0",
+    ]
+    with running_process(
+        command, ready_url=f"http://127.0.0.1:{port}/readyz", log_path=tmp_path / "gateway.log"
+    ):
         yield f"http://127.0.0.1:{port}"
 
 

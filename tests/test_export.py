@@ -69,7 +69,9 @@ def test_onnx_is_checked_opset17_with_dynamic_batch_and_matches_torch(resnet18, 
 def test_fp16_variant_keeps_fp32_io_and_is_close(resnet18, resnet18_onnx, tmp_path):
     fp16 = onnx_export.convert_fp16(resnet18_onnx, tmp_path / "fp16.onnx")
     runtime = onnx_export.session(fp16)
-    assert runtime.get_inputs()[0].type == "tensor(float)" and runtime.get_outputs()[0].type == "tensor(float)"
+    assert (
+        runtime.get_inputs()[0].type == "tensor(float)" and runtime.get_outputs()[0].type == "tensor(float)"
+    )
     assert fp16.stat().st_size < 0.6 * resnet18_onnx.stat().st_size
     report = onnx_export.verify_onnx(resnet18.model, fp16, 224, precision="fp16")
     assert report.ok and report.relative_error > 1e-6  # really half precision, and still within tolerance
@@ -95,7 +97,9 @@ def test_reexport_adds_versions_and_prunes(resnet20, tmp_path):
 
 
 def test_gpu_target_writes_onnxruntime_configs_with_tensorrt_fp16(resnet20, tmp_path):
-    options = workflow.ExportOptions(name="r20", repository=tmp_path, target="gpu", fp16=True, measure_latency=False)
+    options = workflow.ExportOptions(
+        name="r20", repository=tmp_path, target="gpu", fp16=True, measure_latency=False
+    )
     artifacts = workflow.export_to_repository(resnet20, options)
     assert [a.model for a in artifacts] == ["r20", "r20_fp16"]
     config = read_config(tmp_path / "r20")
@@ -105,8 +109,9 @@ def test_gpu_target_writes_onnxruntime_configs_with_tensorrt_fp16(resnet20, tmp_
     assert read_config(tmp_path / "r20_fp16").parameters[PRECISION_KEY].string_value == "fp16"
     assert {p.name for p in (tmp_path / "r20" / "1").iterdir()} == {"model.onnx"}  # no Python backend on GPU
     with pytest.raises(ExportError, match="tensorrt"):
-        workflow.export_to_repository(resnet20, workflow.ExportOptions(name="r20", repository=tmp_path,
-                                                                       target="cpu", tensorrt=True))
+        workflow.export_to_repository(
+            resnet20, workflow.ExportOptions(name="r20", repository=tmp_path, target="cpu", tensorrt=True)
+        )
 
 
 def test_parity_failure_refuses_publishing(resnet20, tmp_path, monkeypatch):
@@ -137,8 +142,14 @@ def test_int8_calibrates_on_images_checks_accuracy_and_publishes(resnet18, resne
     for label in ("a", "b"):
         write_images(eval_dir / label, 4, seed=ord(label))
     options = workflow.ExportOptions(
-        name="r18", repository=tmp_path / "repo", int8=True, calib_data=calib, eval_data=eval_dir,
-        max_accuracy_drop=100, quantize=QuantizeOptions(max_calibration_images=16), measure_latency=False,
+        name="r18",
+        repository=tmp_path / "repo",
+        int8=True,
+        calib_data=calib,
+        eval_data=eval_dir,
+        max_accuracy_drop=100,
+        quantize=QuantizeOptions(max_calibration_images=16),
+        measure_latency=False,
     )
     artifacts = workflow.export_to_repository(resnet18, options)
     assert [a.model for a in artifacts] == ["r18", "r18_int8"]
@@ -158,7 +169,9 @@ def test_int8_over_the_accuracy_budget_is_refused(resnet20, tmp_path, monkeypatc
     eval_dir, images = tmp_path / "eval", write_images(tmp_path / "all", 24)
     runtime = onnx_export.session(fp32)
     for path in images:
-        predicted = int(runtime.run([OUTPUT_NAME], {INPUT_NAME: preprocess_file(path, spec)[None]})[0].argmax())
+        predicted = int(
+            runtime.run([OUTPUT_NAME], {INPUT_NAME: preprocess_file(path, spec)[None]})[0].argmax()
+        )
         (eval_dir / f"{predicted:04d}").mkdir(parents=True, exist_ok=True)
         os.replace(path, eval_dir / f"{predicted:04d}" / path.name)
     classes = [f"{i:04d}" for i in range(10)]
@@ -177,8 +190,14 @@ def test_int8_over_the_accuracy_budget_is_refused(resnet20, tmp_path, monkeypatc
     monkeypatch.setattr(workflow, "quantize_int8", damaged_int8)
     source = from_arch("resnet20", "random")
     options = workflow.ExportOptions(
-        name="r18", repository=tmp_path / "repo", int8=True, calib_data=eval_dir, eval_data=eval_dir,
-        labels=classes, quantize=QuantizeOptions(max_calibration_images=8), measure_latency=False,
+        name="r18",
+        repository=tmp_path / "repo",
+        int8=True,
+        calib_data=eval_dir,
+        eval_data=eval_dir,
+        labels=classes,
+        quantize=QuantizeOptions(max_calibration_images=8),
+        measure_latency=False,
     )
     source.classes = classes
     with pytest.raises(AccuracyBudgetError, match="budget 1.*nothing published"):
@@ -191,8 +210,16 @@ def test_checkpoint_round_trip_keeps_classes_and_spec(tmp_path):
 
     model = build_model("resnet20")
     classes = [f"thing{i}" for i in range(10)]
-    torch.save({"model": model.state_dict(), "arch": "resnet20", "num_classes": 10, "classes": classes,
-                "preprocess": PreprocessSpec.cifar10().to_dict()}, tmp_path / "ours.pt")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "arch": "resnet20",
+            "num_classes": 10,
+            "classes": classes,
+            "preprocess": PreprocessSpec.cifar10().to_dict(),
+        },
+        tmp_path / "ours.pt",
+    )
     source = from_checkpoint(tmp_path / "ours.pt")
     assert (source.arch, source.classes, source.spec) == ("resnet20", classes, PreprocessSpec.cifar10())
     torch.save(model.state_dict(), tmp_path / "bare.pt")
@@ -245,7 +272,9 @@ def test_weights_download_is_cached_and_hash_checked(tmp_path, monkeypatch):
         state = load_state_dict_from_url(f"{base}/tiny-{digest[:8]}.pth", timeout=5)
         assert torch.equal(state["w"], torch.arange(4.0))
         (served / f"tiny-{digest[:8]}.pth").unlink()  # the second load must come from the cache
-        assert torch.equal(load_state_dict_from_url(f"{base}/tiny-{digest[:8]}.pth", timeout=5)["w"], state["w"])
+        assert torch.equal(
+            load_state_dict_from_url(f"{base}/tiny-{digest[:8]}.pth", timeout=5)["w"], state["w"]
+        )
         with pytest.raises(WeightsUnavailableError, match="does not match 00000000"):
             load_state_dict_from_url(f"{base}/tiny-00000000.pth", timeout=5)
     finally:
@@ -260,7 +289,9 @@ def test_torchvision_weights_give_their_preprocessing_and_classes():
 
     weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
     assert spec_from_torchvision(weights) == PreprocessSpec(resize_shorter=232, crop=224)
-    assert spec_from_torchvision(torchvision.models.ResNet50_Weights.IMAGENET1K_V1) == PreprocessSpec.imagenet()
+    assert (
+        spec_from_torchvision(torchvision.models.ResNet50_Weights.IMAGENET1K_V1) == PreprocessSpec.imagenet()
+    )
     assert len(weights.meta["categories"]) == 1000
 
 
@@ -268,8 +299,20 @@ def test_torchvision_weights_give_their_preprocessing_and_classes():
 def test_cli_export_prints_summary_and_publishes(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("".join(f"thing {i}\n" for i in range(10)))
-    result = run_cli("--arch", "resnet20", "--name", "tiny", "--labels", str(labels), "--repository",
-                     str(tmp_path / "repo"), "--max-batch-size", "8", "--keep-versions", "1")
+    result = run_cli(
+        "--arch",
+        "resnet20",
+        "--name",
+        "tiny",
+        "--labels",
+        str(labels),
+        "--repository",
+        str(tmp_path / "repo"),
+        "--max-batch-size",
+        "8",
+        "--keep-versions",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     assert "Published to" in result.stdout and "tiny" in result.stdout and "rel. err" in result.stdout
     config = read_config(tmp_path / "repo" / "tiny")
@@ -278,17 +321,31 @@ def test_cli_export_prints_summary_and_publishes(tmp_path):
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "resnet"), "export", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [str(VENV_BIN / "resnet"), "export", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.mark.slow
 def test_cli_offline_torchvision_weights_is_one_line_error(tmp_path):
-    result = run_cli("--arch", "resnet18", "--weights", "torchvision", "--repository", str(tmp_path / "repo"),
-                     env={"TORCH_HOME": str(tmp_path / "torch"), "RESNET_DOWNLOAD_TIMEOUT": "3"})
+    result = run_cli(
+        "--arch",
+        "resnet18",
+        "--weights",
+        "torchvision",
+        "--repository",
+        str(tmp_path / "repo"),
+        env={"TORCH_HOME": str(tmp_path / "torch"), "RESNET_DOWNLOAD_TIMEOUT": "3"},
+    )
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("resnet: error: cannot download https://download.pytorch.org/")
+    assert len(lines) == 1 and lines[0].startswith(
+        "resnet: error: cannot download https://download.pytorch.org/"
+    )
     assert not (tmp_path / "repo").exists()
 
 
@@ -297,15 +354,24 @@ def test_cli_int8_without_calibration_data_is_one_line_error(tmp_path):
     result = run_cli("--arch", "resnet20", "--int8", "--repository", str(tmp_path / "repo"))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "resnet: error: --int8 needs --calib-data DIR (a folder of real images to calibrate on)")
+        "resnet: error: --int8 needs --calib-data DIR (a folder of real images to calibrate on)"
+    )
 
 
 def test_cli_help_explains_sources_and_variants():
     from export.cli import get_args_parser
 
     text = get_args_parser().format_help()
-    for flag in ("--checkpoint", "--weights", "--int8", "--calib-data", "--max-accuracy-drop", "--tensorrt",
-                 "--keep-versions", "--target"):
+    for flag in (
+        "--checkpoint",
+        "--weights",
+        "--int8",
+        "--calib-data",
+        "--max-accuracy-drop",
+        "--tensorrt",
+        "--keep-versions",
+        "--target",
+    ):
         assert flag in text
 
 
@@ -314,8 +380,13 @@ def test_resnet50_fp32_and_int8_export(tmp_path):
     calib = tmp_path / "calib"
     write_images(calib, 8, size=256)
     source = from_arch("resnet50", "random")
-    options = workflow.ExportOptions(name="r50", repository=tmp_path / "repo", int8=True, calib_data=calib,
-                                     quantize=QuantizeOptions(max_calibration_images=8))
+    options = workflow.ExportOptions(
+        name="r50",
+        repository=tmp_path / "repo",
+        int8=True,
+        calib_data=calib,
+        quantize=QuantizeOptions(max_calibration_images=8),
+    )
     artifacts = workflow.export_to_repository(source, options)
     assert [a.model for a in artifacts] == ["r50", "r50_int8"]
     assert all(a.latency_ms and a.latency_ms > 0 for a in artifacts)

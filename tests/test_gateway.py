@@ -51,9 +51,15 @@ def assert_error(response, status: int, code: str, *words: str) -> dict:
 def test_lists_models(client):
     models = client.get("/v1/models").json()["models"]
     assert [m["name"] for m in models] == ["colors"]
-    assert models[0] | {"preprocess": None} == {"name": "colors", "versions": ["1"], "input_shape": [3, 32, 32],
-                                                "num_classes": 3, "max_batch_size": 32, "backend": "embedded",
-                                                "preprocess": None}
+    assert models[0] | {"preprocess": None} == {
+        "name": "colors",
+        "versions": ["1"],
+        "input_shape": [3, 32, 32],
+        "num_classes": 3,
+        "max_batch_size": 32,
+        "backend": "embedded",
+        "preprocess": None,
+    }
     assert client.get("/v1/models/colors").json()["preprocess"]["crop"] == 32
 
 
@@ -70,34 +76,50 @@ def test_classifies_a_raw_body(client, color):
 
 
 def test_top_k_and_other_image_types(client):
-    for fmt, content_type in (("PNG", "image/png"), ("WEBP", "image/webp"), ("GIF", "image/gif"), ("BMP", "application/octet-stream")):
-        response = client.post("/v1/models/colors/classify?top_k=1", content=color_image("blue", fmt=fmt),
-                               headers={"content-type": content_type})
+    for fmt, content_type in (
+        ("PNG", "image/png"),
+        ("WEBP", "image/webp"),
+        ("GIF", "image/gif"),
+        ("BMP", "application/octet-stream"),
+    ):
+        response = client.post(
+            "/v1/models/colors/classify?top_k=1",
+            content=color_image("blue", fmt=fmt),
+            headers={"content-type": content_type},
+        )
         assert response.status_code == 200, (fmt, response.text)
         assert [p["label"] for p in response.json()["predictions"]] == ["blue"]
 
 
 def test_multipart_one_and_many_files(client):
-    one = client.post("/v1/models/colors/classify", files={"file": ("a.jpg", color_image("green"), "image/jpeg")})
+    one = client.post(
+        "/v1/models/colors/classify", files={"file": ("a.jpg", color_image("green"), "image/jpeg")}
+    )
     assert one.status_code == 200 and one.json()["predictions"][0]["label"] == "green"
-    files = [("file", (f"{c}.png", color_image(c, fmt="PNG"), "image/png")) for c in ("red", "blue", "green", "red")]
+    files = [
+        ("file", (f"{c}.png", color_image(c, fmt="PNG"), "image/png"))
+        for c in ("red", "blue", "green", "red")
+    ]
     many = client.post("/v1/models/colors/classify?top_k=2", files=files)
     assert many.status_code == 200
     assert [r["predictions"][0]["label"] for r in many.json()] == ["red", "blue", "green", "red"]
     assert all(len(r["predictions"]) == 2 for r in many.json())
 
 
-@pytest.mark.parametrize("body, content_type, status, code, words", [
-    (b"", "image/jpeg", 400, "invalid_image", ["empty"]),
-    (b"plain text, not pixels", "image/png", 400, "invalid_image", ["not a decodable image"]),
-    (color_image("red", size=(300, 200))[:400], "image/jpeg", 400, "invalid_image", []),
-    (color_image("red", fmt="TIFF"), "image/tiff", 415, "unsupported_media_type", ["TIFF"]),
-    (color_image("red"), "application/json", 415, "unsupported_media_type", ["application/json"]),
-    (color_image("red"), "text/plain", 415, "unsupported_media_type", ["image/*"]),
-    (png_claiming(2000, 2000), "image/png", 413, "payload_too_large", ["2000x2000"]),
-    (png_claiming(40000, 40000), "image/png", 413, "payload_too_large", []),
-    (b"\xff" * 300_000, "image/jpeg", 413, "payload_too_large", ["200000"]),
-])
+@pytest.mark.parametrize(
+    "body, content_type, status, code, words",
+    [
+        (b"", "image/jpeg", 400, "invalid_image", ["empty"]),
+        (b"plain text, not pixels", "image/png", 400, "invalid_image", ["not a decodable image"]),
+        (color_image("red", size=(300, 200))[:400], "image/jpeg", 400, "invalid_image", []),
+        (color_image("red", fmt="TIFF"), "image/tiff", 415, "unsupported_media_type", ["TIFF"]),
+        (color_image("red"), "application/json", 415, "unsupported_media_type", ["application/json"]),
+        (color_image("red"), "text/plain", 415, "unsupported_media_type", ["image/*"]),
+        (png_claiming(2000, 2000), "image/png", 413, "payload_too_large", ["2000x2000"]),
+        (png_claiming(40000, 40000), "image/png", 413, "payload_too_large", []),
+        (b"\xff" * 300_000, "image/jpeg", 413, "payload_too_large", ["200000"]),
+    ],
+)
 def test_bad_input_gets_a_clear_error(client, body, content_type, status, code, words):
     response = client.post("/v1/models/colors/classify", content=body, headers={"content-type": content_type})
     assert_error(response, status, code, *words)
@@ -105,11 +127,15 @@ def test_bad_input_gets_a_clear_error(client, body, content_type, status, code, 
 
 def test_body_limit_holds_without_content_length(client):
     chunks = (b"\xff" * 50_000 for _ in range(6))  # chunked transfer: no Content-Length to check up front
-    assert_error(client.post("/v1/models/colors/classify", content=chunks, headers=JPEG), 413, "payload_too_large")
+    assert_error(
+        client.post("/v1/models/colors/classify", content=chunks, headers=JPEG), 413, "payload_too_large"
+    )
 
 
 def test_multipart_without_file_field(client):
-    response = client.post("/v1/models/colors/classify", files={"image": ("a.jpg", color_image("red"), "image/jpeg")})
+    response = client.post(
+        "/v1/models/colors/classify", files={"image": ("a.jpg", color_image("red"), "image/jpeg")}
+    )
     assert_error(response, 422, "invalid_input", "'file'")
 
 
@@ -120,8 +146,13 @@ def test_bad_top_k_is_422(client, query):
 
 
 def test_unknown_model_route_and_method(client):
-    assert_error(client.post("/v1/models/nope/classify", content=color_image("red"), headers=JPEG), 404,
-                 "model_not_found", "nope", "colors")
+    assert_error(
+        client.post("/v1/models/nope/classify", content=color_image("red"), headers=JPEG),
+        404,
+        "model_not_found",
+        "nope",
+        "colors",
+    )
     assert_error(client.get("/v1/models/nope"), 404, "model_not_found")
     assert_error(client.get("/v2/whatever"), 404, "not_found", "/v2/whatever")
     assert_error(client.get("/v1/models/colors/classify"), 405, "method_not_allowed")
@@ -133,7 +164,7 @@ def test_health_readiness_docs_and_demo_page(client):
     assert "/v1/models/{name}/classify" in client.get("/openapi.json").json()["paths"]
     assert "swagger" in client.get("/docs").text.lower()
     page = client.get("/")
-    assert page.status_code == 200 and "<select id=\"model\">" in page.text
+    assert page.status_code == 200 and '<select id="model">' in page.text
     assert client.get("/static/app.js").status_code == 200
 
 
@@ -143,9 +174,15 @@ def test_metrics_count_requests_batches_and_queue(client):
     text = client.get("/metrics").text
     assert 'resnet_requests_total{method="POST",route="/v1/models/{name}/classify",status="200"}' in text
     assert 'resnet_requests_total{method="POST",route="/v1/models/{name}/classify",status="400"}' in text
-    for name in ("resnet_request_latency_seconds_bucket", "resnet_queue_seconds_bucket", "resnet_batch_size_bucket",
-                 'resnet_queue_depth{model="colors"}', "resnet_requests_in_flight", "resnet_inference_seconds_count",
-                 'resnet_admitted_images{model="colors"} 0.0'):
+    for name in (
+        "resnet_request_latency_seconds_bucket",
+        "resnet_queue_seconds_bucket",
+        "resnet_batch_size_bucket",
+        'resnet_queue_depth{model="colors"}',
+        "resnet_requests_in_flight",
+        "resnet_inference_seconds_count",
+        'resnet_admitted_images{model="colors"} 0.0',
+    ):
         assert name in text
 
 
@@ -156,8 +193,9 @@ def test_api_keys_protect_everything_but_health(repository):
         assert_error(client.get("/metrics"), 401, "unauthorized")
         assert client.get("/v1/models", headers={"authorization": "Bearer s3cret"}).status_code == 200
         assert client.get("/metrics", headers={"x-api-key": "other"}).status_code == 200
-        response = client.post("/v1/models/colors/classify", content=color_image("red"),
-                               headers={**JPEG, "x-api-key": "s3cret"})
+        response = client.post(
+            "/v1/models/colors/classify", content=color_image("red"), headers={**JPEG, "x-api-key": "s3cret"}
+        )
         assert response.status_code == 200
         assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
 
@@ -196,12 +234,18 @@ def test_decoding_and_inference_run_off_the_event_loop(repository, monkeypatch):
         def wrapper(*args, **kwargs):
             threads[name] = threading.current_thread().name
             return real(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(server.registry, "preprocess_batch", spy("decode", server.registry.preprocess_batch))
-    monkeypatch.setattr(server.backends.EmbeddedBackend, "_run", spy("infer", server.backends.EmbeddedBackend._run))
+    monkeypatch.setattr(
+        server.backends.EmbeddedBackend, "_run", spy("infer", server.backends.EmbeddedBackend._run)
+    )
     with make_client(repository) as client:
-        assert client.post("/v1/models/colors/classify", content=color_image("red"), headers=JPEG).status_code == 200
+        assert (
+            client.post("/v1/models/colors/classify", content=color_image("red"), headers=JPEG).status_code
+            == 200
+        )
     # the gateway's own pools, not the event loop's thread
     assert threads["decode"].startswith("preprocess") and threads["infer"].startswith("ort-colors")
 
@@ -212,8 +256,9 @@ def test_bad_settings_stop_the_cli_with_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("resnet: error: invalid settings: port")
-    missing = subprocess.run([*command[:4], "--repository", str(tmp_path / "missing")], capture_output=True, text=True,
-                             timeout=60)
+    missing = subprocess.run(
+        [*command[:4], "--repository", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60
+    )
     assert missing.returncode == 1 and "model repository not found" in missing.stderr
 
 
@@ -222,15 +267,27 @@ def test_a_taken_port_is_one_line_error(repository):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        command = [sys.executable, "-m", "cli.main", "serve", "--repository", str(repository), "--port", str(free_port()),
-                   "--grpc-port", str(port)]
+        command = [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "serve",
+            "--repository",
+            str(repository),
+            "--port",
+            str(free_port()),
+            "--grpc-port",
+            str(port),
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.startswith(f"resnet: error: cannot bind the gRPC port 127.0.0.1:{port}")
 
 
 def test_serve_help_lists_flags_and_env_vars():
-    result = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "serve", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0
     for text in ("--backend", "--max-batch-size", "RESNET_MAX_DELAY_MS", "--no-batching", "RESNET_API_KEYS"):
         assert text in result.stdout

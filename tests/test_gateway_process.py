@@ -30,10 +30,24 @@ def repository(tmp_path_factory) -> Path:
 @contextmanager
 def gateway(repository: Path, tmp_path: Path, *flags: str):
     port = free_port()
-    command = [sys.executable, "-m", "cli.main", "serve", "--repository", str(repository), "--port", str(port),
-               "--grpc-port", "0", "--intra-op-threads", "1", *flags]
-    with running_process(command, ready_url=f"http://127.0.0.1:{port}/readyz", timeout=60,
-                         log_path=tmp_path / "gateway.log") as process:
+    command = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "serve",
+        "--repository",
+        str(repository),
+        "--port",
+        str(port),
+        "--grpc-port",
+        "0",
+        "--intra-op-threads",
+        "1",
+        *flags,
+    ]
+    with running_process(
+        command, ready_url=f"http://127.0.0.1:{port}/readyz", timeout=60, log_path=tmp_path / "gateway.log"
+    ) as process:
         yield f"http://127.0.0.1:{port}", process
 
 
@@ -44,10 +58,17 @@ def metric(text: str, name: str) -> float:
 
 
 async def classify_many(url: str, colors: list[str]) -> list[httpx.Response]:
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=len(colors))) as client:
-        return await asyncio.gather(*(
-            client.post(f"/v1/models/colors/classify?top_k={1 + i % 3}", content=color_image(color), headers=JPEG)
-            for i, color in enumerate(colors)))
+    async with httpx.AsyncClient(
+        base_url=url, timeout=30, limits=httpx.Limits(max_connections=len(colors))
+    ) as client:
+        return await asyncio.gather(
+            *(
+                client.post(
+                    f"/v1/models/colors/classify?top_k={1 + i % 3}", content=color_image(color), headers=JPEG
+                )
+                for i, color in enumerate(colors)
+            )
+        )
 
 
 def test_many_clients_get_their_own_answers_from_shared_batches(repository, tmp_path):
@@ -67,7 +88,9 @@ def test_many_clients_get_their_own_answers_from_shared_batches(repository, tmp_
 
 
 def test_a_full_queue_answers_503_and_the_gateway_carries_on(repository, tmp_path):
-    with gateway(repository, tmp_path, "--max-delay-ms", "2000", "--max-batch-size", "64", "--queue-size", "3") as (url, _):
+    with gateway(
+        repository, tmp_path, "--max-delay-ms", "2000", "--max-batch-size", "64", "--queue-size", "3"
+    ) as (url, _):
         responses = asyncio.run(classify_many(url, LABELS * 3))
         statuses = sorted(r.status_code for r in responses)
         assert statuses == [200] * 3 + [503] * 6, statuses
@@ -85,7 +108,9 @@ def test_a_full_queue_answers_503_and_the_gateway_carries_on(repository, tmp_pat
 def test_deadline_answers_504(repository, tmp_path):
     with gateway(repository, tmp_path, "--max-delay-ms", "3000", "--request-timeout-s", "0.3") as (url, _):
         started = time.monotonic()
-        response = httpx.post(f"{url}/v1/models/colors/classify", content=color_image("red"), headers=JPEG, timeout=10)
+        response = httpx.post(
+            f"{url}/v1/models/colors/classify", content=color_image("red"), headers=JPEG, timeout=10
+        )
         assert response.status_code == 504 and response.json()["error"]["code"] == "deadline_exceeded"
         assert time.monotonic() - started < 2.5
         assert httpx.get(f"{url}/healthz").status_code == 200
@@ -93,6 +118,7 @@ def test_deadline_answers_504(repository, tmp_path):
 
 def test_sigterm_drains_requests_in_flight(repository, tmp_path):
     with gateway(repository, tmp_path, "--max-delay-ms", "3000", "--max-batch-size", "64") as (url, process):
+
         async def requests_then_sigterm() -> list[httpx.Response]:
             pending = asyncio.ensure_future(classify_many(url, ["red", "blue", "green"]))
             async with httpx.AsyncClient(base_url=url) as client:
@@ -119,17 +145,30 @@ def test_bundled_repository_serves_real_photos(imagenet_samples, tmp_path):
     if not models:
         pytest.skip("model_repository/ holds no model with a model.onnx yet")
     port = free_port()
-    command = [sys.executable, "-m", "cli.main", "serve", "--repository", str(bundled), "--port", str(port),
-               "--grpc-port", "0"]
-    with running_process(command, ready_url=f"http://127.0.0.1:{port}/readyz", timeout=120,
-                         log_path=tmp_path / "gateway.log"):
+    command = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "serve",
+        "--repository",
+        str(bundled),
+        "--port",
+        str(port),
+        "--grpc-port",
+        "0",
+    ]
+    with running_process(
+        command, ready_url=f"http://127.0.0.1:{port}/readyz", timeout=120, log_path=tmp_path / "gateway.log"
+    ):
         url = f"http://127.0.0.1:{port}"
         served = httpx.get(f"{url}/v1/models").json()["models"]
         assert served
         for model in served:
             labels = (bundled / model["name"] / "labels.txt").read_text().splitlines()
             files = [("file", (path.name, path.read_bytes(), "image/jpeg")) for path in imagenet_samples[:8]]
-            response = httpx.post(f"{url}/v1/models/{model['name']}/classify?top_k=3", files=files, timeout=60)
+            response = httpx.post(
+                f"{url}/v1/models/{model['name']}/classify?top_k=3", files=files, timeout=60
+            )
             assert response.status_code == 200, response.text
             for result in response.json():
                 scores = [p["score"] for p in result["predictions"]]

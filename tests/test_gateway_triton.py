@@ -36,15 +36,33 @@ def repository(tmp_path_factory) -> Path:
 def gateway(tmp_path: Path, triton_url: str, *flags: str):
     port = free_port()
     # An empty --repository: labels and configs must come from Triton itself.
-    command = [sys.executable, "-m", "cli.main", "serve", "--backend", "triton", "--triton-url", triton_url,
-               "--repository", str(tmp_path), "--port", str(port), "--grpc-port", "0", *flags]
-    with running_process(command, ready_url=f"http://127.0.0.1:{port}/readyz", timeout=60,
-                         log_path=tmp_path / "gateway.log"):
+    command = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "serve",
+        "--backend",
+        "triton",
+        "--triton-url",
+        triton_url,
+        "--repository",
+        str(tmp_path),
+        "--port",
+        str(port),
+        "--grpc-port",
+        "0",
+        *flags,
+    ]
+    with running_process(
+        command, ready_url=f"http://127.0.0.1:{port}/readyz", timeout=60, log_path=tmp_path / "gateway.log"
+    ):
         yield f"http://127.0.0.1:{port}"
 
 
 def classify(url: str, color: str) -> httpx.Response:
-    return httpx.post(f"{url}/v1/models/colors/classify?top_k=2", content=color_image(color), headers=JPEG, timeout=30)
+    return httpx.post(
+        f"{url}/v1/models/colors/classify?top_k=2", content=color_image(color), headers=JPEG, timeout=30
+    )
 
 
 def test_kill_triton_mid_run_then_recover(triton_server, repository, tmp_path):
@@ -61,8 +79,13 @@ def test_kill_triton_mid_run_then_recover(triton_server, repository, tmp_path):
             triton.stop()
             down = classify(url, "red")
             assert down.status_code == 503, down.text
-            assert down.json()["error"]["code"] == "backend_unavailable" and "Triton" in down.json()["error"]["message"]
-            wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 503, 10, what="gateway reports not ready")
+            assert (
+                down.json()["error"]["code"] == "backend_unavailable"
+                and "Triton" in down.json()["error"]["message"]
+            )
+            wait_until(
+                lambda: httpx.get(f"{url}/readyz").status_code == 503, 10, what="gateway reports not ready"
+            )
             assert httpx.get(f"{url}/healthz").status_code == 200
 
             triton = triton_server(repository, log_path=tmp_path / "triton2.log", **ports).start()

@@ -22,7 +22,7 @@ from tests.grpc_support import API_KEY, gateway_process, write_pipeline_reposito
 from tests.support import free_port
 
 AUTH = {"authorization": f"Bearer {API_KEY}"}
-QUEUE_SIZE = 4
+QUEUE_SIZE = 8
 MAX_BODY_BYTES = 200_000
 
 
@@ -64,9 +64,17 @@ def repository(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gateway(repository, tmp_path_factory):
-    with gateway_process(tmp_path_factory.mktemp("grpc-logs"), "--repository", str(repository),
-                         "--api-keys", API_KEY, "--queue-size", str(QUEUE_SIZE),
-                         "--max-body-bytes", str(MAX_BODY_BYTES)) as running:
+    with gateway_process(
+        tmp_path_factory.mktemp("grpc-logs"),
+        "--repository",
+        str(repository),
+        "--api-keys",
+        API_KEY,
+        "--queue-size",
+        str(QUEUE_SIZE),
+        "--max-body-bytes",
+        str(MAX_BODY_BYTES),
+    ) as running:
         yield running
 
 
@@ -78,7 +86,11 @@ def client(gateway):
 
 def health_status(address: str, service: str = "") -> int:
     with grpc.insecure_channel(address) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            .status
+        )
 
 
 def test_server_and_model_metadata_as_triton_reports_them(client):
@@ -86,20 +98,26 @@ def test_server_and_model_metadata_as_triton_reports_them(client):
     assert client.get_server_metadata(headers=AUTH).name == "resnet-gateway"
     index = client.get_model_repository_index(headers=AUTH)
     assert {(m.name, m.state) for m in index.models} == {("colors", "READY"), ("colors_pipeline", "READY")}
-    assert client.is_model_ready("colors_pipeline", headers=AUTH) and not client.is_model_ready("nope", headers=AUTH)
+    assert client.is_model_ready("colors_pipeline", headers=AUTH) and not client.is_model_ready(
+        "nope", headers=AUTH
+    )
 
     pipeline = client.get_model_metadata("colors_pipeline", headers=AUTH)
     assert [(t.name, t.datatype, list(t.shape)) for t in pipeline.inputs] == [("image", "BYTES", [-1, 1])]
     assert [(t.name, t.datatype, list(t.shape)) for t in pipeline.outputs] == [("logits", "FP32", [-1, 3])]
     tensor = client.get_model_metadata("colors", headers=AUTH)
-    assert [(t.name, t.datatype, list(t.shape)) for t in tensor.inputs] == [("input", "FP32", [-1, 3, 32, 32])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in tensor.inputs] == [
+        ("input", "FP32", [-1, 3, 32, 32])
+    ]
     config = client.get_model_config("colors", headers=AUTH).config
     assert config.max_batch_size == 32 and config.parameters["preprocess.crop"].string_value == "32"
 
 
 def test_pipeline_classifies_encoded_images_with_triton_classification_strings(client):
     images = [color_image(color) for color in LABELS]
-    result = client.infer("colors_pipeline", [images_input(images)], outputs=classes(2), headers=AUTH, request_id="r1")
+    result = client.infer(
+        "colors_pipeline", [images_input(images)], outputs=classes(2), headers=AUTH, request_id="r1"
+    )
     strings = result.as_numpy("logits")
     assert strings.shape == (3, 2) and result.get_response().id == "r1"
     for color, row in zip(LABELS, strings, strict=True):
@@ -114,7 +132,9 @@ def test_pipeline_classifies_encoded_images_with_triton_classification_strings(c
 def test_tensor_model_returns_the_networks_logits(client):
     batch = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
     logits = client.infer("colors", [tensor_input(batch)], headers=AUTH).as_numpy("logits")
-    expected = ort.InferenceSession(colors_onnx(), providers=["CPUExecutionProvider"]).run(None, {"input": batch})[0]
+    expected = ort.InferenceSession(colors_onnx(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": batch}
+    )[0]
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -122,9 +142,13 @@ def test_stream_infer_answers_each_request_and_survives_a_bad_one(client):
     answers: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=AUTH)
     try:
-        client.async_stream_infer("colors_pipeline", [images_input([color_image("green")])], outputs=classes(1))
+        client.async_stream_infer(
+            "colors_pipeline", [images_input([color_image("green")])], outputs=classes(1)
+        )
         client.async_stream_infer("colors_pipeline", [images_input([b"not an image"])], outputs=classes(1))
-        client.async_stream_infer("colors_pipeline", [images_input([color_image("blue")])], outputs=classes(1))
+        client.async_stream_infer(
+            "colors_pipeline", [images_input([color_image("blue")])], outputs=classes(1)
+        )
         got = [answers.get(timeout=30) for _ in range(3)]
     finally:
         client.stop_stream()
@@ -142,32 +166,60 @@ def test_errors_map_to_grpc_status_codes(client):
 
     wrong_shape = tensor_input(np.zeros((1, 3, 16, 16), np.float32))
     code, message = status_of(lambda: client.infer("colors", [wrong_shape], headers=AUTH))
-    assert code == "StatusCode.INVALID_ARGUMENT" and "[-1, 3, 32, 32]" in message and "[1, 3, 16, 16]" in message
+    assert (
+        code == "StatusCode.INVALID_ARGUMENT" and "[-1, 3, 32, 32]" in message and "[1, 3, 16, 16]" in message
+    )
     wrong_dtype = tensor_input(np.zeros((1, 3, 32, 32), np.float64), "FP64")
     code, message = status_of(lambda: client.infer("colors", [wrong_dtype], headers=AUTH))
     assert code == "StatusCode.INVALID_ARGUMENT" and "FP64" in message
-    code, message = status_of(lambda: client.infer("colors_pipeline", [images_input([b"\x89PNG broken"])], headers=AUTH))
+    code, message = status_of(
+        lambda: client.infer("colors_pipeline", [images_input([b"\x89PNG broken"])], headers=AUTH)
+    )
     assert code == "StatusCode.INVALID_ARGUMENT" and "image" in message
-    code, message = status_of(lambda: client.infer("colors_pipeline", [good], outputs=[
-        triton_grpc.InferRequestedOutput("probabilities")], headers=AUTH))
+    code, message = status_of(
+        lambda: client.infer(
+            "colors_pipeline",
+            [good],
+            outputs=[triton_grpc.InferRequestedOutput("probabilities")],
+            headers=AUTH,
+        )
+    )
     assert code == "StatusCode.INVALID_ARGUMENT" and "'logits'" in message
 
-    too_many = images_input([color_image("red")] * (QUEUE_SIZE + 1))  # more than the model may hold at once
+    too_many = images_input([color_image("red")] * (QUEUE_SIZE + 1))  # more than the model may ever hold
     code, message = status_of(lambda: client.infer("colors_pipeline", [too_many], headers=AUTH))
-    assert code == "StatusCode.RESOURCE_EXHAUSTED" and "retry later" in message
+    assert code == "StatusCode.INVALID_ARGUMENT" and "send fewer" in message
 
     oversized = tensor_input(np.zeros((20, 3, 32, 32), np.float32))  # 245,760 bytes > --max-body-bytes
     code, message = status_of(lambda: client.infer("colors", [oversized], headers=AUTH))
     assert code == "StatusCode.RESOURCE_EXHAUSTED" and str(MAX_BODY_BYTES) in message
 
-    code, message = status_of(lambda: client.infer("colors_pipeline", [good], headers=AUTH, client_timeout=0.0005))
+    code, message = status_of(
+        lambda: client.infer("colors_pipeline", [good], headers=AUTH, client_timeout=0.0005)
+    )
     assert code == "StatusCode.DEADLINE_EXCEEDED"
+
+
+def test_overload_is_resource_exhausted(client):
+    full = images_input([color_image("green", size=(400, 300))] * QUEUE_SIZE)  # each request fills the queue
+    answers: queue.Queue = queue.Queue()
+    for _ in range(20):
+        client.async_infer(
+            "colors_pipeline", [full], callback=lambda result, error: answers.put(error), headers=AUTH
+        )
+    errors = [answers.get(timeout=60) for _ in range(20)]
+    refused = [error for error in errors if error is not None]
+    assert refused and len(refused) < 20
+    assert {error.status() for error in refused} == {"StatusCode.RESOURCE_EXHAUSTED"}
+    assert "retry later" in refused[0].message()
 
 
 def test_api_key_from_bearer_or_x_api_key_metadata(client):
     good = images_input([color_image("blue")])
     for headers in ({}, {"authorization": "Bearer wrong"}, {"x-api-key": "wrong"}):
-        code, message = status_of(lambda headers=headers: client.infer("colors_pipeline", [good], headers=headers))
+        code, message = status_of(
+            lambda headers=headers: client.infer("colors_pipeline", [good], headers=headers)
+        )
         assert code == "StatusCode.UNAUTHENTICATED" and "x-api-key" in message
     code, _ = status_of(lambda: client.get_model_repository_index())
     assert code == "StatusCode.UNAUTHENTICATED"
@@ -183,12 +235,22 @@ def test_health_service_serving_when_ready(gateway):
 
 def test_backend_down_is_not_serving_and_unavailable(tmp_path):
     dead_triton = f"127.0.0.1:{free_port()}"  # nothing listens there
-    with gateway_process(tmp_path, "--backend", "triton", "--triton-url", dead_triton, "--repository", str(tmp_path),
-                         ready_path="/healthz") as down:
+    with gateway_process(
+        tmp_path,
+        "--backend",
+        "triton",
+        "--triton-url",
+        dead_triton,
+        "--repository",
+        str(tmp_path),
+        ready_path="/healthz",
+    ) as down:
         assert health_status(down.grpc_address) == health_pb2.HealthCheckResponse.NOT_SERVING
         with triton_grpc.InferenceServerClient(down.grpc_address) as down_client:
             assert down_client.is_server_live() and not down_client.is_server_ready()
-            code, message = status_of(lambda: down_client.infer("colors_pipeline", [images_input([color_image("red")])]))
+            code, message = status_of(
+                lambda: down_client.infer("colors_pipeline", [images_input([color_image("red")])])
+            )
             assert code == "StatusCode.UNAVAILABLE" and dead_triton in message
 
 
@@ -213,13 +275,39 @@ def test_gateway_and_triton_answer_byte_for_byte_alike(client, triton):
     with triton_grpc.InferenceServerClient(triton.grpc_url) as real:
         assert real.get_server_metadata().name == "triton"
         for class_count in (1, 3, 10):
-            ours = client.infer("colors_pipeline", [images_input(images)], outputs=classes(class_count), headers=AUTH)
+            ours = client.infer(
+                "colors_pipeline", [images_input(images)], outputs=classes(class_count), headers=AUTH
+            )
             theirs = real.infer("colors_pipeline", [images_input(images)], outputs=classes(class_count))
             assert ours.get_output("logits").shape == theirs.get_output("logits").shape
             assert ours.as_numpy("logits").tolist() == theirs.as_numpy("logits").tolist()
         ours = client.infer("colors", [tensor_input(batch)], headers=AUTH).as_numpy("logits")
         theirs = real.infer("colors", [tensor_input(batch)]).as_numpy("logits")
         np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
-        mine, real_meta = client.get_model_metadata("colors_pipeline", headers=AUTH), real.get_model_metadata("colors_pipeline")
-        assert [(t.name, t.datatype, list(t.shape)) for t in mine.inputs] == [(t.name, t.datatype, list(t.shape)) for t in real_meta.inputs]
-        assert [(t.name, t.datatype, list(t.shape)) for t in mine.outputs] == [(t.name, t.datatype, list(t.shape)) for t in real_meta.outputs]
+        mine, real_meta = (
+            client.get_model_metadata("colors_pipeline", headers=AUTH),
+            real.get_model_metadata("colors_pipeline"),
+        )
+        assert [(t.name, t.datatype, list(t.shape)) for t in mine.inputs] == [
+            (t.name, t.datatype, list(t.shape)) for t in real_meta.inputs
+        ]
+        assert [(t.name, t.datatype, list(t.shape)) for t in mine.outputs] == [
+            (t.name, t.datatype, list(t.shape)) for t in real_meta.outputs
+        ]
+
+
+def test_grpc_vs_http_benchmark_runs_against_the_gateway(gateway):
+    from server.grpc_bench import compare, markdown_table
+
+    rows = compare(
+        gateway.http_url,
+        gateway.grpc_url,
+        "colors",
+        [color_image(c) for c in LABELS],
+        concurrencies=(2,),
+        requests=12,
+        api_key=API_KEY,
+    )
+    assert [(r.protocol, r.requests, r.errors) for r in rows] == [("http", 12, 0), ("grpc", 12, 0)]
+    assert all(r.throughput > 0 and 0 < r.p50_ms <= r.p99_ms for r in rows)
+    assert markdown_table(rows).count("\n") == 3

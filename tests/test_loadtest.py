@@ -44,7 +44,9 @@ def test_unknown_scenario_is_refused():
         shapes.users_at("tsunami", 0, 1, 1, 10)
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("2m", 120), ("1m30s", 90), ("1h", 3600)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90), ("90s", 90), ("2m", 120), ("1m30s", 90), ("1h", 3600)]
+)
 def test_durations_parse(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -56,7 +58,9 @@ def test_bad_durations_are_refused(text):
 
 
 def test_thresholds_name_what_broke():
-    summary = report.Summary(requests=100, failures=5, requests_per_s=10, p50_ms=20, p95_ms=80, p99_ms=150, max_ms=200)
+    summary = report.Summary(
+        requests=100, failures=5, requests_per_s=10, p50_ms=20, p95_ms=80, p99_ms=150, max_ms=200
+    )
     assert report.broken_thresholds(summary, report.Thresholds(0.1, 100, 200)) == []
     broken = report.broken_thresholds(summary, report.Thresholds(0.01, 50, 100))
     assert [line.split()[0] for line in broken] == ["fail", "p95", "p99"]
@@ -71,7 +75,9 @@ def test_history_gives_exact_throughput_and_per_step_medians(tmp_path):
     for second in range(1, 9):  # 4 s at 2 users (10 req/s), then 4 s at 4 users (16 req/s, 1 failure/s)
         users, rate, fails = (2, 10, 0) if second <= 4 else (4, 16, second - 4)
         total += rate
-        rows.append(f"{100 + second},{users},,Aggregated,99,0,{users * 10},{users * 20},{users * 30},{total},{fails}")
+        rows.append(
+            f"{100 + second},{users},,Aggregated,99,0,{users * 10},{users * 20},{users * 30},{total},{fails}"
+        )
     (tmp_path / "h.csv").write_text("\n".join(rows) + "\n")
     history = report.read_history(tmp_path / "h.csv")
     assert [row["rps"] for row in history[1:]] == [10] * 4 + [16] * 4
@@ -82,8 +88,14 @@ def test_history_gives_exact_throughput_and_per_step_medians(tmp_path):
 
 
 def test_wrong_or_empty_predictions_are_failures():
-    good = {"model": "m", "version": "1", "predictions": [{"index": 3, "label": "cat", "score": 0.9},
-                                                           {"index": 5, "label": "dog", "score": 0.1}]}
+    good = {
+        "model": "m",
+        "version": "1",
+        "predictions": [
+            {"index": 3, "label": "cat", "score": 0.9},
+            {"index": 5, "label": "dog", "score": 0.1},
+        ],
+    }
     assert check_prediction(good, "m", 5) is None
     assert "empty" in check_prediction({**good, "predictions": []}, "m", 5)
     assert "model" in check_prediction(good, "other", 5)
@@ -117,29 +129,67 @@ def gateway(tmp_path_factory):
     repository = tmp_path_factory.mktemp("repository")
     write_colors_model(repository)
     port, grpc_port = free_port(), free_port()
-    env = {"RESNET_REPOSITORY": str(repository), "RESNET_PORT": str(port), "RESNET_GRPC_PORT": str(grpc_port),
-           "RESNET_HOST": "127.0.0.1", "RESNET_LOG_LEVEL": "warning", "RESNET_INTRA_OP_THREADS": "1",
-           "RESNET_API_KEYS": API_KEY}
+    env = {
+        "RESNET_REPOSITORY": str(repository),
+        "RESNET_PORT": str(port),
+        "RESNET_GRPC_PORT": str(grpc_port),
+        "RESNET_HOST": "127.0.0.1",
+        "RESNET_LOG_LEVEL": "warning",
+        "RESNET_INTRA_OP_THREADS": "1",
+        "RESNET_API_KEYS": API_KEY,
+    }
     log = tmp_path_factory.mktemp("logs") / "gateway.log"
-    with running_process([sys.executable, "-m", "cli", "serve"], ready_url=f"http://127.0.0.1:{port}/readyz",
-                         env=env, log_path=log, timeout=90):
+    with running_process(
+        [sys.executable, "-m", "cli", "serve"],
+        ready_url=f"http://127.0.0.1:{port}/readyz",
+        env=env,
+        log_path=log,
+        timeout=90,
+    ):
         yield {"url": f"http://127.0.0.1:{port}", "grpc": f"127.0.0.1:{grpc_port}"}
 
 
 def run_loadtest(*args: str, api_key: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "RESNET_API_KEY": api_key}  # the CLI's --api-key default, as a user would set it
-    return subprocess.run([sys.executable, "-m", "cli", "loadtest", *args], capture_output=True, text=True,
-                          timeout=120, cwd=REPO_ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "cli", "loadtest", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+        env=env,
+    )
 
 
 @pytest.mark.slow
 def test_headless_run_passes_thresholds_and_writes_files(gateway, tmp_path):
     out = tmp_path / "run"
-    result = run_loadtest("--url", gateway["url"], "--scenario", "ramp", "--users", "4", "--duration", "5s",
-                          "--out", str(out), "--max-fail-ratio", "0", "--max-p99-ms", "20000", api_key=API_KEY)
+    result = run_loadtest(
+        "--url",
+        gateway["url"],
+        "--scenario",
+        "ramp",
+        "--users",
+        "4",
+        "--duration",
+        "5s",
+        "--out",
+        str(out),
+        "--max-fail-ratio",
+        "0",
+        "--max-p99-ms",
+        "20000",
+        api_key=API_KEY,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    for name in ("locust_stats.csv", "locust_stats_history.csv", "report.html", "timeline.png",
-                 "latency_vs_throughput.png", "summary.json"):
+    for name in (
+        "locust_stats.csv",
+        "locust_stats_history.csv",
+        "report.html",
+        "timeline.png",
+        "latency_vs_throughput.png",
+        "summary.json",
+    ):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == "colors" and summary["broken"] == []
@@ -150,8 +200,19 @@ def test_headless_run_passes_thresholds_and_writes_files(gateway, tmp_path):
 
 @pytest.mark.slow
 def test_impossible_threshold_exits_non_zero_and_says_which(gateway, tmp_path):
-    result = run_loadtest("--url", gateway["url"], "--users", "2", "--duration", "3s", "--out", str(tmp_path),
-                          "--max-p95-ms", "0.001", api_key=API_KEY)
+    result = run_loadtest(
+        "--url",
+        gateway["url"],
+        "--users",
+        "2",
+        "--duration",
+        "3s",
+        "--out",
+        str(tmp_path),
+        "--max-p95-ms",
+        "0.001",
+        api_key=API_KEY,
+    )
     assert result.returncode == 3
     assert "p95 latency" in result.stderr and "resnet: error:" in result.stderr
 
@@ -164,7 +225,9 @@ def test_missing_api_key_is_a_one_line_error(gateway, tmp_path):
 
 
 def test_unreachable_gateway_is_a_one_line_error(tmp_path):
-    result = run_loadtest("--url", f"http://127.0.0.1:{free_port()}", "--duration", "2s", "--out", str(tmp_path))
+    result = run_loadtest(
+        "--url", f"http://127.0.0.1:{free_port()}", "--duration", "2s", "--out", str(tmp_path)
+    )
     assert result.returncode == 1
     assert result.stderr.strip().startswith("resnet: error: cannot list models")
     assert len(result.stderr.strip().splitlines()) == 1
@@ -172,10 +235,26 @@ def test_unreachable_gateway_is_a_one_line_error(tmp_path):
 
 @pytest.mark.slow
 def test_grpc_user_records_successes(gateway, tmp_path):
-    pytest.importorskip("server.grpc_service", reason="the gateway's gRPC API (server/grpc_service.py) is not built yet")
+    pytest.importorskip(
+        "server.grpc_service", reason="the gateway's gRPC API (server/grpc_service.py) is not built yet"
+    )
     out = tmp_path / "grpc"
-    result = run_loadtest("--url", gateway["url"], "--grpc", "--grpc-url", gateway["grpc"], "--users", "2",
-                          "--duration", "3s", "--out", str(out), "--max-fail-ratio", "0", api_key=API_KEY)
+    result = run_loadtest(
+        "--url",
+        gateway["url"],
+        "--grpc",
+        "--grpc-url",
+        gateway["grpc"],
+        "--users",
+        "2",
+        "--duration",
+        "3s",
+        "--out",
+        str(out),
+        "--max-fail-ratio",
+        "0",
+        api_key=API_KEY,
+    )
     assert result.returncode == 0, result.stderr[-2000:] + (out / "locust_failures.csv").read_text()
     stats = (out / "locust_stats.csv").read_text()
     assert "gRPC,ModelInfer 1 image" in stats
@@ -183,8 +262,12 @@ def test_grpc_user_records_successes(gateway, tmp_path):
 
 
 def test_locustfile_lists_users_and_shape():
-    result = subprocess.run([sys.executable, "-m", "locust", "-f", str(Path(REPO_ROOT, "loadtest", "locustfile.py")),
-                             "--list"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(Path(REPO_ROOT, "loadtest", "locustfile.py")), "--list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "ClassifyUser" in result.stdout and "GrpcUser" in result.stdout
 
@@ -192,5 +275,7 @@ def test_locustfile_lists_users_and_shape():
 def test_cli_process_never_imports_locust():
     """Locust monkey-patches the process with gevent on import; the CLI and these tests must stay unpatched."""
     code = "import sys, loadtest.cli, loadtest.checks, loadtest.report; print('locust' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
+    )
     assert result.stdout.strip() == "False", result.stderr

@@ -43,8 +43,11 @@ def eval_transform():
     return presets.eval_transform
 
 
-@pytest.mark.parametrize("spec", [PreprocessSpec.imagenet(), PreprocessSpec(resize_shorter=232, crop=224, interpolation="bicubic")],
-                         ids=["resize256-bilinear", "resize232-bicubic"])
+@pytest.mark.parametrize(
+    "spec",
+    [PreprocessSpec.imagenet(), PreprocessSpec(resize_shorter=232, crop=224, interpolation="bicubic")],
+    ids=["resize256-bilinear", "resize232-bicubic"],
+)
 def test_matches_training_eval_transform_on_real_photos(imagenet_samples, eval_transform, spec):
     reference_transform = eval_transform(spec)
     errors = []
@@ -77,19 +80,27 @@ def test_cifar_spec_gives_normalized_32x32():
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1"])
 def test_every_pillow_mode_becomes_rgb(mode):
     base = photo_like(80, 60)
-    image = base.convert(mode) if mode != "I;16" else Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257)
+    image = (
+        base.convert(mode)
+        if mode != "I;16"
+        else Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257)
+    )
     fmt = "JPEG" if mode == "CMYK" else "PNG" if mode != "1" else "BMP"
     tensor = preprocess_image(encode(image, fmt), PreprocessSpec(resize_shorter=48, crop=40))
     assert tensor.shape == (3, 40, 40) and np.isfinite(tensor).all()
     if mode in ("L", "I;16"):  # grey stays grey, and 16-bit scales down to the same 8-bit values
         np.testing.assert_allclose(tensor[0] * 0.229 + 0.485, tensor[1] * 0.224 + 0.456, atol=1e-5)
-        eight_bit = preprocess_image(encode(base.convert("L"), "PNG"), PreprocessSpec(resize_shorter=48, crop=40))
+        eight_bit = preprocess_image(
+            encode(base.convert("L"), "PNG"), PreprocessSpec(resize_shorter=48, crop=40)
+        )
         np.testing.assert_allclose(tensor, eight_bit, atol=1e-5)
 
 
 def test_transparency_is_composited_over_white():
     transparent = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
-    tensor = preprocess_image(encode(transparent, "PNG"), PreprocessSpec(resize_shorter=32, crop=32, mean=(0, 0, 0), std=(1, 1, 1)))
+    tensor = preprocess_image(
+        encode(transparent, "PNG"), PreprocessSpec(resize_shorter=32, crop=32, mean=(0, 0, 0), std=(1, 1, 1))
+    )
     np.testing.assert_allclose(tensor, 1.0)
 
 
@@ -122,7 +133,9 @@ def test_exif_orientation_is_applied():
 
 def test_bgr_and_nhwc_follow_the_spec():
     data = encode(Image.new("RGB", (32, 32), (255, 0, 0)), "PNG")
-    spec = PreprocessSpec(resize_shorter=32, crop=32, mean=(0, 0, 0), std=(1, 1, 1), channel_order="BGR", layout="NHWC")
+    spec = PreprocessSpec(
+        resize_shorter=32, crop=32, mean=(0, 0, 0), std=(1, 1, 1), channel_order="BGR", layout="NHWC"
+    )
     tensor = preprocess_image(data, spec)
     assert tensor.shape == (32, 32, 3)
     np.testing.assert_allclose(tensor[0, 0], [0, 0, 1])
@@ -135,11 +148,14 @@ def test_batch_is_one_contiguous_array():
     np.testing.assert_array_equal(batch[2], preprocess_image(images[2], IMAGENET))
 
 
-@pytest.mark.parametrize("data, error", [
-    (b"", InvalidImage),
-    (b"definitely not an image", InvalidImage),
-    (encode(Image.new("RGB", (64, 64)), "TIFF"), UnsupportedMediaType),
-])
+@pytest.mark.parametrize(
+    "data, error",
+    [
+        (b"", InvalidImage),
+        (b"definitely not an image", InvalidImage),
+        (encode(Image.new("RGB", (64, 64)), "TIFF"), UnsupportedMediaType),
+    ],
+)
 def test_bad_bytes_raise_typed_errors(data, error):
     with pytest.raises(error):
         preprocess_image(data, IMAGENET)
@@ -158,7 +174,11 @@ def test_pixel_limit_is_checked_before_decoding():
         preprocess_image(data, IMAGENET, max_pixels=100_000)
 
 
-@pytest.mark.parametrize("size", [(7000, 7000), (10000, 10000), (30000, 30000)], ids=["over-limit", "pillow-warns", "pillow-refuses"])
+@pytest.mark.parametrize(
+    "size",
+    [(7000, 7000), (10000, 10000), (30000, 30000)],
+    ids=["over-limit", "pillow-warns", "pillow-refuses"],
+)
 def test_decompression_bomb_is_refused_from_the_header(size):
     with pytest.raises(PayloadTooLarge):
         preprocess_image(png_claiming(*size), IMAGENET)

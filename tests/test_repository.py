@@ -29,8 +29,14 @@ from tests.support import REPO_ROOT
 
 
 def classifier(target: str = "cpu", **overrides) -> repo.ClassifierSpec:
-    values = dict(name="resnet50", arch="resnet50", precision="fp32", num_classes=1000,
-                  preprocess=PreprocessSpec.imagenet(), target=target)
+    values = dict(
+        name="resnet50",
+        arch="resnet50",
+        precision="fp32",
+        num_classes=1000,
+        preprocess=PreprocessSpec.imagenet(),
+        target=target,
+    )
     return repo.ClassifierSpec(**{**values, **overrides})
 
 
@@ -45,10 +51,14 @@ def params(config: mc.ModelConfig) -> dict[str, str]:
 
 
 def test_cpu_classifier_config_is_a_python_backend_model_with_batching_and_spec(tmp_path):
-    spec = classifier(batching=repo.BatchingPolicy(max_batch_size=16, max_queue_delay_us=500, max_queue_size=64))
+    spec = classifier(
+        batching=repo.BatchingPolicy(max_batch_size=16, max_queue_delay_us=500, max_queue_size=64)
+    )
     config = written_config(tmp_path, repo.classifier_config(spec), labels=["cat", "dog"])
     assert config.backend == "python" and config.max_batch_size == 16
-    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [(INPUT_NAME, mc.TYPE_FP32, [3, 224, 224])]
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        (INPUT_NAME, mc.TYPE_FP32, [3, 224, 224])
+    ]
     (output,) = config.output
     assert (output.name, list(output.dims), output.label_filename) == (OUTPUT_NAME, [1000], LABELS_FILENAME)
     assert config.dynamic_batching.max_queue_delay_microseconds == 500
@@ -58,7 +68,11 @@ def test_cpu_classifier_config_is_a_python_backend_model_with_batching_and_spec(
     assert config.version_policy.latest.num_versions == 1
     assert config.model_warmup[0].inputs[INPUT_NAME].zero_data
     values = params(config)
-    assert (values[ROLE_KEY], values[ARCH_KEY], values[PRECISION_KEY]) == (Role.CLASSIFIER, "resnet50", "fp32")
+    assert (values[ROLE_KEY], values[ARCH_KEY], values[PRECISION_KEY]) == (
+        Role.CLASSIFIER,
+        "resnet50",
+        "fp32",
+    )
     assert PreprocessSpec.from_parameters(values) == PreprocessSpec.imagenet()
     assert (tmp_path / "resnet50" / LABELS_FILENAME).read_text() == "cat\ndog\n"
 
@@ -75,12 +89,21 @@ def test_gpu_onnx_config_uses_tensorrt_accelerator_on_gpu_instances(tmp_path):
 
 
 def test_gpu_int8_and_tensorrt_plan_configs(tmp_path):
-    int8 = written_config(tmp_path, repo.classifier_config(
-        classifier("gpu", name="resnet50_int8", precision="int8", tensorrt_precision="INT8")))
-    assert int8.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters["precision_mode"] == "INT8"
+    int8 = written_config(
+        tmp_path,
+        repo.classifier_config(
+            classifier("gpu", name="resnet50_int8", precision="int8", tensorrt_precision="INT8")
+        ),
+    )
+    assert (
+        int8.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters["precision_mode"]
+        == "INT8"
+    )
     assert params(int8)[PRECISION_KEY] == "int8"
-    plan = written_config(tmp_path, repo.classifier_config(
-        classifier("gpu", name="resnet50_trt", runtime="tensorrt", precision="fp16")))
+    plan = written_config(
+        tmp_path,
+        repo.classifier_config(classifier("gpu", name="resnet50_trt", runtime="tensorrt", precision="fp16")),
+    )
     assert (plan.platform, plan.default_model_filename) == ("tensorrt_plan", "model.plan")
     assert plan.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert not plan.optimization.execution_accelerators.gpu_execution_accelerator
@@ -88,14 +111,22 @@ def test_gpu_int8_and_tensorrt_plan_configs(tmp_path):
 
 def test_preprocess_and_pipeline_configs_chain_image_bytes_to_logits(tmp_path):
     spec = classifier(preprocess=PreprocessSpec.cifar10(), num_classes=10, name="r20", arch="resnet20")
-    pre = written_config(tmp_path, repo.preprocess_config("r20_preprocess", "resnet20", spec.preprocess, spec.batching))
+    pre = written_config(
+        tmp_path, repo.preprocess_config("r20_preprocess", "resnet20", spec.preprocess, spec.batching)
+    )
     assert pre.backend == "python"
-    assert (pre.input[0].name, pre.input[0].data_type, list(pre.input[0].dims)) == (IMAGE_INPUT_NAME, mc.TYPE_STRING, [1])
+    assert (pre.input[0].name, pre.input[0].data_type, list(pre.input[0].dims)) == (
+        IMAGE_INPUT_NAME,
+        mc.TYPE_STRING,
+        [1],
+    )
     assert (pre.output[0].name, list(pre.output[0].dims)) == (INPUT_NAME, [3, 32, 32])
     assert params(pre)[ROLE_KEY] == Role.PREPROCESS
     assert PreprocessSpec.from_parameters(params(pre)) == PreprocessSpec.cifar10()
 
-    pipe = written_config(tmp_path, repo.pipeline_config("r20_pipeline", spec, "r20_preprocess"), labels=list("abcdefghij"))
+    pipe = written_config(
+        tmp_path, repo.pipeline_config("r20_pipeline", spec, "r20_preprocess"), labels=list("abcdefghij")
+    )
     assert pipe.platform == "ensemble" and pipe.max_batch_size == spec.batching.max_batch_size
     assert pipe.output[0].label_filename == LABELS_FILENAME
     first, second = pipe.ensemble_scheduling.step
@@ -185,7 +216,9 @@ def test_config_text_round_trips_and_rejects_garbage(tmp_path):
 
 def test_tensorrt_profile_spans_one_to_max_batch_with_opt_near_half():
     shapes = trt_config.optimization_profile(224, 32)
-    assert shapes.min == (1, 3, 224, 224) and shapes.max == (32, 3, 224, 224) and shapes.opt == (16, 3, 224, 224)
+    assert (
+        shapes.min == (1, 3, 224, 224) and shapes.max == (32, 3, 224, 224) and shapes.opt == (16, 3, 224, 224)
+    )
     assert trt_config.optimization_profile(32, 1).opt == (1, 3, 32, 32)
     assert trt_config.optimization_profile(32, 24).opt[0] == 8
     assert trt_config.optimization_profile(32, 8, opt_batch_size=4).opt[0] == 4
@@ -201,7 +234,9 @@ def test_tensorrt_builder_flags():
     assert trt_config.builder_flag_names(fp16=False, int8=True) == ["FP16", "INT8"]
 
 
-@pytest.mark.skipif(trt_config.tensorrt_available(), reason="checks the message shown where tensorrt is missing")
+@pytest.mark.skipif(
+    trt_config.tensorrt_available(), reason="checks the message shown where tensorrt is missing"
+)
 def test_tensorrt_build_without_tensorrt_says_so(tmp_path):
     with pytest.raises(ExportError, match="tensorrt"):
         trt_config.build_plan(tmp_path / "m.onnx", tmp_path / "model.plan", 224, 8)
@@ -215,6 +250,7 @@ def test_tensorrt_plan_builds(tmp_path):
     from export.onnx import export_onnx
 
     onnx_path = export_onnx(torchvision.models.resnet18(), tmp_path / "model.onnx", 224)
-    plan = trt_config.build_plan(onnx_path, tmp_path / "model.plan", 224, 8, fp16=True,
-                                 timing_cache=tmp_path / "timing.cache")
+    plan = trt_config.build_plan(
+        onnx_path, tmp_path / "model.plan", 224, 8, fp16=True, timing_cache=tmp_path / "timing.cache"
+    )
     assert plan.stat().st_size > 1_000_000 and (tmp_path / "timing.cache").is_file()

@@ -15,7 +15,12 @@ def test_missing_keys_default_to_imagenet():
 
 @pytest.mark.parametrize(
     "parameters",
-    [{"preprocess.crop": "abc"}, {"preprocess.mean": "1,2"}, {"preprocess.crop": "300"}, {"preprocess.layout": "CHW"}],
+    [
+        {"preprocess.crop": "abc"},
+        {"preprocess.mean": "1,2"},
+        {"preprocess.crop": "300"},
+        {"preprocess.layout": "CHW"},
+    ],
 )
 def test_bad_values_are_refused(parameters):
     with pytest.raises(SpecError):

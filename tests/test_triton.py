@@ -35,7 +35,9 @@ def repository(tmp_path_factory):
     source = from_arch("resnet20", "random")
     source.classes = CLASSES
     root = tmp_path_factory.mktemp("model_repository")
-    workflow.export_to_repository(source, workflow.ExportOptions(name="r20", repository=root, measure_latency=False))
+    workflow.export_to_repository(
+        source, workflow.ExportOptions(name="r20", repository=root, measure_latency=False)
+    )
     return root
 
 
@@ -88,7 +90,9 @@ def test_http_inference_matches_and_classification_extension_names_labels(triton
         tensor = httpclient.InferInput(INPUT_NAME, list(inputs.shape), "FP32")
         tensor.set_data_from_numpy(inputs)
         logits = client.infer("r20", [tensor]).as_numpy(OUTPUT_NAME)
-        top = client.infer("r20", [tensor], outputs=[httpclient.InferRequestedOutput(OUTPUT_NAME, class_count=2)])
+        top = client.infer(
+            "r20", [tensor], outputs=[httpclient.InferRequestedOutput(OUTPUT_NAME, class_count=2)]
+        )
         top = top.as_numpy(OUTPUT_NAME)
     finally:
         client.close()
@@ -106,8 +110,9 @@ def test_pipeline_classifies_encoded_jpeg_like_in_process_preprocessing(triton, 
     with grpcclient.InferenceServerClient(triton.grpc_url) as client:
         tensor = grpcclient.InferInput(IMAGE_INPUT_NAME, [1, 1], "BYTES")
         tensor.set_data_from_numpy(image)
-        result = client.infer("r20_pipeline", [tensor], outputs=[
-            grpcclient.InferRequestedOutput(OUTPUT_NAME, class_count=3)]).as_numpy(OUTPUT_NAME)
+        result = client.infer(
+            "r20_pipeline", [tensor], outputs=[grpcclient.InferRequestedOutput(OUTPUT_NAME, class_count=3)]
+        ).as_numpy(OUTPUT_NAME)
         logits = client.infer("r20_pipeline", [tensor]).as_numpy(OUTPUT_NAME)
     expected = reference(preprocess_image(jpeg, PreprocessSpec.cifar10())[None])
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
@@ -128,7 +133,9 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(triton, reference)
         inputs = batch_of(1)
         good = grpcclient.InferInput(INPUT_NAME, [1, 3, 32, 32], "FP32")
         good.set_data_from_numpy(inputs)
-        np.testing.assert_allclose(client.infer("r20", [good]).as_numpy(OUTPUT_NAME), reference(inputs), atol=1e-5)
+        np.testing.assert_allclose(
+            client.infer("r20", [good]).as_numpy(OUTPUT_NAME), reference(inputs), atol=1e-5
+        )
 
 
 def test_metrics_endpoint_counts_inferences(triton):
@@ -144,8 +151,21 @@ def test_metrics_endpoint_counts_inferences(triton):
 
 def test_cli_serves_until_sigterm_then_exits_cleanly(repository):
     ports = [str(free_port()) for _ in range(3)]
-    command = [str(VENV_BIN / "resnet"), "triton", "serve", "--repository", str(repository), "--model", "r20",
-               "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    command = [
+        str(VENV_BIN / "resnet"),
+        "triton",
+        "serve",
+        "--repository",
+        str(repository),
+        "--model",
+        "r20",
+        "--http-port",
+        ports[0],
+        "--grpc-port",
+        ports[1],
+        "--metrics-port",
+        ports[2],
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         banner = next(line for line in process.stdout if line.startswith("Triton ready"))
@@ -161,7 +181,11 @@ def test_cli_serves_until_sigterm_then_exits_cleanly(repository):
 
 
 def test_cli_missing_repository_is_one_line_error(tmp_path):
-    result = subprocess.run([str(VENV_BIN / "resnet"), "triton", "serve", "--repository", str(tmp_path / "nope")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(VENV_BIN / "resnet"), "triton", "serve", "--repository", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert result.stderr.strip() == f"resnet: error: model repository not found: {tmp_path / 'nope'}"

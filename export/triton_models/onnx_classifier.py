@@ -27,23 +27,32 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(parameters.get("onnxruntime.intra_op_num_threads", "0"))
         options.log_severity_level = 3
         # Spinning worker threads starve the stub's other work (and neighbours) on a shared CPU: off by default.
-        options.add_session_config_entry("session.intra_op.allow_spinning",
-                                         parameters.get("onnxruntime.allow_spinning", "0"))
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", parameters.get("onnxruntime.allow_spinning", "0")
+        )
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         inputs = {i["name"]: i for i in config["input"]}
         if INPUT_NAME not in inputs or [o.name for o in self.session.get_outputs()] != [OUTPUT_NAME]:
-            raise pb_utils.TritonModelException(f"{config['name']}: expected tensors {INPUT_NAME!r} -> {OUTPUT_NAME!r}")
+            raise pb_utils.TritonModelException(
+                f"{config['name']}: expected tensors {INPUT_NAME!r} -> {OUTPUT_NAME!r}"
+            )
         self.sample_shape = tuple(int(d) for d in inputs[INPUT_NAME]["dims"])
         onnx_shape = tuple(self.session.get_inputs()[0].shape[1:])
         if onnx_shape != self.sample_shape:
-            raise pb_utils.TritonModelException(f"{config['name']}: model.onnx takes {onnx_shape}, config says {self.sample_shape}")
+            raise pb_utils.TritonModelException(
+                f"{config['name']}: model.onnx takes {onnx_shape}, config says {self.sample_shape}"
+            )
 
     def execute(self, requests):
         arrays, errors = [], []
         for request in requests:
             array = pb_utils.get_input_tensor_by_name(request, INPUT_NAME).as_numpy()
             ok = array.dtype == np.float32 and tuple(array.shape[1:]) == self.sample_shape
-            errors.append(None if ok else f"{INPUT_NAME} must be FP32 [batch, {', '.join(map(str, self.sample_shape))}], got {array.dtype} {list(array.shape)}")
+            errors.append(
+                None
+                if ok
+                else f"{INPUT_NAME} must be FP32 [batch, {', '.join(map(str, self.sample_shape))}], got {array.dtype} {list(array.shape)}"
+            )
             arrays.append(array if ok else None)
         valid = [a for a in arrays if a is not None]
         outputs = iter([])
@@ -53,9 +62,13 @@ class TritonPythonModel:
         responses = []
         for error in errors:
             if error:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(error)))
+                responses.append(
+                    pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(error))
+                )
             else:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT_NAME, next(outputs))]))
+                responses.append(
+                    pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT_NAME, next(outputs))])
+                )
         return responses
 
     def finalize(self):

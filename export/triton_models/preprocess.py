@@ -22,8 +22,10 @@ class TritonPythonModel:
             from server.preprocessing import preprocess_image
             from server.spec import PreprocessSpec, SpecError
         except ImportError as error:
-            raise pb_utils.TritonModelException(f"{config['name']}: the `server` package is not importable ({error}); "
-                                                "start Triton with `resnet triton serve`, which sets PYTHONPATH") from error
+            raise pb_utils.TritonModelException(
+                f"{config['name']}: the `server` package is not importable ({error}); "
+                "start Triton with `resnet triton serve`, which sets PYTHONPATH"
+            ) from error
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         try:
             self.spec = PreprocessSpec.from_parameters(parameters)
@@ -37,10 +39,20 @@ class TritonPythonModel:
         for request in requests:
             images = pb_utils.get_input_tensor_by_name(request, IMAGE_INPUT_NAME).as_numpy()
             try:
-                batch = np.stack([self.preprocess_image(bytes(item), self.spec) for item in images.reshape(-1)])
-            except self.image_error as error:  # the client's bytes are bad: answer this request, keep serving the rest
+                batch = np.stack(
+                    [self.preprocess_image(bytes(item), self.spec) for item in images.reshape(-1)]
+                )
+            except (
+                self.image_error
+            ) as error:  # the client's bytes are bad: answer this request, keep serving the rest
                 message = f"cannot preprocess image: {error.message}"
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)))
+                responses.append(
+                    pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+                )
                 continue
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT_NAME, batch.astype(np.float32))]))
+            responses.append(
+                pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(OUTPUT_NAME, batch.astype(np.float32))]
+                )
+            )
         return responses

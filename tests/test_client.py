@@ -1,0 +1,161 @@
+"""`resnet client classify` against real servers on loopback: the gateway over HTTP and gRPC, and a real Triton over
+gRPC and HTTP, giving the same answers for the same images; user errors end in one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cli.main import main as resnet
+from tests.gateway_models import LABELS, color_image
+from tests.grpc_support import API_KEY, gateway_process, write_pipeline_repository
+from tests.support import free_port
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    return write_pipeline_repository(tmp_path_factory.mktemp("client-repository"))
+
+
+@pytest.fixture(scope="module")
+def gateway(repository, tmp_path_factory):
+    with gateway_process(
+        tmp_path_factory.mktemp("client-logs"), "--repository", str(repository), "--api-keys", API_KEY
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Five images (JPEG and PNG, sorted by name) and their expected top class."""
+    folder = tmp_path_factory.mktemp("photos")
+    expected = {}
+    for number, color in enumerate([*LABELS, "green", "red"]):
+        fmt = "PNG" if number % 2 else "JPEG"
+        path = folder / f"{number}-{color}.{fmt.lower()}"
+        path.write_bytes(color_image(color, fmt=fmt))
+        expected[str(path)] = color
+    (folder / "notes.txt").write_text("not an image: skipped when the folder is expanded")
+    return folder, expected
+
+
+def classify_json(capsys, *args: str) -> list[dict]:
+    assert resnet(["client", "classify", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def assert_same_answers(first: list[dict], second: list[dict]) -> None:
+    assert [r["image"] for r in first] == [r["image"] for r in second]
+    for a, b in zip(first, second, strict=True):
+        assert [(p["index"], p["label"]) for p in a["predictions"]] == [
+            (p["index"], p["label"]) for p in b["predictions"]
+        ]
+        assert [p["score"] for p in a["predictions"]] == pytest.approx(
+            [p["score"] for p in b["predictions"]], abs=1e-5
+        )
+
+
+def test_http_and_grpc_to_the_gateway_agree_in_batches(gateway, photos, capsys):
+    folder, expected = photos
+    over_http = classify_json(
+        capsys, str(folder), "--url", gateway.http_url, "--top-k", "2", "--api-key", API_KEY
+    )
+    over_grpc = classify_json(
+        capsys,
+        str(folder),
+        "--url",
+        gateway.grpc_url,
+        "--top-k",
+        "2",
+        "--batch-size",
+        "2",
+        "--api-key",
+        API_KEY,
+        "--model",
+        "colors",
+    )
+    assert {r["image"]: r["predictions"][0]["label"] for r in over_http} == expected
+    assert all(len(r["predictions"]) == 2 and r["model"] == "colors" for r in over_http)
+    assert 0.5 < over_http[0]["predictions"][0]["score"] <= 1.0  # probabilities, not logits
+    assert_same_answers(over_http, over_grpc)
+
+
+def test_table_output_names_model_and_server(gateway, photos, capsys, monkeypatch):
+    folder, _ = photos
+    monkeypatch.setenv("RESNET_API_KEY", API_KEY)
+    monkeypatch.setenv("COLUMNS", "160")
+    assert (
+        resnet(["client", "classify", str(folder / "0-red.jpeg"), "--url", gateway.grpc_url, "--top-k", "3"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "colors on the gateway (grpc)" in out
+    assert all(label in out for label in LABELS) and "0-red.jpeg" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["missing.jpg"], "image not found: missing.jpg"),
+        (["{photo}", "--url", "ftp://host:1"], "bad --url"),
+        (["{photo}", "--url", "{grpc}", "--api-key", "wrong"], "invalid API key"),
+        (["{photo}", "--url", "{http}", "--api-key", "wrong"], "401"),
+        (
+            ["{photo}", "--url", "{grpc}", "--api-key", API_KEY, "--model", "nope"],
+            "'nope_pipeline' not found",
+        ),
+        (["{photo}", "--url", "{http}", "--api-key", API_KEY, "--model", "nope"], "'nope' not found"),
+        (["{photo}", "--url", "grpc://127.0.0.1:{dead}"], "grpc://127.0.0.1:"),
+        (["{photo}", "--url", "http://127.0.0.1:{dead}"], "cannot reach"),
+    ],
+)
+def test_errors_are_one_line_and_exit_non_zero(gateway, photos, capsys, args, message):
+    folder, _ = photos
+    values = {
+        "photo": str(folder / "0-red.jpeg"),
+        "grpc": gateway.grpc_url,
+        "http": gateway.http_url,
+        "dead": free_port(),
+    }
+    assert resnet(["client", "classify", *(arg.format(**values) for arg in args), "--timeout", "5"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("resnet: error: ") and "\n" not in err and message in err, err
+
+
+def test_console_script_help_and_exit_code(gateway):
+    help_text = subprocess.run(
+        [sys.executable, "-m", "cli.main", "client", "classify", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "grpc://HOST:PORT" in help_text and "RESNET_CLIENT_URL" in help_text
+    failed = subprocess.run(
+        [sys.executable, "-m", "cli.main", "client", "classify", "nowhere.png"],
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode == 1 and failed.stderr.strip() == "resnet: error: image not found: nowhere.png"
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_triton_grpc_and_http_answer_like_the_gateway(gateway, repository, photos, capsys, tmp_path):
+    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
+    from export.triton_server import TritonServer
+
+    folder, expected = photos
+    reference = classify_json(
+        capsys, str(folder), "--url", gateway.http_url, "--api-key", API_KEY, "--top-k", "3"
+    )
+    with TritonServer(repository, log_path=tmp_path / "triton.log") as triton:
+        over_grpc = classify_json(capsys, str(folder), "--url", f"grpc://{triton.grpc_url}", "--top-k", "3")
+        over_http = classify_json(
+            capsys, str(folder), "--url", triton.http_url, "--top-k", "3", "--batch-size", "3"
+        )
+    assert {r["image"]: r["predictions"][0]["label"] for r in over_grpc} == expected
+    assert_same_answers(reference, over_grpc)
+    assert_same_answers(reference, over_http)
