@@ -9,7 +9,9 @@ One run, one model, one machine, in this order:
    with the same threads, at its best batch size. Batching on and off, and a sweep of the batching delay.
 3. Naive baseline: FastAPI + PyTorch eager, one forward per request (loadtest/naive_server.py), same client,
    same concurrency, same photos.
-4. Load test: a Locust ramp against the gateway (skipped with --quick).
+4. gRPC vs HTTP: the same gateway process answering the same photos over both protocols
+   (server.grpc_bench), at several concurrencies.
+5. Load test: a Locust ramp against the gateway (skipped with --quick).
 Every figure in docs/benchmarks.md comes from this command (rendered by loadtest/bench_report.py); sections
 of the page that other parts of the project own are kept as they are.
 """
@@ -511,6 +513,20 @@ def bench_gateway(
     return {"points": [asdict(r) for r in results]}
 
 
+def bench_grpc(plan: BenchPlan, model: ModelUnderTest, images: list[bytes], scratch: Path) -> list[dict]:
+    """HTTP then gRPC against one gateway process (batching on, the sweep's first delay), same photos."""
+    from server.grpc_bench import compare
+
+    port, grpc_port = _free_port(), _free_port()
+    command, env = gateway_command(model, port, plan.threads, True, plan.delays_ms[0])
+    env["RESNET_GRPC_PORT"] = str(grpc_port)
+    concurrencies = (1, 8) if plan.quick else (1, 8, 32)
+    requests = 60 if plan.quick else 400
+    with serving(command, port, scratch / "gateway-grpc.log", env) as base:
+        rows = compare(base, f"127.0.0.1:{grpc_port}", model.name, images, concurrencies, requests)
+    return [asdict(row) for row in rows]
+
+
 def bench_naive(
     plan: BenchPlan,
     model: ModelUnderTest,
@@ -671,7 +687,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--skip",
         action="append",
         default=[],
-        choices=["runtimes", "naive", "loadtest"],
+        choices=["runtimes", "naive", "grpc", "loadtest"],
         help="leave a part out (repeatable)",
     )
     return parser
@@ -719,6 +735,10 @@ def main(args: argparse.Namespace) -> int:
                 console.log(f"naive baseline: {results['naive']['images_per_s']:.1f} img/s")
         finally:
             raw.close()
+        if "grpc" not in args.skip:
+            with console.status("gRPC vs HTTP on one gateway..."):
+                results["grpc_vs_http"] = bench_grpc(plan, model, images, scratch)
+            console.log("gRPC vs HTTP done")
         if not plan.quick and "loadtest" not in args.skip:
             with console.status(f"Locust ramp ({plan.loadtest_s:g} s)..."):
                 results["loadtest"] = bench_loadtest(plan, model, scratch, img_dir)

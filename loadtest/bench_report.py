@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-OWNED_SECTIONS = ("Runtime comparison", "Gateway efficiency", "Naive baseline", "Load test")
+OWNED_SECTIONS = ("Runtime comparison", "Gateway efficiency", "Naive baseline", "gRPC vs HTTP", "Load test")
 
 
 def plot_delay_sweep(gateway: dict, naive: dict | None, raw: dict, path: Path) -> None:
@@ -87,7 +87,23 @@ def render_sections(results: dict, img_prefix: str) -> dict[str, str]:
         sections["Runtime comparison"] = _runtime_section(results)
     if results.get("naive"):
         sections["Naive baseline"] = _naive_section(results["naive"], best)
+    if results.get("grpc_vs_http"):
+        sections["gRPC vs HTTP"] = _grpc_section(results["grpc_vs_http"])
     return sections
+
+
+def _grpc_section(rows: list[dict]) -> str:
+    from server.grpc_bench import Measurement, markdown_table
+
+    return (
+        "One gateway process (embedded ONNX Runtime, batching on) answering the same photos over HTTP "
+        "(`POST /v1/models/{name}/classify`, top-5 JSON) and over Triton's gRPC protocol (`<name>_pipeline` with "
+        "`class_count`, tritonclient's asyncio client), each concurrency measured HTTP then gRPC "
+        "(`server.grpc_bench.compare`). Images/s counts successful requests, one image each. The client runs on the "
+        "same 2 cores as the gateway, and Python's HTTP client costs more CPU per request than gRPC's, which "
+        "widens gRPC's lead here compared with a client on another machine.\n\n"
+        + markdown_table([Measurement(**row) for row in rows])
+    )
 
 
 def _runtime_section(results: dict) -> str:

@@ -11,7 +11,7 @@ import pytest
 from loadtest.bench_report import OWNED_SECTIONS, split_sections
 from tests.support import REPO_ROOT
 
-FOREIGN = "## gRPC vs HTTP\n\nAnother helper's table | kept | verbatim |\n"
+FOREIGN = "## Export: runtimes on this CPU\n\nAnother part's table | kept | verbatim |\n"
 
 
 def test_sections_split_by_second_level_headings():
@@ -61,11 +61,14 @@ def test_quick_bench_runs_end_to_end_and_keeps_foreign_sections(tmp_path):
     assert [p["extra"]["batching"] for p in points] == [False, True]
     assert all(p["requests"] > 0 and p["errors"] == 0 and p["extra"]["raw_images_per_s"] > 0 for p in points)
     assert results["naive"]["requests"] > 0 and results["naive"]["errors"] == 0
+    grpc_rows = results["grpc_vs_http"]
+    assert {row["protocol"] for row in grpc_rows} == {"http", "grpc"}
+    assert all(row["errors"] == 0 and row["throughput"] > 0 for row in grpc_rows)
     assert results["machine"]["tritonserver"].count(".") == 2  # the version the running server reported
 
     text = (docs / "benchmarks.md").read_text()
     titles = [title for title, _ in split_sections(text)[1]]
-    assert titles == [*OWNED_SECTIONS, "gRPC vs HTTP"]
+    assert titles == [*OWNED_SECTIONS, "Export: runtimes on this CPU"]
     assert FOREIGN.strip() in text and "stale" not in text
     assert "resnet bench --quick" in text and "vs raw runtime" in text
     assert (docs / "img" / "gateway_latency_throughput.png").stat().st_size > 10_000
