@@ -84,3 +84,19 @@ def stop_process(process: subprocess.Popen, grace: float = 10) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@contextlib.contextmanager
+def running_gateway(
+    *flags: str, log_path: Path | None = None, timeout: float = 120, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real `resnet serve` on a free loopback port (gRPC off unless `flags` set it); yields (base URL, process)."""
+    port = free_port()
+    command = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if "--grpc-port" not in flags:
+        command += ["--grpc-port", "0"]
+    url = f"http://127.0.0.1:{port}"
+    with running_process(
+        command + list(flags), ready_url=f"{url}/readyz", timeout=timeout, env=env, log_path=log_path
+    ) as process:
+        yield url, process

@@ -11,7 +11,6 @@ import json
 import math
 import random
 import re
-import sys
 import tarfile
 import urllib.request
 import uuid
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO_ROOT, free_port, running_process
+from tests.support import REPO_ROOT, running_gateway
 
 REPOSITORY = REPO_ROOT / "model_repository"
 CARD = REPOSITORY / "resnet20_cifar10" / "model_card.md"
@@ -61,24 +60,8 @@ def test_sample(shared_data: Path) -> list[tuple[bytes, str]]:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory) -> str:
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--grpc-port",
-        "0",
-        "--repository",
-        str(REPOSITORY),
-    ]
     log = tmp_path_factory.mktemp("gateway") / "serve.log"
-    url = f"http://127.0.0.1:{port}"
-    with running_process(command, ready_url=f"{url}/readyz", timeout=120, log_path=log):
+    with running_gateway("--repository", str(REPOSITORY), log_path=log) as (url, _):
         yield url
 
 

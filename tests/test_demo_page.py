@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import base64
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.gateway_models import color_image, write_colors_model
-from tests.support import free_port, running_process
+from tests.support import running_gateway
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM_FLAGS = (
@@ -49,23 +48,8 @@ def browser(tmp_path):
 def gateway_url(tmp_path):
     repository = tmp_path / "repository"
     write_colors_model(repository)
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "serve",
-        "--repository",
-        str(repository),
-        "--port",
-        str(port),
-        "--grpc-port",
-        "0",
-    ]
-    with running_process(
-        command, ready_url=f"http://127.0.0.1:{port}/readyz", log_path=tmp_path / "gateway.log"
-    ):
-        yield f"http://127.0.0.1:{port}"
+    with running_gateway("--repository", str(repository), log_path=tmp_path / "gateway.log") as (url, _):
+        yield url
 
 
 def choose(browser, path: Path) -> None:

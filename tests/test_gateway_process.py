@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +13,7 @@ import httpx
 import pytest
 
 from tests.gateway_models import LABELS, color_image, write_colors_model
-from tests.support import REPO_ROOT, free_port, running_process
+from tests.support import REPO_ROOT, running_gateway
 
 pytestmark = pytest.mark.slow
 JPEG = {"content-type": "image/jpeg"}
@@ -29,26 +28,9 @@ def repository(tmp_path_factory) -> Path:
 
 @contextmanager
 def gateway(repository: Path, tmp_path: Path, *flags: str):
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "serve",
-        "--repository",
-        str(repository),
-        "--port",
-        str(port),
-        "--grpc-port",
-        "0",
-        "--intra-op-threads",
-        "1",
-        *flags,
-    ]
-    with running_process(
-        command, ready_url=f"http://127.0.0.1:{port}/readyz", timeout=60, log_path=tmp_path / "gateway.log"
-    ) as process:
-        yield f"http://127.0.0.1:{port}", process
+    serve_flags = ("--repository", str(repository), "--intra-op-threads", "1", *flags)
+    with running_gateway(*serve_flags, timeout=60, log_path=tmp_path / "gateway.log") as (url, process):
+        yield url, process
 
 
 def metric(text: str, name: str) -> float:
@@ -144,23 +126,8 @@ def test_bundled_repository_serves_real_photos(imagenet_samples, tmp_path):
     models = sorted(p.name for p in bundled.glob("*/config.pbtxt") if any(p.parent.glob("*/model.onnx")))
     if not models:
         pytest.skip("model_repository/ holds no model with a model.onnx yet")
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "serve",
-        "--repository",
-        str(bundled),
-        "--port",
-        str(port),
-        "--grpc-port",
-        "0",
-    ]
-    with running_process(
-        command, ready_url=f"http://127.0.0.1:{port}/readyz", timeout=120, log_path=tmp_path / "gateway.log"
-    ):
-        url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "gateway.log"
+    with running_gateway("--repository", str(bundled), timeout=120, log_path=log) as (url, _):
         served = httpx.get(f"{url}/v1/models").json()["models"]
         assert served
         for model in served:

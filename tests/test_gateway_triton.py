@@ -3,7 +3,6 @@ and HTTP, answer 503 while Triton is down, and recover by itself when Triton com
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import httpx
 import pytest
 
 from tests.gateway_models import LABELS, color_image, write_colors_model
-from tests.support import free_port, running_process, wait_until
+from tests.support import free_port, running_gateway, wait_until
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 JPEG = {"content-type": "image/jpeg"}
@@ -34,29 +33,10 @@ def repository(tmp_path_factory) -> Path:
 
 @contextmanager
 def gateway(tmp_path: Path, triton_url: str, *flags: str):
-    port = free_port()
     # An empty --repository: labels and configs must come from Triton itself.
-    command = [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "serve",
-        "--backend",
-        "triton",
-        "--triton-url",
-        triton_url,
-        "--repository",
-        str(tmp_path),
-        "--port",
-        str(port),
-        "--grpc-port",
-        "0",
-        *flags,
-    ]
-    with running_process(
-        command, ready_url=f"http://127.0.0.1:{port}/readyz", timeout=60, log_path=tmp_path / "gateway.log"
-    ):
-        yield f"http://127.0.0.1:{port}"
+    serve_flags = ("--backend", "triton", "--triton-url", triton_url, "--repository", str(tmp_path), *flags)
+    with running_gateway(*serve_flags, timeout=60, log_path=tmp_path / "gateway.log") as (url, _):
+        yield url
 
 
 def classify(url: str, color: str) -> httpx.Response:
