@@ -100,3 +100,11 @@ def running_gateway(
         command + list(flags), ready_url=f"{url}/readyz", timeout=timeout, env=env, log_path=log_path
     ) as process:
         yield url, process
+
+
+def torchrun_train_command(processes: int = 2) -> list[str]:
+    """`torchrun ... resnet train` on one node over loopback (gloo on CPU); append the train flags."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "cli.main", "train",
+    ]  # fmt: skip

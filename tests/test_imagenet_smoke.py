@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support import REPO_ROOT, free_port
+from tests.support import REPO_ROOT, torchrun_train_command
 from training.evaluate import evaluate_checkpoint
 from training.utils import list_checkpoints, load_checkpoint
 
@@ -46,20 +45,7 @@ def test_imagenet_recipe_resnet50_under_torchrun_then_ten_crop(tmp_path):
     data, output = tmp_path / "imagenet", tmp_path / "run"
     make_photos(data, {"train": 4, "val": 1})
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "cli.main",
-        "train",
+        *torchrun_train_command(),
         "--recipe",
         "imagenet-paper",
         "--arch",

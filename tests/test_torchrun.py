@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from tests.support import REPO_ROOT, free_port
+from tests.support import REPO_ROOT, torchrun_train_command
 from tests.test_training import make_image_tree
 from training.evaluate import evaluate_checkpoint
 from training.utils import list_checkpoints, load_checkpoint
@@ -20,20 +19,7 @@ def test_two_process_torchrun_trains_and_checkpoints(tmp_path):
     data = make_image_tree(tmp_path / "data", {"train": 16, "test": 4})
     output = tmp_path / "run"
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "cli.main",
-        "train",
+        *torchrun_train_command(),
         "--recipe",
         "cifar-paper",
         "--arch",
