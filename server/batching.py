@@ -3,7 +3,8 @@
 A worker takes the oldest sample, waits at most `max_delay` for the batch to fill up to `max_batch_size`, runs
 the batch once and resolves each sample's future with its own row. The queue is bounded (in samples): a request
 that does not fit is refused at once with 503 + Retry-After instead of growing memory; a sample whose request
-passed its deadline is dropped before it costs inference.
+passed its deadline is dropped before it costs inference. Every backend call is timed (stacking the batch,
+the backend, handing rows out) for the model's Triton-style statistics (server/statistics.py).
 """
 
 from __future__ import annotations
@@ -20,8 +21,17 @@ import numpy as np
 
 from server.errors import DeadlineExceeded, GatewayError, InvalidInput, Overloaded
 from server.metrics import Metrics
+from server.statistics import ComputeTimes, ModelStatistics, RequestTimes
 
 RunBatch = Callable[[np.ndarray], Awaitable[np.ndarray]]
+
+
+@dataclass(eq=False)
+class _Execution:
+    """One backend call, shared by every sample in its batch: when it started and where its time went."""
+
+    started_ns: int
+    compute: ComputeTimes
 
 
 @dataclass
@@ -29,10 +39,11 @@ class _Pending:
     sample: np.ndarray
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    execution: _Execution | None = None  # set with the result
 
 
 class Dispatcher(abc.ABC):
-    """What ServedModel calls: `with dispatcher.admit(n): ... await dispatcher.infer(batch, deadline)`.
+    """What ServedModel calls: `with dispatcher.admit(n): logits, times = await dispatcher.infer(batch, deadline)`.
 
     Admission bounds the images a model holds at once (being decoded, queued or inferred) to `queue_size`: one
     more request is refused before it costs a decode, so memory stays bounded however many clients connect.
@@ -40,6 +51,7 @@ class Dispatcher(abc.ABC):
 
     model: str
     queue_size: int
+    statistics: ModelStatistics  # the model's: every successful backend call is an execution
     _admitted: int = 0
 
     @contextlib.contextmanager
@@ -65,7 +77,8 @@ class Dispatcher(abc.ABC):
         return self._admitted
 
     @abc.abstractmethod
-    async def infer(self, batch: np.ndarray, deadline: float) -> np.ndarray: ...
+    async def infer(self, batch: np.ndarray, deadline: float) -> tuple[np.ndarray, RequestTimes]:
+        """Logits for the batch, and what the request spent waiting and being computed."""
 
     def start(self) -> None:
         return None  # a hook: only dispatchers with a background task start one
@@ -94,6 +107,7 @@ class DynamicBatcher(Dispatcher):
         max_delay_s: float,
         queue_size: int,
         metrics: Metrics,
+        statistics: ModelStatistics,
         workers: int = 1,
     ) -> None:
         self.model = model
@@ -102,6 +116,7 @@ class DynamicBatcher(Dispatcher):
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
         self.metrics = metrics
+        self.statistics = statistics
         self.workers = workers
         self._queue: collections.deque[_Pending] = collections.deque()
         self._arrived = asyncio.Event()
@@ -116,9 +131,10 @@ class DynamicBatcher(Dispatcher):
             asyncio.create_task(self._work(), name=f"batcher-{self.model}-{i}") for i in range(self.workers)
         ]
 
-    async def infer(self, batch: np.ndarray, deadline: float) -> np.ndarray:
+    async def infer(self, batch: np.ndarray, deadline: float) -> tuple[np.ndarray, RequestTimes]:
         remaining = _remaining(deadline)
         loop = asyncio.get_running_loop()
+        enqueued_ns = time.perf_counter_ns()
         pending = [_Pending(sample, loop.create_future()) for sample in batch]
         self._queue.extend(pending)
         self.metrics.queue_depth.labels(self.model).set(len(self._queue))
@@ -133,7 +149,7 @@ class DynamicBatcher(Dispatcher):
         finally:
             for future in futures:  # dropped by the worker if still queued
                 future.cancel()
-        return np.stack(rows)
+        return np.stack(rows), _times(pending, enqueued_ns)
 
     async def _next_batch(self) -> list[_Pending]:
         while not self._queue:
@@ -165,20 +181,31 @@ class DynamicBatcher(Dispatcher):
                     return
                 continue
             started = time.monotonic()
+            started_ns = time.perf_counter_ns()
             for pending in taken:
                 self.metrics.queue_seconds.labels(self.model).observe(started - pending.enqueued)
             self.metrics.batch_size.labels(self.model).observe(len(taken))
             try:
-                logits = await self.run_batch(np.stack([p.sample for p in taken]))
+                batch = np.stack([p.sample for p in taken])
+                stacked_ns = time.perf_counter_ns()
+                logits = await self.run_batch(batch)
             except GatewayError as error:
                 self._fail(taken, error)
                 continue
             except Exception as error:  # noqa: BLE001 - one bad batch must not stop the worker
                 self._fail(taken, error)
                 continue
+            inferred_ns = time.perf_counter_ns()
+            execution = _Execution(
+                started_ns, ComputeTimes(stacked_ns - started_ns, inferred_ns - stacked_ns)
+            )
             for pending, row in zip(taken, logits, strict=True):
                 if not pending.future.done():
+                    pending.execution = execution
                     pending.future.set_result(row)
+            # The waiting requests resume only after this step, so they read the finished output time.
+            execution.compute.output_ns = time.perf_counter_ns() - inferred_ns
+            self.statistics.record_execution(len(taken), execution.compute)
 
     @staticmethod
     def _fail(taken: list[_Pending], error: Exception) -> None:
@@ -194,22 +221,44 @@ class DynamicBatcher(Dispatcher):
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+def _times(pending: list[_Pending], enqueued_ns: int) -> RequestTimes:
+    """A request waited until its first batch started and is charged the compute of every batch it was in
+    (one, unless its images did not all fit into the same batch)."""
+    executions = list(dict.fromkeys(p.execution for p in pending if p.execution is not None))
+    compute = sum((execution.compute for execution in executions), ComputeTimes())
+    return RequestTimes(min(execution.started_ns for execution in executions) - enqueued_ns, compute)
+
+
 class DirectDispatcher(Dispatcher):
     """No gateway batching: each request goes to the backend as is (Triton's dynamic batcher merges them).
 
-    Still bounded by admission (`queue_size` images per model).
+    Still bounded by admission (`queue_size` images per model). Nothing waits in the gateway, so queue time is 0;
+    Triton's own queueing is part of the backend call (compute_infer).
     """
 
-    def __init__(self, model: str, run_batch: RunBatch, *, queue_size: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        model: str,
+        run_batch: RunBatch,
+        *,
+        queue_size: int,
+        metrics: Metrics,
+        statistics: ModelStatistics,
+    ) -> None:
         self.model = model
         self.run_batch = run_batch
         self.queue_size = queue_size
         self.metrics = metrics
+        self.statistics = statistics
 
-    async def infer(self, batch: np.ndarray, deadline: float) -> np.ndarray:
+    async def infer(self, batch: np.ndarray, deadline: float) -> tuple[np.ndarray, RequestTimes]:
         remaining = _remaining(deadline)
         self.metrics.batch_size.labels(self.model).observe(len(batch))
+        started_ns = time.perf_counter_ns()
         try:
-            return await asyncio.wait_for(self.run_batch(batch), remaining)
+            logits = await asyncio.wait_for(self.run_batch(batch), remaining)
         except TimeoutError:
             raise DeadlineExceeded(f"no result within the request deadline ({remaining:.1f}s)") from None
+        compute = ComputeTimes(infer_ns=time.perf_counter_ns() - started_ns)
+        self.statistics.record_execution(len(batch), compute)
+        return logits, RequestTimes(0, compute)

@@ -8,8 +8,9 @@ classifier `<name>` is served twice, as Triton would serve our exported reposito
 
 Asking for "logits" with the `classification` parameter (tritonclient's `class_count`) returns Triton's
 classification strings `score:index:label`, byte for byte as Triton formats them (its `AddClassResults`: raw
-output values sorted high to low, `std::to_string` floats). So `tritonclient.grpc` code written for Triton runs
-against the gateway unchanged. Typed `GatewayError`s become gRPC status codes at this one boundary.
+output values sorted high to low, `std::to_string` floats). `ModelStatistics` reports both names' statistics
+(server/statistics.py) with the meaning of Triton's statistics extension. So `tritonclient.grpc` code written for
+Triton runs against the gateway unchanged. Typed `GatewayError`s become gRPC status codes at this one boundary.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from server import errors
 from server.registry import ModelRegistry, ServedModel
 from server.settings import Settings
 from server.spec import IMAGE_INPUT_NAME, INPUT_NAME, OUTPUT_NAME, ROLE_KEY, Role
+from server.statistics import BatchStatistics, Duration, ModelStatistics
 
 log = logging.getLogger("resnet.server")
 SERVICE_NAME = "inference.GRPCInferenceService"
 SERVER_NAME = "resnet-gateway"  # Triton answers "triton": `resnet client` tells them apart by this
+EXTENSIONS = ["classification", "model_configuration", "statistics"]  # as Triton names them in ServerMetadata
 PIPELINE_SUFFIX = "_pipeline"
 CLASSIFICATION_PARAMETER = "classification"
 HEALTH_POLL_S = 0.5
@@ -111,6 +114,10 @@ class Endpoint:
     @property
     def input_dims(self) -> list[int]:
         return [1] if self.pipeline else list(self.model.input_shape)
+
+    @property
+    def statistics(self) -> ModelStatistics:
+        return self.model.image_statistics if self.pipeline else self.model.tensor_statistics
 
 
 def resolve(registry: ModelRegistry, name: str, version: str = "") -> Endpoint:
@@ -263,6 +270,39 @@ def model_metadata(endpoint: Endpoint) -> pb.ModelMetadataResponse:
     return response
 
 
+def _duration(duration: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=duration.count, ns=duration.ns)
+
+
+def _batch_statistics(batch_size: int, batch: BatchStatistics) -> pb.InferBatchStatistics:
+    return pb.InferBatchStatistics(
+        batch_size=batch_size,
+        compute_input=_duration(batch.compute_input),
+        compute_infer=_duration(batch.compute_infer),
+        compute_output=_duration(batch.compute_output),
+    )
+
+
+def model_statistics(endpoint: Endpoint) -> pb.ModelStatistics:
+    statistics = endpoint.statistics
+    return pb.ModelStatistics(
+        name=endpoint.name,
+        version=endpoint.model.version,
+        last_inference=statistics.last_inference_ms,
+        inference_count=statistics.inference_count,
+        execution_count=statistics.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(statistics.success),
+            fail=_duration(statistics.fail),
+            queue=_duration(statistics.queue),
+            compute_input=_duration(statistics.compute_input),
+            compute_infer=_duration(statistics.compute_infer),
+            compute_output=_duration(statistics.compute_output),
+        ),
+        batch_stats=[_batch_statistics(size, batch) for size, batch in sorted(statistics.batches.items())],
+    )
+
+
 def model_config(endpoint: Endpoint) -> mc.ModelConfig:
     model = endpoint.model
     config = mc.ModelConfig(
@@ -317,8 +357,8 @@ def translated(method):
 
 
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """KServe v2 / Triton gRPC on the gateway's registry. Repository control, shared memory, statistics and
-    tracing are left UNIMPLEMENTED (the base class answers so)."""
+    """KServe v2 / Triton gRPC on the gateway's registry. Repository control, shared memory, tracing and log
+    settings are left UNIMPLEMENTED (the base class answers so)."""
 
     def __init__(self, registry: ModelRegistry, version: str) -> None:
         self.registry = registry
@@ -331,9 +371,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.registry.ready())
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=self.version, extensions=["classification", "model_configuration"]
-        )
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
 
     @translated
     async def ModelReady(self, request, context):
@@ -353,20 +391,33 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             config=model_config(resolve(self.registry, request.name, request.version))
         )
 
+    def endpoints(self) -> list[Endpoint]:
+        """Every name served, in RepositoryIndex order: each classifier, then its pipeline."""
+        models = [self.registry.models[name] for name in self.registry.names()]
+        return [Endpoint(model, pipeline) for model in models for pipeline in (False, True)]
+
     @translated
     async def RepositoryIndex(self, request, context):
         response = pb.RepositoryIndexResponse()
         ready = self.registry.ready()
-        for name in self.registry.names():
-            model = self.registry.models[name]
-            for served in (name, name + PIPELINE_SUFFIX):
-                response.models.add(
-                    name=served,
-                    version=model.version,
-                    state="READY" if ready else "UNAVAILABLE",
-                    reason="" if ready else self.registry.describe_backend() + " is not ready",
-                )
+        for endpoint in self.endpoints():
+            response.models.add(
+                name=endpoint.name,
+                version=endpoint.model.version,
+                state="READY" if ready else "UNAVAILABLE",
+                reason="" if ready else self.registry.describe_backend() + " is not ready",
+            )
         return response
+
+    @translated
+    async def ModelStatistics(self, request, context):
+        # As Triton: no name means every model (any version asked for is then ignored); a name must be served
+        # and its version be "" or the one served, else NOT_FOUND.
+        if request.name:
+            endpoints = [resolve(self.registry, request.name, request.version)]
+        else:
+            endpoints = self.endpoints()
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(e) for e in endpoints])
 
     @translated
     async def ModelInfer(self, request, context):
@@ -374,12 +425,20 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
         endpoint = resolve(self.registry, request.model_name, request.model_version)
-        requested_outputs(request)  # reject a bad output request before spending compute on it
-        values = input_array(endpoint, request)
+        started_ns = time.perf_counter_ns()
+        try:
+            requested_outputs(request)  # reject a bad output request before spending compute on it
+            values = input_array(endpoint, request)
+        except errors.GatewayError:
+            # A malformed request failed at this model, like one the model refuses (its statistics count it).
+            endpoint.statistics.record_failure(time.perf_counter_ns() - started_ns)
+            raise
+        # From here on the model counts the request, from `started_ns`.
         if endpoint.pipeline:
-            logits = await endpoint.model.infer_images([bytes(item) for item in values], deadline)
+            images = [bytes(item) for item in values]
+            logits = await endpoint.model.infer_images(images, deadline, started_ns)
         else:
-            logits = await endpoint.model.infer(values, deadline)
+            logits = await endpoint.model.infer(values, deadline, started_ns)
         return infer_response(endpoint, request, logits)
 
     async def ModelStreamInfer(self, request_iterator, context):

@@ -3,6 +3,11 @@
 `ServedModel.classify` is what the HTTP and gRPC APIs call: preprocess on a thread pool, queue into the model's
 batcher, softmax + top-k. `ServedModel.infer` takes already-preprocessed tensors through the same batcher.
 Deadlines are absolute `time.monotonic()` values; None means the settings' request timeout from now.
+
+Each model keeps two sets of Triton-style statistics, as Triton would for our exported repository:
+`tensor_statistics` for the classifier (every request that reaches the batcher, every backend call) and
+`image_statistics` for encoded-image requests (HTTP classify, gRPC `<name>_pipeline`), which like Triton's
+ensemble send the classifier one request each once decoded.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from server.metrics import Metrics
 from server.preprocessing import preprocess_batch
 from server.settings import Settings
 from server.spec import PreprocessSpec
+from server.statistics import ComputeTimes, ModelStatistics, Request, RequestTimes
 
 log = logging.getLogger("resnet.server")
 HEALTH_INTERVAL_S = 1.0
@@ -64,6 +70,8 @@ class ServedModel:
         self.settings = settings
         self.metrics = metrics
         self.preprocess_pool = preprocess_pool
+        self.tensor_statistics = ModelStatistics()
+        self.image_statistics = ModelStatistics()
         self.dispatcher: Dispatcher = dispatcher_factory(self)
 
     @property
@@ -113,33 +121,56 @@ class ServedModel:
             self.preprocess_pool, preprocess_batch, images, self.spec, self.settings.max_image_pixels
         )
 
-    async def infer(self, batch: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        """float32 [N, *input_shape] preprocessed tensors -> logits [N, num_classes]."""
-        if (
-            batch.dtype != np.float32
-            or batch.ndim != 4
-            or tuple(batch.shape[1:]) != self.input_shape
-            or not len(batch)
-        ):
-            raise InvalidInput(
-                f"{self.name} takes float32 [N, {', '.join(map(str, self.input_shape))}] with N >= 1, "
-                f"got {batch.dtype} {list(batch.shape)}"
-            )
-        with self.dispatcher.admit(len(batch)):
-            return await self._infer(batch, self.deadline(deadline))
+    async def infer(
+        self, batch: np.ndarray, deadline: float | None = None, started_ns: int | None = None
+    ) -> np.ndarray:
+        """float32 [N, *input_shape] preprocessed tensors -> logits [N, num_classes].
 
-    async def _infer(self, batch: np.ndarray, deadline: float) -> np.ndarray:
-        logits = await self.dispatcher.infer(batch, deadline)
+        `started_ns` (`time.perf_counter_ns()`): when the API began handling the request, for its statistics."""
+        with self.tensor_statistics.request(started_ns) as request:
+            if (
+                batch.dtype != np.float32
+                or batch.ndim != 4
+                or tuple(batch.shape[1:]) != self.input_shape
+                or not len(batch)
+            ):
+                raise InvalidInput(
+                    f"{self.name} takes float32 [N, {', '.join(map(str, self.input_shape))}] with N >= 1, "
+                    f"got {batch.dtype} {list(batch.shape)}"
+                )
+            with self.dispatcher.admit(len(batch)):
+                logits, _ = await self._infer(batch, self.deadline(deadline), request)
+            return logits
+
+    async def _infer(
+        self, batch: np.ndarray, deadline: float, request: Request
+    ) -> tuple[np.ndarray, RequestTimes]:
+        logits, times = await self.dispatcher.infer(batch, deadline)
+        request.succeeded(len(batch), times)
         self.metrics.images.labels(self.name).inc(len(batch))
-        return logits
+        return logits, times
 
-    async def infer_images(self, images: list[bytes], deadline: float | None = None) -> np.ndarray:
+    async def infer_images(
+        self, images: list[bytes], deadline: float | None = None, started_ns: int | None = None
+    ) -> np.ndarray:
         """Encoded images -> logits [N, num_classes], admitted like `classify` (the gRPC `_pipeline` models)."""
-        if not images:
-            raise InvalidInput("no images to classify")
-        deadline = self.deadline(deadline)
-        with self.dispatcher.admit(len(images)):  # before decoding: a refused request costs nothing
-            return await self._infer(await self.preprocess(images), deadline)
+        with self.image_statistics.request(started_ns) as request:
+            if not images:
+                raise InvalidInput("no images to classify")
+            deadline = self.deadline(deadline)
+            with self.dispatcher.admit(len(images)):  # before decoding: a refused request costs nothing
+                decode_started_ns = time.perf_counter_ns()
+                batch = await self.preprocess(images)
+                decoding = ComputeTimes(input_ns=time.perf_counter_ns() - decode_started_ns)
+                # Decoded, the request goes on to the classifier as its own request (a Triton ensemble's step).
+                with self.tensor_statistics.request() as classifier_request:
+                    logits, times = await self._infer(batch, deadline, classifier_request)
+            # Decoding is this request's input preparation (Triton's `compute_input`: "prepare input tensor data").
+            compute = decoding + times.compute
+            request.succeeded(len(images), RequestTimes(times.queue_ns, compute))
+            # As Triton does for an ensemble: each successful request is one execution of its own batch size.
+            self.image_statistics.record_execution(len(images), compute)
+            return logits
 
     async def classify(
         self, images: list[bytes], top_k: int = 5, deadline: float | None = None
@@ -207,7 +238,11 @@ class ModelRegistry:
     def _dispatcher(self, model: ServedModel) -> Dispatcher:
         if not self.settings.batching:
             return DirectDispatcher(
-                model.name, model.run_batch, queue_size=self.settings.queue_size, metrics=self.metrics
+                model.name,
+                model.run_batch,
+                queue_size=self.settings.queue_size,
+                metrics=self.metrics,
+                statistics=model.tensor_statistics,
             )
         # Against Triton two batches may be in flight (network overlap); in-process, one at a time uses all cores.
         workers = 2 if self.backend.name == "triton" else 1
@@ -218,6 +253,7 @@ class ModelRegistry:
             max_delay_s=self.settings.max_delay_ms / 1000,
             queue_size=self.settings.queue_size,
             metrics=self.metrics,
+            statistics=model.tensor_statistics,
             workers=workers,
         )
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import io
 import queue
+import time
 
 import grpc
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -252,6 +254,131 @@ def test_backend_down_is_not_serving_and_unavailable(tmp_path):
                 lambda: down_client.infer("colors_pipeline", [images_input([color_image("red")])])
             )
             assert code == "StatusCode.UNAVAILABLE" and dead_triton in message
+
+
+# --- statistics ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["--batching", "--no-batching"])
+def fresh_gateway(request, repository, tmp_path):
+    """A gateway no other test has sent requests to, so its statistics can be checked exactly."""
+    with gateway_process(tmp_path, "--repository", str(repository), request.param) as running:
+        yield running
+
+
+def duration(stats: dict, name: str) -> tuple[int, int]:
+    """(count, ns) of a StatisticDuration in tritonclient's JSON, which leaves zeros out and writes uint64 as text."""
+    value = stats.get(name, {})
+    return int(value.get("count", 0)), int(value.get("ns", 0))
+
+
+def counter(stats: dict, name: str) -> int:
+    return int(stats.get(name, 0))
+
+
+def statistics_of(client, model: str) -> dict:
+    [stats] = client.get_inference_statistics(model_name=model, as_json=True)["model_stats"]
+    return stats
+
+
+def executions_by_batch_size(stats: dict) -> dict[int, int]:
+    return {
+        int(batch["batch_size"]): duration(batch, "compute_infer")[0]
+        for batch in stats.get("batch_stats", [])
+    }
+
+
+def classify_over_http(url: str, images: list[bytes]) -> None:
+    files = [("file", (f"{i}.jpg", image, "image/jpeg")) for i, image in enumerate(images)]
+    response = httpx.post(f"{url}/v1/models/colors/classify", files=files, timeout=30)
+    assert response.status_code == 200, response.text
+
+
+def test_model_statistics_count_requests_images_and_executions_as_triton_does(fresh_gateway):
+    images = [color_image(color) for color in LABELS]
+    with triton_grpc.InferenceServerClient(fresh_gateway.grpc_address) as client:
+        assert "statistics" in client.get_server_metadata().extensions
+        everything = client.get_inference_statistics(as_json=True)["model_stats"]
+        assert [(m["name"], counter(m, "inference_count")) for m in everything] == [
+            ("colors", 0),
+            ("colors_pipeline", 0),
+        ]
+        before = int(time.time() * 1000)
+        for count in (1, 2, 3):  # encoded images over gRPC: 6 images in 3 requests
+            client.infer("colors_pipeline", [images_input(images[:count])])
+        classify_over_http(fresh_gateway.http_url, images[:1])  # and over HTTP: 3 images in 2 requests
+        classify_over_http(fresh_gateway.http_url, images[:2])
+        for count in (4, 1):  # tensors: 5 images in 2 requests
+            client.infer("colors", [tensor_input(np.zeros((count, 3, 32, 32), np.float32))])
+
+        pipeline = statistics_of(client, "colors_pipeline")
+        assert pipeline["version"] == "1"
+        assert before <= counter(pipeline, "last_inference") <= time.time() * 1000
+        assert counter(pipeline, "inference_count") == 9
+        # As for a Triton ensemble: one execution per successful request, of the request's size.
+        assert counter(pipeline, "execution_count") == 5
+        assert executions_by_batch_size(pipeline) == {1: 2, 2: 2, 3: 1}
+
+        # The classifier saw the 5 decoded requests and the 2 tensor requests: 14 images. Sent one at a time,
+        # each request is a backend call of its own, with or without gateway batching.
+        classifier = statistics_of(client, "colors")
+        assert counter(classifier, "inference_count") == 14 and counter(classifier, "execution_count") == 7
+        assert executions_by_batch_size(classifier) == {1: 3, 2: 2, 3: 1, 4: 1}
+
+        for stats, requests in ((pipeline, 5), (classifier, 7)):
+            inference = stats["inference_stats"]
+            success_count, success_ns = duration(inference, "success")
+            assert success_count == requests
+            for stage in ("queue", "compute_input", "compute_infer", "compute_output"):
+                assert duration(inference, stage)[0] == requests
+            compute_ns = sum(duration(inference, stage)[1] for stage in ("compute_input", "compute_infer"))
+            assert duration(inference, "compute_infer")[1] > 0 and compute_ns > 0
+            assert duration(inference, "fail") == (0, 0)
+            # A request lasts at least its wait for a batch plus that batch's compute.
+            assert success_ns >= duration(inference, "queue")[1] + compute_ns
+            # Each backend call carried one request, so the calls' compute is the requests' compute.
+            batch_infer_ns = sum(duration(batch, "compute_infer")[1] for batch in stats["batch_stats"])
+            assert batch_infer_ns == duration(inference, "compute_infer")[1]
+        # Decoding is the pipeline's input preparation: it outweighs stacking the classifier's ready tensors
+        # (nothing at all without gateway batching).
+        input_ns = [
+            duration(stats["inference_stats"], "compute_input")[1] for stats in (pipeline, classifier)
+        ]
+        assert input_ns[0] > input_ns[1] >= 0
+
+
+def test_model_statistics_count_failures_where_the_request_failed(fresh_gateway):
+    with triton_grpc.InferenceServerClient(fresh_gateway.grpc_address) as client:
+        status_of(lambda: client.infer("colors", [tensor_input(np.zeros((1, 3, 16, 16), np.float32))]))
+        status_of(lambda: client.infer("colors_pipeline", [images_input([b"not an image"])]))
+        response = httpx.post(
+            f"{fresh_gateway.http_url}/v1/models/colors/classify",
+            content=b"not an image either",
+            headers={"content-type": "image/jpeg"},
+        )
+        assert response.status_code == 400
+        classifier, pipeline = statistics_of(client, "colors"), statistics_of(client, "colors_pipeline")
+    # The wrong shape failed at the classifier; the undecodable images at the pipeline's decoding step, so they
+    # never reached the classifier (as in a Triton ensemble, where the preprocessing model fails them).
+    assert duration(classifier["inference_stats"], "fail")[0] == 1
+    failed_count, failed_ns = duration(pipeline["inference_stats"], "fail")
+    assert failed_count == 2 and failed_ns > 0
+    for stats in (classifier, pipeline):
+        assert duration(stats["inference_stats"], "success") == (0, 0)
+        assert counter(stats, "inference_count") == 0 and counter(stats, "execution_count") == 0
+
+
+def test_model_statistics_name_and_version_filter_like_triton(client):
+    [stats] = client.get_inference_statistics("colors", "1", headers=AUTH).model_stats
+    assert (stats.name, stats.version) == ("colors", "1")
+    names = [m.name for m in client.get_inference_statistics(headers=AUTH).model_stats]
+    assert names == ["colors", "colors_pipeline"]
+    code, message = status_of(lambda: client.get_inference_statistics("nope", headers=AUTH))
+    assert code == "StatusCode.NOT_FOUND" and "'nope' not found" in message and "colors_pipeline" in message
+    code, message = status_of(lambda: client.get_inference_statistics("colors_pipeline", "7", headers=AUTH))
+    assert code == "StatusCode.NOT_FOUND" and "no version '7'" in message
+    code, _ = status_of(lambda: client.get_inference_statistics("colors"))
+    assert code == "StatusCode.UNAUTHENTICATED"
 
 
 # --- against the real Triton ---------------------------------------------------------------------------------
