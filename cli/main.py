@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from cli.errors import ResnetError
 
@@ -40,15 +41,25 @@ def _top_level_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A usage error prints one line naming the flag and where the help is, not argparse's whole usage block."""
+
+    def error(message: str) -> NoReturn:
+        parser.exit(2, f"{parser.prog}: error: {message} (see `{parser.prog} --help`)\n")
+
+    parser.error = error
+    return parser
+
+
 def run(argv: list[str]) -> int:
-    top = _top_level_parser().parse_args(argv)
+    top = _one_line_errors(_top_level_parser()).parse_args(argv)
     module_name, summary = COMMANDS[top.command]
     module = importlib.import_module(module_name)
     parser = module.get_args_parser()
     parser.prog = f"resnet {top.command}"
     if not parser.description:
         parser.description = summary
-    args = parser.parse_args(top.args)
+    args = _one_line_errors(parser).parse_args(top.args)
     status = module.main(args)
     return int(status or 0)
 

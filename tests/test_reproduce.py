@@ -16,6 +16,7 @@ from training.reproduce import (
     ReproduceError,
     check_claims,
     collect_runs,
+    error_axis_top,
     read_metrics,
     render_table,
     report,
@@ -135,6 +136,12 @@ def test_report_rewrites_only_the_table_block_and_draws_the_figure(runs, tmp_pat
     assert figure.read_bytes().startswith(b"\x89PNG") and figure.stat().st_size > 10_000
     report(runs, doc, figure)  # idempotent
     assert doc.read_text() == text
+
+
+def test_error_axis_keeps_the_papers_frame_and_widens_for_short_runs(runs, tmp_path):
+    assert error_axis_top(collect_runs(runs)) == 20
+    write_fake_run(tmp_path, "plain56", train_error=48.0, test_error=51.5)
+    assert error_axis_top(collect_runs(tmp_path)) == 70
 
 
 def test_report_without_runs_is_a_clear_error(tmp_path):

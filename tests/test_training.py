@@ -470,6 +470,22 @@ def test_cli_errors_are_one_line_and_non_zero(tmp_path, capsys, args, message):
     assert lines == [f"resnet: error: {lines[0][len('resnet: error: ') :]}"] and message in lines[0]
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--compile", "fast"], "resnet train: error: argument --compile: invalid choice: 'fast'"),
+        (["train", "--iterations", "many"], "resnet train: error: argument --iterations: invalid int value"),
+        (["nonsense"], "resnet: error: argument command: invalid choice: 'nonsense'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(message) and lines[0].endswith("--help`)")
+
+
 # ------------------------------------------------------------------------------------------------ benchmark
 
 
@@ -496,6 +512,8 @@ def test_benchmark_runs_on_cpu_with_tiny_sizes():
             "64",
             "--amp",
             "none",
+            "--stock-workers",
+            "0",
             "--json",
         ],
         capture_output=True,
@@ -507,4 +525,63 @@ def test_benchmark_runs_on_cpu_with_tiny_sizes():
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["resnet50_ours_img_s"] > 0 and result["resnet50_stock_img_s"] > 0
-    assert result["resnet20_cifar_ms_per_iter"] > 0
+    assert result["resnet20_ours_ms_per_iter"] > 0 and result["resnet20_stock_ms_per_iter"] > 0
+    assert result["compile"] == "none" and result["device"].startswith("cpu")
+
+
+def test_benchmark_table_has_ratios_and_the_schedule_time():
+    from training.benchmark import table
+
+    result = {
+        "device": "cpu (2 cores)",
+        "torch": "2.x",
+        "compile": "none",
+        "amp": "bf16",
+        "channels_last": True,
+        "batch_size": 256,
+        "image_size": 224,
+        "resnet50_ours_img_s": 120.0,
+        "resnet50_stock_img_s": 100.0,
+        "cifar_batch_size": 128,
+        "stock_workers": 8,
+        "resnet20_ours_ms_per_iter": 2.5,
+        "resnet20_stock_ms_per_iter": 10.0,
+    }
+    rows = table(result).splitlines()
+    assert "| 120.0 | 100.0 | 1.20x |" in rows[2]
+    assert "| 2.50 | 10.00 | 4.00x faster |" in rows[3]
+    assert rows[4].endswith("| 2.7 | 10.7 | |")  # 64,000 x 2.5 ms = 2.67 min
+
+
+def test_benchmark_rejects_unknown_nets(capsys):
+    from training.benchmark import get_args_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        get_args_parser().parse_args(["--nets", "resnet18"])
+    assert exit_info.value.code == 2 and "choose from resnet50, resnet20" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ compile
+
+
+def test_compile_modes_are_validated_and_old_configs_load():
+    assert TrainConfig.from_dict({"compile": True}).compile == "default"
+    assert TrainConfig.from_dict({"compile": False}).compile == "none"
+    with pytest.raises(ConfigError, match="--compile must be one of none, default, reduce-overhead"):
+        TrainConfig(compile="fast").validate()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_compiled_training_matches_eager_in_its_first_steps(cifar_like, tmp_path):
+    # reduce-overhead is the mode meant for GPUs (CUDA graphs); on the CPU it must still train, same numbers.
+    runs = {}
+    for mode in ("none", "reduce-overhead"):
+        config = small_config(
+            cifar_like, tmp_path / mode, iterations=2, log_every=1, checkpoint_every=2, compile=mode
+        )
+        train(config, progress=False)
+        lines = (tmp_path / mode / "metrics.jsonl").read_text().splitlines()
+        runs[mode] = [json.loads(line)["loss"] for line in lines if json.loads(line)["kind"] == "train"]
+        assert json.loads((tmp_path / mode / "config.json").read_text())["compile"] == mode
+    assert runs["reduce-overhead"] == pytest.approx(runs["none"], rel=1e-3)

@@ -43,7 +43,7 @@ def _fine_tune_config(parent: dict, args: argparse.Namespace, classes: list[str]
     config.workers = args.workers
     config.seed = args.seed
     config.device = args.device
-    config.compile = config.channels_last = False
+    config.compile, config.channels_last = "none", False
     config.recipe = f"retrain:{config.recipe}"
     return config
 
