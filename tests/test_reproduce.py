@@ -195,3 +195,60 @@ def test_runner_runs_each_net_and_records_wall_time_and_commit(tmp_path, monkeyp
     results = collect_runs(tmp_path / "runs")
     assert sorted(results) == ["resnet20", "resnet32"]
     assert results["resnet32"].test_error == pytest.approx(8.0)
+
+
+REAL_TRAIN_COMMAND = reproduce.train_command
+
+
+def _fake_trainer(tmp_path: Path, body: str) -> callable:
+    """A stand-in `resnet train` (script `body`) given the real command's resume flags."""
+    script = tmp_path / "fake_train.py"
+    script.write_text(
+        "import json, os, signal, sys, time, pathlib\n"
+        "args = sys.argv[1:]\n"
+        "arch, out = args[args.index('--arch') + 1], pathlib.Path(args[args.index('--output-dir') + 1])\n"
+        "(out / 'calls').open('a').write(' '.join(args) + '\\n')\n" + body
+    )
+    return lambda arch, data, output_dir, extra: [
+        sys.executable,
+        str(script),
+        "--arch",
+        arch,
+        "--output-dir",
+        str(output_dir),
+        *REAL_TRAIN_COMMAND(arch, data, output_dir, extra)[-2:],
+    ]
+
+
+def test_a_signal_stops_every_run_at_a_checkpoint_and_a_rerun_continues(tmp_path, monkeypatch):
+    # The trainer asks its runner to stop (as `timeout` or Ctrl-C would), then waits for the forwarded SIGTERM.
+    stopping = _fake_trainer(
+        tmp_path,
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
+        "os.kill(os.getppid(), signal.SIGTERM)\n"
+        "time.sleep(60)\n",
+    )
+    monkeypatch.setattr(reproduce, "train_command", stopping)
+    real_sleep = reproduce.time.sleep
+    monkeypatch.setattr(reproduce.time, "sleep", lambda _: real_sleep(0.05))
+    runs = tmp_path / "runs"
+    with pytest.raises(reproduce.ReproduceInterrupted, match="run the same command again to continue"):
+        reproduce.run_all(["resnet20", "resnet32"], "unused", runs, 1, [])
+    stopped = json.loads((runs / "resnet20" / "run.json").read_text())
+    assert stopped["returncode"] == 143 and stopped["segments"] == 1
+    assert not (runs / "resnet32").exists()  # never started once the stop was asked for
+
+    finishing = _fake_trainer(
+        tmp_path,
+        "(out / 'metrics.jsonl').write_text(json.dumps({'kind': 'eval', 'iteration': 5, 'acc1': 91.0}))\n",
+    )
+    monkeypatch.setattr(reproduce, "train_command", finishing)
+    assert reproduce.run_all(["resnet20", "resnet32"], "unused", runs, 1, []) == []
+    resumed = json.loads((runs / "resnet20" / "run.json").read_text())
+    assert resumed["returncode"] == 0 and resumed["segments"] == 2 and resumed["wall_s"] >= stopped["wall_s"]
+    assert all(
+        line.endswith("--resume auto") for line in (runs / "resnet20" / "calls").read_text().splitlines()
+    )
+
+    assert reproduce.run_all(["resnet20", "resnet32"], "unused", runs, 1, []) == []  # both finished: skipped
+    assert len((runs / "resnet32" / "calls").read_text().splitlines()) == 1

@@ -6,7 +6,8 @@
 Every net is trained with `resnet train --recipe cifar-paper --arch <net>` and nothing else changed, so the numbers
 are the recipe's. Small nets leave most of a GPU idle, so `--concurrent` of them share each visible GPU. Each run
 directory gets a `run.json` (command, wall time, GPU, commit) next to the trainer's `metrics.jsonl`; `report` reads
-only those files, so it can be re-run anywhere (and is tested on fake runs).
+only those files, so it can be re-run anywhere (and is tested on fake runs). `run` can be stopped (SIGTERM,
+Ctrl-C: every trainer checkpoints) and started again: finished nets are skipped, the others resume.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -39,6 +41,13 @@ TABLE_END = "<!-- reproduce:table:end -->"
 
 class ReproduceError(ResnetError):
     """No runs to report on, or a run folder the report cannot read."""
+
+
+class ReproduceInterrupted(ReproduceError):
+    exit_code = 143
+
+
+STOPPED_BY_SIGNAL = 143  # `resnet train`'s exit status after it checkpointed on SIGTERM/SIGINT
 
 
 # --------------------------------------------------------------------------------------------- reading runs
@@ -304,46 +313,114 @@ def train_command(arch: str, data: str, output_dir: Path, extra: list[str]) -> l
         data,
         "--output-dir",
         str(output_dir),
+        "--resume",
+        "auto",  # a stopped run continues from its last checkpoint; a new one starts from scratch
         *extra,
     ]
 
 
+class _Interrupted:
+    """SIGTERM/SIGINT to the runner: stop launching, pass the signal on (each trainer checkpoints), wait."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __enter__(self) -> _Interrupted:
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+
+def _previous_run(folder: Path) -> dict:
+    path = folder / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def run_all(archs: list[str], data: str, runs_dir: Path, concurrent: int, extra: list[str]) -> list[str]:
-    """Train `archs`, `concurrent` per GPU at a time; returns the archs whose training failed."""
+    """Train `archs`, `concurrent` per GPU at a time; returns the archs whose training failed.
+
+    Re-running continues: nets that finished (run.json with exit 0) are skipped, stopped ones resume from their
+    last checkpoint and add to their wall time. A SIGTERM/SIGINT is passed to every trainer (each writes a
+    checkpoint), then `ReproduceInterrupted` is raised once all have exited."""
     gpus = gpu_names()
     free_slots = [str(i) for i in range(len(gpus))] * concurrent if gpus else [None] * concurrent
-    commit, pending, running, failed = git_commit(), list(archs), {}, []
-    while pending or running:
-        while pending and free_slots:
-            arch, slot = pending.pop(0), free_slots.pop(0)
-            folder = runs_dir / arch
-            folder.mkdir(parents=True, exist_ok=True)
-            command = train_command(arch, data, folder, extra)
-            env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {})}
-            with open(folder / "train.log", "ab") as log:
-                process = subprocess.Popen(
-                    command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-                )
-            info = {
-                "arch": arch,
-                "command": shlex.join(command),
-                "gpu": gpus[int(slot)] if slot else f"CPU ({os.cpu_count()} cores)",
-                "commit": commit,
-                "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            }
-            running[process] = (slot, info, time.monotonic())
-            print(f"started {arch} on {info['gpu']} (log: {folder / 'train.log'})", flush=True)
-        time.sleep(2)
-        for process in [p for p in running if p.poll() is not None]:
-            slot, info, start = running.pop(process)
-            free_slots.append(slot)
-            wall = time.monotonic() - start
-            record = {**info, "wall_s": round(wall, 1), "returncode": process.returncode}
-            _atomic_write(runs_dir / info["arch"] / "run.json", json.dumps(record, indent=2) + "\n")
-            print(f"finished {info['arch']}: exit {process.returncode} after {_duration(wall)}", flush=True)
-            if process.returncode:
-                failed.append(info["arch"])
+    commit, running, failed, signalled = git_commit(), {}, [], set()
+    pending = [arch for arch in archs if not _finished(runs_dir / arch, arch)]
+    with _Interrupted() as interrupted:
+        while running or (pending and interrupted.signal is None):
+            while pending and free_slots and interrupted.signal is None:
+                slot = free_slots.pop(0)
+                process, info = _launch(pending.pop(0), data, runs_dir, slot, gpus, commit, extra)
+                running[process] = (slot, info, time.monotonic())
+            if interrupted.signal is not None:
+                for process in set(running) - signalled:
+                    process.send_signal(interrupted.signal)
+                    signalled.add(process)
+            time.sleep(2)
+            for process in [p for p in running if p.poll() is not None]:
+                slot, info, start = running.pop(process)
+                free_slots.append(slot)
+                if _record(runs_dir / info["arch"], info, time.monotonic() - start, process.returncode):
+                    failed.append(info["arch"])
+    if interrupted.signal is not None:
+        raise ReproduceInterrupted(
+            f"interrupted by signal {interrupted.signal}: the runs stopped at a checkpoint; "
+            "run the same command again to continue"
+        )
     return failed
+
+
+def _finished(folder: Path, arch: str) -> bool:
+    if _previous_run(folder).get("returncode") == 0:
+        print(f"{arch}: finished earlier ({folder / 'run.json'}), skipped", flush=True)
+        return True
+    return False
+
+
+def _launch(
+    arch: str, data: str, runs_dir: Path, slot: str | None, gpus: list[str], commit: str, extra: list[str]
+) -> tuple[subprocess.Popen, dict]:
+    folder = runs_dir / arch
+    folder.mkdir(parents=True, exist_ok=True)
+    command = train_command(arch, data, folder, extra)
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {})}
+    with open(folder / "train.log", "ab") as log:
+        # Its own session: a Ctrl-C in the terminal reaches the runner only, which passes it on once.
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    info = {
+        "arch": arch,
+        "command": shlex.join(command),
+        "gpu": gpus[int(slot)] if slot is not None else f"CPU ({os.cpu_count()} cores)",
+        "commit": commit,
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    print(f"started {arch} on {info['gpu']} (log: {folder / 'train.log'})", flush=True)
+    return process, info
+
+
+def _record(folder: Path, info: dict, wall: float, returncode: int) -> bool:
+    """Write run.json (wall time summed over the segments of a resumed run); True if the trainer failed."""
+    previous = _previous_run(folder)
+    segments = previous.get("segments", 1) + 1 if previous else 1
+    record = {
+        **info,
+        "wall_s": round(previous.get("wall_s", 0) + wall, 1),
+        "segments": segments,
+        "returncode": returncode,
+    }
+    _atomic_write(folder / "run.json", json.dumps(record, indent=2) + "\n")
+    stopped = returncode == STOPPED_BY_SIGNAL
+    outcome = "stopped at a checkpoint" if stopped else f"exit {returncode}"
+    print(f"finished {info['arch']}: {outcome} after {_duration(wall)}", flush=True)
+    return returncode not in (0, STOPPED_BY_SIGNAL)
 
 
 # --------------------------------------------------------------------------------------------- CLI
