@@ -294,7 +294,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
 def table(result: dict) -> str:
     rows = [
         f"| measurement ({result['device']}, torch {result['torch']}, compile={result['compile']}) | ours | stock | "
-        "ours / stock |",
+        "speed-up, ours over stock |",
         "| --- | ---: | ---: | ---: |",
     ]
     if "resnet50_ours_img_s" in result:
@@ -308,7 +308,7 @@ def table(result: dict) -> str:
         rows.append(
             f"| ResNet-20 cifar-paper step, batch {result['cifar_batch_size']}, FP32, data included (ms/step; "
             f"stock: {result['stock_workers']} DataLoader workers) | {ours:.2f} | {stock:.2f} | "
-            f"{stock / ours:.2f}x faster |"
+            f"{stock / ours:.2f}x |"
         )
         minutes = [ms * PAPER_CIFAR_ITERATIONS / 60_000 for ms in (ours, stock)]
         rows.append(
