@@ -248,6 +248,19 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
 
+def test_resume_on_another_device_uses_this_devices_optimizer_kernel(cifar_like, tmp_path):
+    run = tmp_path / "run"
+    first = train(small_config(cifar_like, run, iterations=4), progress=False)
+    checkpoint = torch.load(first.last_checkpoint, weights_only=False)
+    checkpoint["optimizer"]["param_groups"][0]["fused"] = True  # as written on a GPU
+    torch.save(checkpoint, first.last_checkpoint)
+    resumed = train(
+        small_config(cifar_like, run), resume="auto", progress=False, resume_overrides={"iterations": 6}
+    )
+    assert resumed.iteration == 6
+    assert load_checkpoint(resumed.last_checkpoint)["optimizer"]["param_groups"][0]["fused"] is None
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(cifar_like, tmp_path):
     straight = train(small_config(cifar_like, tmp_path / "straight"), progress=False)

@@ -135,7 +135,7 @@ class Trainer:
             momentum=config.momentum,
             weight_decay=config.weight_decay,
             nesterov=config.nesterov,
-            # One fused kernel for the whole update instead of a few per parameter tensor (CUDA only).
+            # One kernel for the whole update; the default foreach path launches several (CUDA only here).
             fused=True if device.type == "cuda" else None,
         )
         warmup = config.warmup_lr_effective
@@ -199,7 +199,10 @@ class Trainer:
     def load_state_dict(self, checkpoint: dict, path: Path | None = None) -> None:
         self.last_path = path
         self.model.load_state_dict(checkpoint["model"])
+        fused = [group["fused"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        for group, flag in zip(self.optimizer.param_groups, fused, strict=True):
+            group["fused"] = flag  # this device decides, not the one that wrote the checkpoint
         self.scheduler.load_state_dict(checkpoint["lr_scheduler"])
         set_rng_state(checkpoint["rng"])
         self.iteration = int(checkpoint["iteration"])
