@@ -36,6 +36,8 @@ from server.spec import (
 
 CONFIG_FILENAME = "config.pbtxt"
 PARTIAL_PREFIX = ".partial-"
+SHARED_FILE_MODE = 0o644  # what a umask of 022 gives: the repository is read by other users (containers)
+SHARED_DIR_MODE = 0o755
 TRITON_MODELS_DIR = Path(__file__).with_name("triton_models")
 CLASSIFIER_MODEL_PY = TRITON_MODELS_DIR / "onnx_classifier.py"
 PREPROCESS_MODEL_PY = TRITON_MODELS_DIR / "preprocess.py"
@@ -194,6 +196,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+    # Temporary files are private (0600); a Triton or gateway container running as another user must read it.
+    os.chmod(handle.name, SHARED_FILE_MODE)
     os.replace(handle.name, path)
 
 
@@ -231,6 +235,7 @@ def publish_version(model_dir: Path, files: Mapping[str, Path | bytes | str]) ->
                 target.write_bytes(source.encode() if isinstance(source, str) else source)
             with open(target, "rb") as handle:
                 os.fsync(handle.fileno())
+        staging.chmod(SHARED_DIR_MODE)  # mkdtemp's 0700 would hide the version from other users
         return _rename_into_place(staging, model_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -152,6 +153,20 @@ def test_versions_are_numbered_never_reused_and_pruned(tmp_path):
     assert (model_dir / "3" / "model.onnx").read_text() == "v2"
     with pytest.raises(RepositoryError):
         repo.prune_versions(model_dir, keep=0)
+
+
+def test_published_files_are_readable_by_other_users(tmp_path):
+    # A Triton or gateway container usually runs as another user than the one who exported the model.
+    model_dir = tmp_path / "m"
+    version = repo.publish_version(model_dir, {"model.onnx": "weights"})
+    repo.write_model(model_dir, mc.ModelConfig(name="m"), labels=["a", "b"])
+    for path, readable in (
+        (model_dir / str(version), 0o555),
+        (model_dir / str(version) / "model.onnx", 0o444),
+        (model_dir / "config.pbtxt", 0o444),
+        (model_dir / "labels.txt", 0o444),
+    ):
+        assert stat.S_IMODE(path.stat().st_mode) & readable == readable, path
 
 
 def test_failed_rename_publishes_nothing_and_leaves_no_partial(tmp_path, monkeypatch):
