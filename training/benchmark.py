@@ -29,7 +29,7 @@ from server.spec import PreprocessSpec
 from training.data import DataSplit
 from training.models import build_model
 from training.recipes import COMPILE_MODES, resolve
-from training.train import Trainer
+from training.train import Trainer, compiled
 from training.utils import DistInfo
 
 PAPER_CIFAR_ITERATIONS = 64_000
@@ -108,7 +108,7 @@ def bench_resnet50_stock(args, device: torch.device) -> float:
     model = torchvision.models.resnet50().to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    network = _compiled(model, args.compile)
+    network = compiled(model, args.compile)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     criterion = torch.nn.CrossEntropyLoss()
 
@@ -121,12 +121,6 @@ def bench_resnet50_stock(args, device: torch.device) -> float:
 
     network.train()
     return _time_steps(step, args.steps, args.warmup, device)
-
-
-def _compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    if mode == "none":
-        return model
-    return torch.compile(model, mode=None if mode == "default" else mode)
 
 
 def _synthetic_cifar(count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +165,7 @@ def bench_resnet20_stock(args, device: torch.device) -> float:
     model = build_model("resnet20", 10).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    network = _compiled(model, args.compile)
+    network = compiled(model, args.compile)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     criterion = torch.nn.CrossEntropyLoss()
     stream = _forever(loader)

@@ -100,6 +100,13 @@ class StopFlag:
         self.signal = signum
 
 
+def compiled(module: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """`module` under torch.compile in one of recipes.COMPILE_MODES ("none": as it is)."""
+    if mode == "none":
+        return module
+    return torch.compile(module, mode=None if mode == "default" else mode)
+
+
 def _autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
@@ -157,10 +164,7 @@ class Trainer:
             self.network = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
-        if config.compile != "none":
-            self.network = torch.compile(
-                self.network, mode=None if config.compile == "default" else config.compile
-            )
+        self.network = compiled(self.network, config.compile)
 
     # ------------------------------------------------------------------------------------------ state
 
