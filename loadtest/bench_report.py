@@ -96,12 +96,13 @@ def _grpc_section(rows: list[dict]) -> str:
     from server.grpc_bench import Measurement, markdown_table
 
     return (
-        "One gateway process (embedded ONNX Runtime, batching on) answering the same photos over HTTP "
-        "(`POST /v1/models/{name}/classify`, top-5 JSON) and over Triton's gRPC protocol (`<name>_pipeline` with "
-        "`class_count`, tritonclient's asyncio client), each concurrency measured HTTP then gRPC "
-        "(`server.grpc_bench.compare`). Images/s counts successful requests, one image each. The client runs on the "
-        "same 2 cores as the gateway, and Python's HTTP client costs more CPU per request than gRPC's, which "
-        "widens gRPC's lead here compared with a client on another machine.\n\n"
+        "One gateway process (embedded ONNX Runtime, batching on) answering the same photos over its own HTTP API "
+        "(`http`: `POST /v1/models/{name}/classify`, top-5 JSON) and over Triton's protocol (`<name>_pipeline` "
+        "with `class_count`, tritonclient's asyncio clients) on HTTP (`http /v2`, binary tensor data) and gRPC, "
+        "each concurrency measured in that order (`server.grpc_bench.compare`). Images/s counts successful "
+        "requests, one image each. Both HTTP clients are aiohttp (the library under tritonclient.http.aio), so the "
+        "HTTP rows compare the two APIs, not two client libraries; every client shares the gateway's cores, so a "
+        "protocol's client-side cost is charged to it here.\n\n"
         + markdown_table([Measurement(**row) for row in rows])
     )
 

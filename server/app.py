@@ -1,8 +1,9 @@
 """The FastAPI gateway: `create_app(settings)`.
 
 Routes: `GET /v1/models`, `GET /v1/models/{name}`, `POST /v1/models/{name}/classify`, `GET /healthz`, `/readyz`,
-`/metrics`, the OpenAPI docs at `/docs` and the demo page at `/`. Every error, ours or FastAPI's, leaves as
-`{"error": {"code", "message"}}` with a 4xx/5xx status that says what happened.
+`/metrics`, the OpenAPI docs at `/docs`, the demo page at `/`, and Triton's KServe v2 HTTP API under `/v2`
+(server/kserve_http.py). Every error, ours or FastAPI's, leaves as `{"error": {"code", "message"}}` with a 4xx/5xx
+status that says what happened; under `/v2` as KServe's `{"error": "<message>"}`, so Triton clients read it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server import grpc_service, kserve_http
 from server.errors import GatewayError, InvalidInput, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from server.metrics import Metrics
 from server.registry import ModelRegistry, Prediction
@@ -74,9 +76,19 @@ class ErrorOut(BaseModel):
 ERROR_RESPONSES = {status: {"model": ErrorOut} for status in (400, 401, 404, 413, 415, 422, 503, 504)}
 
 
+KSERVE_PREFIX = "/v2"
+
+
+def is_kserve_path(path: str) -> bool:
+    return path == KSERVE_PREFIX or path.startswith(KSERVE_PREFIX + "/")
+
+
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, path: str = ""
 ) -> JSONResponse:
+    if is_kserve_path(path):
+        # KServe v2 / Triton: a bare message, and 400 for a request the server cannot use.
+        return JSONResponse({"error": message}, status_code=400 if status == 422 else status, headers=headers)
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
@@ -109,7 +121,8 @@ class GatewayMiddleware:
                 error = PayloadTooLarge(
                     f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes}"
                 )
-                await JSONResponse(error.to_dict(), error.http_status)(scope, receive, send_with_status)
+                response = error_response(error.http_status, error.code, error.message, path=scope["path"])
+                await response(scope, receive, send_with_status)
             else:
                 await self.app(scope, self._limited(receive), send_with_status)
         finally:
@@ -140,12 +153,12 @@ class GatewayMiddleware:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, error: GatewayError) -> JSONResponse:
-        return error_response(error.http_status, error.code, error.message, error.headers())
+        return error_response(error.http_status, error.code, error.message, error.headers(), request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-        return error_response(422, InvalidInput.code, problems or "invalid request")
+        return error_response(422, InvalidInput.code, problems or "invalid request", path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -153,16 +166,16 @@ def install_error_handlers(app: FastAPI) -> None:
         message = error.detail if isinstance(error.detail, str) else str(error.detail)
         if error.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
-        return error_response(
-            error.status_code, codes.get(error.status_code, "http_error"), message, error.headers
-        )
+            if is_kserve_path(request.url.path):
+                message += f" ({kserve_http.SERVED})"
+        code = codes.get(error.status_code, "http_error")
+        return error_response(error.status_code, code, message, error.headers, request.url.path)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(
-            500, "internal", f"internal error ({type(error).__name__}); see the gateway log"
-        )
+        message = f"internal error ({type(error).__name__}); see the gateway log"
+        return error_response(500, "internal", message, path=request.url.path)
 
 
 # --- routes ------------------------------------------------------------------------------------------------
@@ -320,17 +333,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry = ModelRegistry(settings, app.state.metrics)
     app.state.registry = registry
     await registry.start()
-    # --- gRPC API (server/grpc_service.py): same process, same registry and batchers as HTTP ------------------
+    # Triton's protocol, over gRPC and over HTTP at /v2: one service on the same registry and batchers as /v1.
+    app.state.inference_service = grpc_service.InferenceService(registry, grpc_service.package_version())
     grpc_server = None
     if settings.grpc_port:
-        from server import grpc_service
-
         try:
             grpc_server = await grpc_service.start(app, settings)
         except BaseException:
             await registry.close()
             raise
-    # --- end gRPC ----------------------------------------------------------------------------------------------
     try:
         yield
     finally:
@@ -354,6 +365,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health_router())
     app.include_router(api_router())
+    app.include_router(kserve_http.health_router())
+    app.include_router(kserve_http.api_router(require_api_key))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(GatewayMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
     return app

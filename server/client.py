@@ -4,7 +4,7 @@
     resnet client classify cat.jpg --url http://127.0.0.1:8000 --model resnet50 --json   # a Triton server
 
 Over HTTP the gateway's own API (`POST /v1/models/{name}/classify`, multipart) is used; a KServe v2 server (Triton)
-is recognized by its `GET /v2` metadata. Over gRPC the gateway and Triton speak the same protocol: the client sends
+is recognized by its `GET /v2` metadata (`--server triton` speaks KServe v2 HTTP to the gateway too). Over gRPC the gateway and Triton speak the same protocol: the client sends
 encoded images to `<model>_pipeline` and asks for every class through Triton's classification extension
 (`class_count` = number of classes), then applies softmax, so every path prints the same probabilities.
 """
@@ -29,6 +29,7 @@ PIPELINE_SUFFIX = "_pipeline"
 IMAGE_INPUT = "image"
 LOGITS_OUTPUT = "logits"
 MAX_GATEWAY_FILES = 64  # the gateway's multipart limit per request
+GATEWAY_NAME = "resnet-gateway"  # what the gateway calls itself in KServe server metadata (Triton: "triton")
 
 
 class ClientError(ResnetError):
@@ -95,7 +96,7 @@ def parse_classification(item: bytes | str) -> tuple[float, int, str]:
 class GatewayHttp:
     """The gateway's JSON API."""
 
-    kind = "gateway (HTTP)"
+    kind = "the gateway (http /v1)"
 
     def __init__(self, url: str, api_key: str | None, timeout: float) -> None:
         import httpx
@@ -148,7 +149,8 @@ class GatewayHttp:
 
 
 class KServe:
-    """Triton's protocol (gRPC or HTTP), spoken by Triton and, over gRPC, by the gateway: `<model>_pipeline`."""
+    """Triton's protocol (gRPC or HTTP), spoken by Triton and by the gateway (gRPC, and HTTP at /v2):
+    `<model>_pipeline`."""
 
     def __init__(self, module, address: str, api_key: str | None, timeout: float, protocol: str) -> None:
         self.module = module
@@ -160,7 +162,8 @@ class KServe:
         self.client = self._guard(lambda: module.InferenceServerClient(address))
         metadata = self._guard(lambda: self.client.get_server_metadata(headers=self.headers))
         name = metadata["name"] if isinstance(metadata, dict) else metadata.name
-        self.kind = f"{'the gateway' if name == 'resnet-gateway' else name} ({protocol})"
+        api = "grpc" if protocol == "grpc" else "http /v2"
+        self.kind = f"{'the gateway' if name == GATEWAY_NAME else name} ({api})"
 
     def _guard(self, call):
         from tritonclient.utils import InferenceServerException
@@ -256,7 +259,8 @@ def connect(url: str, server: str, api_key: str | None, timeout: float) -> Gatew
 
 
 def speaks_kserve_http(url: str, timeout: float) -> bool:
-    """Triton (any KServe v2 HTTP server) answers `GET /v2` with its metadata; the gateway has no /v2."""
+    """Whether `url` is Triton (or another KServe v2 server): it answers `GET /v2` with its metadata. The gateway
+    answers it too, by its own name (or 401 when it wants a key), and is then spoken to through its /v1 API."""
     import httpx
 
     try:
@@ -264,9 +268,15 @@ def speaks_kserve_http(url: str, timeout: float) -> bool:
     except httpx.HTTPError as error:
         raise ClientError(f"cannot reach {url}: {error}") from None
     try:
-        return response.status_code == 200 and "extensions" in response.json()
+        metadata = response.json()
     except ValueError:
         return False
+    return (
+        response.status_code == 200
+        and isinstance(metadata, dict)
+        and "extensions" in metadata
+        and metadata.get("name") != GATEWAY_NAME
+    )
 
 
 # --- output --------------------------------------------------------------------------------------------------
@@ -331,7 +341,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--server",
         choices=("auto", "gateway", "triton"),
         default="auto",
-        help="what answers an http:// URL (auto: Triton if it answers GET /v2)",
+        help="what answers an http:// URL and so which API to use: gateway = its /v1 API, triton = KServe v2 "
+        "HTTP (Triton, or the gateway's /v2); auto: triton if GET /v2 answers from a server other than the gateway",
     )
     classify.add_argument(
         "--api-key", default=env("RESNET_API_KEY"), help="gateway API key (env RESNET_API_KEY)"

@@ -396,8 +396,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         models = [self.registry.models[name] for name in self.registry.names()]
         return [Endpoint(model, pipeline) for model in models for pipeline in (False, True)]
 
-    @translated
-    async def RepositoryIndex(self, request, context):
+    def index(self) -> pb.RepositoryIndexResponse:
         response = pb.RepositoryIndexResponse()
         ready = self.registry.ready()
         for endpoint in self.endpoints():
@@ -408,6 +407,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 reason="" if ready else self.registry.describe_backend() + " is not ready",
             )
         return response
+
+    @translated
+    async def RepositoryIndex(self, request, context):
+        return self.index()
 
     @translated
     async def ModelStatistics(self, request, context):
@@ -545,7 +548,7 @@ async def _follow_readiness(registry: ModelRegistry, health: HealthServicer, las
             last = ready
 
 
-def _package_version() -> str:
+def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -559,9 +562,7 @@ async def start(app, settings: Settings) -> GrpcHandle:
     registry: ModelRegistry = app.state.registry
     interceptors = [ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []
     server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceService(registry, _package_version()), server
-    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(app.state.inference_service, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = (

@@ -77,6 +77,14 @@ def color_image(color: str, size: tuple[int, int] = (64, 48), fmt: str = "JPEG",
     return buffer.getvalue()
 
 
+def noise_jpeg(seed: int, size: tuple[int, int]) -> bytes:
+    """A photo-like image with no ties between class scores (so every ranking is unambiguous)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height (a decompression bomb, as far as the header goes)."""
     data = bytearray(color_image("red", size=(8, 8), fmt="PNG"))

@@ -62,7 +62,7 @@ def test_quick_bench_runs_end_to_end_and_keeps_foreign_sections(tmp_path):
     assert all(p["requests"] > 0 and p["errors"] == 0 and p["extra"]["raw_images_per_s"] > 0 for p in points)
     assert results["naive"]["requests"] > 0 and results["naive"]["errors"] == 0
     grpc_rows = results["grpc_vs_http"]
-    assert {row["protocol"] for row in grpc_rows} == {"http", "grpc"}
+    assert {row["protocol"] for row in grpc_rows} == {"http", "http /v2", "grpc"}
     assert all(row["errors"] == 0 and row["throughput"] > 0 for row in grpc_rows)
     assert results["machine"]["tritonserver"].count(".") == 2  # the version the running server reported
 

@@ -77,10 +77,23 @@ def test_http_and_grpc_to_the_gateway_agree_in_batches(gateway, photos, capsys):
         "--model",
         "colors",
     )
+    over_kserve_http = classify_json(  # the gateway's /v2, as a Triton client would use it
+        capsys,
+        str(folder),
+        "--url",
+        gateway.http_url,
+        "--server",
+        "triton",
+        "--api-key",
+        API_KEY,
+        "--top-k",
+        "2",
+    )
     assert {r["image"]: r["predictions"][0]["label"] for r in over_http} == expected
     assert all(len(r["predictions"]) == 2 and r["model"] == "colors" for r in over_http)
     assert 0.5 < over_http[0]["predictions"][0]["score"] <= 1.0  # probabilities, not logits
     assert_same_answers(over_http, over_grpc)
+    assert_same_answers(over_http, over_kserve_http)
 
 
 def test_table_output_names_model_and_server(gateway, photos, capsys, monkeypatch):
@@ -93,6 +106,9 @@ def test_table_output_names_model_and_server(gateway, photos, capsys, monkeypatc
     )
     out = capsys.readouterr().out
     assert "colors on the gateway (grpc)" in out
+    # auto: the gateway answers GET /v2 too, by its own name, and is then used through its /v1 API
+    assert resnet(["client", "classify", str(folder / "0-red.jpeg"), "--url", gateway.http_url]) == 0
+    assert "colors on the gateway (http /v1)" in capsys.readouterr().out
     assert all(label in out for label in LABELS) and "0-red.jpeg" in out
 
 

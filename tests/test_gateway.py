@@ -154,7 +154,7 @@ def test_unknown_model_route_and_method(client):
         "colors",
     )
     assert_error(client.get("/v1/models/nope"), 404, "model_not_found")
-    assert_error(client.get("/v2/whatever"), 404, "not_found", "/v2/whatever")
+    assert_error(client.get("/v3/whatever"), 404, "not_found", "/v3/whatever")
     assert_error(client.get("/v1/models/colors/classify"), 405, "method_not_allowed")
 
 
