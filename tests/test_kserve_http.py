@@ -167,6 +167,20 @@ def test_statistics_over_http_are_the_grpc_statistics_written_as_triton_does(cli
         client.get_inference_statistics("colors", model_version="3", headers=auth())
 
 
+def test_failures_count_where_they_fail_as_over_grpc(gateway, client):
+    def failures() -> int:
+        stats = client.get_inference_statistics("colors", headers=auth())["model_stats"][0]
+        return stats["inference_stats"]["fail"]["count"]
+
+    before = failures()
+    wrong_shape = np.zeros((1, 3, 16, 16), np.float32)
+    with pytest.raises(InferenceServerException, match=r"\[1, 3, 16, 16\]"):
+        client.infer("colors", [tensor_input(wrong_shape)], headers=auth())
+    assert failures() == before + 1  # the model refused it: counted, as over gRPC
+    assert post_infer(gateway, "colors", b'{"inputs": [').status_code == 400
+    assert failures() == before + 1  # not even parsed: no model saw it (Triton's HTTP frontend alike)
+
+
 def test_triton_json_writes_int64_fields_as_numbers():
     message = triton_grpc.service_pb2.ModelStatistics(name="m", inference_count=2**40, last_inference=7)
     message.batch_stats.add(batch_size=3).compute_infer.ns = 2**35
