@@ -11,6 +11,7 @@ import urllib.request
 import numpy as np
 
 API_KEY_HEADER = "X-API-Key"
+PIPELINE_SUFFIX = "_pipeline"  # Triton's protocol: the name of a classifier that takes encoded images
 
 
 def auth_headers(api_key: str) -> dict[str, str]:
@@ -31,6 +32,22 @@ def discover_model(base_url: str, api_key: str = "") -> str:
     if not names:
         raise RuntimeError(f"{base_url} lists no models")
     return names[0]
+
+
+def discover_kserve_model(base_url: str, api_key: str = "") -> str:
+    """The first classifier a KServe v2 server (the gateway's /v2, or Triton) serves with a `_pipeline`."""
+    request = urllib.request.Request(
+        base_url.rstrip("/") + "/v2/repository/index",
+        data=b"{}",
+        headers=auth_headers(api_key),
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        names = [entry.get("name", "") for entry in json.load(response) if isinstance(entry, dict)]
+    pipelines = [name.removesuffix(PIPELINE_SUFFIX) for name in names if name.endswith(PIPELINE_SUFFIX)]
+    if not pipelines:
+        raise RuntimeError(f"{base_url} serves no <model>{PIPELINE_SUFFIX} (encoded images in) to load-test")
+    return pipelines[0]
 
 
 def check_prediction(body: object, model: str, top_k: int) -> str | None:

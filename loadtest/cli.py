@@ -96,8 +96,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=parse_duration(_env("LOADTEST_DURATION", "30s")),
         help="run time (30s, 2m, 1m30s; RESNET_LOADTEST_DURATION), in seconds",
     )
-    parser.add_argument(
+    protocol = parser.add_mutually_exclusive_group()
+    protocol.add_argument(
         "--grpc", action="store_true", help="use the gRPC user (tritonclient, KServe v2) instead of HTTP"
+    )
+    protocol.add_argument(
+        "--kserve",
+        action="store_true",
+        help="use the KServe v2 HTTP user (Triton's HTTP API, /v2/models/<model>_pipeline/infer) instead of the "
+        "gateway's /v1 API; --url may then be a Triton server's HTTP port too",
     )
     parser.add_argument(
         "--grpc-url",
@@ -166,8 +173,16 @@ def locust_command(args: argparse.Namespace, model: str, csv_prefix: Path, html:
     for flag, value in (("--grpc-host", args.grpc_url), ("--images", args.images)):
         if value:
             command += [flag, value]
-    command.append("GrpcUser" if args.grpc else "ClassifyUser")
+    command.append(user_class(args))
     return command
+
+
+def user_class(args: argparse.Namespace) -> str:
+    return "GrpcUser" if args.grpc else "KServeHttpUser" if args.kserve else "ClassifyUser"
+
+
+def protocol_name(args: argparse.Namespace) -> str:
+    return "gRPC" if args.grpc else "KServe HTTP" if args.kserve else "HTTP"
 
 
 def run_locust(command: list[str], duration: float, log_path: Path, api_key: str = "") -> None:
@@ -192,14 +207,15 @@ def run_locust(command: list[str], duration: float, log_path: Path, api_key: str
 
 
 def main(args: argparse.Namespace) -> int:
-    from loadtest.checks import discover_model
+    from loadtest.checks import discover_kserve_model, discover_model
 
     if args.users < 1:
         raise LoadTestError("--users must be at least 1")
     if args.images and not Path(args.images).is_dir():
         raise LoadTestError(f"--images folder {args.images} does not exist")
     try:
-        model = args.model or discover_model(args.url, args.api_key)
+        discover = discover_kserve_model if args.kserve else discover_model
+        model = args.model or discover(args.url, args.api_key)
     except (urllib.error.URLError, OSError, ValueError, RuntimeError) as error:
         raise LoadTestError(f"cannot list models at {args.url}: {error}") from error
     args.out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +226,7 @@ def main(args: argparse.Namespace) -> int:
 
     summary = report.read_summary(Path(f"{csv_prefix}_stats.csv"))
     history = report.read_history(Path(f"{csv_prefix}_stats_history.csv"))
-    protocol = "gRPC" if args.grpc else "HTTP"
+    protocol = protocol_name(args)
     plots = report.plot_run(history, args.out, f"{args.scenario}, {args.users} {protocol} users, {model}")
     thresholds = report.Thresholds(args.max_fail_ratio, args.max_p95_ms, args.max_p99_ms)
     broken = report.broken_thresholds(summary, thresholds)

@@ -1,8 +1,9 @@
-"""Locust users for the gateway: HTTP clients classifying photos, and a tritonclient gRPC client.
+"""Locust users for the gateway: HTTP clients classifying photos, and Triton-protocol clients (gRPC, KServe HTTP).
 
     locust -f loadtest/locustfile.py --host http://127.0.0.1:8080                 # web UI on :8089
     locust -f loadtest/locustfile.py --headless -u 50 -t 2m --scenario ramp --host http://127.0.0.1:8080
     locust -f loadtest/locustfile.py --headless -u 20 -t 1m --host http://127.0.0.1:8080 GrpcUser
+    locust -f loadtest/locustfile.py --headless -u 20 -t 1m --host http://127.0.0.1:8000 KServeHttpUser  # Triton too
 
 `resnet loadtest` wraps the headless form with thresholds and plots. Users wait 0 s between requests, so
 the user count is the number of requests in flight. Every response body is checked: a wrong model name, an
@@ -30,10 +31,12 @@ from locust import HttpUser, LoadTestShape, User, constant, events, tag, task  #
 from loadtest import shapes  # noqa: E402
 from loadtest.checks import (  # noqa: E402
     API_KEY_HEADER,
+    PIPELINE_SUFFIX,
     auth_headers,
     check_classification,
     check_prediction,
     describe_error,
+    discover_kserve_model,
     discover_model,
     listed_names,
 )
@@ -185,7 +188,7 @@ class GrpcUser(User):
         self.headers = {API_KEY_HEADER.lower(): api_key} if api_key else {}
         target = (options.grpc_host if options else "") or grpc_target(self.host)
         model = (options.model if options else "") or discover_model(self.host, api_key)
-        self.model = model if model.endswith("_pipeline") else f"{model}_pipeline"
+        self.model = model if model.endswith(PIPELINE_SUFFIX) else model + PIPELINE_SUFFIX
         self.grpcclient = grpcclient
         self.client = grpcclient.InferenceServerClient(url=target)
         self.photos = itertools.cycle(random.sample(_images, len(_images)))
@@ -215,6 +218,59 @@ class GrpcUser(User):
             exception=exception,
             context={},
         )
+
+
+class KServeHttpUser(HttpUser):
+    """A KServe v2 HTTP client (Triton's HTTP API): one encoded photo per request to `<model>_pipeline/infer`,
+    binary tensor data, `class_count` = top-k. It speaks to the gateway's `/v2` and to a Triton server alike.
+
+    Bodies are built and parsed by tritonclient.http's own `generate_request_body` / `parse_response_body`, and
+    sent with Locust's HTTP client, so its statistics and failure checks are Locust's own."""
+
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        import tritonclient.http as httpclient
+
+        options = _options(self)
+        self.top_k = options.top_k if options else 5
+        self.headers = auth_headers(options.api_key if options else "")
+        model = (options.model if options else "") or discover_kserve_model(
+            self.host, self.headers.get(API_KEY_HEADER, "")
+        )
+        model = model if model.endswith(PIPELINE_SUFFIX) else model + PIPELINE_SUFFIX
+        self.path = f"/v2/models/{urllib.parse.quote(model)}/infer"
+        self.httpclient = httpclient
+        self.photos = itertools.cycle(random.sample(_images, len(_images)))
+
+    @task
+    def infer_one(self) -> None:
+        _, data = next(self.photos)
+        image = self.httpclient.InferInput(IMAGE_INPUT_NAME, [1, 1], "BYTES")
+        image.set_data_from_numpy(np.array([[data]], dtype=np.object_))
+        wanted = [self.httpclient.InferRequestedOutput(OUTPUT_NAME, class_count=self.top_k)]
+        body, json_size = self.httpclient.InferenceServerClient.generate_request_body([image], outputs=wanted)
+        # identity: uncompressed answers, as tritonclient asks by default (requests would offer gzip)
+        headers = {
+            **self.headers,
+            "Inference-Header-Content-Length": str(json_size),
+            "Accept-Encoding": "identity",
+        }
+        with self.client.post(
+            self.path, data=body, headers=headers, name="infer 1 image (/v2)", catch_response=True
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                return
+            length = response.headers.get("Inference-Header-Content-Length")
+            result = self.httpclient.InferenceServerClient.parse_response_body(
+                response.content, header_length=int(length) if length else None
+            )
+            problem = check_classification(result.as_numpy(OUTPUT_NAME), self.top_k)
+            if problem:
+                response.failure(str(problem))
+            else:
+                response.success()
 
 
 def grpc_target(http_host: str | None) -> str:

@@ -261,6 +261,46 @@ def test_grpc_user_records_successes(gateway, tmp_path):
     assert json.loads((out / "summary.json").read_text())["summary"]["requests"] > 5
 
 
+def kserve_loadtest(url: str, out: Path, api_key: str = "") -> subprocess.CompletedProcess:
+    args = ["--url", url, "--kserve", "--users", "2", "--duration", "3s", "--out", str(out)]
+    return run_loadtest(*args, "--max-fail-ratio", "0", api_key=api_key)
+
+
+def assert_kserve_run(result: subprocess.CompletedProcess, out: Path) -> None:
+    assert result.returncode == 0, result.stderr[-2000:] + (out / "locust_failures.csv").read_text()
+    assert "POST,infer 1 image (/v2)" in (out / "locust_stats.csv").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert (
+        summary["protocol"] == "KServe HTTP" and summary["model"] == "colors"
+    )  # found via /v2/repository/index
+    assert summary["summary"]["requests"] > 5
+
+
+@pytest.mark.slow
+def test_kserve_http_user_records_successes_against_the_gateway(gateway, tmp_path):
+    result = kserve_loadtest(gateway["url"], tmp_path / "kserve", api_key=API_KEY)
+    assert_kserve_run(result, tmp_path / "kserve")
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_kserve_http_user_loads_a_real_triton_too(tmp_path):
+    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
+    from export.triton_server import TritonServer
+    from tests.grpc_support import write_pipeline_repository
+
+    repository = write_pipeline_repository(tmp_path / "repository")
+    with TritonServer(repository, log_path=tmp_path / "triton.log") as triton:
+        result = kserve_loadtest(triton.http_url, tmp_path / "kserve")
+    assert_kserve_run(result, tmp_path / "kserve")
+
+
+def test_grpc_and_kserve_users_exclude_each_other(tmp_path):
+    result = run_loadtest("--url", "http://127.0.0.1:1", "--grpc", "--kserve", "--out", str(tmp_path))
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_locustfile_lists_users_and_shape():
     result = subprocess.run(
         [sys.executable, "-m", "locust", "-f", str(Path(REPO_ROOT, "loadtest", "locustfile.py")), "--list"],
@@ -269,7 +309,7 @@ def test_locustfile_lists_users_and_shape():
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert "ClassifyUser" in result.stdout and "GrpcUser" in result.stdout
+    assert all(user in result.stdout for user in ("ClassifyUser", "GrpcUser", "KServeHttpUser"))
 
 
 def test_cli_process_never_imports_locust():
