@@ -115,7 +115,7 @@ def _map_key(field: FieldDescriptor, key: str):
 
 class InputTensorJson(BaseModel):
     name: str
-    shape: list[Annotated[int, Field(ge=0)]]
+    shape: list[Annotated[int, Field(ge=0, le=INT64_MAX)]]  # protobuf's int64 (a larger one would be a 500)
     datatype: str
     parameters: dict[str, Any] = {}
     data: list[Any] | None = None

@@ -235,6 +235,7 @@ BAD_REQUESTS = [
     ("not JSON", "colors", b'{"inputs": [{', {}, 400, "Invalid JSON"),
     ("no inputs", "colors", b'{"inputs": []}', {}, 400, "inputs"),
     ("negative dim", "colors", infer_json(inputs=[{**TENSOR_JSON, "shape": [-1, 3, 32, 32]}]), {}, 400, "shape"),
+    ("dim past int64", "colors", infer_json(inputs=[{**TENSOR_JSON, "shape": [2**70, 3, 32, 32]}]), {}, 400, "shape"),
     ("too few values", "colors", infer_json(inputs=[{**TENSOR_JSON, "data": [1, 2]}]), {}, 400, "holds 2 values"),
     ("ragged data", "colors", infer_json(inputs=[{**TENSOR_JSON, "data": [[1], [2, 3]]}]), {}, 400, "ragged"),
     ("strings as FP32", "colors", infer_json(inputs=[{**TENSOR_JSON, "data": ["a"] * 3072}]), {}, 400, "numbers"),
@@ -282,6 +283,50 @@ def test_bad_requests_get_a_kserve_error_naming_the_problem(gateway, model, body
     response = post_infer(gateway, model, body, headers)
     assert response.status_code == status, response.text
     assert set(response.json()) == {"error"} and message in response.json()["error"]
+
+
+ODD_VALUES = [None, True, -1, 2**70, 1.5, "x", "", [], [1, [2]], {}, {"a": 1}, [None], ["a", 1]]
+
+
+def mutated_requests() -> list[dict]:
+    """A valid inference request with each of its fields, at every depth, replaced by each odd value in turn."""
+    base = {
+        "id": "x",
+        "parameters": {"binary_data_output": True, "timeout": 10**6},
+        "inputs": [{**TENSOR_JSON, "parameters": {}}],
+        "outputs": [{"name": "logits", "parameters": {"classification": 2, "binary_data": False}}],
+    }
+
+    def paths(node, prefix=()):
+        keys = (
+            list(node)
+            if isinstance(node, dict)
+            else range(min(len(node), 2))
+            if isinstance(node, list)
+            else []
+        )
+        for key in keys:
+            yield (*prefix, key)
+            yield from paths(node[key], (*prefix, key))
+
+    requests = []
+    for path in paths(base):
+        for value in ODD_VALUES:
+            request = json.loads(json.dumps(base))
+            parent = request
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = value
+            requests.append(request)
+    return requests
+
+
+def test_malformed_requests_never_get_a_500(gateway):
+    statuses = {
+        post_infer(gateway, "colors", json.dumps(request).encode()).status_code
+        for request in mutated_requests()
+    }
+    assert statuses <= {200, 400}, statuses
 
 
 def test_the_gateway_keeps_serving_after_bad_requests(gateway, client):
