@@ -32,6 +32,7 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from server import errors
+from server.metrics import Metrics
 from server.registry import ModelRegistry, ServedModel
 from server.settings import Settings
 from server.spec import IMAGE_INPUT_NAME, INPUT_NAME, OUTPUT_NAME, ROLE_KEY, Role
@@ -512,6 +513,83 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+# --- Prometheus metrics ---------------------------------------------------------------------------------------
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every call by method and final status code, with its latency, into the gateway's /metrics.
+    Installed first, so calls the API-key check refuses are counted too (UNAUTHENTICATED)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        if handler.response_streaming:
+            behavior, make = (
+                (handler.stream_stream, grpc.stream_stream_rpc_method_handler)
+                if handler.request_streaming
+                else (handler.unary_stream, grpc.unary_stream_rpc_method_handler)
+            )
+            wrapped = self._streaming(behavior, method)
+        else:
+            behavior, make = (
+                (handler.stream_unary, grpc.stream_unary_rpc_method_handler)
+                if handler.request_streaming
+                else (handler.unary_unary, grpc.unary_unary_rpc_method_handler)
+            )
+            wrapped = self._unary(behavior, method)
+        return make(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    @contextlib.contextmanager
+    def _measured(self, method: str, context: grpc.aio.ServicerContext):
+        started = time.perf_counter()
+        self.metrics.grpc_in_flight.inc()
+        code = grpc.StatusCode.UNKNOWN  # what gRPC answers for an exception nothing turned into a status
+        try:
+            yield
+            code = context.code() or grpc.StatusCode.OK
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away (GeneratorExit: mid-stream)
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self.metrics.grpc_in_flight.dec()
+            self.metrics.grpc_requests.labels(method, _code_name(code)).inc()
+            self.metrics.grpc_latency.labels(method).observe(time.perf_counter() - started)
+
+    def _unary(self, behavior, method: str):
+        async def measured(request, context):
+            with self._measured(method, context):
+                return await behavior(request, context)
+
+        return measured
+
+    def _streaming(self, behavior, method: str):
+        async def measured(request, context):
+            with self._measured(method, context):
+                async for response in behavior(request, context):
+                    yield response
+
+        return measured
+
+
+def _code_name(code) -> str:
+    # context.code() gives a StatusCode, or the raw integer when a handler set one that way
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return next((status.name for status in grpc.StatusCode if status.value[0] == code), str(code))
+
+
 # --- lifecycle (called from server.app's lifespan) ---------------------------------------------------------
 
 
@@ -560,7 +638,9 @@ def package_version() -> str:
 async def start(app, settings: Settings) -> GrpcHandle:
     """Bind the gRPC port on `settings.host` and serve the app's registry; raises OSError if the port is taken."""
     registry: ModelRegistry = app.state.registry
-    interceptors = [ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []
+    interceptors = [MetricsInterceptor(app.state.metrics)]
+    if settings.api_keys:
+        interceptors.append(ApiKeyInterceptor(settings.api_keys))
     server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(app.state.inference_service, server)
     health = HealthServicer()

@@ -56,3 +56,15 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("resnet_images", "images classified per model", ["model"], registry=r)
+        # gRPC calls, named as go-grpc-prometheus names them (method = the RPC's short name, code = its status)
+        self.grpc_requests = Counter(
+            "resnet_grpc_requests", "gRPC calls by method and status code", ["method", "code"], registry=r
+        )
+        self.grpc_latency = Histogram(
+            "resnet_grpc_request_latency_seconds",
+            "gRPC call latency by method (a stream: its whole life)",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.grpc_in_flight = Gauge("resnet_grpc_requests_in_flight", "gRPC calls being handled", registry=r)

@@ -14,12 +14,13 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from server.grpc_service import SERVICE_NAME, classification_strings
 from tests.gateway_models import LABELS, color_image, colors_onnx, noise_jpeg
 from tests.grpc_support import API_KEY, gateway_process, write_pipeline_repository
-from tests.support import free_port
+from tests.support import free_port, wait_until
 
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 QUEUE_SIZE = 8
@@ -218,6 +219,46 @@ def test_api_key_from_bearer_or_x_api_key_metadata(client):
     answer = client.infer("colors_pipeline", [good], outputs=classes(1), headers={"x-api-key": API_KEY})
     assert answer.as_numpy("logits")[0, 0].decode().endswith(":blue")
     assert client.is_server_ready()  # probes stay open, like /readyz
+
+
+def grpc_calls(http_url: str) -> dict[tuple[str, str], float]:
+    """resnet_grpc_requests_total from the gateway's /metrics, by (method, code)."""
+    text = httpx.get(f"{http_url}/metrics", headers=AUTH).text
+    return {
+        (sample.labels["method"], sample.labels["code"]): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "resnet_grpc_requests"
+        for sample in family.samples
+        if sample.name == "resnet_grpc_requests_total"
+    }
+
+
+def test_grpc_calls_are_counted_in_prometheus_metrics_by_method_and_code(client, gateway):
+    before = grpc_calls(gateway.http_url)
+    good = images_input([color_image("red")])
+    for _ in range(3):
+        client.infer("colors_pipeline", [good], outputs=classes(1), headers=AUTH)
+    status_of(lambda: client.infer("nope", [good], headers=AUTH))
+    status_of(lambda: client.infer("colors_pipeline", [good]))  # no key
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put(error), headers=AUTH)
+    client.async_stream_infer("colors_pipeline", [good], outputs=classes(1))
+    answers.get(timeout=30)
+    client.stop_stream()
+    expected = {
+        ("ModelInfer", "OK"): 3,
+        ("ModelInfer", "NOT_FOUND"): 1,
+        ("ModelInfer", "UNAUTHENTICATED"): 1,
+        ("ModelStreamInfer", "OK"): 1,
+    }
+
+    def counted() -> dict:
+        after = grpc_calls(gateway.http_url)
+        return {key: after.get(key, 0) - before.get(key, 0) for key in expected}
+
+    wait_until(lambda: counted() == expected, timeout=10, what=f"gRPC call counts {expected}")
+    metrics = httpx.get(f"{gateway.http_url}/metrics", headers=AUTH).text
+    assert 'resnet_grpc_request_latency_seconds_count{method="ModelInfer"}' in metrics
 
 
 def test_health_service_serving_when_ready(gateway):
