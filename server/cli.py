@@ -50,7 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     defaults = Settings.model_fields
     parser = argparse.ArgumentParser(
         description="Serve the classifiers of a Triton model repository over HTTP (FastAPI) and gRPC, with dynamic "
-        "batching, on an embedded ONNX Runtime (default) or a Triton server. "
+        "batching, on an embedded ONNX Runtime (default) or a Triton server. HTTP: the gateway's API at /v1 and "
+        "Triton's KServe v2 API at /v2; gRPC: Triton's protocol, so tritonclient code runs unchanged. "
         "Docs at http://HOST:PORT/docs, demo page at http://HOST:PORT/.",
         epilog="Each flag defaults to its RESNET_<NAME> environment variable (e.g. RESNET_PORT), then to the default "
         "shown.",
