@@ -5,8 +5,8 @@
 
 "http" posts one raw image per request to `/v1/models/{model}/classify?top_k=5`; "http /v2" and "grpc" send the
 same image to `{model}_pipeline` with `class_count=5` over Triton's protocol, HTTP (binary tensor data) or gRPC,
-with tritonclient's asyncio clients. `compare()` is what `resnet bench`
-(loadtest/bench.py) calls; `markdown_table()` renders its rows.
+with tritonclient's asyncio clients. `compare()` is what `resnet bench` (loadtest/bench.py) calls;
+`markdown_table()` renders its rows.
 """
 
 from __future__ import annotations
