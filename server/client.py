@@ -5,8 +5,9 @@
 
 Over HTTP the gateway's own API (`POST /v1/models/{name}/classify`, multipart) is used; a KServe v2 server (Triton)
 is recognized by its `GET /v2` metadata (`--server triton` speaks KServe v2 HTTP to the gateway's `/v2` too).
-Over gRPC the gateway and Triton speak the same protocol: the client sends encoded images to `<model>_pipeline` and asks for every class through Triton's classification extension
-(`class_count` = number of classes), then applies softmax, so every path prints the same probabilities.
+Over gRPC the gateway and Triton speak the same protocol: the client sends encoded images to `<model>_pipeline`
+and asks for every class through Triton's classification extension (`class_count` = number of classes), then
+applies softmax, so every path prints the same probabilities.
 """
 
 from __future__ import annotations
