@@ -7,11 +7,19 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8080
 PYTEST_ARGS ?=
+# CIFAR-10 and the paper's reproduction (make cifar / reproduce / bundled-model)
+CIFAR_TARBALL ?= ../shared/data/cifar10-jpeg.tar.xz
+DATA ?= data
+CONCURRENT ?= 3
+ITERATIONS ?= 64000
+BUNDLED_RUN ?= runs/bundled-resnet20-$(ITERATIONS)
+REPOSITORY ?= model_repository
+EXPORT_FLAGS ?=
 
-.PHONY: setup serve test test-fast bench lint browser triton clean help
+.PHONY: setup serve test test-fast bench lint browser triton cifar reproduce bundled-model clean help
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +53,32 @@ triton: setup  ## serve model_repository/ with the bundled CPU Triton server
 
 bench: setup  ## run the benchmark suite; regenerates docs/benchmarks.md and docs/img/
 	$(BIN)/resnet bench
+
+cifar: setup  ## extract CIFAR-10 (JPEG) from CIFAR_TARBALL into DATA/ and decode it once into the training cache
+	$(BIN)/python -m training.cifar --tarball $(CIFAR_TARBALL) --data-path $(DATA)
+
+reproduce: cifar  ## the paper's 9 CIFAR-10 nets (a GPU job; resumable), then docs/reproduction.md's table + Fig. 6
+	$(BIN)/python -m training.reproduce run --data $(DATA)/cifar10-jpeg --concurrent $(CONCURRENT)
+	$(BIN)/python -m training.reproduce report
+
+# cifar-paper with the schedule scaled to ITERATIONS (lr /10 at 1/2 and 3/4: the paper's 32k/48k of 64k), resumed
+# from BUNDLED_RUN's last checkpoint if there is one; then exported (FP32 + INT8) as a new version of the bundled
+# model and every variant evaluated on the full test set, the numbers its model card reports.
+bundled-model: cifar  ## train the cifar-paper ResNet-20 (ITERATIONS), export it into REPOSITORY, evaluate it
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/resnet train --recipe cifar-paper --arch resnet20 --data $(DATA)/cifar10-jpeg \
+	  --iterations $(ITERATIONS) --lr-milestones $$(( $(ITERATIONS) / 2 )),$$(( $(ITERATIONS) * 3 / 4 )) \
+	  --eval-every $$(( ($(ITERATIONS) + 15) / 16 )) --checkpoint-every 250 --log-every 100 --channels-last \
+	  --no-progress --output-dir $(BUNDLED_RUN) --resume auto
+	checkpoint=$$(printf '%s/checkpoint-%07d.pt' $(BUNDLED_RUN) $(ITERATIONS)) && \
+	$(BIN)/resnet export --checkpoint $$checkpoint --name resnet20_cifar10 --repository $(REPOSITORY) \
+	  --target cpu --int8 --calib-data $(DATA)/cifar10-jpeg/train --calib-images 512 \
+	  --eval-data $(DATA)/cifar10-jpeg/test --keep-versions 1 $(EXPORT_FLAGS) && \
+	$(BIN)/resnet evaluate --checkpoint $$checkpoint --data $(DATA)/cifar10-jpeg --json && \
+	for model in resnet20_cifar10 resnet20_cifar10_int8; do \
+	  version=$$(ls $(REPOSITORY)/$$model | grep -E '^[0-9]+$$' | sort -n | tail -1); \
+	  $(BIN)/resnet evaluate --checkpoint $$checkpoint --onnx $(REPOSITORY)/$$model/$$version/model.onnx \
+	    --data $(DATA)/cifar10-jpeg --json || exit 1; \
+	done
 
 lint: setup  ## ruff
 	$(BIN)/ruff check .

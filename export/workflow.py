@@ -283,7 +283,9 @@ def _publish(
     repo.prune_versions(preprocess_dir, options.keep_versions)
     for artifact in artifacts:
         pipeline_dir = root / f"{artifact.model}_pipeline"
-        repo.publish_version(pipeline_dir, {})  # an ensemble's version folder is empty but must exist
+        # An ensemble's version folder holds nothing but must exist; git keeps no empty folder, so it gets an empty
+        # .gitkeep (Triton ignores it), and a repository committed to git still loads.
+        repo.publish_version(pipeline_dir, {".gitkeep": b""})
         repo.write_model(
             pipeline_dir,
             repo.pipeline_config(pipeline_dir.name, artifact.classifier, preprocess_name),

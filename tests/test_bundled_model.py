@@ -11,6 +11,7 @@ import json
 import math
 import random
 import re
+import subprocess
 import tarfile
 import urllib.request
 import uuid
@@ -114,3 +115,51 @@ def test_accuracy_on_real_test_images_matches_the_model_card(gateway, test_sampl
         f"(tolerance {tolerance:.1%})"
     )
     assert len(set(predicted)) == 10  # every class gets predicted
+
+
+# --- `make bundled-model`: the whole chain on a tiny stand-in for CIFAR-10 --------------------------------------
+
+
+def fake_cifar_tarball(root: Path, train_per_class: int = 26, test_per_class: int = 3) -> Path:
+    """A CIFAR-10-shaped JPEG tree (the real class names, 32x32 images), packed like ../shared's tarball."""
+    from PIL import Image
+
+    from tests.test_cifar import smooth_images
+
+    tree = root / "cifar10-jpeg"
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        images = smooth_images(per_class * len(CLASSES), seed=len(split))
+        for index, image in enumerate(images):
+            folder = tree / split / CLASSES[index % len(CLASSES)]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{index:04d}.jpg", quality=90)
+    tarball = root / "cifar10-jpeg.tar.xz"
+    with tarfile.open(tarball, "w:xz") as archive:
+        archive.add(tree, arcname="cifar10-jpeg")
+    return tarball
+
+
+def test_make_bundled_model_trains_exports_and_evaluates(tmp_path):
+    if subprocess.run(["make", "-q", "setup"], cwd=REPO_ROOT, capture_output=True).returncode != 0:
+        pytest.skip("the .venv is not set up (make setup): this test must not install it")
+    repository, run = tmp_path / "repository", tmp_path / "run"
+    variables = {
+        "CIFAR_TARBALL": fake_cifar_tarball(tmp_path / "source"),
+        "DATA": tmp_path / "data",
+        "REPOSITORY": repository,
+        "BUNDLED_RUN": run,
+        "ITERATIONS": 4,
+        "EXPORT_FLAGS": "--max-accuracy-drop 100",  # 30 test images of an untrained net: any drop is noise
+    }
+    command = ["make", "--no-print-directory", "bundled-model", *(f"{k}={v}" for k, v in variables.items())]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    assert (run / "checkpoint-0000004.pt").is_file()
+    for model in ("resnet20_cifar10", "resnet20_cifar10_int8"):
+        assert (repository / model / "1" / "model.onnx").is_file()
+        assert [p.name for p in (repository / f"{model}_pipeline" / "1").iterdir()] == [".gitkeep"]
+    evaluations = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(evaluations) == 3 and all(e["n"] == 30 for e in evaluations)  # checkpoint, FP32, INT8
+    checkpoint, fp32, _ = evaluations
+    assert fp32["top1"] == pytest.approx(checkpoint["top1"], abs=100 / 30 + 1e-9)  # at most one image apart

@@ -83,6 +83,9 @@ def test_export_publishes_classifier_preprocess_and_pipeline(resnet18, tmp_path)
     assert [(a.model, a.version) for a in artifacts] == [("r18", 1)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r18", "r18_pipeline", "r18_preprocess"]
     assert {p.name for p in (tmp_path / "r18" / "1").iterdir()} == {"model.onnx", "model.py"}
+    assert [p.name for p in (tmp_path / "r18_pipeline" / "1").iterdir()] == [
+        ".gitkeep"
+    ]  # survives a git commit
     assert read_config(tmp_path / "r18").parameters[PRECISION_KEY].string_value == "fp32"
     labels = (tmp_path / "r18" / "labels.txt").read_text().splitlines()
     assert len(labels) == 1000 and labels[7] == "class_7"
