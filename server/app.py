@@ -335,6 +335,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await registry.start()
     # Triton's protocol, over gRPC and over HTTP at /v2: one service on the same registry and batchers as /v1.
     app.state.inference_service = grpc_service.InferenceService(registry, grpc_service.package_version())
+    log.info("HTTP: /v1 (the gateway's API), /v2 (KServe v2, Triton's HTTP API), /docs, /metrics")
     grpc_server = None
     if settings.grpc_port:
         try:
