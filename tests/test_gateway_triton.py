@@ -45,6 +45,19 @@ def classify(url: str, color: str) -> httpx.Response:
     )
 
 
+def kserve_classify(url: str, color: str) -> httpx.Response:
+    """The same photo through the gateway's KServe v2 HTTP API (`/v2`, binary tensor data, as tritonclient sends)."""
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    image = httpclient.InferInput("image", [1, 1], "BYTES")
+    image.set_data_from_numpy(np.array([[color_image(color)]], dtype=np.object_))
+    wanted = [httpclient.InferRequestedOutput("logits", class_count=1, binary_data=False)]
+    body, json_size = httpclient.InferenceServerClient.generate_request_body([image], outputs=wanted)
+    headers = {"Inference-Header-Content-Length": str(json_size)}
+    return httpx.post(f"{url}/v2/models/colors_pipeline/infer", content=body, headers=headers, timeout=30)
+
+
 def test_kill_triton_mid_run_then_recover(triton_server, repository, tmp_path):
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     triton = triton_server(repository, log_path=tmp_path / "triton.log", **ports).start()
@@ -55,6 +68,8 @@ def test_kill_triton_mid_run_then_recover(triton_server, repository, tmp_path):
             for color in LABELS:
                 response = classify(url, color)
                 assert response.status_code == 200 and response.json()["predictions"][0]["label"] == color
+                over_v2 = kserve_classify(url, color)
+                assert over_v2.status_code == 200 and over_v2.json()["outputs"][0]["data"][0].endswith(color)
 
             triton.stop()
             down = classify(url, "red")
@@ -63,15 +78,19 @@ def test_kill_triton_mid_run_then_recover(triton_server, repository, tmp_path):
                 down.json()["error"]["code"] == "backend_unavailable"
                 and "Triton" in down.json()["error"]["message"]
             )
+            v2_down = kserve_classify(url, "red")
+            assert v2_down.status_code == 503 and "Triton" in v2_down.json()["error"], v2_down.text
             wait_until(
                 lambda: httpx.get(f"{url}/readyz").status_code == 503, 10, what="gateway reports not ready"
             )
+            assert httpx.get(f"{url}/v2/health/ready").status_code == 400  # KServe: 4xx = not ready
             assert httpx.get(f"{url}/healthz").status_code == 200
 
             triton = triton_server(repository, log_path=tmp_path / "triton2.log", **ports).start()
             wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 30, what="gateway ready again")
             again = classify(url, "blue")
             assert again.status_code == 200 and again.json()["predictions"][0]["label"] == "blue"
+            assert kserve_classify(url, "green").json()["outputs"][0]["data"][0].endswith(":green")
     finally:
         triton.stop()
 
