@@ -168,6 +168,10 @@ def input_array(endpoint: Endpoint, request: pb.ModelInferRequest) -> np.ndarray
             f"batch size {shape[0]} is over the maximum of {endpoint.model.max_batch_size} "
             f"for {endpoint.name}; split the request"
         )
+    if len(request.raw_input_contents) not in (0, 1):  # one per input or none, as Triton requires
+        raise errors.InvalidInput(
+            f"{len(request.raw_input_contents)} raw_input_contents for 1 input; send one per input, or none"
+        )
     raw = request.raw_input_contents[0] if request.raw_input_contents else None
     return _bytes_input(tensor, raw, shape) if endpoint.pipeline else _float_input(tensor, raw, shape)
 

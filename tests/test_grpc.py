@@ -150,7 +150,7 @@ def test_stream_infer_answers_each_request_and_survives_a_bad_one(client):
     assert got[2][0].as_numpy("logits")[0, 0].decode().endswith(":2:blue")
 
 
-def test_errors_map_to_grpc_status_codes(client):
+def test_errors_map_to_grpc_status_codes(client, gateway):
     good = images_input([color_image("red")])
     code, message = status_of(lambda: client.infer("nope", [good], headers=AUTH))
     assert code == "StatusCode.NOT_FOUND" and "'nope' not found" in message and "colors_pipeline" in message
@@ -178,6 +178,18 @@ def test_errors_map_to_grpc_status_codes(client):
         )
     )
     assert code == "StatusCode.INVALID_ARGUMENT" and "'logits'" in message
+
+    doubled = triton_grpc.service_pb2.ModelInferRequest(model_name="colors")
+    doubled.inputs.add(name="input", datatype="FP32", shape=[1, 3, 32, 32])
+    doubled.raw_input_contents.extend([np.zeros(3072, "<f4").tobytes()] * 2)
+    with grpc.insecure_channel(gateway.grpc_address) as channel:
+        stub = triton_grpc.service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(doubled, metadata=tuple(AUTH.items()), timeout=10)
+    assert (
+        caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "2 raw_input_contents" in caught.value.details()
+    )
 
     too_many = images_input([color_image("red")] * (QUEUE_SIZE + 1))  # more than the model may ever hold
     code, message = status_of(lambda: client.infer("colors_pipeline", [too_many], headers=AUTH))
