@@ -15,7 +15,9 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from tritonclient.utils import InferenceServerException
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from server.grpc_service import SERVICE_NAME, classification_strings
 from tests.gateway_models import LABELS, color_image, colors_onnx, noise_jpeg
@@ -179,11 +181,11 @@ def test_errors_map_to_grpc_status_codes(client, gateway):
     )
     assert code == "StatusCode.INVALID_ARGUMENT" and "'logits'" in message
 
-    doubled = triton_grpc.service_pb2.ModelInferRequest(model_name="colors")
+    doubled = pb.ModelInferRequest(model_name="colors")
     doubled.inputs.add(name="input", datatype="FP32", shape=[1, 3, 32, 32])
     doubled.raw_input_contents.extend([np.zeros(3072, "<f4").tobytes()] * 2)
     with grpc.insecure_channel(gateway.grpc_address) as channel:
-        stub = triton_grpc.service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             stub.ModelInfer(doubled, metadata=tuple(AUTH.items()), timeout=10)
     assert (
@@ -203,6 +205,66 @@ def test_errors_map_to_grpc_status_codes(client, gateway):
         lambda: client.infer("colors_pipeline", [good], headers=AUTH, client_timeout=0.0005)
     )
     assert code == "StatusCode.DEADLINE_EXCEEDED"
+
+
+def odd_infer_requests() -> list[tuple[str, pb.ModelInferRequest]]:
+    """Malformed ModelInfer requests: shapes, datatypes, raw contents, outputs, names, each wrong in one way."""
+
+    def tensor_request(shape=(1, 3, 32, 32), datatype="FP32", raw=None, name="input", output=None):
+        request = pb.ModelInferRequest(model_name="colors")
+        request.inputs.add(name=name, datatype=datatype, shape=list(shape))
+        request.raw_input_contents.append(np.zeros(3072, "<f4").tobytes() if raw is None else raw)
+        if output is not None:
+            wanted = request.outputs.add(name=output[0])
+            if output[1]:
+                setattr(wanted.parameters["classification"], *output[1])
+        return request
+
+    cases = [(f"shape {shape}", tensor_request(shape=shape)) for shape in ODD_SHAPES]
+    cases += [(f"datatype {kind!r}", tensor_request(datatype=kind)) for kind in ("", "FP16", "BYTES", "fp32")]
+    cases += [(f"{len(raw)} raw bytes", tensor_request(raw=raw)) for raw in (b"", b"\0" * 3, b"\0" * 12289)]
+    cases += [(f"input {name!r}", tensor_request(name=name)) for name in ("", "image", "INPUT")]
+    cases += [
+        (f"output {output}", tensor_request(output=output))
+        for output in [
+            ("logits", ("int64_param", 0)),
+            ("logits", ("int64_param", -5)),
+            ("logits", ("bool_param", True)),
+            ("logits", ("string_param", "3")),
+            ("logits", ("double_param", 2.0)),
+            ("", None),
+            ("probabilities", None),
+        ]
+    ]
+    for items, shape in [([b"x"], (1, 2)), ([], (0, 1)), ([b"x", b"y"], (1, 1)), ([b""], (1, 1))]:
+        request = pb.ModelInferRequest(model_name="colors_pipeline")
+        request.inputs.add(name="image", datatype="BYTES", shape=list(shape))
+        encoded = serialize_byte_tensor(np.array(items, dtype=np.object_))
+        request.raw_input_contents.append(encoded.item() if encoded.size else b"")
+        cases.append((f"pipeline {len(items)} items as {shape}", request))
+    framing = pb.ModelInferRequest(model_name="colors_pipeline")
+    framing.inputs.add(name="image", datatype="BYTES", shape=[1, 1])
+    framing.raw_input_contents.append(b"\xff\xff\xff\x7f")  # a length prefix far past the end
+    cases.append(("pipeline framing", framing))
+    for name, version in [("", ""), ("colors", "x"), ("../colors", ""), ("colors_pipeline_pipeline", "")]:
+        request = tensor_request()
+        request.model_name, request.model_version = name, version
+        cases.append((f"model {name!r} version {version!r}", request))
+    return cases
+
+
+ODD_SHAPES = [(), (1,), (0, 3, 32, 32), (-1, 3, 32, 32), (1, 3, 32), (1, 3, 32, 32, 1), (2**62, 3, 32, 32)]
+
+
+def test_malformed_infer_requests_are_refused_with_a_client_status(gateway):
+    with grpc.insecure_channel(gateway.grpc_address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        codes = {}
+        for label, request in odd_infer_requests():
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(request, metadata=tuple(AUTH.items()), timeout=10)
+            codes[label] = caught.value.code()
+    assert set(codes.values()) <= {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}, codes
 
 
 def test_overload_is_resource_exhausted(client):
