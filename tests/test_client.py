@@ -11,19 +11,18 @@ import pytest
 
 from cli.main import main as resnet
 from tests.gateway_models import LABELS, color_image
-from tests.grpc_support import API_KEY, gateway_process, write_pipeline_repository
+from tests.grpc_support import API_KEY, gateway_process
 from tests.support import free_port
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory):
-    return write_pipeline_repository(tmp_path_factory.mktemp("client-repository"))
-
-
-@pytest.fixture(scope="module")
-def gateway(repository, tmp_path_factory):
+def gateway(pipeline_repository, tmp_path_factory):
     with gateway_process(
-        tmp_path_factory.mktemp("client-logs"), "--repository", str(repository), "--api-keys", API_KEY
+        tmp_path_factory.mktemp("client-logs"),
+        "--repository",
+        str(pipeline_repository),
+        "--api-keys",
+        API_KEY,
     ) as running:
         yield running
 
@@ -159,19 +158,16 @@ def test_console_script_help_and_exit_code(gateway):
 
 @pytest.mark.triton
 @pytest.mark.slow
-def test_triton_grpc_and_http_answer_like_the_gateway(gateway, repository, photos, capsys, tmp_path):
-    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
-    from export.triton_server import TritonServer
-
+def test_triton_grpc_and_http_answer_like_the_gateway(gateway, pipeline_triton, photos, capsys):
     folder, expected = photos
     reference = classify_json(
         capsys, str(folder), "--url", gateway.http_url, "--api-key", API_KEY, "--top-k", "3"
     )
-    with TritonServer(repository, log_path=tmp_path / "triton.log") as triton:
-        over_grpc = classify_json(capsys, str(folder), "--url", f"grpc://{triton.grpc_url}", "--top-k", "3")
-        over_http = classify_json(
-            capsys, str(folder), "--url", triton.http_url, "--top-k", "3", "--batch-size", "3"
-        )
+    grpc_url = f"grpc://{pipeline_triton.grpc_url}"
+    over_grpc = classify_json(capsys, str(folder), "--url", grpc_url, "--top-k", "3")
+    over_http = classify_json(
+        capsys, str(folder), "--url", pipeline_triton.http_url, "--top-k", "3", "--batch-size", "3"
+    )
     assert {r["image"]: r["predictions"][0]["label"] for r in over_grpc} == expected
     assert_same_answers(reference, over_grpc)
     assert_same_answers(reference, over_http)

@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from server.grpc_service import SERVICE_NAME, classification_strings
 from tests.gateway_models import LABELS, color_image, colors_onnx, noise_jpeg
-from tests.grpc_support import API_KEY, gateway_process, write_pipeline_repository
+from tests.grpc_support import API_KEY, gateway_process
 from tests.support import free_port, wait_until
 
 AUTH = {"authorization": f"Bearer {API_KEY}"}
@@ -53,16 +53,11 @@ def status_of(call) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory):
-    return write_pipeline_repository(tmp_path_factory.mktemp("grpc-repository"))
-
-
-@pytest.fixture(scope="module")
-def gateway(repository, tmp_path_factory):
+def gateway(pipeline_repository, tmp_path_factory):
     with gateway_process(
         tmp_path_factory.mktemp("grpc-logs"),
         "--repository",
-        str(repository),
+        str(pipeline_repository),
         "--api-keys",
         API_KEY,
         "--queue-size",
@@ -365,9 +360,9 @@ def test_backend_down_is_not_serving_and_unavailable(tmp_path):
 
 
 @pytest.fixture(params=["--batching", "--no-batching"])
-def fresh_gateway(request, repository, tmp_path):
+def fresh_gateway(request, pipeline_repository, tmp_path):
     """A gateway no other test has sent requests to, so its statistics can be checked exactly."""
-    with gateway_process(tmp_path, "--repository", str(repository), request.param) as running:
+    with gateway_process(tmp_path, "--repository", str(pipeline_repository), request.param) as running:
         yield running
 
 
@@ -489,22 +484,13 @@ def test_model_statistics_name_and_version_filter_like_triton(client):
 # --- against the real Triton ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def triton(repository, tmp_path_factory):
-    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
-    from export.triton_server import TritonServer
-
-    with TritonServer(repository, log_path=tmp_path_factory.mktemp("triton-logs") / "triton.log") as server:
-        yield server
-
-
 @pytest.mark.triton
 @pytest.mark.slow
-def test_gateway_and_triton_answer_byte_for_byte_alike(client, triton):
+def test_gateway_and_triton_answer_byte_for_byte_alike(client, pipeline_triton):
     images = [noise_jpeg(seed, size) for seed, size in enumerate([(64, 48), (50, 90), (33, 33), (120, 80)])]
     images += [color_image(color) for color in LABELS]
     batch = np.random.default_rng(1).normal(size=(3, 3, 32, 32)).astype(np.float32)
-    with triton_grpc.InferenceServerClient(triton.grpc_url) as real:
+    with triton_grpc.InferenceServerClient(pipeline_triton.grpc_url) as real:
         assert real.get_server_metadata().name == "triton"
         for class_count in (1, 3, 10):
             ours = client.infer(

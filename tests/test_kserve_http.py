@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from server.kserve_http import HEADER_LENGTH, accepted_encoding, infer_http_response, triton_json
 from tests.gateway_models import LABELS, color_image, colors_onnx, noise_jpeg
-from tests.grpc_support import API_KEY, gateway_process, write_pipeline_repository
+from tests.grpc_support import API_KEY, gateway_process
 
 AUTH = MappingProxyType({"authorization": f"Bearer {API_KEY}"})  # read-only: see auth()
 
@@ -55,16 +55,11 @@ def classes(count: int, binary: bool = True) -> list[triton_http.InferRequestedO
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory):
-    return write_pipeline_repository(tmp_path_factory.mktemp("kserve-repository"))
-
-
-@pytest.fixture(scope="module")
-def gateway(repository, tmp_path_factory):
+def gateway(pipeline_repository, tmp_path_factory):
     with gateway_process(
         tmp_path_factory.mktemp("kserve-logs"),
         "--repository",
-        str(repository),
+        str(pipeline_repository),
         "--api-keys",
         API_KEY,
         "--max-body-bytes",
@@ -364,11 +359,11 @@ def test_api_key_is_required_except_for_probes(gateway, client):
     assert httpx.get(f"{gateway.http_url}/v2/health/ready").status_code == 200
 
 
-def test_not_ready_is_a_400_with_the_reason(tmp_path, repository):
+def test_not_ready_is_a_400_with_the_reason(tmp_path, pipeline_repository):
     with gateway_process(
         tmp_path,
         "--repository",
-        str(repository),
+        str(pipeline_repository),
         "--backend",
         "triton",
         "--triton-url",
@@ -385,24 +380,15 @@ def test_not_ready_is_a_400_with_the_reason(tmp_path, repository):
 # --- against the real Triton ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def triton(repository, tmp_path_factory):
-    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
-    from export.triton_server import TritonServer
-
-    with TritonServer(repository, log_path=tmp_path_factory.mktemp("triton-logs") / "triton.log") as server:
-        yield server
-
-
 @pytest.mark.triton
 @pytest.mark.slow
-def test_gateway_and_triton_answer_http_requests_alike(gateway, client, triton):
+def test_gateway_and_triton_answer_http_requests_alike(gateway, client, pipeline_triton):
     batch = np.random.default_rng(2).normal(size=(2, 3, 32, 32)).astype(np.float32)
     requests = [
         ("colors", infer_json(id="a", outputs=[{"name": "logits", "parameters": {"classification": 2}}]), {}),
         ("colors", json.dumps({"inputs": [{**TENSOR_JSON, "shape": [2, 3, 32, 32], "data": batch.ravel().tolist()}]}).encode(), {}),
     ]  # fmt: skip
-    with triton_http.InferenceServerClient(triton.http_address) as real:
+    with triton_http.InferenceServerClient(pipeline_triton.http_address) as real:
         assert real.get_server_metadata()["name"] == "triton"
         for images in (IMAGES, IMAGES[:1]):
             for count in (1, 3):
@@ -419,7 +405,7 @@ def test_gateway_and_triton_answer_http_requests_alike(gateway, client, triton):
     for model, body, headers in requests:
         ours = post_infer(gateway, model, body, headers).json()
         theirs = httpx.post(
-            f"{triton.http_url}/v2/models/{model}/infer", content=body, headers=headers
+            f"{pipeline_triton.http_url}/v2/models/{model}/infer", content=body, headers=headers
         ).json()
         assert ours.pop("model_version") and theirs.pop("model_version")
         for mine, real_output in zip(ours.pop("outputs"), theirs.pop("outputs"), strict=True):
@@ -431,5 +417,5 @@ def test_gateway_and_triton_answer_http_requests_alike(gateway, client, triton):
             else:
                 assert mine["data"] == real_output["data"]
         assert ours == theirs  # id and model_name
-    missing = httpx.get(f"{triton.http_url}/v2/models/nope")
+    missing = httpx.get(f"{pipeline_triton.http_url}/v2/models/nope")
     assert missing.status_code == httpx.get(f"{gateway.http_url}/v2/models/nope", headers=auth()).status_code
