@@ -327,7 +327,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(cifar_like, tmp_path)
 
 
 @pytest.mark.slow
-def test_sigterm_writes_a_checkpoint_and_resume_auto_continues(cifar_like, tmp_path):
+def test_sigterm_writes_a_checkpoint_and_resume_auto_continues(cifar_like, tmp_path, capsys):
     output = tmp_path / "run"
     command = [
         sys.executable,
@@ -391,6 +391,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_auto_continues(cifar_like, tmp_p
         resume_overrides={"iterations": iteration + 3},
     )
     assert resumed.iteration == iteration + 3
+    assert f"resuming from {path} (iteration {iteration})" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")

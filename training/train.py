@@ -465,6 +465,7 @@ def train(
             print(f"no checkpoint in {config.output_dir} yet; starting from scratch", file=sys.stderr)
         else:
             checkpoint = load_checkpoint(path)
+            print(f"resuming from {path} (iteration {checkpoint['iteration']})", file=sys.stderr)
             overrides = {
                 k: v for k, v in (resume_overrides or {}).items() if k in RESUME_OVERRIDES and v is not None
             }
