@@ -22,7 +22,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Export a ResNet to verified ONNX (plus FP16 / INT8 / TensorRT) and publish it as a new "
         "version in a Triton model repository. Nothing is published unless every artifact verifies.",
         epilog="examples:\n"
-        "  resnet export --checkpoint runs/resnet20/checkpoint.pt --name resnet20_cifar10\n"
+        "  resnet export --checkpoint runs/resnet20/best.pt --name resnet20_cifar10\n"
         "  resnet export --arch resnet50 --weights torchvision:IMAGENET1K_V2 --name resnet50 --int8 \\\n"
         "      --calib-data data/calib --eval-data data/val\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -41,7 +41,12 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ),
     ("--intra-op-threads", "intra_op_threads", int, "ONNX Runtime threads per model (0: all cores)"),
     ("--preprocess-threads", "preprocess_threads", int, "image decoding threads (0: number of cores)"),
-    ("--api-keys", "api_keys", str, "comma-separated API keys required on /v1 and /metrics (empty: no auth)"),
+    (
+        "--api-keys",
+        "api_keys",
+        str,
+        "API keys (comma-separated) for /v1, /v2 (not /v2/health), /metrics, gRPC (empty: no auth)",
+    ),
     ("--log-level", "log_level", str, "critical, error, warning, info or debug"),
 ]
 
