@@ -1,10 +1,11 @@
 """The baseline a user would write first: FastAPI + PyTorch eager, one forward pass per request.
 
     python -m loadtest.naive_server --arch resnet20 --port 8090
-    python -m loadtest.naive_server --checkpoint runs/resnet20/checkpoint.pt --port 8090
+    python -m loadtest.naive_server --checkpoint runs/resnet20/best.pt --port 8090
 
-Deliberately naive (it is the "before" of the benchmark): Pillow + torchvision transforms in a sync
-endpoint (FastAPI runs it in its thread pool), no batching, no ONNX, no request limits. It answers the same
+Deliberately naive (it is the "before" of the benchmark): Pillow + torchvision transforms and the forward
+pass inline in an async endpoint (so one request at a time, on the event loop; PyTorch's intra-op threads
+still use every core), no batching, no ONNX, no request limits. It answers the same
 API subset as the gateway (`GET /v1/models`, `POST /v1/models/{name}/classify` with a raw image body or
 multipart `file` fields, `/healthz`, `/readyz`) so the same Locust users and bench client drive both.
 """

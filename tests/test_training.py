@@ -567,6 +567,17 @@ def test_benchmark_table_has_ratios_and_the_schedule_time():
     assert rows[4].endswith("| 2.7 | 10.7 | |")  # 64,000 x 2.5 ms = 2.67 min
 
 
+def test_benchmark_amp_applies_to_the_resnet50_loops_only():
+    """The ResNet-20 row compares FP32 steps (its stock loop has no autocast), whatever --amp says."""
+    from training.benchmark import SyntheticBatches, _trainer, get_args_parser
+
+    args = get_args_parser().parse_args(["--amp", "bf16", "--device", "cpu"])
+    cpu = torch.device("cpu")
+    batches = SyntheticBatches(2, 32, 10, cpu, False)
+    assert _trainer("imagenet-paper", "resnet18", batches, 10, args, cpu).config.amp == "bf16"
+    assert _trainer("cifar-paper", "resnet20", batches, 10, args, cpu).config.amp == "none"
+
+
 def test_benchmark_rejects_unknown_nets(capsys):
     from training.benchmark import get_args_parser
 

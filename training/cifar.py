@@ -83,7 +83,7 @@ def find_source(root: Path, split: str) -> tuple[str, Path]:
     """("pickle", folder with the batches) or ("jpeg", folder holding `<split>/<class>/`)."""
     if not root.is_dir():
         raise DataError(
-            f"CIFAR-10 folder {root} does not exist (see `python -m training.cifar prepare --help`)"
+            f"CIFAR-10 folder {root} does not exist (extract it first: `make cifar`, or see `python -m training.cifar --help`)"
         )
     for candidate in (root, root / PICKLE_FOLDER):
         if all((candidate / name).is_file() for name in PICKLE_BATCHES[split]):
