@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -34,6 +35,15 @@ def wait_until(
             return
         time.sleep(interval)
     raise TimeoutError(f"{what} not met within {timeout:.0f}s")
+
+
+def metric(text: str, name: str, default: float | None = None) -> float:
+    """One sample's value from a Prometheus text page (`default`, if given, when the sample is absent)."""
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    if match is None and default is not None:
+        return default
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
 
 
 def http_ok(url: str) -> bool:

@@ -103,9 +103,12 @@ def test_cache_is_refreshed_when_files_change(fake_cifar, tmp_path):
     images = smooth_images(3, 7)
     for i in range(2):
         Image.fromarray(images[i]).save(tree / "test" / "cat" / f"{i}.jpg")
-    assert len(load_cifar10(tree, "test")[0]) == 2
+    cache_file = tree / ".cache" / "cifar10-test.npz"  # the default cache folder
+    assert len(load_cifar10(tree, "test")[0]) == 2 and cache_file.is_file()
+    first_cache = cache_file.read_bytes()
     Image.fromarray(images[2]).save(tree / "test" / "cat" / "2.jpg")
     assert len(load_cifar10(tree, "test")[0]) == 3
+    assert cache_file.read_bytes() != first_cache  # rewritten for the new file, not only bypassed
 
 
 def test_corrupt_and_wrongly_sized_files_are_skipped_and_counted(tmp_path):

@@ -17,7 +17,7 @@ from server.errors import InvalidInput, ModelNotFound
 from server.registry import ModelRegistry
 from server.settings import Settings
 from tests.gateway_models import LABELS, color_image, png_claiming, write_colors_model
-from tests.support import free_port
+from tests.support import free_port, metric
 
 JPEG = {"content-type": "image/jpeg"}
 
@@ -168,12 +168,18 @@ def test_health_readiness_docs_and_demo_page(client):
     assert client.get("/static/app.js").status_code == 200
 
 
+def classify_count(client: TestClient, status: int) -> float:
+    text = client.get("/metrics").text
+    name = f'resnet_requests_total{{method="POST",route="/v1/models/{{name}}/classify",status="{status}"}}'
+    return metric(text, name, default=0.0)
+
+
 def test_metrics_count_requests_batches_and_queue(client):
+    before = {status: classify_count(client, status) for status in (200, 400)}
     client.post("/v1/models/colors/classify", content=color_image("red"), headers=JPEG)
     client.post("/v1/models/colors/classify", content=b"", headers=JPEG)
+    assert {status: classify_count(client, status) - before[status] for status in before} == {200: 1, 400: 1}
     text = client.get("/metrics").text
-    assert 'resnet_requests_total{method="POST",route="/v1/models/{name}/classify",status="200"}' in text
-    assert 'resnet_requests_total{method="POST",route="/v1/models/{name}/classify",status="400"}' in text
     for name in (
         "resnet_request_latency_seconds_bucket",
         "resnet_queue_seconds_bucket",

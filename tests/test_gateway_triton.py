@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.gateway_models import LABELS, color_image, write_colors_model
-from tests.support import free_port, running_gateway, wait_until
+from tests.support import free_port, metric, running_gateway, wait_until
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 JPEG = {"content-type": "image/jpeg"}
@@ -102,3 +102,8 @@ def test_http_protocol_without_gateway_batching(triton_server, repository, tmp_p
                 response = classify(url, color)
                 assert response.status_code == 200, response.text
                 assert [p["label"] for p in response.json()["predictions"]][0] == color
+            text = httpx.get(f"{url}/metrics").text
+            # One backend call per request, each of its one image, and no batching queue was ever waited in.
+            assert metric(text, 'resnet_batch_size_count{model="colors"}') == len(LABELS)
+            assert metric(text, 'resnet_batch_size_sum{model="colors"}') == len(LABELS)
+            assert 'resnet_queue_seconds_count{model="colors"}' not in text

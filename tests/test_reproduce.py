@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -190,7 +191,7 @@ def test_runner_runs_each_net_and_records_wall_time_and_commit(tmp_path, monkeyp
     assert failed == ["plain56"]
     info = json.loads((tmp_path / "runs" / "resnet32" / "run.json").read_text())
     assert info["returncode"] == 0 and info["wall_s"] >= 0 and info["arch"] == "resnet32"
-    assert len(info["commit"]) >= 7 and info["gpu"]
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", info["commit"]) and info["gpu"]
     assert json.loads((tmp_path / "runs" / "plain56" / "run.json").read_text())["returncode"] == 3
     results = collect_runs(tmp_path / "runs")
     assert sorted(results) == ["resnet20", "resnet32"]

@@ -151,11 +151,18 @@ def test_step_schedule_warms_up_then_divides_at_milestones():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     schedule = StepSchedule([3, 5], 0.1, warmup_factor=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+
+    def lr_after_steps(steps: int) -> float:
+        for _ in range(steps):
+            optimizer.step(), scheduler.step()
+        return optimizer.param_groups[0]["lr"]
+
+    assert lr_after_steps(0) == pytest.approx(0.01)  # warm-up: 0.1 x 0.1
+    assert lr_after_steps(1) == pytest.approx(0.01)  # still warming up at iteration 1
     schedule.warming_up = False
-    for _ in range(3):
-        optimizer.step(), scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)  # 0.1 ÷ 10 at iteration 3
+    assert lr_after_steps(1) == pytest.approx(0.1)  # iteration 2: the base rate
+    assert lr_after_steps(1) == pytest.approx(0.01)  # 0.1 ÷ 10 at iteration 3
+    assert lr_after_steps(2) == pytest.approx(0.001)  # ÷ 10 again at iteration 5
     state = scheduler.state_dict()
     restored = torch.optim.lr_scheduler.LambdaLR(optimizer, StepSchedule([3, 5], 0.1, warmup_factor=0.1))
     restored.load_state_dict(state)

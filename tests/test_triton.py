@@ -23,7 +23,7 @@ from export.source import from_arch
 from export.triton_server import TritonServer, find_tritonserver
 from server.preprocessing import preprocess_image
 from server.spec import IMAGE_INPUT_NAME, INPUT_NAME, OUTPUT_NAME
-from tests.support import VENV_BIN, free_port, http_ok
+from tests.support import VENV_BIN, free_port, http_ok, wait_until
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -138,15 +138,23 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(triton, reference)
         )
 
 
+def r20_inference_count(triton) -> float:
+    with urllib.request.urlopen(triton.metrics_url, timeout=5) as response:
+        metrics = response.read().decode()
+    counts = [line for line in metrics.splitlines() if line.startswith('nv_inference_count{model="r20"')]
+    assert counts, "Triton's /metrics has no nv_inference_count for r20"
+    return float(counts[0].rsplit(" ", 1)[1])
+
+
 def test_metrics_endpoint_counts_inferences(triton):
+    before = r20_inference_count(triton)
     with grpcclient.InferenceServerClient(triton.grpc_url) as client:
         tensor = grpcclient.InferInput(INPUT_NAME, [4, 3, 32, 32], "FP32")
         tensor.set_data_from_numpy(batch_of(4))
         client.infer("r20", [tensor])
-    with urllib.request.urlopen(triton.metrics_url, timeout=5) as response:
-        metrics = response.read().decode()
-    counts = [line for line in metrics.splitlines() if line.startswith('nv_inference_count{model="r20"')]
-    assert counts and float(counts[0].rsplit(" ", 1)[1]) >= 4
+    # Counted as the request completes, which may be just after the response reaches us.
+    wait_until(lambda: r20_inference_count(triton) - before >= 4, 10, what="the inferences counted")
+    assert r20_inference_count(triton) - before == 4  # one request of 4 images counts 4 inferences
 
 
 def test_cli_serves_until_sigterm_then_exits_cleanly(repository):
