@@ -225,7 +225,7 @@ def plot_figure6(results: dict[str, RunResult], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True, sharey=True)
     for ax, family, title in ((axes[0], PLAIN, "plain"), (axes[1], RESIDUAL, "ResNet")):
         for color, arch in zip(plt.cm.viridis([0.0, 0.3, 0.55, 0.8, 0.95]), family, strict=False):
             if arch not in results:
@@ -237,6 +237,8 @@ def plot_figure6(results: dict[str, RunResult], path: Path) -> Path:
                 ax.plot([i / 1e4 for i in x], y, color=color, linewidth=0.7, linestyle="--", alpha=0.8)
             x, y = zip(*run.test_curve, strict=True)
             ax.plot([i / 1e4 for i in x], y, color=color, linewidth=2.0, label=f"{title}-{depth}")
+        if not any(arch in results for arch in family):
+            ax.text(0.5, 0.5, "not run yet", transform=ax.transAxes, ha="center", va="center", color="gray")
         ax.set_title(f"{title} nets on CIFAR-10")
         ax.set_xlabel("iterations (1e4)")
         ax.grid(alpha=0.3)
