@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,30 @@ def test_claims_fail_when_depth_hurts_residual_nets(tmp_path):
 def test_claims_not_checked_without_enough_runs(tmp_path):
     write_fake_run(tmp_path, "resnet20", 3.0, 8.8)
     assert [holds for _, holds, _ in check_claims(collect_runs(tmp_path))] == [None, None, None, None]
+
+
+def test_an_unfinished_run_is_shown_but_left_out_of_the_claims(runs, tmp_path):
+    stopped = runs / "plain56"
+    shutil.rmtree(stopped)
+    write_fake_run(runs, "plain56", 10.0, 13.5, points=4)  # evaluated every 8k, stopped after 32k
+    (stopped / "run.json").write_text(json.dumps({"arch": "plain56", "wall_s": 900, "returncode": 143}))
+    (stopped / "config.json").write_text(json.dumps({"arch": "plain56", "iterations": 64000}))
+    results = collect_runs(runs)
+    assert not results["plain56"].finished and results["resnet20"].finished
+    evidence = {claim: text for claim, _, text in check_claims(results)}
+    assert "plain56" not in evidence["plain nets get worse with depth (training error, 20 -> 56)"]
+    assert "plain44" in evidence["plain nets get worse with depth (training error, 20 -> 56)"]
+    table = render_table(results)
+    assert "| plain56 | Fig. 6 only | 13.50% | 10.00% | 32,000 of 64,000 (unfinished) | 15 min |" in table
+    assert "Not finished yet, so left out of the claims: plain56 (" in table
+    (stopped / "config.json").unlink()
+    (stopped / "run.json").unlink()  # the first segment is still running: no run.json yet
+    assert "| plain56 | Fig. 6 only | 13.50% | 10.00% | 32,000 (unfinished) | n/a |" in render_table(
+        collect_runs(runs)
+    )
+    (stopped / "config.json").write_text("{oops")
+    with pytest.raises(ReproduceError, match="config.json is not JSON"):
+        collect_runs(runs)
 
 
 def test_table_lists_paper_and_ours(runs):

@@ -59,6 +59,12 @@ class RunResult:
     train_curve: list[tuple[int, float]] = field(default_factory=list)  # (iteration, training error %)
     test_curve: list[tuple[int, float]] = field(default_factory=list)  # (iteration, test error %)
     info: dict = field(default_factory=dict)  # run.json: wall time, GPU, commit, command
+    planned_iterations: int | None = None  # the trainer's config.json
+
+    @property
+    def finished(self) -> bool:
+        """The runner recorded a clean exit; a stopped or still-running net is shown but not judged."""
+        return self.info.get("returncode") == 0
 
     @property
     def test_error(self) -> float | None:
@@ -123,24 +129,32 @@ def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, f
 
 
 def collect_runs(runs_dir: Path) -> dict[str, RunResult]:
-    """Every `<runs_dir>/<arch>/metrics.jsonl` that holds at least one test evaluation."""
+    """Every `<runs_dir>/<arch>/metrics.jsonl` that holds at least one test evaluation, finished or not."""
     results = {}
     for metrics in sorted(runs_dir.glob("*/metrics.jsonl")):
         folder = metrics.parent
-        info_path = folder / "run.json"
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        info = _read_json(folder / "run.json")
         arch = info.get("arch", folder.name)
         train, test = read_metrics(metrics)
         if test:
-            results[arch] = RunResult(arch, train, test, info)
+            planned = _read_json(folder / "config.json").get("iterations")
+            results[arch] = RunResult(arch, train, test, info, planned)
     return results
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as error:
+        raise ReproduceError(f"{path} is not JSON: {error}") from error
 
 
 # --------------------------------------------------------------------------------------------- the report
 
 
 def check_claims(results: dict[str, RunResult]) -> list[tuple[str, bool | None, str]]:
-    """The paper's CIFAR-10 claims as (claim, holds (None: not enough runs), evidence)."""
+    """The paper's CIFAR-10 claims as (claim, holds (None: not enough runs), evidence), from finished runs only."""
+    results = {arch: run for arch, run in results.items() if run.finished}
 
     def errors(archs: Iterable[str], kind: str) -> list[tuple[str, float]] | None:
         values = [(a, getattr(results[a], kind)) for a in archs if a in results]
@@ -185,15 +199,30 @@ def render_table(results: dict[str, RunResult]) -> str:
         wall = run.info.get("wall_s")
         lines.append(
             f"| {arch} | {f'{paper:.2f}%' if paper else 'Fig. 6 only'} | {run.test_error:.2f}% | "
-            f"{f'{run.train_error:.2f}%' if run.train_error is not None else 'n/a'} | {run.test_curve[-1][0]:,} | "
+            f"{f'{run.train_error:.2f}%' if run.train_error is not None else 'n/a'} | {_iterations(run)} | "
             f"{_duration(wall) if wall else 'n/a'} | {run.info.get('gpu', 'n/a')} | "
             f"{str(run.info.get('commit', 'n/a'))[:12]} |"
         )
+    unfinished = [arch for arch, run in results.items() if not run.finished]
+    if unfinished:
+        lines += [
+            "",
+            f"Not finished yet, so left out of the claims: {', '.join(unfinished)} (errors at the last "
+            "evaluation so far; wall time of the completed segments).",
+        ]
     lines += ["", "Claims (paper, Sec. 4.2 and Fig. 6):", ""]
     for claim, holds, evidence in check_claims(results):
         verdict = {True: "holds", False: "**does not hold**", None: "not checked"}[holds]
         lines.append(f"- {claim}: {verdict} ({evidence})")
     return "\n".join(lines)
+
+
+def _iterations(run: RunResult) -> str:
+    done = f"{run.test_curve[-1][0]:,}"
+    if run.finished:
+        return done
+    planned = f" of {run.planned_iterations:,}" if run.planned_iterations else ""
+    return f"{done}{planned} (unfinished)"
 
 
 def _duration(seconds: float) -> str:
@@ -236,7 +265,8 @@ def plot_figure6(results: dict[str, RunResult], path: Path) -> Path:
                 x, y = zip(*run.train_curve, strict=True)
                 ax.plot([i / 1e4 for i in x], y, color=color, linewidth=0.7, linestyle="--", alpha=0.8)
             x, y = zip(*run.test_curve, strict=True)
-            ax.plot([i / 1e4 for i in x], y, color=color, linewidth=2.0, label=f"{title}-{depth}")
+            label = f"{title}-{depth}" + ("" if run.finished else f" (unfinished, {x[-1] / 1e3:g}k)")
+            ax.plot([i / 1e4 for i in x], y, color=color, linewidth=2.0, label=label)
         if not any(arch in results for arch in family):
             ax.text(0.5, 0.5, "not run yet", transform=ax.transAxes, ha="center", va="center", color="gray")
         ax.set_title(f"{title} nets on CIFAR-10")
@@ -339,11 +369,6 @@ class _Interrupted:
         self.signal = signum
 
 
-def _previous_run(folder: Path) -> dict:
-    path = folder / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def run_all(archs: list[str], data: str, runs_dir: Path, concurrent: int, extra: list[str]) -> list[str]:
     """Train `archs`, `concurrent` per GPU at a time; returns the archs whose training failed.
 
@@ -379,7 +404,7 @@ def run_all(archs: list[str], data: str, runs_dir: Path, concurrent: int, extra:
 
 
 def _finished(folder: Path, arch: str) -> bool:
-    if _previous_run(folder).get("returncode") == 0:
+    if _read_json(folder / "run.json").get("returncode") == 0:
         print(f"{arch}: finished earlier ({folder / 'run.json'}), skipped", flush=True)
         return True
     return False
@@ -410,7 +435,7 @@ def _launch(
 
 def _record(folder: Path, info: dict, wall: float, returncode: int) -> bool:
     """Write run.json (wall time summed over the segments of a resumed run); True if the trainer failed."""
-    previous = _previous_run(folder)
+    previous = _read_json(folder / "run.json")
     segments = previous.get("segments", 1) + 1 if previous else 1
     record = {
         **info,
