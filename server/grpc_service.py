@@ -193,7 +193,15 @@ def _float_input(
             raise errors.InvalidInput(
                 f"input {tensor.name!r}: {values.size} fp32_contents for shape {list(shape)}"
             )
-    return values.astype(np.float32, copy=False).reshape(shape)
+    values = values.astype(np.float32, copy=False)
+    finite = np.isfinite(values)
+    if not finite.all():
+        # A NaN/Inf pixel makes every logit NaN (batch norm spreads it), and /v2's JSON cannot carry NaN.
+        raise errors.InvalidInput(
+            f"input {tensor.name!r}: {finite.size - int(finite.sum())} of {finite.size} values are NaN or "
+            "infinite (or beyond FP32's range); send finite FP32 values"
+        )
+    return values.reshape(shape)
 
 
 def _bytes_input(

@@ -259,7 +259,8 @@ def json_data_bytes(tensor: InputTensorJson) -> bytes:
     if tensor.datatype == "FP32":
         if values.size and values.dtype.kind not in "biuf":
             raise errors.InvalidInput(f"input {tensor.name!r}: FP32 'data' must hold numbers only")
-        return values.astype("<f4").tobytes()
+        with np.errstate(over="ignore"):  # past FP32's range becomes inf, which the service refuses by name
+            return values.astype("<f4").tobytes()
     return b""  # another datatype: the service refuses it, naming the one the model takes
 
 
@@ -293,7 +294,7 @@ def from_grpc_response(response: pb.ModelInferResponse, binary: list[bool]) -> t
         else:
             entry["data"] = json_values(tensor.datatype, raw)
         body["outputs"].append(entry)
-    header = json.dumps(body, separators=JSON_SEPARATORS).encode()
+    header = json.dumps(body, separators=JSON_SEPARATORS, allow_nan=False).encode()
     return header + b"".join(blobs), (len(header) if blobs else None)
 
 
@@ -301,7 +302,16 @@ def json_values(datatype: str, raw: bytes) -> list:
     if datatype == "BYTES":
         items = deserialize_bytes_tensor(raw) if raw else []
         return [bytes(item).decode("utf-8", "replace") for item in items]
-    return np.frombuffer(raw, dtype="<f4").tolist()
+    values = np.frombuffer(raw, dtype="<f4")
+    if not np.isfinite(values).all():
+        # Finite inputs near FP32's limits can still overflow inside the network. JSON has no NaN or Infinity
+        # (json.dumps would write them anyway, and strict parsers such as JavaScript's JSON.parse reject them).
+        raise errors.InvalidInput(
+            "the model's output for this input is NaN or infinite, which JSON cannot carry: the input values "
+            "are far outside the range the model was trained on; ask for the output as binary data "
+            "(parameters: binary_data true) to receive it as it is"
+        )
+    return values.tolist()
 
 
 def accepted_encoding(accept_encoding: str) -> str | None:

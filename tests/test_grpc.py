@@ -192,6 +192,11 @@ def test_errors_map_to_grpc_status_codes(client, gateway):
     code, message = status_of(lambda: client.infer("colors_pipeline", [too_many], headers=AUTH))
     assert code == "StatusCode.INVALID_ARGUMENT" and "send fewer" in message
 
+    pixels = np.zeros((2, 3, 32, 32), np.float32)
+    pixels[1, 0, :2, 0] = [np.nan, -np.inf]
+    code, message = status_of(lambda: client.infer("colors", [tensor_input(pixels)], headers=AUTH))
+    assert code == "StatusCode.INVALID_ARGUMENT" and "2 of 6144 values are NaN or infinite" in message
+
     oversized = tensor_input(np.zeros((20, 3, 32, 32), np.float32))  # 245,760 bytes > --max-body-bytes
     code, message = status_of(lambda: client.infer("colors", [oversized], headers=AUTH))
     assert code == "StatusCode.RESOURCE_EXHAUSTED" and str(MAX_BODY_BYTES) in message

@@ -149,6 +149,13 @@ def test_tensor_model_returns_the_networks_logits_as_binary_or_json(client):
         np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_an_overflowing_output_comes_back_as_binary_data(client):
+    """JSON cannot carry the non-finite logits of finite pixels near FP32's limit (400 in BAD_REQUESTS); binary can."""
+    overflowing = np.full((1, 3, 32, 32), 3e38, np.float32)
+    result = client.infer("colors", [tensor_input(overflowing)], headers=auth())
+    assert not np.isfinite(result.as_numpy("logits")).any()  # inf * 0 in the Gemm: NaN
+
+
 def test_statistics_over_http_are_the_grpc_statistics_written_as_triton_does(client, grpc_client):
     client.infer("colors_pipeline", [images_input(IMAGES[:2])], headers=auth())
     over_http = client.get_inference_statistics("colors_pipeline", headers=auth())["model_stats"][0]
@@ -234,6 +241,10 @@ BAD_REQUESTS = [
     ("too few values", "colors", infer_json(inputs=[{**TENSOR_JSON, "data": [1, 2]}]), {}, 400, "holds 2 values"),
     ("ragged data", "colors", infer_json(inputs=[{**TENSOR_JSON, "data": [[1], [2, 3]]}]), {}, 400, "ragged"),
     ("strings as FP32", "colors", infer_json(inputs=[{**TENSOR_JSON, "data": ["a"] * 3072}]), {}, 400, "numbers"),
+    ("NaN", "colors", infer_json(inputs=[{**TENSOR_JSON, "data": [float("nan")] * 3072}]), {}, 400, "3072 of 3072 values are NaN or infinite"),
+    ("past FP32's range", "colors", infer_json(inputs=[{**TENSOR_JSON, "data": [0.5] * 3071 + [1e39]}]), {}, 400, "1 of 3072 values are NaN"),
+    ("binary infinity", "colors", BINARY_HEADER + np.full(3072, np.inf, "<f4").tobytes(), {HEADER_LENGTH: str(len(BINARY_HEADER))}, 400, "NaN or infinite"),
+    ("output past JSON", "colors", infer_json(inputs=[{**TENSOR_JSON, "data": [3e38] * 3072}]), {}, 400, "JSON cannot carry"),
     ("wrong datatype", "colors", infer_json(inputs=[{**TENSOR_JSON, "datatype": "FP64"}]), {}, 400, "FP64"),
     ("wrong input name", "colors", infer_json(inputs=[{**TENSOR_JSON, "name": "x"}]), {}, 400, "'input'"),
     (
