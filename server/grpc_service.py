@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from tritonclient.grpc import model_config_pb2 as mc
@@ -510,19 +511,87 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.MESSAGE)
             yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
-        kinds = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }
-        streaming = handler.response_streaming
-        make = kinds[(handler.request_streaming, streaming)]
-        return make(
-            deny_stream if streaming else deny,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        return _replaced(handler, deny_stream if handler.response_streaming else deny)
+
+
+def _replaced(handler: grpc.RpcMethodHandler, behavior, request_deserializer=None) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as `handler` running `behavior` (and `request_deserializer`)."""
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        behavior,
+        request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _behavior(handler: grpc.RpcMethodHandler):
+    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+
+# --- requests that do not parse --------------------------------------------------------------------------------
+
+
+@dataclass
+class Undecodable:
+    """A request message that did not parse, handed to the handler instead of grpcio's own error."""
+
+    error: DecodeError
+
+
+class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Answers a request message that does not parse with INVALID_ARGUMENT, naming the method.
+
+    grpcio fails such a call itself, with UNKNOWN ("Unexpected DecodeError"), before any interceptor's behavior
+    runs, so the call was neither counted in /metrics nor refused with a client-error status. Installed last
+    (innermost): the API-key check still answers first, and the metrics count the INVALID_ARGUMENT."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        message = f"the request is not a valid message for {handler_call_details.method}"
+        checked = _checked(_behavior(handler), handler, message)
+        return _replaced(handler, checked, _tolerant(handler.request_deserializer))
+
+
+def _tolerant(parse):
+    def tolerant_parse(data: bytes):
+        try:
+            return parse(data)
+        except DecodeError as error:
+            return Undecodable(error)
+
+    return tolerant_parse
+
+
+def _checked(behavior, handler: grpc.RpcMethodHandler, message: str):
+    async def parsed(request, context):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{message}: {request.error}")
+        return request
+
+    async def parsed_stream(requests, context):
+        async for request in requests:
+            yield await parsed(request, context)
+
+    async def validated(request, context):
+        return (
+            parsed_stream(request, context) if handler.request_streaming else await parsed(request, context)
         )
+
+    async def unary(request, context):
+        return await behavior(await validated(request, context), context)
+
+    async def streaming(request, context):
+        async for response in behavior(await validated(request, context), context):
+            yield response
+
+    return streaming if handler.response_streaming else unary
 
 
 # --- Prometheus metrics ---------------------------------------------------------------------------------------
@@ -540,25 +609,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        if handler.response_streaming:
-            behavior, make = (
-                (handler.stream_stream, grpc.stream_stream_rpc_method_handler)
-                if handler.request_streaming
-                else (handler.unary_stream, grpc.unary_stream_rpc_method_handler)
-            )
-            wrapped = self._streaming(behavior, method)
-        else:
-            behavior, make = (
-                (handler.stream_unary, grpc.stream_unary_rpc_method_handler)
-                if handler.request_streaming
-                else (handler.unary_unary, grpc.unary_unary_rpc_method_handler)
-            )
-            wrapped = self._unary(behavior, method)
-        return make(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        measure = self._streaming if handler.response_streaming else self._unary
+        return _replaced(handler, measure(_behavior(handler), method))
 
     @contextlib.contextmanager
     def _measured(self, method: str, context: grpc.aio.ServicerContext):
@@ -653,6 +705,7 @@ async def start(app, settings: Settings) -> GrpcHandle:
     interceptors = [MetricsInterceptor(app.state.metrics)]
     if settings.api_keys:
         interceptors.append(ApiKeyInterceptor(settings.api_keys))
+    interceptors.append(UndecodableRequestInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(app.state.inference_service, server)
     health = HealthServicer()

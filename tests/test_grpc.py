@@ -262,6 +262,36 @@ def test_malformed_infer_requests_are_refused_with_a_client_status(gateway):
     assert set(codes.values()) <= {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}, codes
 
 
+def test_a_request_that_does_not_parse_is_invalid_argument_and_counted(gateway):
+    """grpcio alone answers UNKNOWN before any handler runs, and the call is never counted."""
+    metadata = tuple(AUTH.items())
+    garbage = b"\x0a\xff\xff\xff\xff"  # field 1 (model_name) claims more bytes than follow
+    good = pb.ModelInferRequest(model_name="colors_pipeline")
+    good.inputs.add(name="image", datatype="BYTES", shape=[1, 1])
+    good.raw_input_contents.append(serialize_byte_tensor(np.array([color_image("red")], np.object_)).item())
+    method = f"/{SERVICE_NAME}/ModelInfer"
+    before = grpc_calls(gateway.http_url).get(("ModelInfer", "INVALID_ARGUMENT"), 0)
+    with grpc.insecure_channel(gateway.grpc_address) as channel:
+        raw_infer = channel.unary_unary(method)  # no serializers: bytes as they are
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_infer(garbage, metadata=metadata, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"not a valid message for {method}" in caught.value.details()
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_infer(garbage, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED  # the key is checked first
+
+        raw_stream = channel.stream_stream(f"/{SERVICE_NAME}/ModelStreamInfer")
+        answers = raw_stream(iter([good.SerializeToString(), garbage]), metadata=metadata, timeout=10)
+        first = pb.ModelStreamInferResponse.FromString(next(answers))
+        assert not first.error_message and first.infer_response.model_name == "colors_pipeline"
+        with pytest.raises(grpc.RpcError) as caught:
+            next(answers)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = grpc_calls(gateway.http_url)[("ModelInfer", "INVALID_ARGUMENT")]
+    assert after - before == 1
+
+
 def test_overload_is_resource_exhausted(client):
     full = images_input([color_image("green", size=(400, 300))] * QUEUE_SIZE)  # each request fills the queue
     answers: queue.Queue = queue.Queue()
