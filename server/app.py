@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import grpc_service, kserve_http
+from server.disconnect import unless_disconnected
 from server.errors import GatewayError, InvalidInput, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from server.metrics import Metrics
 from server.registry import ModelRegistry, Prediction
@@ -284,7 +285,7 @@ def api_router() -> APIRouter:
         """
         model = registry_of(request).get(name)
         images, several = await read_images(request, request.app.state.settings.max_body_bytes)
-        predictions = await model.classify(images, top_k)
+        predictions = await unless_disconnected(request, model.classify(images, top_k))
         results = [result(model, p) for p in predictions]
         return JSONResponse(results if several else results[0])
 

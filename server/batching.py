@@ -140,8 +140,12 @@ class DynamicBatcher(Dispatcher):
         self.metrics.queue_depth.labels(self.model).set(len(self._queue))
         self._arrived.set()
         futures = [p.future for p in pending]
+        rows_of_all = asyncio.gather(*futures)
+        # Cancelled (deadline, client gone), a gather *finishes with* CancelledError rather than being cancelled,
+        # and asyncio logs "exception was never retrieved" for each such request unless something reads it.
+        rows_of_all.add_done_callback(lambda gathered: gathered.cancelled() or gathered.exception())
         try:
-            rows = await asyncio.wait_for(asyncio.gather(*futures), remaining)
+            rows = await asyncio.wait_for(rows_of_all, remaining)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"no result within the request deadline ({remaining:.1f}s left at submit)"

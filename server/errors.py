@@ -84,6 +84,13 @@ class BackendUnavailable(GatewayError):
         return {"Retry-After": "1"}
 
 
+class ClientClosedRequest(GatewayError):
+    """The client disconnected while its request was being answered (nginx's 499; nobody reads the body)."""
+
+    code = "client_closed_request"
+    http_status = 499
+
+
 class Unauthorized(GatewayError):
     code = "unauthorized"
     http_status = 401

@@ -34,6 +34,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from server import errors
+from server.disconnect import unless_disconnected
 from server.grpc_service import (
     CLASSIFICATION_PARAMETER,
     EXTENSIONS,
@@ -470,7 +471,7 @@ def _add_model_routes(router: APIRouter, prefix: str, documented: bool) -> None:
         body = decompressed(await request.body(), request.headers.get("content-encoding", ""), limit)
         parsed, binary = split_body(body, request.headers.get(HEADER_LENGTH))
         message, binary_outputs = to_grpc_request(name, version, parsed, binary)
-        response = await service.infer(message, deadline_of(parsed))
+        response = await unless_disconnected(request, service.infer(message, deadline_of(parsed)))
         return infer_http_response(response, binary_outputs, request.headers.get("accept-encoding", ""))
 
 

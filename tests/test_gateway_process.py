@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.gateway_models import LABELS, color_image, write_colors_model
-from tests.support import REPO_ROOT, metric, running_gateway
+from tests.support import REPO_ROOT, metric, running_gateway, wait_until
 
 pytestmark = pytest.mark.slow
 JPEG = {"content-type": "image/jpeg"}
@@ -87,6 +87,37 @@ def test_deadline_answers_504(repository, tmp_path):
         )
         assert response.status_code == 504 and response.json()["error"]["code"] == "deadline_exceeded"
         assert httpx.get(f"{url}/healthz").status_code == 200
+    assert "never retrieved" not in (tmp_path / "gateway.log").read_text()  # asyncio's noise, once per request
+
+
+def test_a_client_that_leaves_frees_its_place_and_costs_no_inference(repository, tmp_path):
+    # The batch waits 4 s for company; the clients give up after 0.5 s, long before it would run.
+    tensor = {"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.5] * 3072}
+    with gateway(repository, tmp_path, "--max-delay-ms", "4000", "--max-batch-size", "64") as (url, _):
+
+        async def give_up_early() -> list:
+            async with httpx.AsyncClient(base_url=url, timeout=0.5) as client:
+                calls = [
+                    client.post("/v1/models/colors/classify", content=color_image(color), headers=JPEG)
+                    for color in LABELS
+                ]
+                calls.append(client.post("/v2/models/colors/infer", json={"inputs": [tensor]}))
+                return await asyncio.gather(*calls, return_exceptions=True)
+
+        assert all(isinstance(outcome, httpx.ReadTimeout) for outcome in asyncio.run(give_up_early()))
+        text = httpx.get(f"{url}/metrics").text
+        # Released at once, while the abandoned images still wait in the queue for the batch that never runs.
+        assert metric(text, 'resnet_admitted_images{model="colors"}') == 0
+        assert metric(text, 'resnet_queue_depth{model="colors"}') == len(LABELS) + 1
+        for route, count in (("/v1/models/{name}/classify", len(LABELS)), ("/v2/models/{name}/infer", 1)):
+            assert metric(text, f'resnet_requests_total{{method="POST",route="{route}",status="499"}}') == count
+        wait_until(
+            lambda: metric(httpx.get(f"{url}/metrics").text, 'resnet_queue_depth{model="colors"}') == 0,
+            timeout=10,
+            what="the batcher to drop the abandoned images",
+        )
+        assert metric(httpx.get(f"{url}/metrics").text, 'resnet_batch_size_count{model="colors"}', 0) == 0
+    assert "never retrieved" not in (tmp_path / "gateway.log").read_text()
 
 
 def test_sigterm_drains_requests_in_flight(repository, tmp_path):
