@@ -23,11 +23,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import grpc_service, kserve_http
 from server.disconnect import unless_disconnected
-from server.errors import GatewayError, InvalidInput, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from server.errors import (
+    ClientClosedRequest,
+    GatewayError,
+    InvalidInput,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from server.metrics import Metrics
 from server.registry import ModelRegistry, Prediction
 from server.settings import Settings
@@ -155,6 +163,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, error: GatewayError) -> JSONResponse:
         return error_response(error.http_status, error.code, error.message, error.headers(), request.url.path)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, error: ClientDisconnect) -> JSONResponse:
+        # Routine (a client timing out mid-upload), not a server fault: counted as 499, no traceback in the log.
+        gone = ClientClosedRequest("the client closed the connection while sending the request")
+        return error_response(gone.http_status, gone.code, gone.message, path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -120,6 +122,34 @@ def test_a_client_that_leaves_frees_its_place_and_costs_no_inference(repository,
         )
         assert metric(httpx.get(f"{url}/metrics").text, 'resnet_batch_size_count{model="colors"}', 0) == 0
     assert "never retrieved" not in (tmp_path / "gateway.log").read_text()
+
+
+def test_a_client_that_hangs_up_mid_upload_is_a_499_not_a_server_error(repository, tmp_path):
+    image = color_image("red")
+    uploads = {
+        "/v1/models/colors/classify": ("image/jpeg", image),
+        "/v2/models/colors/infer": ("application/json", b'{"inputs": [{"name": "input", '),
+    }
+    with gateway(repository, tmp_path) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        for path, (content_type, start) in uploads.items():
+            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            with socket.create_connection(("127.0.0.1", port)) as connection:
+                connection.sendall(f"{head}Content-Length: {len(start) + 1000}\r\n\r\n".encode() + start)
+                time.sleep(0.3)  # the gateway is reading the body when the client goes
+
+        def hung_up() -> float:
+            text = httpx.get(f"{url}/metrics").text
+            return sum(
+                metric(text, f'resnet_requests_total{{method="POST",route="{route}",status="499"}}', 0)
+                for route in ("/v1/models/{name}/classify", "/v2/models/{name}/infer")
+            )
+
+        wait_until(lambda: hung_up() == 2, timeout=10, what="two uploads counted as 499")
+        again = httpx.post(f"{url}/v1/models/colors/classify", content=image, headers=JPEG)
+        assert again.json()["predictions"][0]["label"] == "red"
+    log = (tmp_path / "gateway.log").read_text()
+    assert "Traceback" not in log and "unhandled error" not in log, log
 
 
 def test_sigterm_drains_requests_in_flight(repository, tmp_path):
