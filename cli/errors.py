@@ -1,7 +1,9 @@
 """The one error type the CLI boundary translates into a one-line message and an exit code.
 
 Every package raises subclasses of `ResnetError` for problems a user can fix (bad flags, missing data,
-a model that fails verification). Anything else is a bug and keeps its traceback.
+a model that fails verification). An `OSError` that reaches the boundary (the file system refusing: a folder
+that cannot be made, a full disk, no permission) is the user's to fix too and also gets one line. Anything else
+is a bug and keeps its traceback.
 Kept free of heavy imports: the gateway image imports it without torch.
 """
 

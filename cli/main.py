@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("resnet: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # the file system said no (a missing folder, no space, no permission): fixable
+        print(f"resnet: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

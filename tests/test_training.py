@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -19,13 +20,13 @@ from cli.main import main as cli_main
 from server.spec import PreprocessSpec
 from tests.support import REPO_ROOT, VENV_BIN, wait_until
 from training import recipes
-from training.errors import ConfigError, DataError, UnknownRecipeError
+from training.errors import CheckpointError, ConfigError, DataError, UnknownRecipeError
 from training.evaluate import evaluate_checkpoint, evaluate_onnx
 from training.models import ARCHS, build_model
 from training.presets import eval_transform, ten_crop_transform
 from training.recipes import TrainConfig
 from training.train import train
-from training.utils import StepSchedule, list_checkpoints, load_checkpoint
+from training.utils import StepSchedule, atomic_torch_save, list_checkpoints, load_checkpoint
 
 CLASSES = ("cat", "dog", "frog")
 
@@ -458,6 +459,32 @@ def test_data_errors_are_typed(tmp_path):
     config.loader = "folder"
     with pytest.raises(DataError, match="no images"):
         train(config, progress=False)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_loses_nothing(tmp_path, monkeypatch):
+    earlier = tmp_path / "checkpoint-0000100.pt"
+    atomic_torch_save({"iteration": 100}, earlier)
+
+    def disk_full(obj, file):
+        file.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(
+        CheckpointError, match="checkpoint-0000200.pt: No space left on device; the checkpoints"
+    ):
+        atomic_torch_save({"iteration": 200}, tmp_path / "checkpoint-0000200.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [earlier.name]  # no temp file, no half checkpoint
+    monkeypatch.undo()
+    assert torch.load(earlier)["iteration"] == 100
+
+
+def test_a_file_system_error_is_one_line_too(tmp_path, capsys):
+    status = cli_main(["train", "--data", str(tmp_path), "--output-dir", "/proc/resnet-run"])
+    assert status == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "resnet: error: [Errno 2] No such file or directory: '/proc/resnet-run'"
+    ]
 
 
 def test_cli_error_is_one_line_and_non_zero_in_a_real_process(tmp_path):

@@ -83,8 +83,13 @@ def atomic_torch_save(obj: object, path: Path) -> None:
             os.fsync(file.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are read by export/serving users too
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # a full disk mid-run: the user's to fix, and nothing is lost
+            raise CheckpointError(
+                f"cannot write {path}: {error.strerror or error}; the checkpoints written before it are intact, "
+                "so fix the cause and continue with --resume auto"
+            ) from error
         raise
 
 
