@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -358,6 +359,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> tuple[list[Result], str]:
     if args.top_k < 1 or args.batch_size < 1:
         raise ClientError("--top-k and --batch-size must be at least 1")
+    if not args.timeout > 0:
+        raise ClientError(f"--timeout must be more than 0 seconds, got {args.timeout}")
     images = collect_images(args.images)
     client = connect(args.url, args.server, args.api_key, args.timeout)
     try:
@@ -370,11 +373,23 @@ def run(args: argparse.Namespace) -> tuple[list[Result], str]:
         for batch in tqdm(
             batches, desc="classifying", unit="batch", disable=len(batches) < 2, file=sys.stderr
         ):
-            for path, predictions in zip(batch, client.classify(model, batch, args.top_k), strict=True):
+            try:
+                answers = client.classify(model, batch, args.top_k)
+            except ClientError as error:
+                raise ClientError(naming_the_file(str(error), batch)) from None
+            for path, predictions in zip(batch, answers, strict=True):
                 results.append(Result(str(path), model, predictions))
         return results, client.kind
     finally:
         client.close()
+
+
+def naming_the_file(message: str, batch: list[Path]) -> str:
+    """The server's error for a request of several images names one as "image K of N": name its file instead."""
+    which = re.search(r"image (\d+) of (\d+): ", message)
+    if which and int(which.group(2)) == len(batch) and 1 <= int(which.group(1)) <= len(batch):
+        return f"{batch[int(which.group(1)) - 1]}: {message.replace(which.group(0), '')}"
+    return message
 
 
 def main(args: argparse.Namespace) -> int:

@@ -111,6 +111,34 @@ def test_table_output_names_model_and_server(gateway, photos, capsys, monkeypatc
     assert all(label in out for label in LABELS) and "0-red.jpeg" in out
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc", "http /v2"])
+def test_a_bad_image_in_a_batch_is_named_by_its_file(gateway, photos, tmp_path, capsys, protocol):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in sorted(photos[0].glob("*-*.*"))[:3]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "1-zz-broken.jpeg").write_bytes(b"not a JPEG at all")  # third of four, one request
+    url = gateway.grpc_url if protocol == "grpc" else gateway.http_url
+    server = ["--server", "triton"] if protocol == "http /v2" else []
+    args = ["client", "classify", str(folder), "--url", url, "--api-key", API_KEY, *server, "--timeout", "5"]
+    assert resnet(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith(f"resnet: error: {folder / '1-zz-broken.jpeg'}: ") and "not a decodable image" in err
+    )
+    assert "image 3 of 4" not in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--timeout", "0"], "--timeout must be more than 0 seconds"), (["--top-k", "0"], "at least 1")],
+)
+def test_bad_flags_are_one_line(photos, capsys, args, message):
+    assert resnet(["client", "classify", str(photos[0]), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("resnet: error: ") and message in err and "\n" not in err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

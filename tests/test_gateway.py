@@ -104,6 +104,10 @@ def test_multipart_one_and_many_files(client):
     assert many.status_code == 200
     assert [r["predictions"][0]["label"] for r in many.json()] == ["red", "blue", "green", "red"]
     assert all(len(r["predictions"]) == 2 for r in many.json())
+    files[2] = ("file", ("notes.png", b"not pixels", "image/png"))
+    one_bad = client.post("/v1/models/colors/classify", files=files)
+    assert one_bad.status_code == 400
+    assert one_bad.json()["error"]["message"].startswith("image 3 of 4: not a decodable image")
 
 
 @pytest.mark.parametrize(
