@@ -160,7 +160,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=env("RESNET_DEVICE", "auto"), help="auto, cpu or cuda")
     parser.add_argument("--resume", help="continue an interrupted retrain: a checkpoint or 'auto'")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar"
+    )
     return parser
 
 
