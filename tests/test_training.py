@@ -504,6 +504,10 @@ def test_cli_error_is_one_line_and_non_zero_in_a_real_process(tmp_path):
         (["train", "--data", "/nonexistent/data"], "data folder /nonexistent/data does not exist"),
         (["train", "--batch-size", "0"], "--batch-size 0 must be a positive multiple"),
         (["train", "--lr-milestones", "5,3"], "--lr-milestones must be increasing"),
+        (["train", "--lr", "-0.1"], "--lr must be positive, got -0.1"),
+        (["train", "--warmup-lr", "0"], "--warmup-lr must be positive, got 0.0"),
+        (["train", "--momentum", "1.5"], "--momentum must be in [0, 1)"),
+        (["evaluate", "--onnx", __file__, "--data", "."], "cannot load ONNX model"),
         (
             ["evaluate", "--checkpoint", "/nonexistent/model.pt"],
             "checkpoint /nonexistent/model.pt does not exist",

@@ -139,7 +139,10 @@ def evaluate_onnx(
     if not onnx_path.is_file():
         raise CheckpointError(f"ONNX model {onnx_path} does not exist")
     spec = spec or PreprocessSpec.imagenet()
-    session = ort.InferenceSession(str(onnx_path), providers=providers or ["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=providers or ["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - ORT's own classes (InvalidProtobuf, Fail, ...) are bare Exceptions
+        raise CheckpointError(f"cannot load ONNX model {onnx_path}: {error}") from error
     input_name = session.get_inputs()[0].name
     kind, loader = choose_loader(data, dataset)
     split = load_split(

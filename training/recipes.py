@@ -109,6 +109,14 @@ class TrainConfig:
             )
         if self.iterations <= 0:
             raise ConfigError(f"--iterations must be positive, got {self.iterations}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.warmup_lr is not None and not self.warmup_lr > 0:
+            raise ConfigError(f"--warmup-lr must be positive, got {self.warmup_lr}")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise ConfigError(
+                f"--momentum must be in [0, 1) and --weight-decay >= 0, got {self.momentum} and {self.weight_decay}"
+            )
         if sorted(self.lr_milestones) != list(self.lr_milestones):
             raise ConfigError(f"--lr-milestones must be increasing, got {self.lr_milestones}")
         if self.amp not in ("none", "bf16"):
