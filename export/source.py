@@ -23,6 +23,7 @@ import torchvision
 from export.errors import ExportError, WeightsUnavailableError
 from server.spec import PreprocessSpec
 from training import models
+from training.utils import read_torch_file
 
 DOWNLOAD_TIMEOUT_S = float(os.environ.get("RESNET_DOWNLOAD_TIMEOUT", "20"))
 _TORCHVISION_INTERPOLATION = {"BILINEAR": "bilinear", "BICUBIC": "bicubic", "NEAREST": "nearest"}
@@ -51,12 +52,7 @@ def default_spec(arch: str) -> PreprocessSpec:
 
 def from_checkpoint(path: Path, arch: str | None = None) -> ModelSource:
     """Our training checkpoint (a dict with `model`, `arch`, ...) or a bare torchvision state dict (needs arch)."""
-    if not path.is_file():
-        raise ExportError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a corrupt file
-        raise ExportError(f"cannot read checkpoint {path}: {error}") from error
+    payload = read_torch_file(path)
     if not isinstance(payload, dict):
         raise ExportError(f"{path} is not a checkpoint or state dict (got {type(payload).__name__})")
     # The stride variant changes where a bottleneck downsamples but not the weights' shapes: a wrong one loads

@@ -508,6 +508,11 @@ def test_cli_error_is_one_line_and_non_zero_in_a_real_process(tmp_path):
         (["train", "--warmup-lr", "0"], "--warmup-lr must be positive, got 0.0"),
         (["train", "--momentum", "1.5"], "--momentum must be in [0, 1)"),
         (["evaluate", "--onnx", __file__, "--data", "."], "cannot load ONNX model"),
+        (["evaluate", "--checkpoint", __file__, "--data", "."], "not a PyTorch checkpoint, or a damaged one"),
+        (
+            ["export", "--checkpoint", __file__, "--repository", "/nonexistent/repository"],
+            f"cannot read checkpoint {__file__}: not a PyTorch checkpoint",
+        ),
         (
             ["evaluate", "--checkpoint", "/nonexistent/model.pt"],
             "checkpoint /nonexistent/model.pt does not exist",

@@ -137,14 +137,22 @@ def mark_best(checkpoint: Path, output_dir: Path) -> None:
     os.replace(tmp, output_dir / BEST_NAME)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def read_torch_file(path: str | Path, map_location="cpu") -> object:
+    """`torch.load` of a checkpoint or state dict; a missing, foreign or damaged file is one CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from error
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a PyTorch checkpoint, or a damaged one "
+            f"({type(error).__name__}: {error})"
+        ) from error
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    checkpoint = read_torch_file(path, map_location)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "arch" not in checkpoint:
         raise CheckpointError(f"{path} is not a resnet-serving checkpoint (no 'model'/'arch' entries)")
     return checkpoint
