@@ -24,18 +24,18 @@ def listed_names(listing: object) -> list[str]:
     return [m["name"] if isinstance(m, dict) else str(m) for m in models or []]
 
 
-def discover_model(base_url: str, api_key: str = "") -> str:
-    """The first model the gateway lists."""
+def gateway_models(base_url: str, api_key: str = "") -> list[str]:
+    """The models the gateway lists (GET /v1/models), in its order; at least one."""
     request = urllib.request.Request(base_url.rstrip("/") + "/v1/models", headers=auth_headers(api_key))
     with urllib.request.urlopen(request, timeout=10) as response:
         names = listed_names(json.load(response))
     if not names:
         raise RuntimeError(f"{base_url} lists no models")
-    return names[0]
+    return names
 
 
-def discover_kserve_model(base_url: str, api_key: str = "") -> str:
-    """The first classifier a KServe v2 server (the gateway's /v2, or Triton) serves with a `_pipeline`."""
+def kserve_models(base_url: str, api_key: str = "") -> list[str]:
+    """The classifiers a KServe v2 server (the gateway's /v2, or Triton) serves with a `_pipeline`; at least one."""
     request = urllib.request.Request(
         base_url.rstrip("/") + "/v2/repository/index",
         data=b"{}",
@@ -47,7 +47,17 @@ def discover_kserve_model(base_url: str, api_key: str = "") -> str:
     pipelines = [name.removesuffix(PIPELINE_SUFFIX) for name in names if name.endswith(PIPELINE_SUFFIX)]
     if not pipelines:
         raise RuntimeError(f"{base_url} serves no <model>{PIPELINE_SUFFIX} (encoded images in) to load-test")
-    return pipelines[0]
+    return pipelines
+
+
+def discover_model(base_url: str, api_key: str = "") -> str:
+    """The first model the gateway lists."""
+    return gateway_models(base_url, api_key)[0]
+
+
+def discover_kserve_model(base_url: str, api_key: str = "") -> str:
+    """The first classifier a KServe v2 server serves with a `_pipeline`."""
+    return kserve_models(base_url, api_key)[0]
 
 
 def check_prediction(body: object, model: str, top_k: int) -> str | None:

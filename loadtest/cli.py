@@ -207,17 +207,22 @@ def run_locust(command: list[str], duration: float, log_path: Path, api_key: str
 
 
 def main(args: argparse.Namespace) -> int:
-    from loadtest.checks import discover_kserve_model, discover_model
+    from loadtest.checks import gateway_models, kserve_models
+    from loadtest.images import IMAGE_SUFFIXES, read_folder
 
     if args.users < 1:
         raise LoadTestError("--users must be at least 1")
     if args.images and not Path(args.images).is_dir():
         raise LoadTestError(f"--images folder {args.images} does not exist")
+    if args.images and not read_folder(Path(args.images), limit=1):  # not a silent switch to generated photos
+        raise LoadTestError(f"--images folder {args.images} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files")
     try:
-        discover = discover_kserve_model if args.kserve else discover_model
-        model = args.model or discover(args.url, args.api_key)
+        served = (kserve_models if args.kserve else gateway_models)(args.url, args.api_key)
     except (urllib.error.URLError, OSError, ValueError, RuntimeError) as error:
         raise LoadTestError(f"cannot list models at {args.url}: {error}") from error
+    model = args.model or served[0]
+    if model not in served:  # else every request of the run would fail with 404
+        raise LoadTestError(f"model {model!r} is not served at {args.url}; served: {', '.join(served)}")
     args.out.mkdir(parents=True, exist_ok=True)
     csv_prefix, html = args.out / "locust", args.out / "report.html"
     run_locust(

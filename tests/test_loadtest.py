@@ -224,6 +224,27 @@ def test_missing_api_key_is_a_one_line_error(gateway, tmp_path):
     assert result.stderr.startswith("resnet: error: cannot list models") and "401" in result.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--model", "nope"], "model 'nope' is not served at http://127.0.0.1:"),
+        (["--images", "{empty}"], "holds no .bmp/.jpeg/.jpg/.png/.webp files"),
+    ],
+)
+def test_a_run_that_could_only_fail_or_mislead_is_refused_before_it_starts(gateway, tmp_path, flags, message):
+    empty = tmp_path / "no-photos"
+    empty.mkdir()
+    out = tmp_path / "out"
+    flags = [flag.format(empty=empty) for flag in flags]
+    result = run_loadtest(
+        "--url", gateway["url"], "--duration", "2s", "--out", str(out), *flags, api_key=API_KEY
+    )
+    assert result.returncode == 1 and not out.exists()
+    assert result.stderr.startswith("resnet: error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_unreachable_gateway_is_a_one_line_error(tmp_path):
     result = run_loadtest(
         "--url", f"http://127.0.0.1:{free_port()}", "--duration", "2s", "--out", str(tmp_path)
@@ -235,9 +256,6 @@ def test_unreachable_gateway_is_a_one_line_error(tmp_path):
 
 @pytest.mark.slow
 def test_grpc_user_records_successes(gateway, tmp_path):
-    pytest.importorskip(
-        "server.grpc_service", reason="the gateway's gRPC API (server/grpc_service.py) is not built yet"
-    )
     out = tmp_path / "grpc"
     result = run_loadtest(
         "--url",
