@@ -29,7 +29,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     RESNET_HOST=0.0.0.0 \
     RESNET_PORT=8080 \
     RESNET_GRPC_PORT=8081 \
-    RESNET_REPOSITORY=/models
+    RESNET_MODEL_REPOSITORY=/models
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin resnet
 COPY --from=build /opt/venv /opt/venv
 # The bundled model makes the image work on its own; a deployment mounts its repository over /models.

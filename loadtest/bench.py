@@ -468,7 +468,7 @@ def gateway_command(
         "RESNET_HOST": "127.0.0.1",
         "RESNET_PORT": str(port),
         "RESNET_GRPC_PORT": "0",
-        "RESNET_REPOSITORY": str(model.repository),
+        "RESNET_MODEL_REPOSITORY": str(model.repository),
         "RESNET_BACKEND": "embedded",
         "RESNET_BATCHING": str(batching).lower(),
         "RESNET_MAX_DELAY_MS": f"{delay_ms:g}",

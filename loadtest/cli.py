@@ -215,7 +215,9 @@ def main(args: argparse.Namespace) -> int:
     if args.images and not Path(args.images).is_dir():
         raise LoadTestError(f"--images folder {args.images} does not exist")
     if args.images and not read_folder(Path(args.images), limit=1):  # not a silent switch to generated photos
-        raise LoadTestError(f"--images folder {args.images} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files")
+        raise LoadTestError(
+            f"--images folder {args.images} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files"
+        )
     try:
         served = (kserve_models if args.kserve else gateway_models)(args.url, args.api_key)
     except (urllib.error.URLError, OSError, ValueError, RuntimeError) as error:

@@ -12,7 +12,7 @@ import socket
 from pydantic import ValidationError
 
 from cli.errors import ResnetError
-from server.settings import Settings
+from server.settings import Settings, env_name
 
 # flag -> (Settings field, type, help)
 FLAGS: list[tuple[str, str, type, str]] = [
@@ -64,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     for flag, field, kind, text in FLAGS:
         default = defaults[field].get_default(call_default_factory=True)
         shown = ",".join(default) if isinstance(default, list) else default
-        env = "RESNET_" + field.upper()
+        env = env_name(field)
         parser.add_argument(
             flag, dest=field, type=kind, default=None, help=f"{text} (env {env}; default: {shown})"
         )
@@ -118,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if not settings.repository.is_dir() and settings.backend == "embedded":
         raise ResnetError(
-            f"model repository not found: {settings.repository} (set --repository or RESNET_REPOSITORY)"
+            f"model repository not found: {settings.repository} (set --repository or {env_name('repository')})"
         )
     check_port_free(settings.host, settings.port, "HTTP", "--port")
     check_port_free(settings.host, settings.grpc_port, "gRPC", "--grpc-port (0 disables gRPC)")

@@ -8,17 +8,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "RESNET_"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RESNET_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True
+    )
 
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 for all interfaces)")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port")
     grpc_port: int = Field(8081, ge=0, le=65535, description="gRPC port; 0 disables the gRPC API")
-    repository: Path = Field(Path("model_repository"), description="Triton model repository to serve")
+    repository: Path = Field(
+        Path("model_repository"),
+        # The name `resnet export` and `resnet triton` read too; RESNET_REPOSITORY is the gateway's older name.
+        validation_alias=AliasChoices("RESNET_MODEL_REPOSITORY", "RESNET_REPOSITORY"),
+        description="Triton model repository to serve",
+    )
     backend: Literal["embedded", "triton"] = Field(
         "embedded", description="embedded ONNX Runtime, or a Triton server"
     )
@@ -65,3 +74,9 @@ class Settings(BaseSettings):
         if self.grpc_port and self.grpc_port == self.port:
             raise ValueError(f"grpc_port and port must differ (both {self.port})")
         return self
+
+
+def env_name(field: str) -> str:
+    """The environment variable a setting is read from (the first, where it has several)."""
+    alias = Settings.model_fields[field].validation_alias
+    return alias.choices[0] if isinstance(alias, AliasChoices) else ENV_PREFIX + field.upper()

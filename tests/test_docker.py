@@ -728,7 +728,7 @@ def test_gateway_healthcheck_command_probes_a_running_gateway(tmp_path: Path):
         "RESNET_HOST": "127.0.0.1",
         "RESNET_PORT": str(port),
         "RESNET_GRPC_PORT": str(grpc_port),
-        "RESNET_REPOSITORY": str(REPO_ROOT / "model_repository"),
+        "RESNET_MODEL_REPOSITORY": str(REPO_ROOT / "model_repository"),
     }
     probe_env = {**os.environ, "RESNET_PORT": str(port)}
     command = [str(VENV_BIN / "resnet"), "serve"]

@@ -270,6 +270,16 @@ def test_bad_settings_stop_the_cli_with_one_line(tmp_path):
         [*command[:4], "--repository", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60
     )
     assert missing.returncode == 1 and "model repository not found" in missing.stderr
+    assert missing.stderr.strip().endswith("(set --repository or RESNET_MODEL_REPOSITORY)")
+
+
+def test_the_repository_is_read_from_the_same_variable_as_export_and_triton(monkeypatch, tmp_path):
+    monkeypatch.setenv("RESNET_MODEL_REPOSITORY", str(tmp_path / "shared-name"))
+    assert Settings().repository == tmp_path / "shared-name"
+    monkeypatch.delenv("RESNET_MODEL_REPOSITORY")
+    monkeypatch.setenv("RESNET_REPOSITORY", str(tmp_path / "older-name"))  # still read
+    assert Settings().repository == tmp_path / "older-name"
+    assert Settings(repository=tmp_path / "flag").repository == tmp_path / "flag"  # flags win
 
 
 def test_a_taken_port_is_one_line_error(repository):
@@ -299,5 +309,6 @@ def test_serve_help_lists_flags_and_env_vars():
         [sys.executable, "-m", "cli.main", "serve", "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0
-    for text in ("--backend", "--max-batch-size", "RESNET_MAX_DELAY_MS", "--no-batching", "RESNET_API_KEYS"):
-        assert text in result.stdout
+    names = ("--backend", "--max-batch-size", "RESNET_MAX_DELAY_MS", "--no-batching", "RESNET_API_KEYS")
+    for text in (*names, "env RESNET_MODEL_REPOSITORY"):
+        assert text in " ".join(result.stdout.split())

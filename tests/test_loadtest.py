@@ -130,7 +130,7 @@ def gateway(tmp_path_factory):
     write_colors_model(repository)
     port, grpc_port = free_port(), free_port()
     env = {
-        "RESNET_REPOSITORY": str(repository),
+        "RESNET_MODEL_REPOSITORY": str(repository),
         "RESNET_PORT": str(port),
         "RESNET_GRPC_PORT": str(grpc_port),
         "RESNET_HOST": "127.0.0.1",
