@@ -48,6 +48,13 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         parser.exit(2, f"{parser.prog}: error: {message} (see `{parser.prog} --help`)\n")
 
     parser.error = error
+    for action in parser._actions:  # noqa: SLF001 - argparse keeps subcommands (`triton serve`) only here
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for name, subparser in action.choices.items():
+                subparser.prog = (
+                    f"{parser.prog} {name}"  # made before `run` named the parent `resnet <command>`
+                )
+                _one_line_errors(subparser)
     return parser
 
 

@@ -152,6 +152,12 @@ def main(args: argparse.Namespace) -> int:
     from export.repository import BatchingPolicy
     from export.workflow import ExportOptions, export_to_repository, summary_table
 
+    # Before minutes of export and verification, not after: a repository that cannot be written fails now.
+    try:
+        args.repository.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        why = "it is a file" if args.repository.is_file() else error.strerror
+        raise ExportError(f"cannot use {args.repository} as the model repository: {why}") from None
     console = Console(stderr=True)
     with console.status("loading the model..."):
         source = _source(args)

@@ -287,19 +287,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-address", default=None, help="gRPC address (default: the --http-address)")
     serve.add_argument(
         "--http-port",
-        type=int,
+        type=port_number,
         default=int(env("RESNET_TRITON_HTTP_PORT", "8000")),
         help="HTTP/REST port (env RESNET_TRITON_HTTP_PORT; default: %(default)s)",
     )
     serve.add_argument(
         "--grpc-port",
-        type=int,
+        type=port_number,
         default=int(env("RESNET_TRITON_GRPC_PORT", "8001")),
         help="gRPC port (env RESNET_TRITON_GRPC_PORT; default: %(default)s)",
     )
     serve.add_argument(
         "--metrics-port",
-        type=int,
+        type=port_number,
         default=int(env("RESNET_TRITON_METRICS_PORT", "8002")),
         help="Prometheus metrics port (env RESNET_TRITON_METRICS_PORT; default: %(default)s)",
     )
@@ -320,6 +320,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--log-verbose", type=int, default=0, help="tritonserver --log-verbose level (default: 0)"
     )
     return parser
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port tritonserver can bind (it takes no 0 for "any free port")."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    return port
 
 
 def main(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -510,8 +511,12 @@ def test_cli_error_is_one_line_and_non_zero_in_a_real_process(tmp_path):
         (["evaluate", "--onnx", __file__, "--data", "."], "cannot load ONNX model"),
         (["evaluate", "--checkpoint", __file__, "--data", "."], "not a PyTorch checkpoint, or a damaged one"),
         (
-            ["export", "--checkpoint", __file__, "--repository", "/nonexistent/repository"],
+            ["export", "--checkpoint", __file__, "--repository", tempfile.gettempdir()],
             f"cannot read checkpoint {__file__}: not a PyTorch checkpoint",
+        ),
+        (
+            ["export", "--arch", "resnet20", "--weights", "random", "--repository", __file__],
+            f"cannot use {__file__} as the model repository: it is a file",
         ),
         (
             ["evaluate", "--checkpoint", "/nonexistent/model.pt"],
@@ -533,6 +538,11 @@ def test_cli_errors_are_one_line_and_non_zero(tmp_path, capsys, args, message):
         (["train", "--compile", "fast"], "resnet train: error: argument --compile: invalid choice: 'fast'"),
         (["train", "--iterations", "many"], "resnet train: error: argument --iterations: invalid int value"),
         (["nonsense"], "resnet: error: argument command: invalid choice: 'nonsense'"),
+        (
+            ["triton", "serve", "--http-port", "99999"],
+            "resnet triton serve: error: argument --http-port: '99999' is not a port number (1-65535)",
+        ),
+        (["client", "classify", "--top-k", "x", "a.jpg"], "resnet client classify: error: argument --top-k"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(capsys, args, message):
