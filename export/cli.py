@@ -147,17 +147,25 @@ def _labels(path: Path | None) -> list[str] | None:
     return labels
 
 
+def _check_writable(repository: Path) -> None:
+    """Before minutes of export and verification, not after them; nothing is created here (a failed export
+    leaves no folder behind)."""
+    existing = next(folder for folder in (repository, *repository.parents) if folder.exists())
+    if not existing.is_dir():
+        why = "it is a file" if existing == repository else f"{existing} is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = f"{existing} is not writable"
+    else:
+        return
+    raise ExportError(f"cannot use {repository} as the model repository: {why}")
+
+
 def main(args: argparse.Namespace) -> int:
     from export.quantize import QuantizeOptions
     from export.repository import BatchingPolicy
     from export.workflow import ExportOptions, export_to_repository, summary_table
 
-    # Before minutes of export and verification, not after: a repository that cannot be written fails now.
-    try:
-        args.repository.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        why = "it is a file" if args.repository.is_file() else error.strerror
-        raise ExportError(f"cannot use {args.repository} as the model repository: {why}") from None
+    _check_writable(args.repository)
     console = Console(stderr=True)
     with console.status("loading the model..."):
         source = _source(args)
