@@ -170,29 +170,51 @@ def test_error_axis_keeps_the_papers_frame_and_widens_for_short_runs(runs, tmp_p
     assert error_axis_top(collect_runs(tmp_path)) == 70
 
 
-def test_report_without_runs_is_a_clear_error(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "training.reproduce",
-            "report",
-            "--runs-dir",
-            str(tmp_path),
-            "--doc",
-            str(tmp_path / "r.md"),
-            "--figure",
-            str(tmp_path / "f.png"),
-        ],
+def _report_cli(runs: Path, doc: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = ["report", "--runs-dir", str(runs), "--doc", str(doc), "--figure", str(doc.with_suffix(".png"))]
+    return subprocess.run(
+        [sys.executable, "-m", "training.reproduce", *command, *extra],
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_report_without_runs_is_a_clear_error(tmp_path):
+    result = _report_cli(tmp_path, tmp_path / "r.md")
     assert result.returncode == 1
     assert (
-        result.stderr.strip() == f"resnet: error: no finished runs under {tmp_path} (expected "
+        result.stderr.strip()
+        == f"resnet: error: no runs under {tmp_path} or {tmp_path / 'r-runs'} (expected "
         "<arch>/metrics.jsonl with test evaluations)"
     )
+    result = _report_cli(tmp_path, tmp_path / "r.md", "--records", "")
+    assert result.returncode == 1 and f"no runs under {tmp_path} (expected" in result.stderr
+
+
+def test_report_keeps_records_beside_the_doc_so_a_fresh_clone_rebuilds_it(runs, tmp_path):
+    doc = tmp_path / "docs" / "reproduction.md"
+    doc.parent.mkdir()
+    assert _report_cli(runs, doc).returncode == 0
+    records = tmp_path / "docs" / "reproduction-runs"
+    assert sorted(p.name for p in records.iterdir()) == sorted(PAPER_LIKE)
+    assert (records / "resnet56" / "metrics.jsonl").read_bytes() == (
+        runs / "resnet56" / "metrics.jsonl"
+    ).read_bytes()
+    table = doc.read_text()
+    shutil.rmtree(runs)  # a fresh clone: the run folders (checkpoints, logs) are not in git, the records are
+    rebuilt = _report_cli(runs, doc)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert doc.read_text() == table
+    no_records = tmp_path / "other.md"
+    assert _report_cli(records, no_records, "--records", "").returncode == 0
+    assert not (tmp_path / "other-runs").exists() and "| resnet56 | 6.97% | 7.00% |" in no_records.read_text()
+
+
+def test_a_record_names_its_source_under_the_table(runs):
+    info = json.loads((runs / "resnet20" / "run.json").read_text())
+    (runs / "resnet20" / "run.json").write_text(json.dumps({**info, "source": "the model card"}))
+    assert "Where the resnet20 row comes from: the model card." in render_table(collect_runs(runs))
 
 
 def test_runner_runs_each_net_and_records_wall_time_and_commit(tmp_path, monkeypatch):
@@ -278,3 +300,45 @@ def test_a_signal_stops_every_run_at_a_checkpoint_and_a_rerun_continues(tmp_path
 
     assert reproduce.run_all(["resnet20", "resnet32"], "unused", runs, 1, []) == []  # both finished: skipped
     assert len((runs / "resnet32" / "calls").read_text().splitlines()) == 1
+
+
+def test_a_stopped_net_continues_on_another_machine_from_its_record(tmp_path, monkeypatch):
+    """Machine A stops a net at a checkpoint; its record (with that checkpoint) lets machine B finish it."""
+    trainer = _fake_trainer(
+        tmp_path,
+        "metrics = out / 'metrics.jsonl'\n"
+        "if (out / 'checkpoint-0000005.pt').is_file():\n"
+        "    metrics.open('a').write(json.dumps({'kind': 'eval', 'iteration': 10, 'acc1': 92.0}) + '\\n')\n"
+        "    (out / 'checkpoint-0000010.pt').write_text('final')\n"
+        "    sys.exit(0)\n"
+        "metrics.write_text(json.dumps({'kind': 'eval', 'iteration': 5, 'acc1': 80.0}) + '\\n')\n"
+        "(out / 'checkpoint-0000002.pt').write_text('older')\n"
+        "(out / 'checkpoint-0000005.pt').write_text('state at 5')\n"
+        "sys.exit(143)\n",
+    )
+    monkeypatch.setattr(reproduce, "train_command", trainer)
+    monkeypatch.setattr(reproduce.time, "sleep", lambda _: None)
+    records = tmp_path / "records"
+    assert reproduce.run_all(["plain20"], "unused", tmp_path / "a", 1, [], records) == []
+    record = records / "plain20"
+    assert sorted(p.name for p in record.iterdir()) == ["checkpoint-0000005.pt", "metrics.jsonl", "run.json"]
+    assert json.loads((record / "run.json").read_text())["returncode"] == 143
+
+    machine_b = tmp_path / "b"
+    assert reproduce.run_all(["plain20"], "unused", machine_b, 1, [], records) == []
+    assert (machine_b / "plain20" / "checkpoint-0000005.pt").read_text() == "state at 5"  # resumed from it
+    finished = json.loads((record / "run.json").read_text())
+    assert finished["returncode"] == 0 and finished["segments"] == 2
+    assert sorted(p.name for p in record.iterdir()) == [
+        "metrics.jsonl",
+        "run.json",
+    ]  # no checkpoint once done
+    assert collect_runs(records)["plain20"].test_error == pytest.approx(8.0)
+
+    # A machine that starts the net over does not overwrite the further-along record with its shorter run.
+    (tmp_path / "c" / "plain20").mkdir(parents=True)
+    (tmp_path / "c" / "plain20" / "metrics.jsonl").write_text(
+        json.dumps({"kind": "eval", "iteration": 1, "acc1": 50})
+    )
+    assert reproduce.save_records(tmp_path / "c", records) == []
+    assert collect_runs(records)["plain20"].test_error == pytest.approx(8.0)

@@ -5,9 +5,11 @@
 
 Every net is trained with `resnet train --recipe cifar-paper --arch <net>` and nothing else changed, so the numbers
 are the recipe's. Small nets leave most of a GPU idle, so `--concurrent` of them share each visible GPU. Each run
-directory gets a `run.json` (command, wall time, GPU, commit) next to the trainer's `metrics.jsonl`; `report` reads
-only those files, so it can be re-run anywhere (and is tested on fake runs). `run` can be stopped (SIGTERM,
-Ctrl-C: every trainer checkpoints) and started again: finished nets are skipped, the others resume.
+directory gets a `run.json` (command, wall time, GPU, commit) next to the trainer's `metrics.jsonl`. Those small
+files are copied into the records folder (`docs/reproduction-runs/<net>/`, kept in git) with, for a net that is not
+finished, its last checkpoint: `report` reads only the records, so the committed table can be rebuilt from a fresh
+clone, and `run` on another machine continues a stopped net from its record. `run` can be stopped (SIGTERM, Ctrl-C:
+every trainer checkpoints) and started again: finished nets are skipped, the others resume.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +38,8 @@ PLAIN = ("plain20", "plain32", "plain44", "plain56")
 PAPER_SET = RESIDUAL + PLAIN
 # Table 6 of the paper (CIFAR-10 test error, %). The plain nets' numbers are not tabulated, only plotted (Fig. 6).
 PAPER_TEST_ERROR = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43}
+# What a run folder keeps in the records folder (besides an unfinished net's last checkpoint): small text, for git.
+RECORD_FILES = ("run.json", "config.json", "metrics.jsonl")
 TABLE_BEGIN = "<!-- reproduce:table:begin -->"
 TABLE_END = "<!-- reproduce:table:end -->"
 
@@ -149,6 +154,73 @@ def _read_json(path: Path) -> dict:
         raise ReproduceError(f"{path} is not JSON: {error}") from error
 
 
+# --------------------------------------------------------------------------------------------- records
+
+
+def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    from training.utils import list_checkpoints  # torch: only where checkpoints are handled
+
+    return list_checkpoints(folder)
+
+
+def _progress(folder: Path) -> tuple[bool, int]:
+    """(finished, last iteration logged or checkpointed): of two copies of a run, the larger is further along."""
+    metrics = folder / "metrics.jsonl"
+    if not metrics.is_file():
+        return (False, -1)
+    train, test = read_metrics(metrics)
+    steps = [step for step, _ in train + test] + [step for step, _ in _checkpoints(folder)]
+    return (_read_json(folder / "run.json").get("returncode") == 0, max(steps, default=0))
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    temporary = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
+
+
+def _mirror(source: Path, target: Path, checkpoint: Path | None) -> None:
+    """Make `target` hold `source`'s record files and `checkpoint` (no other checkpoint)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        if (source / name).is_file():
+            _copy_atomic(source / name, target / name)
+    if checkpoint is not None and not (target / checkpoint.name).is_file():
+        _copy_atomic(checkpoint, target / checkpoint.name)
+    for stale in target.glob("checkpoint-*.pt"):
+        if checkpoint is None or stale.name != checkpoint.name:
+            stale.unlink()
+
+
+def save_records(runs_dir: Path, records_dir: Path) -> list[str]:
+    """Copy every run that is further along than its record into `records_dir`; returns the nets copied.
+
+    An unfinished net's record keeps its last checkpoint (about 3 MB for the CIFAR nets), so that another
+    machine can continue it; a finished net's record drops it."""
+    saved = []
+    for metrics in sorted(runs_dir.glob("*/metrics.jsonl")):
+        folder = metrics.parent
+        record = records_dir / folder.name
+        if folder.resolve() == record.resolve() or _progress(folder) <= _progress(record):
+            continue
+        finished, _ = _progress(folder)
+        checkpoints = [] if finished else _checkpoints(folder)
+        _mirror(folder, record, checkpoints[-1][1] if checkpoints else None)
+        saved.append(folder.name)
+    return saved
+
+
+def restore_record(records_dir: Path, folder: Path) -> bool:
+    """Seed a run folder from its record when the record is further along (a run begun on another machine)."""
+    record = records_dir / folder.name
+    if not record.is_dir() or record.resolve() == folder.resolve() or _progress(folder) >= _progress(record):
+        return False
+    checkpoints = _checkpoints(record)
+    _mirror(record, folder, checkpoints[-1][1] if checkpoints else None)
+    print(f"{folder.name}: continuing from its record in {record}", flush=True)
+    return True
+
+
 # --------------------------------------------------------------------------------------------- the report
 
 
@@ -210,6 +282,9 @@ def render_table(results: dict[str, RunResult]) -> str:
             f"Not finished yet, so left out of the claims: {', '.join(unfinished)} (errors at the last "
             "evaluation so far; wall time of the completed segments).",
         ]
+    sourced = [(arch, run.info["source"]) for arch, run in results.items() if run.info.get("source")]
+    if sourced:
+        lines += ["", *(f"Where the {arch} row comes from: {source}." for arch, source in sourced)]
     lines += ["", "Claims (paper, Sec. 4.2 and Fig. 6):", ""]
     for claim, holds, evidence in check_claims(results):
         verdict = {True: "holds", False: "**does not hold**", None: "not checked"}[holds]
@@ -369,12 +444,32 @@ class _Interrupted:
         self.signal = signum
 
 
-def run_all(archs: list[str], data: str, runs_dir: Path, concurrent: int, extra: list[str]) -> list[str]:
+def run_all(
+    archs: list[str],
+    data: str,
+    runs_dir: Path,
+    concurrent: int,
+    extra: list[str],
+    records_dir: Path | None = None,
+) -> list[str]:
     """Train `archs`, `concurrent` per GPU at a time; returns the archs whose training failed.
 
     Re-running continues: nets that finished (run.json with exit 0) are skipped, stopped ones resume from their
-    last checkpoint and add to their wall time. A SIGTERM/SIGINT is passed to every trainer (each writes a
-    checkpoint), then `ReproduceInterrupted` is raised once all have exited."""
+    last checkpoint and add to their wall time; with `records_dir`, a net whose record is further along than
+    its run folder (it ran on another machine) continues from the record, and every run is recorded at the end.
+    A SIGTERM/SIGINT is passed to every trainer (each writes a checkpoint), then `ReproduceInterrupted` is
+    raised once all have exited."""
+    for arch in archs if records_dir else []:
+        restore_record(records_dir, runs_dir / arch)
+    try:
+        return _train_all(archs, data, runs_dir, concurrent, extra)
+    finally:
+        if records_dir:
+            for arch in save_records(runs_dir, records_dir):
+                print(f"{arch}: recorded in {records_dir / arch}", flush=True)
+
+
+def _train_all(archs: list[str], data: str, runs_dir: Path, concurrent: int, extra: list[str]) -> list[str]:
     gpus = gpu_names()
     free_slots = [str(i) for i in range(len(gpus))] * concurrent if gpus else [None] * concurrent
     commit, running, failed, signalled = git_commit(), {}, [], set()
@@ -506,6 +601,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="where the Fig. 6 plot goes",
     )
     parser.add_argument(
+        "--records",
+        help="where each run's run.json, config.json, metrics.jsonl (and an unfinished net's last checkpoint) "
+        "are kept for git, and what `report` reads; '' for the runs folder itself "
+        "(default: beside --doc, e.g. docs/reproduction-runs/) (env RESNET_REPRODUCE_RECORDS)",
+    )
+    parser.add_argument(
         "--train-args",
         default="",
         help="extra flags for every `resnet train` (e.g. '--amp bf16'); leave empty for the recipe",
@@ -513,15 +614,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def records_folder(args: argparse.Namespace) -> Path | None:
+    """--records, else RESNET_REPRODUCE_RECORDS, else `<doc>-runs/` beside the doc: one record set per page."""
+    chosen = args.records if args.records is not None else os.environ.get("RESNET_REPRODUCE_RECORDS")
+    if chosen is None:
+        return args.doc.with_name(f"{args.doc.stem}-runs")
+    return Path(chosen) if chosen else None
+
+
 def main(args: argparse.Namespace) -> int:
     if args.concurrent < 1:
         raise ReproduceError(f"--concurrent must be at least 1, got {args.concurrent}")
+    records = records_folder(args)
     failed = []
     if args.action == "run":
         if not gpu_names():
             print("warning: no GPU visible; the paper set takes days on a CPU", file=sys.stderr)
-        failed = run_all(args.archs, args.data, args.runs_dir, args.concurrent, shlex.split(args.train_args))
-    results = report(args.runs_dir, args.doc, args.figure)
+        extra = shlex.split(args.train_args)
+        failed = run_all(args.archs, args.data, args.runs_dir, args.concurrent, extra, records)
+    elif records:
+        save_records(args.runs_dir, records)
+    if not collect_runs(records or args.runs_dir):
+        searched = f"{args.runs_dir} or {records}" if records else f"{args.runs_dir}"
+        raise ReproduceError(
+            f"no runs under {searched} (expected <arch>/metrics.jsonl with test evaluations)"
+        )
+    results = report(records or args.runs_dir, args.doc, args.figure)
     print(render_table(results))
     print(f"\nwrote {args.doc} and {args.figure}")
     if failed:
