@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from training import cifar
 from training.cifar import (
     DeviceBatches,
     find_source,
@@ -247,6 +248,28 @@ def test_order_and_augmentation_depend_only_on_seed_epoch_batch():
     assert all(
         torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first[2:], resumed, strict=True)
     )
+
+
+def test_crop_and_flip_come_from_one_generator_per_batch_in_a_fixed_order():
+    """A checkpoint stores (seed, epoch, batch) only, so these draws must never change between versions: a run
+    resumed by newer code must see the batches the older code would have shown it (short last batch too)."""
+    images, labels = random_data(50)
+    batches = DeviceBatches(images, labels, batch_size=16, train=True, generator=7)
+    batches.set_epoch(2, start_batch=1)
+    out = list(batches)
+    order = batches.indices()
+    padded = normalize(torch.nn.functional.pad(images.permute(0, 3, 1, 2), (4, 4, 4, 4)), batches)
+    assert [len(y) for _, y in out] == [16, 16, 2]
+    for position, (x, _) in enumerate(out):
+        batch = position + 1
+        generator = torch.Generator().manual_seed(cifar._mix_seed(batches.seed, 2, batch, 1))
+        top = torch.randint(0, 9, (len(x),), generator=generator)
+        left = torch.randint(0, 9, (len(x),), generator=generator)
+        flip = torch.rand(len(x), generator=generator) < 0.5
+        for i in range(len(x)):
+            source = padded[order[batch * 16 + i]]
+            crop = source[:, top[i] : top[i] + 32, left[i] : left[i] + 32]
+            torch.testing.assert_close(x[i], mirror(crop, bool(flip[i])))
 
 
 def test_state_dict_resumes_mid_epoch():

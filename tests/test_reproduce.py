@@ -342,3 +342,12 @@ def test_a_stopped_net_continues_on_another_machine_from_its_record(tmp_path, mo
     )
     assert reproduce.save_records(tmp_path / "c", records) == []
     assert collect_runs(records)["plain20"].test_error == pytest.approx(8.0)
+
+
+def test_gpu_slots_are_counted_inside_the_runners_own_visible_devices(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [reproduce.visible_device(slot) for slot in "01"] == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 5")  # e.g. a scheduler gave this job GPUs 4 and 5
+    assert [reproduce.visible_device(slot) for slot in "01"] == ["4", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2c,MIG-1a")
+    assert reproduce.visible_device("1") == "MIG-1a"

@@ -27,7 +27,14 @@ from training.models import ARCHS, build_model
 from training.presets import eval_transform, ten_crop_transform
 from training.recipes import TrainConfig
 from training.train import train
-from training.utils import StepSchedule, atomic_torch_save, list_checkpoints, load_checkpoint
+from training.utils import (
+    StepSchedule,
+    atomic_torch_save,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 
 CLASSES = ("cat", "dog", "frog")
 
@@ -146,6 +153,25 @@ def test_recipes_follow_the_paper_and_flags_override():
         recipes.resolve("cifar-fast", {})
     with pytest.raises(ConfigError):
         recipes.resolve("cifar-paper", {"batch_size": 10}).validate(world_size=4)
+    pinned = recipes.resolve("cifar-paper", {"device": "cuda:1"})
+    pinned.validate(world_size=1)  # one process may pick its GPU
+    with pytest.raises(
+        ConfigError, match=r"--device cuda:1 would put all 2 processes on one device; .*--device cuda"
+    ):
+        pinned.validate(world_size=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rng_state_is_this_devices_and_old_per_gpu_lists_still_load():
+    state = rng_state()
+    assert isinstance(state["cuda"], torch.Tensor)
+    expected = torch.rand(3, device="cuda")
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3, device="cuda"), expected)
+    # Checkpoints written before held one state per GPU visible then, possibly more than are visible now.
+    set_rng_state({**state, "cuda": [state["cuda"]] * (torch.cuda.device_count() + 4)})
+    assert torch.equal(torch.rand(3, device="cuda"), expected)
 
 
 def test_step_schedule_warms_up_then_divides_at_milestones():

@@ -334,29 +334,48 @@ class DeviceBatches:
         return order
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.indices().to(self.device)
-        for batch in range(self.start_batch, len(self)):
+        order = self.indices()
+        batches = range(self.start_batch, len(self))
+        draws = self.augmentation_draws(batches, len(order)) if self.train else None
+        order = order.to(self.device)
+        for position, batch in enumerate(batches):
             index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
-            yield self.make_batch(index, batch), self.labels[index]
+            images = self.images[index]
+            if draws is not None:
+                images = self.augment(images, draws[position])
+            images = (images.float() - self.mean) / self.std
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, self.labels[index]
         self.start_batch = 0
 
-    def make_batch(self, index: torch.Tensor, batch: int) -> torch.Tensor:
-        images = self.images[index]
-        if self.train:
-            images = self.augment(
-                images, torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, batch, 1))
-            )
-        images = (images.float() - self.mean) / self.std
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+    def augmentation_draws(self, batches: range, total: int) -> tuple[torch.Tensor, ...]:
+        """Each batch's (crop top, crop left, flip) per image, on the device.
 
-    def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        Drawn on the CPU from a generator per (seed, epoch, batch), so a batch is the same on any device and
+        after any resume; copied to the device once per epoch, because a copy per batch from pageable memory
+        blocks until the stream is idle, which would stop the host from queueing a step while the GPU works."""
+        per_batch = []
+        for batch in batches:
+            count = min(self.batch_size, total - batch * self.batch_size)
+            generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, batch, 1))
+            top = torch.randint(0, 2 * self.padding + 1, (count,), generator=generator)
+            left = torch.randint(0, 2 * self.padding + 1, (count,), generator=generator)
+            flip = (torch.rand(count, generator=generator) < 0.5).long()
+            per_batch.append(torch.stack([top, left, flip]))
+        if not per_batch:
+            return ()
+        host = torch.cat(per_batch, dim=1)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        on_device = host.to(self.device, non_blocking=True)
+        return on_device.split([draws.shape[1] for draws in per_batch], dim=1)
+
+    def augment(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         """Zero-pad, random crop back to size and random horizontal flip, as a single index gather."""
         count, _, height, width = images.shape
         pad = self.padding
-        # Draws on the CPU so the result is identical on any device.
-        top = torch.randint(0, 2 * pad + 1, (count,), generator=generator).to(self.device)
-        left = torch.randint(0, 2 * pad + 1, (count,), generator=generator).to(self.device)
-        flip = (torch.rand(count, generator=generator) < 0.5).to(self.device)
+        top, left, flip = draws[0], draws[1], draws[2].bool()
         padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
         rows = top[:, None] + torch.arange(height, device=self.device)
         columns = torch.arange(width, device=self.device).expand(count, width)

@@ -33,7 +33,9 @@ def _result(top1_hits: float, top5_hits: float, count: float, loss_sum: float | 
     return result
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: the model may be the compiled (CUDA-graph) module that training continues with,
+# and inference-mode tensors mixed into its graphs are a known source of failures.
+@torch.no_grad()
 def evaluate_model(
     model: torch.nn.Module, batches, device: torch.device, amp: str = "none", progress: bool = False
 ) -> dict:

@@ -107,6 +107,11 @@ class TrainConfig:
             raise ConfigError(
                 f"--batch-size {self.batch_size} must be a positive multiple of the {world_size} processes"
             )
+        if world_size > 1 and ":" in self.device:
+            raise ConfigError(
+                f"--device {self.device} would put all {world_size} processes on one device; under torchrun use "
+                "--device cuda (each process takes the GPU of its LOCAL_RANK)"
+            )
         if self.iterations <= 0:
             raise ConfigError(f"--iterations must be positive, got {self.iterations}")
         if not self.lr > 0:

@@ -195,7 +195,7 @@ def _mirror(source: Path, target: Path, checkpoint: Path | None) -> None:
 def save_records(runs_dir: Path, records_dir: Path) -> list[str]:
     """Copy every run that is further along than its record into `records_dir`; returns the nets copied.
 
-    An unfinished net's record keeps its last checkpoint (about 3 MB for the CIFAR nets), so that another
+    An unfinished net's record keeps its last checkpoint (2.2 MB for plain-20), so that another
     machine can continue it; a finished net's record drops it."""
     saved = []
     for metrics in sorted(runs_dir.glob("*/metrics.jsonl")):
@@ -406,6 +406,15 @@ def gpu_names() -> list[str]:
     return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
+def visible_device(slot: str) -> str:
+    """The CUDA_VISIBLE_DEVICES entry for GPU `slot` as the runner counts them: the runner may itself be given a
+    subset (a scheduler's allocation, UUIDs, MIG), where its GPU 0 is not the machine's GPU 0."""
+    given = [
+        entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()
+    ]
+    return given[int(slot)] if int(slot) < len(given) else slot
+
+
 def train_command(arch: str, data: str, output_dir: Path, extra: list[str]) -> list[str]:
     return [
         sys.executable,
@@ -511,7 +520,7 @@ def _launch(
     folder = runs_dir / arch
     folder.mkdir(parents=True, exist_ok=True)
     command = train_command(arch, data, folder, extra)
-    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {})}
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": visible_device(slot)} if slot is not None else {})}
     with open(folder / "train.log", "ab") as log:
         # Its own session: a Ctrl-C in the terminal reaches the runner only, which passes it on once.
         process = subprocess.Popen(

@@ -275,10 +275,12 @@ class Trainer:
                         self.save(epoch, batch_in_epoch)
                         stopped = True
                         break
+                    paused = time.perf_counter()
                     if self.iteration % eval_every == 0 or last:
                         self._eval_and_save(epoch, batch_in_epoch, metrics, bar)
                     elif self.iteration % config.checkpoint_every == 0:
                         self.save(epoch, batch_in_epoch)
+                    window["start"] += time.perf_counter() - paused  # img/s counts training steps only
                     if last:
                         break
                 else:
