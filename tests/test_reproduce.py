@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import REPO_ROOT
 from training import reproduce
 from training.reproduce import (
     TABLE_BEGIN,
@@ -351,3 +352,17 @@ def test_gpu_slots_are_counted_inside_the_runners_own_visible_devices(monkeypatc
     assert [reproduce.visible_device(slot) for slot in "01"] == ["4", "5"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2c,MIG-1a")
     assert reproduce.visible_device("1") == "MIG-1a"
+
+
+def test_the_committed_table_is_what_the_committed_records_give(tmp_path):
+    """docs/reproduction.md's table and claims must be rebuilt, unchanged, from docs/reproduction-runs/."""
+    committed = REPO_ROOT / "docs" / "reproduction.md"
+    doc = tmp_path / "reproduction.md"
+    shutil.copy(committed, doc)
+    report(REPO_ROOT / "docs" / "reproduction-runs", doc, tmp_path / "img" / "cifar10-figure6.png")
+    assert _table_block(doc) == _table_block(committed)
+
+
+def _table_block(doc: Path) -> str:
+    text = doc.read_text()
+    return text[text.index(TABLE_BEGIN) : text.index(TABLE_END)]
