@@ -201,9 +201,10 @@ def save_records(runs_dir: Path, records_dir: Path) -> list[str]:
     for metrics in sorted(runs_dir.glob("*/metrics.jsonl")):
         folder = metrics.parent
         record = records_dir / folder.name
-        if folder.resolve() == record.resolve() or _progress(folder) <= _progress(record):
+        progress = _progress(folder)
+        if folder.resolve() == record.resolve() or progress <= _progress(record):
             continue
-        finished, _ = _progress(folder)
+        finished, _ = progress
         checkpoints = [] if finished else _checkpoints(folder)
         _mirror(folder, record, checkpoints[-1][1] if checkpoints else None)
         saved.append(folder.name)
