@@ -21,6 +21,7 @@ from cli.main import main as cli_main
 from server.spec import PreprocessSpec
 from tests.support import REPO_ROOT, VENV_BIN, wait_until
 from training import recipes
+from training.data import load_split
 from training.errors import CheckpointError, ConfigError, DataError, UnknownRecipeError
 from training.evaluate import evaluate_checkpoint, evaluate_onnx
 from training.models import ARCHS, build_model
@@ -228,11 +229,53 @@ def test_training_on_an_image_folder_lowers_the_loss_and_skips_corrupt_files(tmp
     result = train(config, progress=False)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [line["loss"] for line in lines if line["kind"] == "train"]
-    assert len(losses) == 4 and losses[-1] < losses[0] * 0.7
+    assert len(losses) == 4 and sum(losses[2:]) < sum(losses[:2]) * 0.7  # halves: 6-step windows are noisy
     assert result.metrics["eval"]["n"] == 12 and result.metrics["eval"]["top1"] > 50
     assert "skipped 1 unreadable image" in capsys.readouterr().err
     checkpoint = load_checkpoint(result.last_checkpoint)
     assert checkpoint["data"]["skipped_images"] == 1 and checkpoint["classes"] == list(CLASSES)
+
+
+def folder_batches(data: Path, split: str, rank: int = 0, world_size: int = 1, **overrides):
+    options = dict(
+        dataset="imagenet", spec=PreprocessSpec(resize_shorter=32, crop=32), batch_size=2, train=True
+    )
+    return load_split(data, split, **{**options, **overrides}, seed=3, rank=rank, world_size=world_size)
+
+
+def test_unreadable_training_images_are_replaced_so_every_rank_keeps_full_batches(tmp_path):
+    # Dropped images made one rank's batches smaller and its epochs shorter: its data order drifted from the
+    # (epoch, batch) that rank 0's checkpoint records, so a resumed DDP run no longer saw the same batches.
+    data = make_image_tree(tmp_path / "data", {"train": 4, "val": 2})
+    broken = sorted((data / "train" / "cat").glob("*.jpg"))[:3] + [data / "val" / "dog" / "0.jpg"]
+    for path in broken:
+        path.write_bytes(b"not a jpeg at all")
+    for rank in (0, 1):
+        split = folder_batches(data, "train", rank, world_size=2)
+        first, again = list(split.batches), list(split.batches)
+        assert len(first) == len(split.batches) == 3 and [len(labels) for _, labels in first] == [2, 2, 2]
+        for (images, labels), (images_again, labels_again) in zip(first, again, strict=True):
+            assert torch.equal(images, images_again) and torch.equal(labels, labels_again)  # resume-safe
+        split.batches.set_epoch(0, start_batch=2)
+        assert torch.equal(next(iter(split.batches))[0], first[2][0])
+        assert {split.batches.dataset.samples[i][0] for i in split.batches.skipped} <= set(map(str, broken))
+    val = folder_batches(data, "val", train=False, batch_size=4)
+    assert (
+        sum(len(labels) for _, labels in val.batches) == 5
+    )  # evaluation skips: a substitute would be counted
+    assert [Path(val.batches.dataset.samples[i][0]) for i in val.batches.skipped] == [broken[-1]]
+
+
+def test_a_training_folder_with_no_readable_image_is_a_clear_error_not_an_endless_loop(tmp_path):
+    # It used to yield no batch at all, and the loop started the same empty epoch forever (deaf to SIGTERM).
+    data = make_image_tree(tmp_path / "data", {"train": 2})
+    for path in (data / "train").rglob("*.jpg"):
+        path.write_bytes(b"truncated")
+    config = small_config(data, tmp_path / "run", batch_size=2, loader="folder", workers=0)
+    with pytest.raises(
+        DataError, match="no readable image in a training batch of 2, even among 16 substitutes"
+    ):
+        train(config, progress=False)
 
 
 def test_checkpoints_hold_everything_and_are_pruned(cifar_like, tmp_path):

@@ -8,12 +8,15 @@ Two sources:
 
 Both yield (images, labels) batches whose order and augmentation are pure functions of (seed, epoch, batch), and
 both take `set_epoch(epoch, start_batch)`, so a resumed run sees exactly the batches an uninterrupted run would.
-Unreadable image files are skipped and counted, never a crash.
+Unreadable image files are skipped and counted, never a crash. In training an unreadable file is replaced by a
+readable one drawn from (seed, epoch, sample), so every rank's batches keep their size and its epochs their
+length: the (epoch, batch) that rank 0's checkpoint records is then every rank's position, and resume stays exact.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import signal
 from collections import Counter
 from collections.abc import Iterator
@@ -34,6 +37,8 @@ from training.errors import DataError
 log = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("val", "test")
+# Tries to replace an unreadable training image; all fail only when most files are unreadable.
+TRAIN_SUBSTITUTES = 16
 
 
 def mix_seed(*parts: int) -> int:
@@ -75,17 +80,21 @@ def _load_or_none(path: str) -> Image.Image | None:
 
 
 class SafeImageFolder(Dataset):
-    """An ImageFolder whose samples are (image tensor, label) or None for a file Pillow cannot decode.
+    """An ImageFolder whose samples are (unreadable indices, image tensor, label); the image is None for a file
+    Pillow cannot decode, unless `substitutes` > 0 lets a readable file drawn at random take its place.
 
-    Indexed by (index, seed): the transform's random draws are seeded per sample, so augmentation does not
-    depend on which worker loads the sample or when.
+    Indexed by (index, seed): the transform's random draws and the substitutes are seeded per sample, so a sample
+    does not depend on which worker loads it or when (a resumed run sees the same batches).
     """
 
-    def __init__(self, directory: Path, transform, classes: list[str] | None = None) -> None:
+    def __init__(
+        self, directory: Path, transform, classes: list[str] | None = None, substitutes: int = 0
+    ) -> None:
         try:
             folder = ImageFolder(str(directory), loader=_load_or_none)
         except (FileNotFoundError, OSError) as error:
             raise DataError(f"no images under {directory}: {str(error).splitlines()[0]}") from error
+        self.root = directory
         self.samples = folder.samples
         self.classes = list(folder.classes)
         if classes is not None and self.classes != list(classes):
@@ -97,19 +106,29 @@ class SafeImageFolder(Dataset):
             self.classes = list(classes)
         self.targets = [target for _, target in self.samples]
         self.transform = transform
+        self.substitutes = substitutes
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
-        path, target = self.samples[index]
-        image = _load_or_none(path)
-        if image is None:
-            return index, None, target
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return index, self.transform(image), target
+        unreadable = []
+        for candidate in self._candidates(index, seed):
+            path, target = self.samples[candidate]
+            image = _load_or_none(path)
+            if image is not None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    return unreadable, self.transform(image), target
+            unreadable.append(candidate)
+        return unreadable, None, None
+
+    def _candidates(self, index: int, seed: int) -> Iterator[int]:
+        yield index
+        draws = random.Random(seed)
+        for _ in range(self.substitutes):
+            yield draws.randrange(len(self.samples))
 
     def class_counts(self) -> dict[str, int]:
         counts = Counter(self.targets)
@@ -156,7 +175,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 def _collate(samples):
     good = [(image, target) for _, image, target in samples if image is not None]
-    bad = [index for index, image, _ in samples if image is None]
+    bad = [index for unreadable, _, _ in samples for index in unreadable]
     if not good:
         return None, None, bad
     images = torch.stack([image for image, _ in good])
@@ -210,6 +229,12 @@ class FolderBatches:
                 for index in new:
                     log.warning("skipping unreadable image %s", self.dataset.samples[index][0])
             if images is None:
+                if self.train:
+                    raise DataError(
+                        f"no readable image in a training batch of {self.batch_size}, even among "
+                        f"{self.dataset.substitutes} substitutes each; {len(self.skipped)} unreadable files "
+                        f"under {self.dataset.root} so far"
+                    )
                 continue
             images = images.to(self.device, non_blocking=True)
             if self.channels_last and images.dim() == 4:
@@ -291,7 +316,7 @@ def load_split(
         transform = presets.cifar_train_transform(spec, cifar_padding)
     else:
         transform = presets.imagenet_train_transform(spec, train_resize, train_crop, lighting)
-    folder = SafeImageFolder(directory, transform, classes)
+    folder = SafeImageFolder(directory, transform, classes, TRAIN_SUBSTITUTES if train else 0)
     if len(folder) == 0:
         raise DataError(f"no images under {directory}")
     batches = FolderBatches(folder, batch_size, train, seed, workers, rank, world_size, device, channels_last)

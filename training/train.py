@@ -284,9 +284,8 @@ class Trainer:
                     if last:
                         break
                 else:
-                    # The epoch ran out (short only if whole batches were unreadable): start the next one.
-                    if batch_in_epoch:
-                        epoch, batch_in_epoch = epoch + 1, 0
+                    # The epoch ran out, and batch_in_epoch wrapped to 0 with it (training batches are never
+                    # dropped: see training.data): start the next one.
                     batches.set_epoch(epoch)
         finally:
             self.stop.restore()
