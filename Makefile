@@ -11,6 +11,7 @@ PYTEST_ARGS ?=
 CIFAR_TARBALL ?= ../shared/data/cifar10-jpeg.tar.xz
 DATA ?= data
 CONCURRENT ?= 3
+TIME_LIMIT ?=
 ITERATIONS ?= 64000
 BUNDLED_RUN ?= runs/bundled-resnet20-$(ITERATIONS)
 REPOSITORY ?= model_repository
@@ -62,9 +63,9 @@ bench: setup  ## run the benchmark suite on BENCH_ARCH (resnet50); regenerates B
 cifar: setup  ## extract CIFAR-10 (JPEG) from CIFAR_TARBALL into DATA/ and decode it once into the training cache
 	$(BIN)/python -m training.cifar --tarball $(CIFAR_TARBALL) --data-path $(DATA)
 
-reproduce: cifar  ## the paper's 9 CIFAR-10 nets (a GPU job; resumable), then docs/reproduction.md's table + Fig. 6
-	$(BIN)/python -m training.reproduce run --data $(DATA)/cifar10-jpeg --concurrent $(CONCURRENT)
-	$(BIN)/python -m training.reproduce report
+reproduce: cifar  ## the paper's 9 CIFAR-10 nets (a GPU job; resumable; TIME_LIMIT=9m for a slice), then table + Fig. 6
+	$(BIN)/python -m training.reproduce run --data $(DATA)/cifar10-jpeg --concurrent $(CONCURRENT) \
+	  $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT))
 
 # cifar-paper with the schedule scaled to ITERATIONS (lr /10 at 1/2 and 3/4: the paper's 32k/48k of 64k), resumed
 # from BUNDLED_RUN's last checkpoint if there is one; then exported (FP32 + INT8) as a new version of the bundled

@@ -345,6 +345,69 @@ def test_a_stopped_net_continues_on_another_machine_from_its_record(tmp_path, mo
     assert collect_runs(records)["plain20"].test_error == pytest.approx(8.0)
 
 
+UNTIL_STOPPED = (
+    "metrics = out / 'metrics.jsonl'\n"
+    "metrics.write_text(json.dumps({'kind': 'eval', 'iteration': 4000, 'acc1': 70.0}) + '\\n')\n"
+    "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_a_time_limit_stops_the_slice_at_a_checkpoint_and_still_reports(tmp_path, monkeypatch, capsys):
+    # A job scheduler's or a lent machine's end: a planned stop, so unlike a signal it records and reports.
+    monkeypatch.setattr(reproduce, "train_command", _fake_trainer(tmp_path, UNTIL_STOPPED))
+    monkeypatch.setattr(reproduce, "LAUNCH_MARGIN_S", 0)
+    real_sleep = reproduce.time.sleep
+    monkeypatch.setattr(reproduce.time, "sleep", lambda _: real_sleep(0.05))
+    doc = tmp_path / "reproduction.md"
+    doc.write_text(f"{TABLE_BEGIN}\n{TABLE_END}\n")
+    runs = tmp_path / "runs"
+    args = reproduce.get_args_parser().parse_args(
+        ["run", "--archs", "resnet20", "plain20", "--concurrent", "1", "--time-limit", "1.5s"]
+        + ["--runs-dir", str(runs), "--doc", str(doc), "--figure", str(tmp_path / "fig6.png")]
+    )
+    assert reproduce.main(args) == 0
+    out = capsys.readouterr().out
+    assert "time limit reached; not finished: resnet20, plain20 (run the same command again)" in out
+    assert json.loads((runs / "resnet20" / "run.json").read_text())["returncode"] == 143
+    assert not (runs / "plain20").exists()  # queued behind resnet20 and never started
+    assert (tmp_path / "reproduction-runs" / "resnet20" / "run.json").is_file()
+    assert "| resnet20 | 8.75% | 30.00% |" in doc.read_text() and "unfinished" in doc.read_text()
+
+
+def test_no_net_is_started_too_close_to_the_time_limit(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(reproduce, "train_command", _fake_trainer(tmp_path, UNTIL_STOPPED))
+    monkeypatch.setattr(reproduce.time, "sleep", lambda _: None)
+    doc = tmp_path / "reproduction.md"
+    args = reproduce.get_args_parser().parse_args(
+        ["run", "--archs", "resnet20", "--time-limit", "30", "--runs-dir", str(tmp_path / "runs")]
+        + ["--doc", str(doc), "--figure", str(tmp_path / "fig6.png")]
+    )
+    assert reproduce.main(args) == 0  # a slice that evaluated nothing yet is not an error
+    assert not (tmp_path / "runs").exists()  # 30 s would not reach a first checkpoint
+    out = capsys.readouterr().out
+    assert "time limit reached; not finished: resnet20" in out
+    assert f"no test evaluation yet, so {doc} is unchanged" in out and not doc.exists()
+
+
+@pytest.mark.parametrize(
+    "text, seconds", [("570", 570), ("570s", 570), ("9.5m", 570), ("2h", 7200), (" 1.5 s", 1.5)]
+)
+def test_time_limits_read_as_durations(text, seconds):
+    assert reproduce.duration_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "-5", "9 minutes", "1h30m"])
+def test_a_bad_time_limit_is_a_usage_error(text, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.get_args_parser().parse_args(["run", "--time-limit", text])
+    assert exit_info.value.code == 2
+    assert (
+        f"argument --time-limit: {text!r} is not a duration such as 570, 9.5m or 2h"
+        in capsys.readouterr().err
+    )
+
+
 def test_gpu_slots_are_counted_inside_the_runners_own_visible_devices(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert [reproduce.visible_device(slot) for slot in "01"] == ["0", "1"]

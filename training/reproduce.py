@@ -53,6 +53,8 @@ class ReproduceInterrupted(ReproduceError):
 
 
 STOPPED_BY_SIGNAL = 143  # `resnet train`'s exit status after it checkpointed on SIGTERM/SIGINT
+# No net is started this close to --time-limit: it would be stopped before its first checkpoint.
+LAUNCH_MARGIN_S = 60
 
 
 # --------------------------------------------------------------------------------------------- reading runs
@@ -461,6 +463,7 @@ def run_all(
     concurrent: int,
     extra: list[str],
     records_dir: Path | None = None,
+    time_limit: float | None = None,
 ) -> list[str]:
     """Train `archs`, `concurrent` per GPU at a time; returns the archs whose training failed.
 
@@ -468,25 +471,35 @@ def run_all(
     last checkpoint and add to their wall time; with `records_dir`, a net whose record is further along than
     its run folder (it ran on another machine) continues from the record, and every run is recorded at the end.
     A SIGTERM/SIGINT is passed to every trainer (each writes a checkpoint), then `ReproduceInterrupted` is
-    raised once all have exited."""
+    raised once all have exited. After `time_limit` seconds the trainers are stopped the same way, but as a
+    planned end of this slice of the study: it returns normally, so the report is written."""
     for arch in archs if records_dir else []:
         restore_record(records_dir, runs_dir / arch)
+    deadline = time.monotonic() + time_limit if time_limit else None
     try:
-        return _train_all(archs, data, runs_dir, concurrent, extra)
+        return _train_all(archs, data, runs_dir, concurrent, extra, deadline)
     finally:
         if records_dir:
             for arch in save_records(runs_dir, records_dir):
                 print(f"{arch}: recorded in {records_dir / arch}", flush=True)
 
 
-def _train_all(archs: list[str], data: str, runs_dir: Path, concurrent: int, extra: list[str]) -> list[str]:
+def _train_all(
+    archs: list[str], data: str, runs_dir: Path, concurrent: int, extra: list[str], deadline: float | None
+) -> list[str]:
     gpus = gpu_names()
     free_slots = [str(i) for i in range(len(gpus))] * concurrent if gpus else [None] * concurrent
     commit, running, failed, signalled = git_commit(), {}, [], set()
     pending = [arch for arch in archs if not _finished(runs_dir / arch, arch)]
+    timed_out = False
     with _Interrupted() as interrupted:
         while running or (pending and interrupted.signal is None):
-            while pending and free_slots and interrupted.signal is None:
+            may_start = deadline is None or time.monotonic() < deadline - LAUNCH_MARGIN_S
+            if interrupted.signal is None and deadline is not None:
+                # Past the limit, or too close to it to start the next net with nothing else running.
+                if time.monotonic() >= deadline or not (running or may_start):
+                    timed_out, interrupted.signal = True, signal.SIGTERM
+            while pending and free_slots and interrupted.signal is None and may_start:
                 slot = free_slots.pop(0)
                 process, info = _launch(pending.pop(0), data, runs_dir, slot, gpus, commit, extra)
                 running[process] = (slot, info, time.monotonic())
@@ -500,7 +513,13 @@ def _train_all(archs: list[str], data: str, runs_dir: Path, concurrent: int, ext
                 free_slots.append(slot)
                 if _record(runs_dir / info["arch"], info, time.monotonic() - start, process.returncode):
                     failed.append(info["arch"])
-    if interrupted.signal is not None:
+    if timed_out:
+        left = [arch for arch in archs if not _finished(runs_dir / arch, arch, quiet=True)]
+        print(
+            f"time limit reached; not finished: {', '.join(left) or 'none'} (run the same command again)",
+            flush=True,
+        )
+    elif interrupted.signal is not None:
         raise ReproduceInterrupted(
             f"interrupted by signal {interrupted.signal}: the runs stopped at a checkpoint; "
             "run the same command again to continue"
@@ -508,9 +527,10 @@ def _train_all(archs: list[str], data: str, runs_dir: Path, concurrent: int, ext
     return failed
 
 
-def _finished(folder: Path, arch: str) -> bool:
+def _finished(folder: Path, arch: str, quiet: bool = False) -> bool:
     if _read_json(folder / "run.json").get("returncode") == 0:
-        print(f"{arch}: finished earlier ({folder / 'run.json'}), skipped", flush=True)
+        if not quiet:
+            print(f"{arch}: finished earlier ({folder / 'run.json'}), skipped", flush=True)
         return True
     return False
 
@@ -617,11 +637,28 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(default: beside --doc, e.g. docs/reproduction-runs/) (env RESNET_REPRODUCE_RECORDS)",
     )
     parser.add_argument(
+        "--time-limit",
+        type=duration_seconds,
+        default=os.environ.get("RESNET_REPRODUCE_TIME_LIMIT"),
+        metavar="DURATION",
+        help="stop every net at a checkpoint after this long (e.g. 570, 9.5m, 2h), record and report; the "
+        "same command continues later. For job schedulers and lent machines that end a job: leave a minute "
+        "for the trainers to stop (env RESNET_REPRODUCE_TIME_LIMIT)",
+    )
+    parser.add_argument(
         "--train-args",
         default="",
         help="extra flags for every `resnet train` (e.g. '--amp bf16'); leave empty for the recipe",
     )
     return parser
+
+
+def duration_seconds(text: str) -> float:
+    """'570' or '570s', '9.5m', '2h' -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 570, 9.5m or 2h")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
 
 
 def records_folder(args: argparse.Namespace) -> Path | None:
@@ -641,10 +678,15 @@ def main(args: argparse.Namespace) -> int:
         if not gpu_names():
             print("warning: no GPU visible; the paper set takes days on a CPU", file=sys.stderr)
         extra = shlex.split(args.train_args)
-        failed = run_all(args.archs, args.data, args.runs_dir, args.concurrent, extra, records)
+        failed = run_all(
+            args.archs, args.data, args.runs_dir, args.concurrent, extra, records, args.time_limit
+        )
     elif records:
         save_records(args.runs_dir, records)
     if not collect_runs(records or args.runs_dir):
+        if args.action == "run" and not failed:  # stopped (--time-limit) before any net's first evaluation
+            print(f"no test evaluation yet, so {args.doc} is unchanged")
+            return 0
         searched = f"{args.runs_dir} or {records}" if records else f"{args.runs_dir}"
         raise ReproduceError(
             f"no runs under {searched} (expected <arch>/metrics.jsonl with test evaluations)"
