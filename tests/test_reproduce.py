@@ -17,6 +17,7 @@ from training.reproduce import (
     TABLE_BEGIN,
     TABLE_END,
     ReproduceError,
+    RunResult,
     check_claims,
     collect_runs,
     error_axis_top,
@@ -148,6 +149,25 @@ def test_table_lists_paper_and_ours(runs):
     assert "0123456789ab" in row and "30 min" in row
     assert "| plain56 | Fig. 6 only | 13.50% |" in table
     assert table.index("| resnet20 ") < table.index("| resnet110 ") < table.index("| plain20 ")
+
+
+def test_nets_evaluated_at_different_steps_line_up_at_equal_iterations():
+    # A GPU run evaluates every epoch (390 iterations), the CPU runs every 4k: each row takes the last
+    # evaluation at or shortly before its mark, and leaves a net blank where it has none.
+    every_epoch = RunResult("plain20", test_curve=[(i, 50 - i / 1000) for i in range(390, 9000, 390)])
+    every_4k = RunResult("resnet20", test_curve=[(4000, 30.0), (8000, 20.0), (12000, 15.0)])
+    lines = reproduce.render_equal_iterations({"resnet20": every_4k, "plain20": every_epoch})
+    assert lines[2:] == [
+        "| iteration | plain20 | resnet20 |",
+        "| ---: | ---: | ---: |",
+        "| 4k | 46.10% | 30.00% |",
+        "| 8k | 42.20% | 20.00% |",
+        "| 12k |  | 15.00% |",
+    ]
+    assert (
+        reproduce.render_equal_iterations({"resnet20": RunResult("resnet20", test_curve=[(1000, 60.0)])})
+        == []
+    )
 
 
 def test_report_rewrites_only_the_table_block_and_draws_the_figure(runs, tmp_path):

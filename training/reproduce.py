@@ -55,6 +55,10 @@ class ReproduceInterrupted(ReproduceError):
 STOPPED_BY_SIGNAL = 143  # `resnet train`'s exit status after it checkpointed on SIGTERM/SIGINT
 # No net is started this close to --time-limit: it would be stopped before its first checkpoint.
 LAUNCH_MARGIN_S = 60
+# The table of test error at equal iterations: a row every 4k; evaluations every epoch (390 iterations) or
+# every 4k both land within the slack before a mark.
+EQUAL_ITERATIONS_EVERY = 4_000
+EQUAL_ITERATIONS_SLACK = 1_000
 
 
 # --------------------------------------------------------------------------------------------- reading runs
@@ -288,11 +292,38 @@ def render_table(results: dict[str, RunResult]) -> str:
     sourced = [(arch, run.info["source"]) for arch, run in results.items() if run.info.get("source")]
     if sourced:
         lines += ["", *(f"Where the {arch} row comes from: {source}." for arch, source in sourced)]
+    lines += ["", *render_equal_iterations(results)]
     lines += ["", "Claims (paper, Sec. 4.2 and Fig. 6):", ""]
     for claim, holds, evidence in check_claims(results):
         verdict = {True: "holds", False: "**does not hold**", None: "not checked"}[holds]
         lines.append(f"- {claim}: {verdict} ({evidence})")
     return "\n".join(lines)
+
+
+def render_equal_iterations(results: dict[str, RunResult], every: int = EQUAL_ITERATIONS_EVERY) -> list[str]:
+    """Test error of every net at the same iterations, plain and residual of a depth side by side: the
+    comparison an unfinished net can already give."""
+    last = max(run.test_curve[-1][0] for run in results.values())
+    order = [f"{family}{depth}" for depth in (20, 32, 44, 56, 110) for family in ("plain", "resnet")]
+    nets = [arch for arch in order if arch in results] + sorted(set(results) - set(order))
+    lines = [
+        f"Test error at equal iterations (the last evaluation at or up to {EQUAL_ITERATIONS_SLACK:,} iterations "
+        "before each mark; the learning rate drops at 32k and 48k):",
+        "",
+        "| iteration | " + " | ".join(nets) + " |",
+        "| ---: |" + " ---: |" * len(nets),
+    ]
+    for mark in range(every, last + 1, every):
+        cells = [_error_at(results[arch].test_curve, mark) for arch in nets]
+        lines.append(
+            f"| {mark // 1000}k | " + " | ".join(f"{e:.2f}%" if e is not None else "" for e in cells) + " |"
+        )
+    return lines if last >= every else []
+
+
+def _error_at(curve: list[tuple[int, float]], mark: int) -> float | None:
+    earlier = [(step, error) for step, error in curve if mark - EQUAL_ITERATIONS_SLACK < step <= mark]
+    return earlier[-1][1] if earlier else None
 
 
 def _iterations(run: RunResult) -> str:
