@@ -304,6 +304,8 @@ def render_equal_iterations(results: dict[str, RunResult], every: int = EQUAL_IT
     """Test error of every net at the same iterations, plain and residual of a depth side by side: the
     comparison an unfinished net can already give."""
     last = max(run.test_curve[-1][0] for run in results.values())
+    if last < every:  # a preview shorter than one row
+        return []
     order = [f"{family}{depth}" for depth in (20, 32, 44, 56, 110) for family in ("plain", "resnet")]
     nets = [arch for arch in order if arch in results] + sorted(set(results) - set(order))
     lines = [
@@ -318,7 +320,7 @@ def render_equal_iterations(results: dict[str, RunResult], every: int = EQUAL_IT
         lines.append(
             f"| {mark // 1000}k | " + " | ".join(f"{e:.2f}%" if e is not None else "" for e in cells) + " |"
         )
-    return lines if last >= every else []
+    return lines
 
 
 def _error_at(curve: list[tuple[int, float]], mark: int) -> float | None:
