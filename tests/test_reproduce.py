@@ -174,7 +174,7 @@ def test_table_lists_paper_and_ours(runs):
     table = render_table(collect_runs(runs))
     row = next(line for line in table.splitlines() if line.startswith("| resnet20 "))
     assert "8.75%" in row and "8.80%" in row and "3.00%" in row and "64,000" in row and "NVIDIA H100" in row
-    assert "0123456789ab" in row and "30 min" in row
+    assert "| 012345678 |" in row and "30 min" in row
     assert "| plain56 | Fig. 6 only | 13.50% |" in table
     assert table.index("| resnet20 ") < table.index("| resnet110 ") < table.index("| plain20 ")
 
@@ -343,6 +343,8 @@ def test_a_signal_stops_every_run_at_a_checkpoint_and_a_rerun_continues(tmp_path
     assert reproduce.run_all(["resnet20", "resnet32"], "unused", runs, 1, []) == []
     resumed = json.loads((runs / "resnet20" / "run.json").read_text())
     assert resumed["returncode"] == 0 and resumed["segments"] == 2 and resumed["wall_s"] >= stopped["wall_s"]
+    assert [segment["returncode"] for segment in resumed["history"]] == [143, 0]
+    assert resumed["history"][0] == stopped["history"][0]
     assert all(
         line.endswith("--resume auto") for line in (runs / "resnet20" / "calls").read_text().splitlines()
     )
@@ -399,6 +401,34 @@ UNTIL_STOPPED = (
     "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
     "time.sleep(60)\n"
 )
+
+
+def _table_row(runs: Path, arch: str) -> str:
+    return next(
+        line for line in render_table(collect_runs(runs)).splitlines() if line.startswith(f"| {arch} |")
+    )
+
+
+def test_each_segment_keeps_its_device_and_commit_and_an_older_record_counts_as_one_entry(runs):
+    """A net begun on a CPU at one commit and finished on a GPU at another names both in the table."""
+    folder = runs / "plain32"
+    older = json.loads((folder / "run.json").read_text())  # written before `history`: one commit, no segments
+    older |= {"gpu": "CPU (2 cores)", "segments": 3, "returncode": 143}
+    (folder / "run.json").write_text(json.dumps(older))
+    gpu_segment = {"arch": "plain32", "gpu": "NVIDIA H200", "commit": "fedcba9876543210", "started": "now"}
+    assert not reproduce._record(folder, gpu_segment, 120.0, 0)
+
+    record = json.loads((folder / "run.json").read_text())
+    assert record["segments"] == 4 and record["wall_s"] == pytest.approx(older["wall_s"] + 120)
+    assert [(s["gpu"], s["commit"], s.get("segments", 1)) for s in record["history"]] == [
+        ("CPU (2 cores)", "0123456789abcdef", 3),
+        ("NVIDIA H200", "fedcba9876543210", 1),
+    ]
+    assert _table_row(runs, "plain32").endswith("| CPU (2 cores), NVIDIA H200 | 012345678, fedcba987 |")
+
+    stopped = {**gpu_segment, "arch": "plain56", "commit": "abc-dirty"}
+    assert not reproduce._record(runs / "plain56", stopped, 1.0, reproduce.STOPPED_BY_SIGNAL)
+    assert _table_row(runs, "plain56").endswith("| NVIDIA H100, NVIDIA H200 | 012345678, abc-dirty |")
 
 
 def test_a_time_limit_stops_the_slice_at_a_checkpoint_and_still_reports(tmp_path, monkeypatch, capsys):

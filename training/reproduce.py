@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +41,7 @@ PAPER_SET = RESIDUAL + PLAIN
 PAPER_TEST_ERROR = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43}
 # What a run folder keeps in the records folder (besides an unfinished net's last checkpoint): small text, for git.
 RECORD_FILES = ("run.json", "config.json", "metrics.jsonl")
+SEGMENT_KEYS = ("commit", "gpu", "started", "wall_s", "returncode")  # what run.json's `history` keeps of each
 TABLE_BEGIN = "<!-- reproduce:table:begin -->"
 TABLE_END = "<!-- reproduce:table:end -->"
 
@@ -288,6 +289,17 @@ def _chain(values: list[tuple[str, float]]) -> str:
     return " -> ".join(f"{arch} {value:.2f}%" for arch, value in values)
 
 
+def _short_commit(commit: str) -> str:
+    sha, dirty, _ = commit.partition("-dirty")
+    return sha[:9] + dirty
+
+
+def _per_segment(run: RunResult, key: str, shorten: Callable[[str], str] = str) -> str:
+    """Each distinct value of `key` over the run's segments, in the order they ran."""
+    values = [shorten(str(entry.get(key) or "n/a")) for entry in run.info.get("history", [run.info])]
+    return ", ".join(dict.fromkeys(values))
+
+
 def render_table(results: dict[str, RunResult]) -> str:
     lines = [
         "| net | paper test error | our test error | our training error | iterations | wall time | device | commit |",
@@ -300,8 +312,8 @@ def render_table(results: dict[str, RunResult]) -> str:
         lines.append(
             f"| {arch} | {f'{paper:.2f}%' if paper else 'Fig. 6 only'} | {run.test_error:.2f}% | "
             f"{f'{run.train_error:.2f}%' if run.train_error is not None else 'n/a'} | {_iterations(run)} | "
-            f"{_duration(wall) if wall else 'n/a'} | {run.info.get('gpu', 'n/a')} | "
-            f"{str(run.info.get('commit', 'n/a'))[:12]} |"
+            f"{_duration(wall) if wall else 'n/a'} | {_per_segment(run, 'gpu')} | "
+            f"{_per_segment(run, 'commit', _short_commit)} |"
         )
     unfinished = [arch for arch, run in results.items() if not run.finished]
     if unfinished:
@@ -612,14 +624,29 @@ def _launch(
     return process, info
 
 
+def _earlier_segments(previous: dict) -> list[dict]:
+    """The segments a record already holds; one written before `history` existed becomes one entry."""
+    if not previous:
+        return []
+    if "history" in previous:
+        return previous["history"]
+    # Such a record kept only its last segment's commit, device and start; `segments` says how many it covers.
+    return [{**{key: previous.get(key) for key in SEGMENT_KEYS}, "segments": previous.get("segments", 1)}]
+
+
 def _record(folder: Path, info: dict, wall: float, returncode: int) -> bool:
-    """Write run.json (wall time summed over the segments of a resumed run); True if the trainer failed."""
-    previous = _read_json(folder / "run.json")
-    segments = previous.get("segments", 1) + 1 if previous else 1
+    """Write run.json with one history entry per segment (commit, device, wall time); True if the trainer failed.
+
+    A net stopped on one machine may be continued on another, at another commit, so each segment keeps its own.
+    """
+    segment = {key: info[key] for key in ("commit", "gpu", "started")}
+    segment |= {"wall_s": round(wall, 1), "returncode": returncode}
+    history = [*_earlier_segments(_read_json(folder / "run.json")), segment]
     record = {
         **info,
-        "wall_s": round(previous.get("wall_s", 0) + wall, 1),
-        "segments": segments,
+        "wall_s": round(sum(entry.get("wall_s") or 0 for entry in history), 1),
+        "segments": sum(entry.get("segments", 1) for entry in history),
+        "history": history,
         "returncode": returncode,
     }
     _atomic_write(folder / "run.json", json.dumps(record, indent=2) + "\n")
