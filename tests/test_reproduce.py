@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -429,6 +433,54 @@ def test_each_segment_keeps_its_device_and_commit_and_an_older_record_counts_as_
     stopped = {**gpu_segment, "arch": "plain56", "commit": "abc-dirty"}
     assert not reproduce._record(runs / "plain56", stopped, 1.0, reproduce.STOPPED_BY_SIGNAL)
     assert _table_row(runs, "plain56").endswith("| NVIDIA H100, NVIDIA H200 | 012345678, abc-dirty |")
+
+
+KILLED_RUNNER = """
+import sys, time
+from tests.test_reproduce import _fake_trainer
+from training import reproduce
+reproduce.train_command = _fake_trainer(reproduce.Path(sys.argv[1]), sys.argv[2])
+reproduce.run_all(["resnet20"], "unused", reproduce.Path(sys.argv[1]) / "runs", 1, [])
+"""
+
+
+def test_a_segment_killed_outright_is_counted_up_to_its_last_metrics_line(tmp_path, monkeypatch):
+    """SIGKILL (or a lost VM) gives neither runner nor trainer a chance to record; the next run closes it."""
+    logs_then_hangs = (
+        "(out / 'trainer.pid').write_text(str(os.getpid()))\n"
+        "(out / 'metrics.jsonl').write_text(json.dumps({'kind': 'eval', 'iteration': 4000, 'acc1': 70.0}))\n"
+        "time.sleep(60)\n"
+    )
+    runner = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUNNER, str(tmp_path), logs_then_hangs], cwd=REPO_ROOT
+    )
+    folder = tmp_path / "runs" / "resnet20"
+    deadline = time.monotonic() + 30
+    while not (folder / "trainer.pid").is_file() or not (folder / "metrics.jsonl").is_file():
+        assert runner.poll() is None and time.monotonic() < deadline, "the runner never started its trainer"
+        time.sleep(0.05)
+    runner.kill()
+    os.kill(int((folder / "trainer.pid").read_text()), signal.SIGKILL)
+    runner.wait()
+    assert json.loads((folder / "run.json").read_text())["history"][-1]["running"]
+
+    started = json.loads((folder / "run.json").read_text())["history"][0]["started"]
+    last_line = dt.datetime.fromisoformat(started).timestamp() + 600
+    os.utime(folder / "metrics.jsonl", (last_line, last_line))  # as if it had logged for ten minutes
+    finishing = _fake_trainer(
+        tmp_path,
+        "(out / 'metrics.jsonl').open('a').write('\\n' + json.dumps({'kind': 'eval', 'iteration': 8000, 'acc1': 90.0}))\n",
+    )
+    monkeypatch.setattr(reproduce, "train_command", finishing)
+    monkeypatch.setattr(reproduce.time, "sleep", lambda _: None)
+    assert reproduce.run_all(["resnet20"], "unused", tmp_path / "runs", 1, []) == []
+
+    record = json.loads((folder / "run.json").read_text())
+    killed, finished = record["history"]
+    assert killed["killed"] and killed["returncode"] is None and killed["wall_s"] == pytest.approx(600)
+    assert "running" not in killed and finished["returncode"] == 0 and record["segments"] == 2
+    assert record["wall_s"] >= 600
+    assert "A segment of resnet20 was killed" in render_table(collect_runs(tmp_path / "runs"))
 
 
 def test_a_time_limit_stops_the_slice_at_a_checkpoint_and_still_reports(tmp_path, monkeypatch, capsys):

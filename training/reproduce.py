@@ -322,6 +322,13 @@ def render_table(results: dict[str, RunResult]) -> str:
             f"Not finished yet, so left out of the claims: {', '.join(unfinished)} (errors at the last "
             "evaluation so far; wall time of the completed segments).",
         ]
+    killed = [arch for arch, run in results.items() if any(map(_was_killed, run.info.get("history", [])))]
+    if killed:
+        lines += [
+            "",
+            f"A segment of {', '.join(killed)} was killed with no chance to record its end: its wall time "
+            "runs to the last metrics line it wrote.",
+        ]
     sourced = [(arch, run.info["source"]) for arch, run in results.items() if run.info.get("source")]
     if sourced:
         lines += ["", *(f"Where the {arch} row comes from: {source}." for arch, source in sourced)]
@@ -608,11 +615,6 @@ def _launch(
     folder.mkdir(parents=True, exist_ok=True)
     command = train_command(arch, data, folder, extra)
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": visible_device(slot)} if slot is not None else {})}
-    with open(folder / "train.log", "ab") as log:
-        # Its own session: a Ctrl-C in the terminal reaches the runner only, which passes it on once.
-        process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
     info = {
         "arch": arch,
         "command": shlex.join(command),
@@ -620,6 +622,13 @@ def _launch(
         "commit": commit,
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+    # Before the trainer writes: the last metrics line of a segment killed earlier dates that segment's end.
+    _open_segment(folder, info)
+    with open(folder / "train.log", "ab") as log:
+        # Its own session: a Ctrl-C in the terminal reaches the runner only, which passes it on once.
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     print(f"started {arch} on {info['gpu']} (log: {folder / 'train.log'})", flush=True)
     return process, info
 
@@ -634,14 +643,27 @@ def _earlier_segments(previous: dict) -> list[dict]:
     return [{**{key: previous.get(key) for key in SEGMENT_KEYS}, "segments": previous.get("segments", 1)}]
 
 
-def _record(folder: Path, info: dict, wall: float, returncode: int) -> bool:
-    """Write run.json with one history entry per segment (commit, device, wall time); True if the trainer failed.
+def _is_open(segment: dict) -> bool:
+    return bool(segment.get("running"))
 
-    A net stopped on one machine may be continued on another, at another commit, so each segment keeps its own.
-    """
-    segment = {key: info[key] for key in ("commit", "gpu", "started")}
-    segment |= {"wall_s": round(wall, 1), "returncode": returncode}
-    history = [*_earlier_segments(_read_json(folder / "run.json")), segment]
+
+def _was_killed(segment: dict) -> bool:
+    return bool(segment.get("killed"))
+
+
+def _closed(segment: dict, folder: Path) -> dict:
+    """A segment still open when the next one starts was killed outright (SIGKILL, a lost VM): it gets the wall
+    time up to the last metrics line its trainer wrote, no exit code, and `killed`."""
+    if not _is_open(segment):
+        return segment
+    metrics = folder / "metrics.jsonl"
+    started = dt.datetime.fromisoformat(segment["started"]).timestamp()
+    last_seen = metrics.stat().st_mtime if metrics.is_file() else started
+    closed = {key: value for key, value in segment.items() if key != "running"}
+    return closed | {"wall_s": round(max(0.0, last_seen - started), 1), "returncode": None, "killed": True}
+
+
+def _write_record(folder: Path, info: dict, history: list[dict], returncode: int | None) -> None:
     record = {
         **info,
         "wall_s": round(sum(entry.get("wall_s") or 0 for entry in history), 1),
@@ -650,6 +672,24 @@ def _record(folder: Path, info: dict, wall: float, returncode: int) -> bool:
         "returncode": returncode,
     }
     _atomic_write(folder / "run.json", json.dumps(record, indent=2) + "\n")
+
+
+def _open_segment(folder: Path, info: dict) -> None:
+    """Note a segment in run.json as it starts, so that one killed with no chance to record itself still counts."""
+    earlier = [_closed(entry, folder) for entry in _earlier_segments(_read_json(folder / "run.json"))]
+    segment = {key: info[key] for key in ("commit", "gpu", "started")} | {"wall_s": None, "running": True}
+    _write_record(folder, info, [*earlier, segment], None)
+
+
+def _record(folder: Path, info: dict, wall: float, returncode: int) -> bool:
+    """Close this segment in run.json (commit, device, wall time, exit code); True if the trainer failed.
+
+    A net stopped on one machine may be continued on another, at another commit, so each segment keeps its own.
+    """
+    segment = {key: info[key] for key in ("commit", "gpu", "started")}
+    segment |= {"wall_s": round(wall, 1), "returncode": returncode}
+    earlier = [entry for entry in _earlier_segments(_read_json(folder / "run.json")) if not _is_open(entry)]
+    _write_record(folder, info, [*earlier, segment], returncode)
     stopped = returncode == STOPPED_BY_SIGNAL
     outcome = "stopped at a checkpoint" if stopped else f"exit {returncode}"
     print(f"finished {info['arch']}: {outcome} after {_duration(wall)}", flush=True)
