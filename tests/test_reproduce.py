@@ -483,6 +483,38 @@ def test_a_segment_killed_outright_is_counted_up_to_its_last_metrics_line(tmp_pa
     assert "A segment of resnet20 was killed" in render_table(collect_runs(tmp_path / "runs"))
 
 
+def test_a_killed_segment_copied_to_another_machine_ends_at_its_last_line_not_at_the_checkout(
+    tmp_path, monkeypatch
+):
+    """`report` may copy a net's record while a segment runs; a clone then dates the file, not the training."""
+    folder = tmp_path / "runs" / "resnet20"
+    folder.mkdir(parents=True)
+    started = dt.datetime(2026, 12, 3, 5, 30, tzinfo=dt.UTC)
+    open_segment = {
+        "commit": "abc",
+        "gpu": "CPU",
+        "started": started.isoformat(),
+        "wall_s": None,
+        "running": True,
+    }
+    (folder / "run.json").write_text(
+        json.dumps({"arch": "resnet20", "history": [open_segment], "returncode": None})
+    )
+    lines = [
+        {"kind": "train", "iteration": 100 * i, "error": 80.0, "time": started.timestamp() + 60 * i}
+        for i in (1, 2)
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + "\n")
+    checked_out = started.timestamp() + 86_400
+    os.utime(folder / "metrics.jsonl", (checked_out, checked_out))
+    monkeypatch.setattr(reproduce, "train_command", _fake_trainer(tmp_path, "pass\n"))
+    monkeypatch.setattr(reproduce.time, "sleep", lambda _: None)
+    reproduce.run_all(["resnet20"], "unused", tmp_path / "runs", 1, [])
+
+    killed = json.loads((folder / "run.json").read_text())["history"][0]
+    assert killed["killed"] and killed["wall_s"] == pytest.approx(120)
+
+
 def test_a_time_limit_stops_the_slice_at_a_checkpoint_and_still_reports(tmp_path, monkeypatch, capsys):
     # A job scheduler's or a lent machine's end: a planned stop, so unlike a signal it records and reports.
     monkeypatch.setattr(reproduce, "train_command", _fake_trainer(tmp_path, UNTIL_STOPPED))

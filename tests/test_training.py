@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -310,6 +311,8 @@ def test_checkpoints_hold_everything_and_are_pruned(cifar_like, tmp_path):
     assert saved_config["effective_lr"] == pytest.approx(0.1 * 16 / 128)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"train", "eval"} == {line["kind"] for line in metrics}
+    logged = [line["time"] for line in metrics]  # what dates the end of a run killed outright (reproduce)
+    assert logged == sorted(logged) and abs(time.time() - logged[-1]) < 600
 
 
 def test_warm_up_runs_at_the_low_rate_until_the_error_threshold(cifar_like, tmp_path, capsys):

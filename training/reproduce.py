@@ -656,11 +656,23 @@ def _closed(segment: dict, folder: Path) -> dict:
     time up to the last metrics line its trainer wrote, no exit code, and `killed`."""
     if not _is_open(segment):
         return segment
-    metrics = folder / "metrics.jsonl"
     started = dt.datetime.fromisoformat(segment["started"]).timestamp()
-    last_seen = metrics.stat().st_mtime if metrics.is_file() else started
+    last_seen = _last_logged(folder / "metrics.jsonl") or started
     closed = {key: value for key, value in segment.items() if key != "running"}
     return closed | {"wall_s": round(max(0.0, last_seen - started), 1), "returncode": None, "killed": True}
+
+
+def _last_logged(metrics: Path) -> float | None:
+    """When the trainer wrote the last metrics line: the line's own `time`, else (a log from before lines carried
+    one) the file's mtime, which is right only on the machine that wrote it."""
+    if not metrics.is_file():
+        return None
+    last = next((line for line in reversed(metrics.read_text().splitlines()) if line.strip()), "")
+    try:
+        logged = json.loads(last).get("time")
+    except (json.JSONDecodeError, AttributeError):
+        logged = None
+    return float(logged) if isinstance(logged, int | float) else metrics.stat().st_mtime
 
 
 def _write_record(folder: Path, info: dict, history: list[dict], returncode: int | None) -> None:

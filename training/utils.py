@@ -8,6 +8,7 @@ import os
 import random
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,7 +232,11 @@ def accuracy_counts(
 
 
 class MetricsWriter:
-    """metrics.jsonl (one JSON object per line) plus TensorBoard scalars; rank 0 only."""
+    """metrics.jsonl (one JSON object per line) plus TensorBoard scalars; rank 0 only.
+
+    Each line carries its own `time` (Unix seconds): a copy of the file (a run record, a git checkout) resets the
+    file's mtime, and the last line's time is what dates the end of a run killed before it could record itself.
+    """
 
     def __init__(self, output_dir: Path, tensorboard: bool) -> None:
         self.file = open(output_dir / "metrics.jsonl", "a", buffering=1)
@@ -245,7 +250,8 @@ class MetricsWriter:
                 self.tb = None
 
     def write(self, kind: str, iteration: int, **values: float) -> None:
-        self.file.write(json.dumps({"kind": kind, "iteration": iteration, **values}) + "\n")
+        line = {"kind": kind, "iteration": iteration, **values, "time": round(time.time(), 1)}
+        self.file.write(json.dumps(line) + "\n")
         if self.tb is not None:
             for key, value in values.items():
                 if isinstance(value, int | float):
