@@ -319,8 +319,9 @@ def render_table(results: dict[str, RunResult]) -> str:
     if unfinished:
         lines += [
             "",
-            f"Not finished yet, so left out of the claims: {', '.join(unfinished)} (errors at the last "
-            "evaluation so far; wall time of the completed segments).",
+            f"Not finished yet, so left out of the claims: {', '.join(unfinished)} (test error at the "
+            "last evaluation so far, training error at the last logged iterations; wall time of the completed "
+            "segments).",
         ]
     killed = [arch for arch, run in results.items() if any(map(_was_killed, run.info.get("history", [])))]
     if killed:
