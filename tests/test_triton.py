@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import signal
 import subprocess
+import time
 import urllib.request
 
 import numpy as np
@@ -146,8 +147,17 @@ def r20_inference_count(triton) -> float:
     return float(counts[0].rsplit(" ", 1)[1])
 
 
+def settled_r20_inference_count(triton) -> float:
+    """The count once an earlier test's last request has been counted (it can land after its response)."""
+    previous, current = None, r20_inference_count(triton)
+    while current != previous:
+        time.sleep(0.5)
+        previous, current = current, r20_inference_count(triton)
+    return current
+
+
 def test_metrics_endpoint_counts_inferences(triton):
-    before = r20_inference_count(triton)
+    before = settled_r20_inference_count(triton)
     with grpcclient.InferenceServerClient(triton.grpc_url) as client:
         tensor = grpcclient.InferInput(INPUT_NAME, [4, 3, 32, 32], "FP32")
         tensor.set_data_from_numpy(batch_of(4))
