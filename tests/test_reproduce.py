@@ -223,6 +223,16 @@ def test_error_axis_keeps_the_papers_frame_and_widens_for_short_runs(runs, tmp_p
     assert error_axis_top(collect_runs(tmp_path)) == 70
 
 
+def test_error_axis_is_not_widened_by_a_net_stopped_early_in_its_schedule(tmp_path):
+    write_fake_run(tmp_path, "resnet20", train_error=1.4, test_error=12.3)
+    write_fake_run(tmp_path, "plain44", train_error=32.0, test_error=41.8, points=1)
+    (tmp_path / "plain44" / "run.json").write_text(json.dumps({"arch": "plain44", "returncode": 143}))
+    results = collect_runs(tmp_path)
+    assert not results["plain44"].finished and results["plain44"].test_error > 40
+    assert error_axis_top(results) == 20
+    assert error_axis_top({"plain44": results["plain44"]}) == 60  # nothing finished: show what there is
+
+
 def _report_cli(runs: Path, doc: Path, *extra: str) -> subprocess.CompletedProcess:
     command = ["report", "--runs-dir", str(runs), "--doc", str(doc), "--figure", str(doc.with_suffix(".png"))]
     return subprocess.run(

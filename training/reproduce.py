@@ -394,8 +394,12 @@ def write_table(doc: Path, table: str) -> None:
 
 
 def error_axis_top(results: dict[str, RunResult]) -> int:
-    """The paper's 0-20% frame (early epochs clipped, as there), unless the runs end above it (CPU previews)."""
-    highest = max(run.test_error for run in results.values())
+    """The paper's 0-20% frame (early epochs clipped, as there), unless the runs end above it (CPU previews).
+
+    A net stopped early in its schedule is judged only when no run has finished: its error is still falling.
+    """
+    finished = [run for run in results.values() if run.finished] or list(results.values())
+    highest = max(run.test_error for run in finished)
     return 20 if highest <= 20 else min(100, 10 * math.ceil(highest / 10) + 10)
 
 
