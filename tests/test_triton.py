@@ -149,11 +149,15 @@ def r20_inference_count(triton) -> float:
 
 def settled_r20_inference_count(triton) -> float:
     """The count once an earlier test's last request has been counted (it can land after its response)."""
-    previous, current = None, r20_inference_count(triton)
-    while current != previous:
+    readings = [r20_inference_count(triton)]
+
+    def unchanged_after_half_a_second() -> bool:
         time.sleep(0.5)
-        previous, current = current, r20_inference_count(triton)
-    return current
+        readings.append(r20_inference_count(triton))
+        return readings[-1] == readings[-2]
+
+    wait_until(unchanged_after_half_a_second, timeout=30, interval=0, what="a settled inference count")
+    return readings[-1]
 
 
 def test_metrics_endpoint_counts_inferences(triton):
