@@ -428,8 +428,11 @@ def test_each_segment_keeps_its_device_and_commit_and_an_older_record_counts_as_
     folder = runs / "plain32"
     older = json.loads((folder / "run.json").read_text())  # written before `history`: one commit, no segments
     older |= {"gpu": "CPU (2 cores)", "segments": 3, "returncode": 143}
+    older["command"] = "python -m cli.main train --arch plain32 --resume auto"
     (folder / "run.json").write_text(json.dumps(older))
+    gpu_command = "python -m cli.main train --arch plain32 --resume auto --compile reduce-overhead"
     gpu_segment = {"arch": "plain32", "gpu": "NVIDIA H200", "commit": "fedcba9876543210", "started": "now"}
+    gpu_segment["command"] = gpu_command
     assert not reproduce._record(folder, gpu_segment, 120.0, 0)
 
     record = json.loads((folder / "run.json").read_text())
@@ -438,6 +441,8 @@ def test_each_segment_keeps_its_device_and_commit_and_an_older_record_counts_as_
         ("CPU (2 cores)", "0123456789abcdef", 3),
         ("NVIDIA H200", "fedcba9876543210", 1),
     ]
+    # Each segment keeps the command it ran with: here the GPU segment added --train-args the CPU ones lacked.
+    assert [s["command"] for s in record["history"]] == [older["command"], gpu_command]
     assert _table_row(runs, "plain32").endswith("| CPU (2 cores), NVIDIA H200 | 012345678, fedcba987 |")
 
     stopped = {**gpu_segment, "arch": "plain56", "commit": "abc-dirty"}

@@ -41,7 +41,10 @@ PAPER_SET = RESIDUAL + PLAIN
 PAPER_TEST_ERROR = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43}
 # What a run folder keeps in the records folder (besides an unfinished net's last checkpoint): small text, for git.
 RECORD_FILES = ("run.json", "config.json", "metrics.jsonl")
-SEGMENT_KEYS = ("commit", "gpu", "started", "wall_s", "returncode")  # what run.json's `history` keeps of each
+# What run.json's `history` keeps of each segment: segments may differ in flags (--train-args) as well as in
+# machine and commit, so each keeps its own command.
+SEGMENT_START_KEYS = ("command", "commit", "gpu", "started")
+SEGMENT_KEYS = (*SEGMENT_START_KEYS, "wall_s", "returncode")
 TABLE_BEGIN = "<!-- reproduce:table:begin -->"
 TABLE_END = "<!-- reproduce:table:end -->"
 
@@ -691,10 +694,14 @@ def _write_record(folder: Path, info: dict, history: list[dict], returncode: int
     _atomic_write(folder / "run.json", json.dumps(record, indent=2) + "\n")
 
 
+def _segment_start(info: dict) -> dict:
+    return {key: info[key] for key in SEGMENT_START_KEYS}
+
+
 def _open_segment(folder: Path, info: dict) -> None:
     """Note a segment in run.json as it starts, so that one killed with no chance to record itself still counts."""
     earlier = [_closed(entry, folder) for entry in _earlier_segments(_read_json(folder / "run.json"))]
-    segment = {key: info[key] for key in ("commit", "gpu", "started")} | {"wall_s": None, "running": True}
+    segment = _segment_start(info) | {"wall_s": None, "running": True}
     _write_record(folder, info, [*earlier, segment], None)
 
 
@@ -703,8 +710,7 @@ def _record(folder: Path, info: dict, wall: float, returncode: int) -> bool:
 
     A net stopped on one machine may be continued on another, at another commit, so each segment keeps its own.
     """
-    segment = {key: info[key] for key in ("commit", "gpu", "started")}
-    segment |= {"wall_s": round(wall, 1), "returncode": returncode}
+    segment = _segment_start(info) | {"wall_s": round(wall, 1), "returncode": returncode}
     earlier = [entry for entry in _earlier_segments(_read_json(folder / "run.json")) if not _is_open(entry)]
     _write_record(folder, info, [*earlier, segment], returncode)
     stopped = returncode == STOPPED_BY_SIGNAL
