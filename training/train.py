@@ -478,6 +478,10 @@ def train(
     try:
         config.validate(info.world_size)
         device = resolve_device(config.device, info)
+        if device.type == "cuda":
+            # A run sees a handful of fixed shapes (train batch, last batch, eval batch): let cuDNN time its
+            # algorithms once per shape rather than take the heuristic's pick for every step.
+            torch.backends.cudnn.benchmark = True
         seed_everything(config.seed)
         output_dir = Path(config.output_dir)
         if info.is_main:
