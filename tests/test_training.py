@@ -703,6 +703,53 @@ def test_benchmark_amp_applies_to_the_resnet50_loops_only():
     assert _trainer("cifar-paper", "resnet20", batches, 10, args, cpu).config.amp == "none"
 
 
+def test_benchmark_resets_the_compiler_before_each_loop(monkeypatch):
+    """Each loop is timed as if alone in the process (see benchmark._alone)."""
+    from training import benchmark
+
+    calls = []
+    loops = ("resnet50_ours", "resnet50_stock", "resnet20_ours", "resnet20_stock")
+    monkeypatch.setattr(torch.compiler, "reset", lambda: calls.append("reset"))
+    for name in loops:
+        monkeypatch.setattr(
+            benchmark, f"bench_{name}", lambda args, device, name=name: calls.append(name) or 0.5
+        )
+    args = benchmark.get_args_parser().parse_args(["--device", "cpu", "--batch-size", "2"])
+    result = benchmark.measure(args, torch.device("cpu"))
+    assert calls == [call for name in loops for call in ("reset", name)]
+    assert result["resnet50_ours_img_s"] == 4.0 and result["resnet20_stock_ms_per_iter"] == 500.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_benchmark_stock_loop_sees_no_cuda_graph_step_marks_from_ours(monkeypatch):
+    """After ours ran with CUDA graphs (marking its steps), the stock loop starts with the heuristic, as if alone."""
+    from torch._inductor.cudagraph_trees import MarkStepBox
+
+    from training import benchmark
+
+    seen = []
+    record = lambda args, device: seen.append(MarkStepBox.mark_step_counter) or 1.0  # noqa: E731
+    monkeypatch.setattr(benchmark, "bench_resnet20_stock", record)
+    argv = "--nets resnet20 --compile reduce-overhead --steps 2 --warmup 3 --cifar-images 512".split()
+    benchmark.measure(benchmark.get_args_parser().parse_args(argv), torch.device("cuda"))
+    assert seen == [0]  # non-zero: generations would advance only on marks the stock loop never makes
+
+
+def test_benchmark_profiles_our_resnet20_step(tmp_path, capsys):
+    from training.benchmark import get_args_parser, main
+
+    trace = tmp_path / "trace.json"
+    argv = "--device cpu --nets resnet20 --steps 1 --warmup 0 --cifar-batch-size 4 --cifar-images 16".split()
+    argv += ["--stock-workers", "0", "--json", "--profile", str(trace), "--profile-steps", "2"]
+    main(get_args_parser().parse_args(argv))
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert sum(event.get("name") == "Optimizer.step#SGD.step" for event in events) == 2
+    captured = capsys.readouterr()
+    assert f"profile of 2 steps (Chrome trace: {trace})" in captured.err
+    assert "aten::convolution" in captured.err
+    assert json.loads(captured.out)["resnet20_ours_ms_per_iter"] > 0
+
+
 def test_benchmark_rejects_unknown_nets(capsys):
     from training.benchmark import get_args_parser
 

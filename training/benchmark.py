@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -73,6 +74,25 @@ def _time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
         step()
     _sync(device)
     return (time.perf_counter() - start) / steps
+
+
+def _profile(step, steps: int, device: torch.device, trace: str) -> None:
+    """`steps` more steps under torch.profiler: a Chrome trace at `trace`, the busiest operators on stderr.
+
+    On a GPU the table's "Self CUDA time total" against steps x ms/step says how much of a step the kernels fill,
+    and so whether launches (CUDA graphs, whole-step capture) or kernels (bf16, fusion) are the lever.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    profiler.export_chrome_trace(trace)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of {steps} steps (Chrome trace: {trace}):", file=sys.stderr)
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=25), file=sys.stderr)
 
 
 def _trainer(recipe: str, arch: str, batches, num_classes: int, args, device: torch.device) -> Trainer:
@@ -206,7 +226,10 @@ def bench_resnet20_ours(args, device: torch.device) -> float:
         images, labels = next(stream)
         trainer.train_step(images, labels, window)
 
-    return _time_steps(step, args.steps, args.warmup, device)
+    seconds = _time_steps(step, args.steps, args.warmup, device)
+    if args.profile:
+        _profile(step, args.profile_steps, device, args.profile)
+    return seconds
 
 
 def _forever(batches):
@@ -253,6 +276,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=min(8, os.cpu_count() or 1),
         help="DataLoader processes of the stock ResNet-20 loop",
     )
+    parser.add_argument(
+        "--profile",
+        metavar="TRACE.json",
+        help="after timing, profile our ResNet-20 step (resnet20 in --nets): a Chrome trace here, operators on stderr",
+    )
+    parser.add_argument("--profile-steps", type=int, default=50, help="steps under the profiler")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
@@ -263,6 +292,19 @@ def _nets(text: str) -> list[str]:
     if unknown or not nets:
         raise argparse.ArgumentTypeError(f"choose from resnet50, resnet20; got {text!r}")
     return nets
+
+
+def _alone(bench, args: argparse.Namespace, device: torch.device) -> float:
+    """`bench` measured as if it were the only loop in the process.
+
+    torch.compile's state is process-wide: once any loop has called `cudagraph_mark_step_begin` (ours does, under
+    reduce-overhead), CUDA graph trees start a new generation only on that call (torch/_inductor/cudagraph_trees.py,
+    `get_curr_generation`), so a loop measured after it that never makes the call never leaves the graphs' warm-up.
+    That is the likely cause of the stock ResNet-20 loop's 131.67 ms a step on an H200 (3.51 ours), measured
+    before this reset existed; `torch.compiler.reset()` also resets that counter.
+    """
+    torch.compiler.reset()
+    return bench(args, device)
 
 
 def measure(args: argparse.Namespace, device: torch.device) -> dict:
@@ -278,12 +320,12 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
     }
     if "resnet50" in args.nets:
         result.update(batch_size=args.batch_size, image_size=args.image_size)
-        result["resnet50_ours_img_s"] = args.batch_size / bench_resnet50_ours(args, device)
-        result["resnet50_stock_img_s"] = args.batch_size / bench_resnet50_stock(args, device)
+        result["resnet50_ours_img_s"] = args.batch_size / _alone(bench_resnet50_ours, args, device)
+        result["resnet50_stock_img_s"] = args.batch_size / _alone(bench_resnet50_stock, args, device)
     if "resnet20" in args.nets:
         result.update(cifar_batch_size=args.cifar_batch_size, stock_workers=args.stock_workers)
-        result["resnet20_ours_ms_per_iter"] = 1000 * bench_resnet20_ours(args, device)
-        result["resnet20_stock_ms_per_iter"] = 1000 * bench_resnet20_stock(args, device)
+        result["resnet20_ours_ms_per_iter"] = 1000 * _alone(bench_resnet20_ours, args, device)
+        result["resnet20_stock_ms_per_iter"] = 1000 * _alone(bench_resnet20_stock, args, device)
     return result
 
 
