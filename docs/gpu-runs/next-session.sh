@@ -5,7 +5,7 @@
 #      torch.profiler trace of our graphed ResNet-20 step (kernel time vs the 3.4-3.5 ms step);
 #   2. FP32 vs bf16 autocast for the cifar-paper ResNet-20 with CUDA graphs, 3,000 steps each (the lever for
 #      the 3-minute target if the kernels fill the step; the reproduction itself stays FP32);
-#   3. the rest of the paper set (plain-56, ResNet-110; ResNet-56 finished on the CPU) sharing the GPU until END_S.
+#   3. the nets left of the paper set (plain-56, ResNet-110) sharing the GPU until END_S.
 # Use: copy ../shared/data/cifar10-jpeg.tar.xz into the git-ignored .carry/, then in one device call:
 #   run(command="OUT=$OUT bash docs/gpu-runs/next-session.sh", carry=[".carry"], timeout_s=600)
 # Every step is bounded so the whole ends by END_S seconds; its outputs come back from $OUT. Dry run on a CPU:
@@ -64,7 +64,7 @@ if [ $limit -gt 60 ]; then
     say "reproduce rc=$?"
 fi
 
-# What comes back (7 files; 8 is the most allowed): the log, the trace, the timing runs' small files, each deep net's
+# What comes back (7 files, 8 allowed): the log, the trace, the timing runs' small files, each deep net's
 # record and train log, reproduce.log, the regenerated docs.
 tar czf "$OUT/gpu-runs.tgz" --exclude='*.pt' --exclude='*.tfevents*' runs/gpu-* >>"$LOG" 2>&1
 for net in plain56 resnet110; do
