@@ -5,7 +5,7 @@
 #      torch.profiler trace of our graphed ResNet-20 step (kernel time vs the 3.4-3.5 ms step);
 #   2. FP32 vs bf16 autocast for the cifar-paper ResNet-20 with CUDA graphs, 3,000 steps each (the lever for
 #      the 3-minute target if the kernels fill the step; the reproduction itself stays FP32);
-#   3. the nets left of the paper set (plain-56, ResNet-110) sharing the GPU until END_S.
+#   3. the net left of the paper set, ResNet-110, until END_S (plain-56 finished on the CPU).
 # Use: copy ../shared/data/cifar10-jpeg.tar.xz into the git-ignored .carry/, then in one device call:
 #   run(command="OUT=$OUT bash docs/gpu-runs/next-session.sh", carry=[".carry"], timeout_s=600)
 # Every step is bounded so the whole ends by END_S seconds; its outputs come back from $OUT. Dry run on a CPU:
@@ -31,10 +31,10 @@ step() { # step LIMIT_S command...: run with a time limit, log, report exit code
 
 if [ -n "${TINY:-}" ]; then # CPU dry run: every step, tiny sizes, no compilation
     BENCH=(--steps 2 --warmup 1 --cifar-images 512 --stock-workers 0 --profile-steps 2)
-    COMPILE=none ITERATIONS=20 DEEP=(--archs plain56 --concurrent 1)
+    COMPILE=none ITERATIONS=20 DEEP=(--archs resnet110 --concurrent 1)
 else
     BENCH=(--steps 300 --warmup 30 --profile-steps 20)
-    COMPILE=reduce-overhead ITERATIONS=3000 DEEP=(--archs plain56 resnet110 --concurrent 2)
+    COMPILE=reduce-overhead ITERATIONS=3000 DEEP=(--archs resnet110 --concurrent 1)
 fi
 
 { nvidia-smi; nproc; git log --oneline -1; python3 -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"; } >>"$LOG" 2>&1
@@ -55,7 +55,7 @@ for amp in none bf16; do
         --no-progress --no-tensorboard
 done
 
-# 3. the paper set's unfinished nets until END_S (each continues from its record; the same command continues)
+# 3. the paper set's unfinished net until END_S (it continues from its record; the same command continues)
 limit=$((END_S - 40 - $(elapsed)))
 if [ $limit -gt 60 ]; then
     say "reproduce for ${limit}s"
@@ -64,10 +64,10 @@ if [ $limit -gt 60 ]; then
     say "reproduce rc=$?"
 fi
 
-# What comes back (7 files, 8 allowed): the log, the trace, the timing runs' small files, each deep net's
-# record and train log, reproduce.log, the regenerated docs.
+# What comes back (6 files, 8 allowed): the log, the trace, the timing runs' small files, ResNet-110's record
+# and train log, reproduce.log, the regenerated docs.
 tar czf "$OUT/gpu-runs.tgz" --exclude='*.pt' --exclude='*.tfevents*' runs/gpu-* >>"$LOG" 2>&1
-for net in plain56 resnet110; do
+for net in resnet110; do
     [ -d docs/reproduction-runs/$net ] && tar czf "$OUT/record-$net.tgz" docs/reproduction-runs/$net \
         runs/reproduce/$net/train.log
 done
