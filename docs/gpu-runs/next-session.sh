@@ -9,7 +9,7 @@
 # Use: copy ../shared/data/cifar10-jpeg.tar.xz into the git-ignored .carry/, then in one device call:
 #   run(command="OUT=$OUT bash docs/gpu-runs/next-session.sh", carry=[".carry"], timeout_s=600)
 # Every step is bounded so the whole ends by END_S seconds; its outputs come back from $OUT. Dry run on a CPU,
-# in a scratch clone (step 3 starts a record under docs/reproduction-runs):
+# in a scratch clone (step 3 writes to ResNet-110's record under docs/reproduction-runs):
 #   OUT=/tmp/out DEVICE=cpu TINY=1 END_S=400 bash docs/gpu-runs/next-session.sh
 set -u
 END_S=${END_S:-540}
