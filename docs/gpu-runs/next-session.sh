@@ -32,10 +32,10 @@ step() { # step LIMIT_S command...: run with a time limit, log, report exit code
 
 if [ -n "${TINY:-}" ]; then # CPU dry run: every step, tiny sizes, no compilation
     BENCH=(--steps 2 --warmup 1 --cifar-images 512 --stock-workers 0 --profile-steps 2)
-    COMPILE=none ITERATIONS=20 DEEP=(--archs resnet110 --concurrent 1)
+    COMPILE=none ITERATIONS=20
 else
     BENCH=(--steps 300 --warmup 30 --profile-steps 20)
-    COMPILE=reduce-overhead ITERATIONS=3000 DEEP=(--archs resnet110 --concurrent 1)
+    COMPILE=reduce-overhead ITERATIONS=3000
 fi
 
 { nvidia-smi; nproc; git log --oneline -1; python3 -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"; } >>"$LOG" 2>&1
@@ -61,16 +61,14 @@ limit=$((END_S - 40 - $(elapsed)))
 if [ $limit -gt 60 ]; then
     say "reproduce for ${limit}s"
     timeout --signal=TERM --kill-after=30 $((limit + 30)) python3 -m training.reproduce run \
-        --data data/cifar10-jpeg "${DEEP[@]}" --time-limit "$limit" >"$OUT/reproduce.log" 2>&1
+        --data data/cifar10-jpeg --archs resnet110 --concurrent 1 --time-limit "$limit" >"$OUT/reproduce.log" 2>&1
     say "reproduce rc=$?"
 fi
 
 # What comes back (6 files, 8 allowed): the log, the trace, the timing runs' small files, ResNet-110's record
 # and train log, reproduce.log, the regenerated docs.
 tar czf "$OUT/gpu-runs.tgz" --exclude='*.pt' --exclude='*.tfevents*' runs/gpu-* >>"$LOG" 2>&1
-for net in resnet110; do
-    [ -d docs/reproduction-runs/$net ] && tar czf "$OUT/record-$net.tgz" docs/reproduction-runs/$net \
-        runs/reproduce/$net/train.log
-done
+[ -d runs/reproduce/resnet110 ] && tar czf "$OUT/record-resnet110.tgz" docs/reproduction-runs/resnet110 \
+    runs/reproduce/resnet110/train.log
 tar czf "$OUT/docs.tgz" docs/reproduction.md docs/img/cifar10-figure6.png >>"$LOG" 2>&1
 say "done"
