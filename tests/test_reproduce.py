@@ -202,6 +202,26 @@ def test_nets_evaluated_at_different_steps_line_up_at_equal_iterations():
     )
 
 
+def test_training_error_is_compared_as_the_mean_of_each_window_before_a_mark():
+    # Logged every 50 iterations: the row at 4k averages 3,050..4,000 only, not the whole run.
+    logged = RunResult(
+        "resnet110", train_curve=[(i, 50.0 if i <= 3000 else 10.0) for i in range(50, 8001, 50)]
+    )
+    sparse = RunResult("resnet56", train_curve=[(3900, 12.0), (4000, 14.0)])
+    lines = reproduce.render_training_windows({"resnet110": logged, "resnet56": sparse})
+    assert lines[0].startswith("Training error at equal iterations")
+    assert lines[2:] == [
+        "| iteration | resnet56 | resnet110 |",
+        "| ---: | ---: | ---: |",
+        "| 4k | 13.00% | 10.00% |",
+        "| 8k |  | 10.00% |",
+    ]
+    assert (
+        reproduce.render_training_windows({"resnet56": RunResult("resnet56", test_curve=[(4000, 20.0)])})
+        == []
+    )
+
+
 def test_report_rewrites_only_the_table_block_and_draws_the_figure(runs, tmp_path):
     doc = tmp_path / "docs" / "reproduction.md"
     doc.parent.mkdir()

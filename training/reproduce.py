@@ -336,7 +336,8 @@ def render_table(results: dict[str, RunResult]) -> str:
     sourced = [(arch, run.info["source"]) for arch, run in results.items() if run.info.get("source")]
     if sourced:
         lines += ["", *(f"Where the {arch} row comes from: {source}." for arch, source in sourced)]
-    lines += ["", *render_equal_iterations(results)]
+    for side_by_side in (render_equal_iterations(results), render_training_windows(results)):
+        lines += ["", *side_by_side] if side_by_side else []
     lines += ["", "Claims (paper, Sec. 4.2 and Fig. 6):", ""]
     for claim, holds, evidence in check_claims(results):
         verdict = {True: "holds", False: "**does not hold**", None: "not checked"}[holds]
@@ -347,29 +348,56 @@ def render_table(results: dict[str, RunResult]) -> str:
 def render_equal_iterations(results: dict[str, RunResult], every: int = EQUAL_ITERATIONS_EVERY) -> list[str]:
     """Test error of every net at the same iterations, plain and residual of a depth side by side: the
     comparison an unfinished net can already give."""
-    last = max(run.test_curve[-1][0] for run in results.values())
+    caption = (
+        f"Test error at equal iterations (the last evaluation at or up to {EQUAL_ITERATIONS_SLACK:,} iterations "
+        "before each mark; the learning rate drops at 32k and 48k):"
+    )
+    return _side_by_side({arch: run.test_curve for arch, run in results.items()}, _error_at, caption, every)
+
+
+def render_training_windows(results: dict[str, RunResult], every: int = EQUAL_ITERATIONS_EVERY) -> list[str]:
+    """Training error of every net over the same windows: at lr 0.1 one test evaluation swings by points, the
+    mean of a window's logged training errors by much less."""
+    caption = (
+        f"Training error at equal iterations (the mean of the values logged in the {EQUAL_ITERATIONS_SLACK:,} "
+        "iterations up to each mark):"
+    )
+    curves = {arch: run.train_curve for arch, run in results.items()}
+    return _side_by_side(curves, _mean_error_in_window, caption, every)
+
+
+def _side_by_side(
+    curves: dict[str, list[tuple[int, float]]],
+    value_at: Callable[[list[tuple[int, float]], int], float | None],
+    caption: str,
+    every: int,
+) -> list[str]:
+    last = max((curve[-1][0] for curve in curves.values() if curve), default=0)
     if last < every:  # a preview shorter than one row
         return []
     order = [f"{family}{depth}" for depth in (20, 32, 44, 56, 110) for family in ("plain", "resnet")]
-    nets = [arch for arch in order if arch in results] + sorted(set(results) - set(order))
-    lines = [
-        f"Test error at equal iterations (the last evaluation at or up to {EQUAL_ITERATIONS_SLACK:,} iterations "
-        "before each mark; the learning rate drops at 32k and 48k):",
-        "",
-        "| iteration | " + " | ".join(nets) + " |",
-        "| ---: |" + " ---: |" * len(nets),
-    ]
+    nets = [arch for arch in order if arch in curves] + sorted(set(curves) - set(order))
+    lines = [caption, "", "| iteration | " + " | ".join(nets) + " |", "| ---: |" + " ---: |" * len(nets)]
     for mark in range(every, last + 1, every):
-        cells = [_error_at(results[arch].test_curve, mark) for arch in nets]
+        cells = [value_at(curves[arch], mark) for arch in nets]
         lines.append(
             f"| {mark // 1000}k | " + " | ".join(f"{e:.2f}%" if e is not None else "" for e in cells) + " |"
         )
     return lines
 
 
+def _in_window(curve: list[tuple[int, float]], mark: int) -> list[float]:
+    return [error for step, error in curve if mark - EQUAL_ITERATIONS_SLACK < step <= mark]
+
+
 def _error_at(curve: list[tuple[int, float]], mark: int) -> float | None:
-    earlier = [(step, error) for step, error in curve if mark - EQUAL_ITERATIONS_SLACK < step <= mark]
-    return earlier[-1][1] if earlier else None
+    errors = _in_window(curve, mark)
+    return errors[-1] if errors else None
+
+
+def _mean_error_in_window(curve: list[tuple[int, float]], mark: int) -> float | None:
+    errors = _in_window(curve, mark)
+    return sum(errors) / len(errors) if errors else None
 
 
 def _iterations(run: RunResult) -> str:
