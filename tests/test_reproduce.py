@@ -222,6 +222,13 @@ def test_training_error_is_compared_as_the_mean_of_each_window_before_a_mark():
     )
 
 
+def test_a_training_window_an_unfinished_run_has_not_reached_is_left_blank():
+    # Stopped at 7,350: its 7k-8k window holds only the lowest values so far, so 8k stays empty.
+    unfinished = RunResult("resnet110", train_curve=[(i, 20.0 - i / 1000) for i in range(50, 7351, 50)])
+    lines = reproduce.render_training_windows({"resnet110": unfinished})
+    assert lines[4:] == ["| 4k | 16.48% |"]  # mean of 3,050..4,000
+
+
 def test_report_rewrites_only_the_table_block_and_draws_the_figure(runs, tmp_path):
     doc = tmp_path / "docs" / "reproduction.md"
     doc.parent.mkdir()

@@ -396,6 +396,9 @@ def _error_at(curve: list[tuple[int, float]], mark: int) -> float | None:
 
 
 def _mean_error_in_window(curve: list[tuple[int, float]], mark: int) -> float | None:
+    # An unfinished run's last window is cut short, and its later, lower values would beat a full window.
+    if not curve or curve[-1][0] < mark:
+        return None
     errors = _in_window(curve, mark)
     return sum(errors) / len(errors) if errors else None
 
