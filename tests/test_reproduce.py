@@ -181,6 +181,9 @@ def test_table_lists_paper_and_ours(runs):
     assert "| 012345678 |" in row and "30 min" in row
     assert "| plain56 | Fig. 6 only | 13.50% |" in table
     assert table.index("| resnet20 ") < table.index("| resnet110 ") < table.index("| plain20 ")
+    # the measure behind the training-error column is named right under the rows
+    rows_end = table.index("\n\n")
+    assert table[rows_end:].startswith("\n\nTraining error in this table is the last value logged")
 
 
 def test_nets_evaluated_at_different_steps_line_up_at_equal_iterations():
