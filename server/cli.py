@@ -12,6 +12,7 @@ import socket
 from pydantic import ValidationError
 
 from cli.errors import ResnetError
+from server.preprocessing import PILLOW_PIXEL_LIMIT
 from server.settings import Settings, env_name
 
 # flag -> (Settings field, type, help)
@@ -37,7 +38,8 @@ FLAGS: list[tuple[str, str, type, str]] = [
         "--max-image-pixels",
         "max_image_pixels",
         int,
-        "largest image width*height (413 above, checked before decoding)",
+        f"largest image width*height (413 above, checked before decoding; at most {PILLOW_PIXEL_LIMIT}, "
+        "past which Pillow refuses any image)",
     ),
     ("--intra-op-threads", "intra_op_threads", int, "ONNX Runtime threads per model (0: all cores)"),
     ("--preprocess-threads", "preprocess_threads", int, "image decoding threads (0: number of cores)"),

@@ -258,7 +258,7 @@ def json_data_bytes(tensor: InputTensorJson) -> bytes:
         serialized = serialize_byte_tensor(np.array([item.encode() for item in values], dtype=np.object_))
         return serialized.item() if serialized.size else b""
     if tensor.datatype == "FP32":
-        if values.size and values.dtype.kind not in "biuf":
+        if values.size and values.dtype.kind not in "iuf":  # Triton refuses JSON booleans as FP32 too
             raise errors.InvalidInput(f"input {tensor.name!r}: FP32 'data' must hold numbers only")
         with np.errstate(over="ignore"):  # past FP32's range becomes inf, which the service refuses by name
             return values.astype("<f4").tobytes()
@@ -374,7 +374,10 @@ async def only_ready_asked(request: Request) -> bool:
         raise errors.InvalidInput(f"the repository index body is not valid JSON: {error}") from None
     if not isinstance(asked, dict):
         raise errors.InvalidInput('the repository index body must be a JSON object, e.g. {"ready": true}')
-    return asked.get("ready") is True
+    only_ready = asked.get("ready", False)
+    if not isinstance(only_ready, bool):  # "true" or 1 read as false would list unready models without a word
+        raise errors.InvalidInput(f"the repository index's 'ready' must be true or false; got {only_ready!r}")
+    return only_ready
 
 
 INFER_BODY = {

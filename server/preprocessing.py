@@ -20,6 +20,9 @@ from server.spec import PreprocessSpec
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not a grey half-image
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 DEFAULT_MAX_PIXELS = 40_000_000
+# Pillow refuses outright an image over twice its MAX_IMAGE_PIXELS (only a warning below that), so a configured
+# limit can't go past this one.
+PILLOW_PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
 RESAMPLING = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -36,12 +39,15 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         raise InvalidImage("empty image: the request carried no bytes")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's own warning limit (89M pixels) would overrule a larger max_pixels; checked below instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-        if isinstance(error, UnidentifiedImageError):
-            raise InvalidImage("not a decodable image (expected JPEG, PNG, WebP, BMP or GIF)") from error
-        raise PayloadTooLarge(f"image too large: {error}") from error
+    except UnidentifiedImageError as error:
+        raise InvalidImage("not a decodable image (expected JPEG, PNG, WebP, BMP or GIF)") from error
+    except Image.DecompressionBombError as error:
+        raise PayloadTooLarge(
+            f"image is over the limit of {max_pixels} pixels, and over Pillow's of {PILLOW_PIXEL_LIMIT}"
+        ) from error
     except (OSError, ValueError, SyntaxError) as error:
         raise InvalidImage(f"cannot read image header: {error}") from error
     if image.format not in SUPPORTED_FORMATS:

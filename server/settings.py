@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.preprocessing import DEFAULT_MAX_PIXELS, PILLOW_PIXEL_LIMIT
+
 ENV_PREFIX = "RESNET_"
 
 
@@ -45,7 +47,9 @@ class Settings(BaseSettings):
     queue_size: int = Field(256, ge=1, description="images waiting per model beyond which requests get 503")
     request_timeout_s: float = Field(10.0, gt=0, description="per-request deadline (504 when exceeded)")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body (413 above)")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="largest image width*height (413 above)")
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=1, le=PILLOW_PIXEL_LIMIT, description="largest image width*height (413 above)"
+    )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime intra-op threads per model (0: all cores)"
     )

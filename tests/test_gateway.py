@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.errors import InvalidInput, ModelNotFound
+from server.preprocessing import PILLOW_PIXEL_LIMIT
 from server.registry import ModelRegistry
 from server.settings import Settings
 from tests.gateway_models import LABELS, color_image, png_claiming, write_colors_model
@@ -271,6 +272,15 @@ def test_bad_settings_stop_the_cli_with_one_line(tmp_path):
     )
     assert missing.returncode == 1 and "model repository not found" in missing.stderr
     assert missing.stderr.strip().endswith("(set --repository or RESNET_MODEL_REPOSITORY)")
+    past_pillow = [
+        *command[:4],
+        "--repository",
+        str(tmp_path),
+        "--max-image-pixels",
+        str(PILLOW_PIXEL_LIMIT + 1),
+    ]
+    too_many_pixels = subprocess.run(past_pillow, capture_output=True, text=True, timeout=60)
+    assert too_many_pixels.returncode == 1 and "max_image_pixels" in too_many_pixels.stderr
 
 
 def test_the_repository_is_read_from_the_same_variable_as_export_and_triton(monkeypatch, tmp_path):

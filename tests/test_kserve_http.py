@@ -241,6 +241,7 @@ BAD_REQUESTS = [
     ("too few values", "colors", infer_json(inputs=[{**TENSOR_JSON, "data": [1, 2]}]), {}, 400, "holds 2 values"),
     ("ragged data", "colors", infer_json(inputs=[{**TENSOR_JSON, "data": [[1], [2, 3]]}]), {}, 400, "ragged"),
     ("strings as FP32", "colors", infer_json(inputs=[{**TENSOR_JSON, "data": ["a"] * 3072}]), {}, 400, "numbers"),
+    ("booleans as FP32", "colors", infer_json(inputs=[{**TENSOR_JSON, "data": [True] * 3072}]), {}, 400, "numbers"),
     ("NaN", "colors", infer_json(inputs=[{**TENSOR_JSON, "data": [float("nan")] * 3072}]), {}, 400, "3072 of 3072 values are NaN or infinite"),
     ("past FP32's range", "colors", infer_json(inputs=[{**TENSOR_JSON, "data": [0.5] * 3071 + [1e39]}]), {}, 400, "1 of 3072 values are NaN"),
     ("binary infinity", "colors", BINARY_HEADER + np.full(3072, np.inf, "<f4").tobytes(), {HEADER_LENGTH: str(len(BINARY_HEADER))}, 400, "NaN or infinite"),
@@ -354,6 +355,12 @@ def test_errors_outside_inference_are_kserve_shaped_too(gateway, client):
     assert index.status_code == 400 and "JSON object" in index.json()["error"]
     ready_only = httpx.post(f"{gateway.http_url}/v2/repository/index", json={"ready": True}, headers=auth())
     assert [m["name"] for m in ready_only.json()] == ["colors", "colors_pipeline"]
+    ready_as_text = httpx.post(
+        f"{gateway.http_url}/v2/repository/index", json={"ready": "true"}, headers=auth()
+    )
+    assert (
+        ready_as_text.status_code == 400 and "'ready' must be true or false" in ready_as_text.json()["error"]
+    )
     too_big = post_infer(gateway, "colors", b"{" + b" " * MAX_BODY_BYTES + b"}")
     assert too_big.status_code == 413 and str(MAX_BODY_BYTES) in too_big.json()["error"]
 

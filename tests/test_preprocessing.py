@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from server.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from server.preprocessing import preprocess_batch, preprocess_image
+from server.preprocessing import PILLOW_PIXEL_LIMIT, open_image, preprocess_batch, preprocess_image
 from server.spec import PreprocessSpec
 from tests.gateway_models import png_claiming
 
@@ -175,10 +175,15 @@ def test_pixel_limit_is_checked_before_decoding():
 
 
 @pytest.mark.parametrize(
-    "size",
-    [(7000, 7000), (10000, 10000), (30000, 30000)],
+    ("size", "message"),
+    [((7000, 7000), "7000x7000"), ((10000, 10000), "10000x10000"), ((30000, 30000), "over Pillow's")],
     ids=["over-limit", "pillow-warns", "pillow-refuses"],
 )
-def test_decompression_bomb_is_refused_from_the_header(size):
-    with pytest.raises(PayloadTooLarge):
+def test_decompression_bomb_is_refused_from_the_header(size, message):
+    with pytest.raises(PayloadTooLarge, match=message) as refused:
         preprocess_image(png_claiming(*size), IMAGENET)
+    assert "the limit of 40000000" in str(refused.value)  # the configured limit, not Pillow's
+
+
+def test_a_limit_past_pillows_warning_threshold_is_the_one_applied():
+    assert open_image(png_claiming(10000, 10000), max_pixels=PILLOW_PIXEL_LIMIT).size == (10000, 10000)
