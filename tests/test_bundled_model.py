@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from export.repository import CLASSIFIER_MODEL_PY, PREPROCESS_MODEL_PY
 from tests.support import REPO_ROOT, running_gateway
 
 REPOSITORY = REPO_ROOT / "model_repository"
@@ -137,6 +138,15 @@ def fake_cifar_tarball(root: Path, train_per_class: int = 26, test_per_class: in
     with tarfile.open(tarball, "w:xz") as archive:
         archive.add(tree, arcname="cifar10-jpeg")
     return tarball
+
+
+def test_bundled_python_models_are_the_exporters_current_code():
+    copies = sorted(REPOSITORY.glob("*/*/model.py"))
+    assert len(copies) == 3  # the FP32 and INT8 classifiers, and the preprocessing model
+    for copy in copies:
+        preprocessing = copy.parent.parent.name.endswith("_preprocess")
+        source = PREPROCESS_MODEL_PY if preprocessing else CLASSIFIER_MODEL_PY
+        assert copy.read_text() == source.read_text(), f"{copy} is not a copy of {source}; copy it over"
 
 
 def test_make_bundled_model_trains_exports_and_evaluates(tmp_path):

@@ -125,12 +125,21 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(triton, reference)
     with grpcclient.InferenceServerClient(triton.grpc_url) as client:
         garbage = grpcclient.InferInput(IMAGE_INPUT_NAME, [1, 1], "BYTES")
         garbage.set_data_from_numpy(np.array([[b"definitely not an image"]], dtype=np.object_))
-        with pytest.raises(InferenceServerException, match="cannot preprocess image"):
+        with pytest.raises(InferenceServerException, match="cannot preprocess image") as bad_image:
             client.infer("r20_pipeline", [garbage])
+        assert bad_image.value.status() == "StatusCode.INVALID_ARGUMENT"  # the client's fault, not INTERNAL
         wrong = grpcclient.InferInput(INPUT_NAME, [1, 3, 16, 16], "FP32")
         wrong.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
         with pytest.raises(InferenceServerException, match="unexpected shape|expected"):
             client.infer("r20", [wrong])
+        # Triton 2.51's own checks let a batch of 2**40 through, and the model gets a [3, 32, 32] tensor: its check
+        # answers, and with the client's error code
+        past_triton = grpcclient.InferInput(INPUT_NAME, [1, 3, 32, 32], "FP32")
+        past_triton.set_data_from_numpy(batch_of(1))
+        past_triton.set_shape([2**40, 3, 32, 32])
+        with pytest.raises(InferenceServerException) as huge_batch:
+            client.infer("r20", [past_triton])
+        assert huge_batch.value.status() == "StatusCode.INVALID_ARGUMENT"
         inputs = batch_of(1)
         good = grpcclient.InferInput(INPUT_NAME, [1, 3, 32, 32], "FP32")
         good.set_data_from_numpy(inputs)

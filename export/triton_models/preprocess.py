@@ -46,9 +46,9 @@ class TritonPythonModel:
                 self.image_error
             ) as error:  # the client's bytes are bad: answer this request, keep serving the rest
                 message = f"cannot preprocess image: {error.message}"
-                responses.append(
-                    pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
-                )
+                # INVALID_ARG: HTTP 400 / gRPC INVALID_ARGUMENT; the default code, INTERNAL, is a 500
+                bad_image = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=bad_image))
                 continue
             responses.append(
                 pb_utils.InferenceResponse(

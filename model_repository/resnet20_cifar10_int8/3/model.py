@@ -62,9 +62,9 @@ class TritonPythonModel:
         responses = []
         for error in errors:
             if error:
-                responses.append(
-                    pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(error))
-                )
+                # INVALID_ARG: HTTP 400 / gRPC INVALID_ARGUMENT; the default code, INTERNAL, is a 500
+                bad_input = pb_utils.TritonError(error, pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=bad_input))
             else:
                 responses.append(
                     pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT_NAME, next(outputs))])
