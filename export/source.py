@@ -79,6 +79,8 @@ def from_checkpoint(path: Path, arch: str | None = None) -> ModelSource:
 
 def from_arch(arch: str, weights: str = "random", num_classes: int | None = None) -> ModelSource:
     """`random` (seeded initialization) or `torchvision[:ENUM]` (official ImageNet weights, default enum DEFAULT)."""
+    if num_classes is not None and num_classes < 1:
+        raise ExportError(f"--num-classes must be at least 1, got {num_classes}")
     if weights == "random":
         torch.manual_seed(0)
         return ModelSource(build_model(arch, num_classes).eval(), arch, None, default_spec(arch))

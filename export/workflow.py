@@ -89,6 +89,14 @@ def validate(options: ExportOptions, source: ModelSource) -> list[str]:
         raise ExportError("--keep-versions must be at least 1")
     if options.batching.max_batch_size < 1:
         raise ExportError("--max-batch-size must be at least 1")
+    if options.batching.instances < 1:
+        raise ExportError("--instances must be at least 1")
+    if options.batching.max_queue_delay_us < 0:
+        raise ExportError("--max-queue-delay-us must be 0 or more")
+    if options.quantize.max_calibration_images < 1:
+        raise ExportError("--calib-images must be at least 1")
+    if options.max_accuracy_drop < 0:
+        raise ExportError("--max-accuracy-drop is in top-1 points and must be 0 or more")
     if options.calib_data:
         image_files(options.calib_data)  # raises a clear error for an empty or missing folder
     labels = options.labels or source.classes or [f"class_{i}" for i in range(source.num_classes)]

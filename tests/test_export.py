@@ -18,7 +18,7 @@ from export import onnx as onnx_export
 from export import workflow
 from export.errors import AccuracyBudgetError, ExportError, VerificationError, WeightsUnavailableError
 from export.quantize import QuantizeOptions, preprocess_file, quantize_int8, top1
-from export.repository import read_config, versions
+from export.repository import BatchingPolicy, read_config, versions
 from export.source import from_arch, from_checkpoint, load_state_dict_from_url
 from server.spec import INPUT_NAME, OUTPUT_NAME, PRECISION_KEY, PreprocessSpec
 from tests.support import VENV_BIN, free_port
@@ -359,6 +359,38 @@ def test_cli_int8_without_calibration_data_is_one_line_error(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "resnet: error: --int8 needs --calib-data DIR (a folder of real images to calibrate on)"
     )
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ({"batching": BatchingPolicy(instances=0)}, "--instances must be at least 1"),
+        ({"batching": BatchingPolicy(max_queue_delay_us=-5)}, "--max-queue-delay-us must be 0 or more"),
+        ({"quantize": QuantizeOptions(max_calibration_images=0)}, "--calib-images must be at least 1"),
+        ({"max_accuracy_drop": -1.0}, "--max-accuracy-drop is in top-1 points"),
+    ],
+    ids=["no instances", "negative delay", "no calibration images", "negative accuracy budget"],
+)
+def test_flags_that_cannot_work_are_refused_before_any_work(resnet20, tmp_path, field, message):
+    options = workflow.ExportOptions(name="r20", repository=tmp_path / "repo", **field)
+    with pytest.raises(ExportError, match=message):
+        workflow.validate(options, resnet20)
+
+
+@pytest.mark.parametrize("num_classes", [0, -3])
+def test_a_class_count_below_one_is_refused(num_classes):
+    with pytest.raises(ExportError, match=f"--num-classes must be at least 1, got {num_classes}"):
+        from_arch("resnet20", "random", num_classes)
+
+
+@pytest.mark.slow
+def test_cli_bad_batching_flag_is_one_line_error(tmp_path):
+    result = run_cli(
+        "--arch", "resnet20", "--max-queue-delay-us", "-5", "--repository", str(tmp_path / "repo")
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["resnet: error: --max-queue-delay-us must be 0 or more"]
+    assert not (tmp_path / "repo").exists()
 
 
 def test_cli_help_explains_sources_and_variants():
