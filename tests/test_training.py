@@ -580,6 +580,24 @@ def test_cli_error_is_one_line_and_non_zero_in_a_real_process(tmp_path):
         (["train", "--lr", "-0.1"], "--lr must be positive, got -0.1"),
         (["train", "--warmup-lr", "0"], "--warmup-lr must be positive, got 0.0"),
         (["train", "--momentum", "1.5"], "--momentum must be in [0, 1)"),
+        (["train", "--lr-milestones", "0,5"], "--lr-milestones must be increasing iterations >= 1"),
+        (["train", "--lr-gamma", "0"], "--lr-gamma must be positive, got 0.0"),
+        (["train", "--warmup-until-error", "2"], "--warmup-until-error is a fraction in (0, 1], got 2.0"),
+        (["train", "--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1), got 1.5"),
+        (["train", "--checkpoint-every", "0"], "--checkpoint-every must be at least 1, got 0"),
+        (["train", "--log-every", "0"], "--log-every must be at least 1, got 0"),
+        (["train", "--eval-every", "-1"], "--eval-every must be at least 0, got -1"),
+        (["train", "--workers", "-1"], "--workers must be at least 0, got -1"),
+        (["train", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (
+            ["evaluate", "--checkpoint", __file__, "--device", "tpu"],
+            "--device must be auto, cpu, cuda or cuda:N",
+        ),
+        (
+            ["evaluate", "--checkpoint", __file__, "--batch-size", "0"],
+            "--batch-size must be at least 1, got 0",
+        ),
+        (["evaluate", "--checkpoint", __file__, "--workers", "-1"], "--workers must be at least 0, got -1"),
         (["evaluate", "--onnx", __file__, "--data", "."], "cannot load ONNX model"),
         (["evaluate", "--checkpoint", __file__, "--data", "."], "not a PyTorch checkpoint, or a damaged one"),
         (
@@ -602,6 +620,15 @@ def test_cli_errors_are_one_line_and_non_zero(tmp_path, capsys, args, message):
     assert status == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"resnet: error: {lines[0][len('resnet: error: ') :]}"] and message in lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_cuda_without_a_gpu_is_one_line_error(tmp_path, capsys):
+    assert cli_main(["train", "--device", "cuda", "--output-dir", str(tmp_path / "run")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        "resnet: error: --device cuda: PyTorch sees no CUDA GPU here; use --device cpu (or auto)"
+    ]
 
 
 @pytest.mark.parametrize(

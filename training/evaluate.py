@@ -18,9 +18,9 @@ from tqdm import tqdm
 from cli.errors import ResnetError
 from server.spec import PreprocessSpec
 from training.data import is_cifar_pickle, load_split
-from training.errors import CheckpointError
+from training.errors import CheckpointError, ConfigError
 from training.models import build_model
-from training.utils import accuracy_counts, all_reduce_sum, load_checkpoint
+from training.utils import DistInfo, accuracy_counts, all_reduce_sum, load_checkpoint, resolve_device
 
 
 def _result(top1_hits: float, top5_hits: float, count: float, loss_sum: float | None = None) -> dict:
@@ -97,9 +97,7 @@ def evaluate_checkpoint(
     progress: bool = False,
 ) -> dict:
     """Evaluate a training checkpoint on `data` (a val/ or test/ folder, or its parent, or CIFAR batches)."""
-    device_obj = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    device_obj = resolve_device(device, DistInfo())
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state).to(device_obj)
     spec = PreprocessSpec.from_dict(state["preprocess"])
@@ -211,6 +209,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be at least 0, got {args.workers}")
     if args.onnx:
         spec, classes, kind = PreprocessSpec.imagenet(), None, None
         if args.checkpoint:

@@ -122,8 +122,8 @@ class TrainConfig:
             raise ConfigError(
                 f"--momentum must be in [0, 1) and --weight-decay >= 0, got {self.momentum} and {self.weight_decay}"
             )
-        if sorted(self.lr_milestones) != list(self.lr_milestones):
-            raise ConfigError(f"--lr-milestones must be increasing, got {self.lr_milestones}")
+        self._check_schedule()
+        self._check_counts()
         if self.amp not in ("none", "bf16"):
             raise ConfigError(f"--amp must be none or bf16, got {self.amp!r}")
         if self.compile not in COMPILE_MODES:
@@ -132,6 +132,28 @@ class TrainConfig:
             raise ConfigError(f"unknown dataset kind {self.dataset!r}")
         if self.loader not in ("auto", "device", "folder"):
             raise ConfigError(f"unknown loader {self.loader!r}; choose auto, device or folder")
+
+    def _check_schedule(self) -> None:
+        milestones = list(self.lr_milestones)
+        if milestones != sorted(milestones) or min(milestones, default=1) < 1:
+            raise ConfigError(f"--lr-milestones must be increasing iterations >= 1, got {milestones}")
+        if not self.lr_gamma > 0:
+            raise ConfigError(f"--lr-gamma must be positive, got {self.lr_gamma}")
+        if not 0 < self.warmup_until_error <= 1:
+            raise ConfigError(f"--warmup-until-error is a fraction in (0, 1], got {self.warmup_until_error}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    def _check_counts(self) -> None:
+        for flag, value, least in (
+            ("--checkpoint-every", self.checkpoint_every, 1),
+            ("--log-every", self.log_every, 1),
+            ("--keep-last", self.keep_last, 0),
+            ("--eval-every", self.eval_every, 0),
+            ("--workers", self.workers, 0),
+        ):
+            if value < least:
+                raise ConfigError(f"{flag} must be at least {least}, got {value}")
 
 
 RECIPES: dict[str, dict] = {

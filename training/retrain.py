@@ -155,7 +155,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--checkpoint-every", type=int, help="iterations between checkpoints (default: 1/5 of the run)"
     )
-    parser.add_argument("--keep-last", type=int, default=2, help="checkpoints kept besides best.pt")
+    parser.add_argument("--keep-last", type=int, default=2, help="checkpoints kept besides best.pt (0: all)")
     parser.add_argument("--workers", type=int, default=2, help="data loading processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=env("RESNET_DEVICE", "auto"), help="auto, cpu or cuda")

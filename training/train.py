@@ -602,7 +602,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--eval-every", type=int, help="iterations between evaluations (0 = each epoch)")
     group.add_argument("--checkpoint-every", type=int, help="iterations between checkpoints")
-    group.add_argument("--keep-last", type=int, help="checkpoints kept besides best.pt")
+    group.add_argument("--keep-last", type=int, help="checkpoints kept besides best.pt (0: all)")
     group.add_argument("--log-every", type=int, help="iterations between metrics lines")
     group.add_argument("--device", default=env("RESNET_DEVICE"), help="auto, cpu, cuda (default auto)")
     group.add_argument("--amp", choices=("none", "bf16"), help="bf16 autocast")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training.errors import CheckpointError
+from training.errors import CheckpointError, ConfigError
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
 BEST_NAME = "best.pt"
@@ -57,9 +57,13 @@ def init_distributed(device_kind: str) -> DistInfo:
 def resolve_device(name: str, info: DistInfo) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", info.local_rank)
-    return torch.device(name)
+    try:
+        device = torch.device("cuda", info.local_rank) if name == "cuda" else torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: PyTorch sees no CUDA GPU here; use --device cpu (or auto)")
+    return device
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
