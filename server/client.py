@@ -62,7 +62,11 @@ def collect_images(paths: list[Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise ClientError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in directory {path}")
+                subfolders = any(p.is_dir() for p in path.iterdir())
+                hint = f"; sub-folders are not searched: name them, e.g. {path}/*" if subfolders else ""
+                raise ClientError(
+                    f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in directory {path}{hint}"
+                )
             images += found
         elif path.is_file():
             images.append(path)

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from cli.main import main as resnet
+from server.client import ClientError, collect_images
 from tests.gateway_models import LABELS, color_image
 from tests.grpc_support import API_KEY, gateway_process
 from tests.support import free_port
@@ -137,6 +138,14 @@ def test_bad_flags_are_one_line(photos, capsys, args, message):
     assert resnet(["client", "classify", str(photos[0]), *args]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("resnet: error: ") and message in err and "\n" not in err
+
+
+def test_a_folder_of_class_folders_names_the_way_in(tmp_path):
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "1.jpg").write_bytes(b"")
+    with pytest.raises(ClientError, match=f"sub-folders are not searched: name them, e.g. {tmp_path}/"):
+        collect_images([tmp_path])
+    assert collect_images([tmp_path / "cat"]) == [tmp_path / "cat" / "1.jpg"]
 
 
 @pytest.mark.parametrize(
