@@ -6,12 +6,14 @@ A wrong or empty prediction is a failure, not only a non-2xx status.
 from __future__ import annotations
 
 import json
+import urllib.parse
 import urllib.request
 
 import numpy as np
 
 API_KEY_HEADER = "X-API-Key"
 PIPELINE_SUFFIX = "_pipeline"  # Triton's protocol: the name of a classifier that takes encoded images
+DEFAULT_GRPC_PORT = 8081
 
 
 def auth_headers(api_key: str) -> dict[str, str]:
@@ -48,6 +50,21 @@ def kserve_models(base_url: str, api_key: str = "") -> list[str]:
     if not pipelines:
         raise RuntimeError(f"{base_url} serves no <model>{PIPELINE_SUFFIX} (encoded images in) to load-test")
     return pipelines
+
+
+def grpc_target(http_host: str | None) -> str:
+    """The gateway's gRPC host:port by default: the HTTP URL's host name, port 8081."""
+    hostname = urllib.parse.urlsplit(http_host or "http://127.0.0.1").hostname or "127.0.0.1"
+    return f"{hostname}:{DEFAULT_GRPC_PORT}"
+
+
+def check_grpc_live(target: str, timeout_s: float = 10) -> None:
+    """Raise unless a server answers gRPC ServerLive at host:port (open without an API key)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(target) as client:
+        if not client.is_server_live(client_timeout=timeout_s):
+            raise RuntimeError("the server says it is not live")
 
 
 def discover_model(base_url: str, api_key: str = "") -> str:

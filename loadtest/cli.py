@@ -206,25 +206,54 @@ def run_locust(command: list[str], duration: float, log_path: Path, api_key: str
         raise LoadTestError(f"locust exited with {process.returncode}: {tail[0]} (full log: {log_path})")
 
 
-def main(args: argparse.Namespace) -> int:
-    from loadtest.checks import gateway_models, kserve_models
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that cannot make a meaningful run, before anything starts."""
     from loadtest.images import IMAGE_SUFFIXES, read_folder
 
     if args.users < 1:
         raise LoadTestError("--users must be at least 1")
+    if args.spawn_rate is not None and not args.spawn_rate > 0:
+        raise LoadTestError(f"--spawn-rate is users started per second: more than 0, got {args.spawn_rate}")
+    if not 0 <= args.max_fail_ratio <= 1:
+        raise LoadTestError(f"--max-fail-ratio is a fraction in [0, 1], got {args.max_fail_ratio}")
+    for flag, limit in (("--max-p95-ms", args.max_p95_ms), ("--max-p99-ms", args.max_p99_ms)):
+        if limit is not None and not limit > 0:
+            raise LoadTestError(f"{flag} must be more than 0 ms, got {limit}")
+    if args.out.exists() and not args.out.is_dir():
+        raise LoadTestError(f"--out {args.out} is a file; give a folder for the results")
     if args.images and not Path(args.images).is_dir():
         raise LoadTestError(f"--images folder {args.images} does not exist")
     if args.images and not read_folder(Path(args.images), limit=1):  # not a silent switch to generated photos
         raise LoadTestError(
             f"--images folder {args.images} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files"
         )
+
+
+def served_model(args: argparse.Namespace) -> str:
+    """The model to load-test, once the server has shown that it serves it (else every request would fail)."""
+    from tritonclient.utils import InferenceServerException
+
+    from loadtest.checks import check_grpc_live, gateway_models, grpc_target, kserve_models
+
     try:
         served = (kserve_models if args.kserve else gateway_models)(args.url, args.api_key)
     except (urllib.error.URLError, OSError, ValueError, RuntimeError) as error:
         raise LoadTestError(f"cannot list models at {args.url}: {error}") from error
     model = args.model or served[0]
-    if model not in served:  # else every request of the run would fail with 404
+    if model not in served:
         raise LoadTestError(f"model {model!r} is not served at {args.url}; served: {', '.join(served)}")
+    if args.grpc:
+        target = args.grpc_url or grpc_target(args.url)
+        try:
+            check_grpc_live(target)
+        except (InferenceServerException, RuntimeError) as error:
+            raise LoadTestError(f"no gRPC server answers at {target} (set --grpc-url): {error}") from error
+    return model
+
+
+def main(args: argparse.Namespace) -> int:
+    check_flags(args)
+    model = served_model(args)
     args.out.mkdir(parents=True, exist_ok=True)
     csv_prefix, html = args.out / "locust", args.out / "report.html"
     run_locust(

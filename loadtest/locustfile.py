@@ -31,6 +31,7 @@ from locust import HttpUser, LoadTestShape, User, constant, events, tag, task  #
 from loadtest import shapes  # noqa: E402
 from loadtest.checks import (  # noqa: E402
     API_KEY_HEADER,
+    DEFAULT_GRPC_PORT,
     PIPELINE_SUFFIX,
     auth_headers,
     check_classification,
@@ -38,6 +39,7 @@ from loadtest.checks import (  # noqa: E402
     describe_error,
     discover_kserve_model,
     discover_model,
+    grpc_target,
     listed_names,
 )
 from loadtest.images import load_images  # noqa: E402
@@ -46,7 +48,6 @@ from server.spec import IMAGE_INPUT_NAME, OUTPUT_NAME  # noqa: E402
 # The per-second percentiles in the history CSV cover this many seconds (Locust's default 10 would blur
 # the steps of a ramp together); read at call time by locust.stats.
 locust.stats.CURRENT_RESPONSE_TIME_PERCENTILE_WINDOW = 2
-DEFAULT_GRPC_PORT = 8081
 BATCH_FILES = 4  # images per multipart request in the "several images" task
 
 
@@ -271,11 +272,6 @@ class KServeHttpUser(HttpUser):
                 response.failure(str(problem))
             else:
                 response.success()
-
-
-def grpc_target(http_host: str | None) -> str:
-    hostname = urllib.parse.urlsplit(http_host or "http://127.0.0.1").hostname or "127.0.0.1"
-    return f"{hostname}:{DEFAULT_GRPC_PORT}"
 
 
 class ScenarioShape(LoadTestShape):

@@ -13,7 +13,7 @@ import pytest
 
 from loadtest import report, shapes
 from loadtest.checks import check_classification, check_prediction
-from loadtest.cli import parse_duration
+from loadtest.cli import LoadTestError, check_flags, get_args_parser, parse_duration
 from loadtest.images import generate, load_images
 from tests.gateway_models import write_colors_model
 from tests.support import REPO_ROOT, free_port, running_process
@@ -55,6 +55,23 @@ def test_durations_parse(text, seconds):
 def test_bad_durations_are_refused(text):
     with pytest.raises(argparse.ArgumentTypeError):
         parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--users", "0"], "--users must be at least 1"),
+        (["--spawn-rate", "0"], "--spawn-rate is users started per second: more than 0, got 0.0"),
+        (["--max-fail-ratio", "2"], "--max-fail-ratio is a fraction in [0, 1], got 2.0"),
+        (["--max-p95-ms", "-5"], "--max-p95-ms must be more than 0 ms, got -5.0"),
+        (["--max-p99-ms", "0"], "--max-p99-ms must be more than 0 ms, got 0.0"),
+        (["--out", __file__], f"--out {__file__} is a file; give a folder"),
+    ],
+)
+def test_flags_that_cannot_make_a_meaningful_run_are_refused(flags, message):
+    with pytest.raises(LoadTestError) as refused:
+        check_flags(get_args_parser().parse_args(flags))
+    assert str(refused.value).startswith(message)
 
 
 def test_thresholds_name_what_broke():
@@ -230,13 +247,14 @@ def test_missing_api_key_is_a_one_line_error(gateway, tmp_path):
     [
         (["--model", "nope"], "model 'nope' is not served at http://127.0.0.1:"),
         (["--images", "{empty}"], "holds no .bmp/.jpeg/.jpg/.png/.webp files"),
+        (["--grpc", "--grpc-url", "127.0.0.1:{dead}"], "no gRPC server answers at 127.0.0.1:"),
     ],
 )
 def test_a_run_that_could_only_fail_or_mislead_is_refused_before_it_starts(gateway, tmp_path, flags, message):
     empty = tmp_path / "no-photos"
     empty.mkdir()
     out = tmp_path / "out"
-    flags = [flag.format(empty=empty) for flag in flags]
+    flags = [flag.format(empty=empty, dead=free_port()) for flag in flags]
     result = run_loadtest(
         "--url", gateway["url"], "--duration", "2s", "--out", str(out), *flags, api_key=API_KEY
     )
