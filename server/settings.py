@@ -65,7 +65,10 @@ class Settings(BaseSettings):
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
+            keys = [key.strip() for key in value.split(",") if key.strip()]
+            if value.strip() and not keys:  # meant to turn auth on: serving without it would be silent
+                raise ValueError(f"{value!r} holds no keys; leave it empty to serve without API keys")
+            return keys
         return value
 
     @field_validator("log_level", mode="before")

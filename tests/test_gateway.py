@@ -11,6 +11,7 @@ import threading
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from server.app import create_app
 from server.errors import InvalidInput, ModelNotFound
@@ -281,6 +282,16 @@ def test_bad_settings_stop_the_cli_with_one_line(tmp_path):
     ]
     too_many_pixels = subprocess.run(past_pillow, capture_output=True, text=True, timeout=60)
     assert too_many_pixels.returncode == 1 and "max_image_pixels" in too_many_pixels.stderr
+
+
+def test_api_keys_of_only_commas_are_refused_not_read_as_no_auth(monkeypatch):
+    monkeypatch.setenv("RESNET_API_KEYS", " , ,")
+    with pytest.raises(ValidationError, match="holds no keys; leave it empty to serve without API keys"):
+        Settings()
+    monkeypatch.setenv("RESNET_API_KEYS", "a, ,b")
+    assert Settings().api_keys == ["a", "b"]
+    monkeypatch.setenv("RESNET_API_KEYS", "")
+    assert Settings().api_keys == []
 
 
 def test_the_repository_is_read_from_the_same_variable_as_export_and_triton(monkeypatch, tmp_path):
