@@ -622,6 +622,12 @@ def test_cli_errors_are_one_line_and_non_zero(tmp_path, capsys, args, message):
     assert lines == [f"resnet: error: {lines[0][len('resnet: error: ') :]}"] and message in lines[0]
 
 
+def test_an_output_dir_that_is_a_file_is_one_line_error(capsys):
+    assert cli_main(["train", "--output-dir", __file__]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"resnet: error: --output-dir {__file__} is a file; give a folder for the run"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_cuda_without_a_gpu_is_one_line_error(tmp_path, capsys):
     assert cli_main(["train", "--device", "cuda", "--output-dir", str(tmp_path / "run")]) == 1

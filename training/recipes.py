@@ -132,6 +132,8 @@ class TrainConfig:
             raise ConfigError(f"unknown dataset kind {self.dataset!r}")
         if self.loader not in ("auto", "device", "folder"):
             raise ConfigError(f"unknown loader {self.loader!r}; choose auto, device or folder")
+        if Path(self.output_dir or ".").is_file():
+            raise ConfigError(f"--output-dir {self.output_dir} is a file; give a folder for the run")
 
     def _check_schedule(self) -> None:
         milestones = list(self.lr_milestones)
