@@ -185,8 +185,7 @@ class TritonServer:
         return cmd
 
     def start(self) -> TritonServer:
-        if not self.repository.is_dir():
-            raise TritonError(f"model repository not found: {self.repository}")
+        self._check_before_start()
         install = find_tritonserver()
         output = None if self.stream_log else open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._log_handle = output
@@ -203,6 +202,31 @@ class TritonServer:
             self.stop()
             raise
         return self
+
+    def _check_before_start(self) -> None:
+        """What tritonserver would refuse only after loading (or with its whole usage text), in one line."""
+        if not self.repository.is_dir():
+            raise TritonError(f"model repository not found: {self.repository}")
+        held = sorted(folder.name for folder in self.repository.iterdir() if _is_model_folder(folder))
+        if not held:
+            raise TritonError(
+                f"{self.repository} holds no models (no <model>/config.pbtxt or <model>/<version>/)"
+            )
+        missing = [name for name in self.models or [] if name not in held]
+        if missing:
+            raise TritonError(
+                f"no model {', '.join(map(repr, missing))} in {self.repository}; it holds {', '.join(held)}"
+            )
+        addresses = {
+            (self.host, self.http_port),
+            (self.grpc_host, self.grpc_port),
+            (self.host, self.metrics_port),
+        }
+        if len(addresses) < 3:
+            raise TritonError(
+                f"the HTTP, gRPC and metrics ports must differ, got {self.http_port}, {self.grpc_port} and "
+                f"{self.metrics_port}"
+            )
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -312,7 +336,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--startup-timeout",
-        type=float,
+        type=positive_seconds,
         default=180,
         help="seconds to wait for readiness (default: %(default)s)",
     )
@@ -331,6 +355,26 @@ def port_number(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
     return port
+
+
+def _is_model_folder(folder: Path) -> bool:
+    """A config, or a numbered version folder (Triton can complete an ONNX model's config itself)."""
+    if not folder.is_dir():
+        return False
+    return (folder / "config.pbtxt").is_file() or any(
+        v.is_dir() and v.name.isdigit() for v in folder.iterdir()
+    )
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a wait in seconds, more than 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return seconds
 
 
 def main(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ One server per module: exporting ResNet-20 and starting Triton takes seconds, th
 from __future__ import annotations
 
 import io
+import re
 import signal
 import subprocess
 import time
@@ -19,6 +20,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from export import workflow
+from export.errors import TritonError
 from export.onnx import session
 from export.source import from_arch
 from export.triton_server import TritonServer, find_tritonserver
@@ -220,3 +222,21 @@ def test_cli_missing_repository_is_one_line_error(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip() == f"resnet: error: model repository not found: {tmp_path / 'nope'}"
+
+
+@pytest.mark.parametrize(
+    ("folders", "options", "message"),
+    [
+        (["notes"], {}, "holds no models (no <model>/config.pbtxt or <model>/<version>/)"),
+        (["r20/1"], {"models": ["r20", "nope"]}, "no model 'nope' in {root}; it holds r20"),
+        (["r20/1"], {"http_port": 18000, "grpc_port": 18000}, "ports must differ, got 18000, 18000"),
+    ],
+    ids=["no models", "unknown model", "one port twice"],
+)
+def test_what_tritonserver_would_refuse_late_is_refused_before_it_starts(tmp_path, folders, options, message):
+    for folder in folders:
+        (tmp_path / folder).mkdir(parents=True)
+    server = TritonServer(tmp_path, **options)
+    with pytest.raises(TritonError, match=re.escape(message.format(root=tmp_path.resolve()))):
+        server.start()
+    assert server.process is None
