@@ -229,7 +229,12 @@ def result(model, predictions: list[Prediction]) -> dict:
 async def read_images(request: Request, max_body_bytes: int) -> tuple[list[bytes], bool]:
     """The request's images and whether the client sent several (multipart) or one (raw body)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    encoding = request.headers.get("content-encoding", "")
     if content_type == "multipart/form-data":
+        if encoding.strip().lower() not in ("", "identity"):
+            raise UnsupportedMediaType(
+                f"Content-Encoding {encoding!r} is not supported on a multipart body; send the form uncompressed"
+            )
         form = await request.form(max_files=MAX_FILES, max_part_size=max_body_bytes)
         try:
             files = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
@@ -242,7 +247,7 @@ async def read_images(request: Request, max_body_bytes: int) -> tuple[list[bytes
             await form.close()
         return images, len(images) > 1
     if content_type.startswith("image/") or content_type in RAW_CONTENT_TYPES:
-        return [await request.body()], False
+        return [kserve_http.decompressed(await request.body(), encoding, max_body_bytes)], False
     raise UnsupportedMediaType(
         f"content type {content_type!r} is not accepted; send the image as the raw body with "
         "an image/* content type, or as multipart/form-data field 'file'"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 import subprocess
 import sys
@@ -129,6 +130,34 @@ def test_multipart_one_and_many_files(client):
 def test_bad_input_gets_a_clear_error(client, body, content_type, status, code, words):
     response = client.post("/v1/models/colors/classify", content=body, headers={"content-type": content_type})
     assert_error(response, status, code, *words)
+
+
+def test_a_compressed_body_is_inflated_or_refused_by_name(client):
+    gzipped = {**JPEG, "content-encoding": "gzip"}
+    response = client.post(
+        "/v1/models/colors/classify", content=gzip.compress(color_image("green")), headers=gzipped
+    )
+    assert response.status_code == 200 and response.json()["predictions"][0]["label"] == "green"
+    assert_error(
+        client.post("/v1/models/colors/classify", content=color_image("green"), headers=gzipped),
+        422,
+        "invalid_input",
+        "not valid gzip",
+    )
+    brotli = {**JPEG, "content-encoding": "br"}
+    assert_error(
+        client.post("/v1/models/colors/classify", content=b"x", headers=brotli), 415, "unsupported_media_type"
+    )
+    bomb = gzip.compress(b"\xff" * 300_000)  # 300 kB inflated from a few hundred bytes: over the 200 kB limit
+    assert_error(
+        client.post("/v1/models/colors/classify", content=bomb, headers=gzipped), 413, "payload_too_large"
+    )
+    multipart = client.post(
+        "/v1/models/colors/classify",
+        files={"file": ("a.jpg", color_image("red"), "image/jpeg")},
+        headers={"content-encoding": "gzip"},
+    )
+    assert_error(multipart, 415, "unsupported_media_type", "multipart")
 
 
 def test_body_limit_holds_without_content_length(client):
