@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.errors import TritonError
+from export.repository import versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("RESNET_CACHE_DIR", Path.home() / ".cache" / "resnet-serving"))
@@ -359,11 +360,7 @@ def port_number(text: str) -> int:
 
 def _is_model_folder(folder: Path) -> bool:
     """A config, or a numbered version folder (Triton can complete an ONNX model's config itself)."""
-    if not folder.is_dir():
-        return False
-    return (folder / "config.pbtxt").is_file() or any(
-        v.is_dir() and v.name.isdigit() for v in folder.iterdir()
-    )
+    return (folder / "config.pbtxt").is_file() or bool(versions(folder))
 
 
 def positive_seconds(text: str) -> float:

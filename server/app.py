@@ -231,7 +231,7 @@ async def read_images(request: Request, max_body_bytes: int) -> tuple[list[bytes
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     encoding = request.headers.get("content-encoding", "")
     if content_type == "multipart/form-data":
-        if encoding.strip().lower() not in ("", "identity"):
+        if kserve_http.is_compressed(encoding):
             raise UnsupportedMediaType(
                 f"Content-Encoding {encoding!r} is not supported on a multipart body; send the form uncompressed"
             )

@@ -140,11 +140,16 @@ DECOMPRESSORS = {
 }
 
 
+def is_compressed(encoding: str) -> bool:
+    """Whether a Content-Encoding header value asks for anything but the body as it is."""
+    return encoding.strip().lower() not in ("", "identity")
+
+
 def decompressed(body: bytes, encoding: str, limit: int) -> bytes:
     """The body per its Content-Encoding, refusing more than `limit` bytes before they are inflated."""
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
+    if not is_compressed(encoding):
         return body
+    encoding = encoding.strip().lower()
     if encoding not in DECOMPRESSORS:
         raise errors.UnsupportedMediaType(
             f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or an uncompressed body"
