@@ -342,6 +342,30 @@ def test_resume_on_another_device_uses_this_devices_optimizer_kernel(cifar_like,
     assert load_checkpoint(resumed.last_checkpoint)["optimizer"]["param_groups"][0]["fused"] is None
 
 
+def test_resume_auto_passes_over_a_damaged_newest_checkpoint(cifar_like, tmp_path, capsys):
+    run = tmp_path / "run"
+    first = train(small_config(cifar_like, run, iterations=8), progress=False)
+    first.last_checkpoint.write_bytes(first.last_checkpoint.read_bytes()[:1000])  # a bad copy, a disk error
+    resumed = train(
+        small_config(cifar_like, run), resume="auto", progress=False, resume_overrides={"iterations": 10}
+    )
+    err = capsys.readouterr().err
+    assert "warning: skipping checkpoint-0000008.pt: cannot read checkpoint" in err
+    assert "(iteration 4)" in err
+    assert resumed.iteration == 10
+    assert load_checkpoint(run / "checkpoint-0000008.pt")["iteration"] == 8  # rewritten on the way
+
+
+def test_resume_auto_with_no_readable_checkpoint_is_one_error(cifar_like, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint-0000004.pt").write_text("not a checkpoint")
+    with pytest.raises(
+        CheckpointError, match=r"no checkpoint in .*run can be read \(checkpoint-0000004.pt\)"
+    ):
+        train(small_config(cifar_like, run), resume="auto", progress=False)
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(cifar_like, tmp_path):
     straight = train(small_config(cifar_like, tmp_path / "straight"), progress=False)

@@ -41,8 +41,8 @@ from training.utils import (
     atomic_write_text,
     checkpoint_path,
     init_distributed,
-    latest_checkpoint,
     load_checkpoint,
+    load_latest_checkpoint,
     mark_best,
     prune_checkpoints,
     resolve_device,
@@ -461,11 +461,14 @@ def train(
     """Train per `config` (or continue `resume`: a checkpoint path or "auto" = latest in the output dir)."""
     checkpoint = None
     if resume:
-        path = latest_checkpoint(Path(config.output_dir)) if resume == "auto" else Path(resume)
-        if path is None:
+        if resume == "auto":
+            found = load_latest_checkpoint(Path(config.output_dir))
+        else:
+            found = (Path(resume), load_checkpoint(resume))
+        if found is None:
             print(f"no checkpoint in {config.output_dir} yet; starting from scratch", file=sys.stderr)
         else:
-            checkpoint = load_checkpoint(path)
+            path, checkpoint = found
             print(f"resuming from {path} (iteration {checkpoint['iteration']})", file=sys.stderr)
             overrides = {
                 k: v for k, v in (resume_overrides or {}).items() if k in RESUME_OVERRIDES and v is not None

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -119,9 +120,25 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
+def load_latest_checkpoint(output_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint in `output_dir` that loads, or None when there is none.
+
+    Writes are atomic, so a crash leaves no half-written file; but a disk error or a bad copy can still damage
+    the newest one, and then the run goes on from the one before it (with a warning) instead of stopping.
+    """
+    damaged = []
+    for _, path in reversed(list_checkpoints(output_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as error:
+            print(f"warning: skipping {path.name}: {error}", file=sys.stderr)
+            damaged.append(path.name)
+    if damaged:
+        raise CheckpointError(
+            f"no checkpoint in {output_dir} can be read ({', '.join(damaged)}); "
+            "move them aside to start from scratch"
+        )
+    return None
 
 
 def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
