@@ -6,6 +6,7 @@ Every flag has a `RESNET_*` environment variable (the flag wins); bad values sto
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import socket
 
@@ -107,8 +108,15 @@ def check_port_free(host: str, port: int, what: str, flag: str) -> None:
         try:
             sock.bind((host, port))
         except OSError as error:
+            # In use or privileged is the port's fault; anything else (not this machine's address, a name that
+            # does not resolve) is the host's.
+            remedy = (
+                f"choose another with {flag}"
+                if error.errno in (errno.EADDRINUSE, errno.EACCES)
+                else "--host must be an address of this machine (0.0.0.0 for all interfaces)"
+            )
             raise ResnetError(
-                f"cannot bind the {what} port {host}:{port} ({error.strerror}); choose another with {flag}"
+                f"cannot bind the {what} port {host}:{port} ({error.strerror}); {remedy}"
             ) from None
 
 

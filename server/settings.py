@@ -21,7 +21,8 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True
     )
 
-    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 for all interfaces)")
+    # An empty host would make uvicorn bind every interface: an unset variable must not publish the gateway.
+    host: str = Field("127.0.0.1", min_length=1, description="HTTP bind address (0.0.0.0 for all interfaces)")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port")
     grpc_port: int = Field(8081, ge=0, le=65535, description="gRPC port; 0 disables the gRPC API")
     repository: Path = Field(

@@ -354,6 +354,19 @@ def test_a_taken_port_is_one_line_error(repository):
     assert result.stderr.startswith(f"resnet: error: cannot bind the gRPC port 127.0.0.1:{port}")
 
 
+def test_a_host_that_is_not_this_machines_names_the_host_not_the_port(repository):
+    def serve(host: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "cli.main", "serve", "--repository", str(repository), "--host", host]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    not_here = serve("192.0.2.1")  # TEST-NET-1: reserved for documentation, never a local address
+    assert not_here.returncode == 1 and not_here.stderr.count("\n") == 1
+    assert "--host must be an address of this machine" in not_here.stderr
+    assert "choose another with --port" not in not_here.stderr
+    empty = serve("")  # uvicorn would bind every interface
+    assert empty.returncode == 1 and "invalid settings: host" in empty.stderr
+
+
 def test_serve_help_lists_flags_and_env_vars():
     result = subprocess.run(
         [sys.executable, "-m", "cli.main", "serve", "--help"], capture_output=True, text=True, timeout=60
