@@ -686,7 +686,8 @@ def test_usage_errors_are_one_line_and_exit_2(capsys, args, message):
 
 
 @pytest.mark.slow
-def test_benchmark_runs_on_cpu_with_tiny_sizes():
+def test_benchmark_runs_on_cpu_with_tiny_sizes(tmp_path):
+    trace = tmp_path / "not-yet" / "trace.json"
     done = subprocess.run(
         [
             sys.executable,
@@ -710,6 +711,10 @@ def test_benchmark_runs_on_cpu_with_tiny_sizes():
             "none",
             "--stock-workers",
             "0",
+            "--profile",
+            str(trace),
+            "--profile-steps",
+            "1",
             "--json",
         ],
         capture_output=True,
@@ -723,6 +728,29 @@ def test_benchmark_runs_on_cpu_with_tiny_sizes():
     assert result["resnet50_ours_img_s"] > 0 and result["resnet50_stock_img_s"] > 0
     assert result["resnet20_ours_ms_per_iter"] > 0 and result["resnet20_stock_ms_per_iter"] > 0
     assert result["compile"] == "none" and result["device"].startswith("cpu")
+    assert json.loads(trace.read_text())["traceEvents"]  # its folder made first: torch's export would not
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--stock-workers", "-1"], "--stock-workers must be at least 0, got -1"),
+        (["--cifar-images", "100"], "--cifar-images (100) must hold one --cifar-batch-size batch"),
+    ],
+)
+def test_benchmark_bad_flags_are_one_line_before_any_loop(flags, message):
+    done = subprocess.run(
+        [sys.executable, "-m", "training.benchmark", "--nets", "resnet20", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+        env=ONE_THREAD_ENV,
+    )
+    assert done.returncode == 1
+    assert done.stderr == f"resnet: error: {message}\n" and not done.stdout
 
 
 def test_benchmark_table_has_ratios_and_the_schedule_time():

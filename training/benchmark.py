@@ -20,18 +20,21 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torchvision
 import torchvision.transforms as T
 from PIL import Image
 
+from cli.errors import ResnetError
 from server.spec import PreprocessSpec
 from training.data import DataSplit
+from training.errors import ConfigError
 from training.models import build_model
 from training.recipes import COMPILE_MODES, resolve
 from training.train import Trainer, compiled
-from training.utils import DistInfo
+from training.utils import DistInfo, resolve_device
 
 PAPER_CIFAR_ITERATIONS = 64_000
 
@@ -85,6 +88,8 @@ def _profile(step, steps: int, device: torch.device, trace: str) -> None:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    # torch's trace export does not fail when the folder is missing: it writes nothing and says nothing.
+    Path(trace).parent.mkdir(parents=True, exist_ok=True)
     with torch.profiler.profile(activities=activities) as profiler:
         for _ in range(steps):
             step()
@@ -245,7 +250,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N or auto"
+    )
     parser.add_argument(
         "--nets",
         type=_nets,
@@ -355,8 +362,20 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Values that would otherwise fail as a traceback, some only after the first loop's minutes of work."""
+    at_least = {"batch_size": 1, "image_size": 1, "steps": 1, "warmup": 0, "cifar_batch_size": 1}
+    at_least |= {"cifar_images": 1, "stock_workers": 0, "profile_steps": 1}
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    if args.cifar_images < args.cifar_batch_size:
+        raise ConfigError(f"--cifar-images ({args.cifar_images}) must hold one --cifar-batch-size batch")
+
+
 def main(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
+    check_args(args)
+    device = resolve_device(args.device, DistInfo())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     result = measure(args, device)
@@ -365,4 +384,8 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except ResnetError as error:
+        print(f"resnet: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
