@@ -666,7 +666,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--repository",
         type=Path,
         default=Path(os.environ.get("RESNET_MODEL_REPOSITORY", "model_repository")),
-        help="model repository holding the bundled model (otherwise a random-weight one is exported)",
+        help="model repository holding the model to measure (one with no model for --arch: a random-weight "
+        "one is exported)",
     )
     parser.add_argument(
         "--concurrency", type=int, default=0, help="HTTP requests in flight (default: 64; 16 with --quick)"
@@ -693,6 +694,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse what would otherwise fail minutes in (or measure something else) before any model is prepared."""
+    for flag in ("concurrency", "threads"):
+        if getattr(args, flag) < 0:
+            raise BenchError(f"--{flag} must be at least 0 (0: the default), got {getattr(args, flag)}")
+    if not args.repository.is_dir():
+        # A typo must not quietly turn a benchmark of the user's model into one of random weights.
+        raise BenchError(f"model repository {args.repository} does not exist (set --repository)")
+    if args.docs.exists() and not args.docs.is_dir():
+        raise BenchError(f"--docs {args.docs} is a file, not a folder")
+
+
 def main(args: argparse.Namespace) -> int:
     # OpenMP threads that spin while waiting collapse when another process holds a core (PyTorch eager ResNet-20
     # on this shared 2-core machine: 3 ms per image with 1 thread, 300-600 ms with 2 spinning ones, 7 ms with
@@ -701,6 +714,7 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
+    check_args(args)
     plan = BenchPlan.make(args)
     started = time.monotonic()
     photos = load_images(args.images, limit=64)

@@ -72,3 +72,19 @@ def test_quick_bench_runs_end_to_end_and_keeps_foreign_sections(tmp_path):
     assert FOREIGN.strip() in text and "stale" not in text
     assert "resnet bench --quick" in text and "vs raw runtime" in text
     assert (docs / "img" / "gateway_latency_throughput.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--concurrency", "-4"], "--concurrency must be at least 0 (0: the default), got -4"),
+        (["--threads", "-2"], "--threads must be at least 0 (0: the default), got -2"),
+        (["--repository", "no-such-repository"], "model repository no-such-repository does not exist"),
+        (["--docs", "README.md"], "--docs README.md is a file, not a folder"),
+    ],
+)
+def test_bad_flags_are_one_line_before_any_measurement(flags, message):
+    command = [sys.executable, "-m", "cli", "bench", "--quick", *flags]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"resnet: error: {message}") and result.stderr.count("\n") == 1
