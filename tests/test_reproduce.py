@@ -285,6 +285,49 @@ def test_report_without_runs_is_a_clear_error(tmp_path):
     assert result.returncode == 1 and f"no runs under {tmp_path} (expected" in result.stderr
 
 
+def _run_cli(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    doc = tmp_path / "r.md"
+    command = [
+        "run",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--doc",
+        str(doc),
+        "--figure",
+        str(tmp_path / "r.png"),
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "training.reproduce", *command, "--archs", "resnet20", "plain20", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--data", "no-such-data"], "--data no-such-data is not a folder (`make cifar` extracts"),
+        (["--data", "README.md"], "--data README.md is not a folder"),
+        (["--data", ".", "--train-args", "'--amp"], '--train-args "\'--amp": No closing quotation'),
+    ],
+)
+def test_run_refuses_what_every_trainer_would_fail_on_before_starting_one(tmp_path, flags, message):
+    result = _run_cli(tmp_path, *flags)
+    assert result.returncode == 1 and result.stderr.startswith(f"resnet: error: {message}")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_trainers_that_all_fail_are_reported_with_the_first_ones_error(tmp_path):
+    result = _run_cli(tmp_path, "--data", ".", "--train-args", "--bogus 1")  # the real `resnet train`
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "resnet: error: training failed for resnet20, plain20 (see their train.log; resnet20's ends: "
+        "resnet train: error: unrecognized arguments: --bogus 1 (see `resnet train --help`))"
+    )
+
+
 def test_report_keeps_records_beside_the_doc_so_a_fresh_clone_rebuilds_it(runs, tmp_path):
     doc = tmp_path / "docs" / "reproduction.md"
     doc.parent.mkdir()
@@ -570,7 +613,18 @@ def test_a_time_limit_stops_the_slice_at_a_checkpoint_and_still_reports(tmp_path
     doc.write_text(f"{TABLE_BEGIN}\n{TABLE_END}\n")
     runs = tmp_path / "runs"
     args = reproduce.get_args_parser().parse_args(
-        ["run", "--archs", "resnet20", "plain20", "--concurrent", "1", "--time-limit", "1.5s"]
+        [
+            "run",
+            "--archs",
+            "resnet20",
+            "plain20",
+            "--concurrent",
+            "1",
+            "--time-limit",
+            "1.5s",
+            "--data",
+            str(tmp_path),
+        ]
         + ["--runs-dir", str(runs), "--doc", str(doc), "--figure", str(tmp_path / "fig6.png")]
     )
     assert reproduce.main(args) == 0
@@ -587,7 +641,17 @@ def test_no_net_is_started_too_close_to_the_time_limit(tmp_path, monkeypatch, ca
     monkeypatch.setattr(reproduce.time, "sleep", lambda _: None)
     doc = tmp_path / "reproduction.md"
     args = reproduce.get_args_parser().parse_args(
-        ["run", "--archs", "resnet20", "--time-limit", "30", "--runs-dir", str(tmp_path / "runs")]
+        [
+            "run",
+            "--archs",
+            "resnet20",
+            "--time-limit",
+            "30",
+            "--data",
+            str(tmp_path),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ]
         + ["--doc", str(doc), "--figure", str(tmp_path / "fig6.png")]
     )
     assert reproduce.main(args) == 0  # a slice that evaluated nothing yet is not an error

@@ -850,22 +850,44 @@ def records_folder(args: argparse.Namespace) -> Path | None:
     return Path(chosen) if chosen else None
 
 
+def train_flags(args: argparse.Namespace) -> list[str]:
+    """--train-args as a list, and a --data every trainer can read: checked once, not by nine failed trainers."""
+    if not Path(args.data).is_dir():
+        raise ReproduceError(
+            f"--data {args.data} is not a folder (`make cifar` extracts the CIFAR-10 tarball)"
+        )
+    try:
+        return shlex.split(args.train_args)
+    except ValueError as error:
+        raise ReproduceError(f"--train-args {args.train_args!r}: {error}") from None
+
+
+def failure(runs_dir: Path, failed: list[str]) -> ReproduceError:
+    """Which nets failed, and the last line of the first one's log: the trainers' error is usually the same."""
+    log = Path(runs_dir) / failed[0] / "train.log"
+    lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+    last = f"; {failed[0]}'s ends: {lines[-1]}" if lines else ""
+    return ReproduceError(f"training failed for {', '.join(failed)} (see their train.log{last})")
+
+
 def main(args: argparse.Namespace) -> int:
     if args.concurrent < 1:
         raise ReproduceError(f"--concurrent must be at least 1, got {args.concurrent}")
     records = records_folder(args)
     failed = []
     if args.action == "run":
+        extra = train_flags(args)
         if not gpu_names():
             print("warning: no GPU visible; the paper set takes days on a CPU", file=sys.stderr)
-        extra = shlex.split(args.train_args)
         failed = run_all(
             args.archs, args.data, args.runs_dir, args.concurrent, extra, records, args.time_limit
         )
     elif records:
         save_records(args.runs_dir, records)
     if not collect_runs(records or args.runs_dir):
-        if args.action == "run" and not failed:  # stopped (--time-limit) before any net's first evaluation
+        if failed:
+            raise failure(args.runs_dir, failed)
+        if args.action == "run":  # stopped (--time-limit) before any net's first evaluation
             print(f"no test evaluation yet, so {args.doc} is unchanged")
             return 0
         searched = f"{args.runs_dir} or {records}" if records else f"{args.runs_dir}"
@@ -876,7 +898,7 @@ def main(args: argparse.Namespace) -> int:
     print(render_table(results))
     print(f"\nwrote {args.doc} and {args.figure}")
     if failed:
-        raise ReproduceError(f"training failed for {', '.join(failed)} (see their train.log)")
+        raise failure(args.runs_dir, failed)
     return 0
 
 
