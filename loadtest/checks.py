@@ -55,7 +55,7 @@ def kserve_models(base_url: str, api_key: str = "") -> list[str]:
 def grpc_target(http_host: str | None) -> str:
     """The gateway's gRPC host:port by default: the HTTP URL's host name, port 8081."""
     hostname = urllib.parse.urlsplit(http_host or "http://127.0.0.1").hostname or "127.0.0.1"
-    return f"{hostname}:{DEFAULT_GRPC_PORT}"
+    return f"[{hostname}]:{DEFAULT_GRPC_PORT}" if ":" in hostname else f"{hostname}:{DEFAULT_GRPC_PORT}"
 
 
 def check_grpc_live(target: str, timeout_s: float = 10) -> None:

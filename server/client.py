@@ -247,7 +247,11 @@ def only_model(names: list[str], url: str) -> str:
 
 
 def connect(url: str, server: str, api_key: str | None, timeout: float) -> GatewayHttp | KServe:
-    parts = urlsplit(url if "://" in url else f"http://{url}")
+    try:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        parts.port  # noqa: B018 - raises for a port past 65535, which gRPC would quietly take modulo 65536
+    except ValueError as error:
+        raise ClientError(f"bad --url {url!r}: {error}") from None
     if parts.scheme not in ("http", "grpc") or not parts.hostname:
         raise ClientError(f"bad --url {url!r}: use http://HOST:PORT or grpc://HOST:PORT")
     address = parts.netloc

@@ -153,6 +153,8 @@ def test_a_folder_of_class_folders_names_the_way_in(tmp_path):
     [
         (["missing.jpg"], "image not found: missing.jpg"),
         (["{photo}", "--url", "ftp://host:1"], "bad --url"),
+        (["{photo}", "--url", "grpc://127.0.0.1:{wrapped}"], "Port out of range 0-65535"),  # not port - 65536
+        (["{photo}", "--url", "http://[::1"], "bad --url 'http://[::1': Invalid IPv6 URL"),
         (["{photo}", "--url", "{grpc}", "--api-key", "wrong"], "invalid API key"),
         (["{photo}", "--url", "{http}", "--api-key", "wrong"], "401"),
         (
@@ -171,6 +173,7 @@ def test_errors_are_one_line_and_exit_non_zero(gateway, photos, capsys, args, me
         "grpc": gateway.grpc_url,
         "http": gateway.http_url,
         "dead": free_port(),
+        "wrapped": 65536 + int(gateway.grpc_url.rsplit(":", 1)[1]),
     }
     assert resnet(["client", "classify", *(arg.format(**values) for arg in args), "--timeout", "5"]) == 1
     err = capsys.readouterr().err.strip()

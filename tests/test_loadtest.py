@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import report, shapes
-from loadtest.checks import check_classification, check_prediction
+from loadtest.checks import check_classification, check_prediction, grpc_target
 from loadtest.cli import LoadTestError, check_flags, get_args_parser, parse_duration
 from loadtest.images import generate, load_images
 from tests.gateway_models import write_colors_model
@@ -355,3 +355,15 @@ def test_cli_process_never_imports_locust():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
     )
     assert result.stdout.strip() == "False", result.stderr
+
+
+@pytest.mark.parametrize(
+    "url, target",
+    [
+        (None, "127.0.0.1:8081"),
+        ("http://gw.example:8080", "gw.example:8081"),
+        ("http://[::1]:8080", "[::1]:8081"),
+    ],
+)
+def test_the_default_grpc_target_is_the_urls_host_on_port_8081(url, target):
+    assert grpc_target(url) == target
