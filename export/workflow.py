@@ -32,6 +32,10 @@ from export.source import ModelSource
 from export.tensorrt import build_plan, tensorrt_available
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# The folders an export makes beside each model. A model named like one would overwrite another model's (`--name
+# resnet20_pipeline` replaced resnet20's ensemble with a classifier), and clients read `<name>_pipeline` as "the
+# model that takes encoded images".
+GENERATED_SUFFIXES = ("_preprocess", "_pipeline")
 
 
 @dataclass
@@ -73,6 +77,12 @@ def validate(options: ExportOptions, source: ModelSource) -> list[str]:
     """Fail before any work on flags that cannot work; returns the labels."""
     if not NAME_PATTERN.match(options.name):
         raise ExportError(f"model name {options.name!r} must be letters, digits, '_', '-' or '.'")
+    for suffix in GENERATED_SUFFIXES:
+        if options.name.endswith(suffix):
+            raise ExportError(
+                f"model name {options.name!r} ends in {suffix!r}, which export keeps for the <name>{suffix} "
+                "model it makes beside each one; choose another --name"
+            )
     if options.target not in ("cpu", "gpu"):
         raise ExportError(f"--target must be cpu or gpu, got {options.target!r}")
     if options.int8 and not options.calib_data:

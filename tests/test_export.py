@@ -368,11 +368,23 @@ def test_cli_int8_without_calibration_data_is_one_line_error(tmp_path):
         ({"batching": BatchingPolicy(max_queue_delay_us=-5)}, "--max-queue-delay-us must be 0 or more"),
         ({"quantize": QuantizeOptions(max_calibration_images=0)}, "--calib-images must be at least 1"),
         ({"max_accuracy_drop": -1.0}, "--max-accuracy-drop is in top-1 points"),
+        (
+            {"name": "resnet20_pipeline"},
+            "ends in '_pipeline', which export keeps for the <name>_pipeline model",
+        ),
+        ({"name": "r20_preprocess"}, "ends in '_preprocess'"),
     ],
-    ids=["no instances", "negative delay", "no calibration images", "negative accuracy budget"],
+    ids=[
+        "no instances",
+        "negative delay",
+        "no calibration images",
+        "negative accuracy budget",
+        "another model's ensemble name",
+        "another model's preprocess name",
+    ],
 )
 def test_flags_that_cannot_work_are_refused_before_any_work(resnet20, tmp_path, field, message):
-    options = workflow.ExportOptions(name="r20", repository=tmp_path / "repo", **field)
+    options = workflow.ExportOptions(**{"name": "r20", "repository": tmp_path / "repo", **field})
     with pytest.raises(ExportError, match=message):
         workflow.validate(options, resnet20)
 
