@@ -32,6 +32,7 @@ from server.spec import (
     ROLE_KEY,
     PreprocessSpec,
     Role,
+    SpecError,
 )
 
 CONFIG_FILENAME = "config.pbtxt"
@@ -208,6 +209,24 @@ def write_model(model_dir: Path, config: mc.ModelConfig, labels: list[str] | Non
     if labels is not None:
         atomic_write_text(model_dir / LABELS_FILENAME, "".join(f"{label}\n" for label in labels))
     atomic_write_text(model_dir / CONFIG_FILENAME, config_text(config))
+
+
+def placeholder_labels(num_classes: int) -> list[str]:
+    """What export labels classes with when nothing names them."""
+    return [f"class_{index}" for index in range(num_classes)]
+
+
+def served_preprocessing(model_dir: Path) -> tuple[PreprocessSpec, list[str] | None]:
+    """The preprocessing a published model is served with (its config's parameters) and its class names, None
+    where labels.txt is missing or holds only placeholders."""
+    parameters = {key: value.string_value for key, value in read_config(model_dir).parameters.items()}
+    try:
+        spec = PreprocessSpec.from_parameters(parameters)
+    except SpecError as error:
+        raise RepositoryError(f"{model_dir / CONFIG_FILENAME}: {error}") from None
+    path = model_dir / LABELS_FILENAME
+    labels = path.read_text().splitlines() if path.is_file() else []
+    return spec, labels if labels and labels != placeholder_labels(len(labels)) else None
 
 
 def versions(model_dir: Path) -> list[int]:

@@ -51,6 +51,19 @@ def params(config: mc.ModelConfig) -> dict[str, str]:
     return {key: value.string_value for key, value in config.parameters.items()}
 
 
+def test_served_preprocessing_reads_back_the_spec_and_real_labels_only(tmp_path):
+    spec = PreprocessSpec.cifar10()
+    config = repo.classifier_config(classifier(name="r20", num_classes=2, preprocess=spec))
+    repo.write_model(tmp_path / "r20", config, ["cat", "dog"])
+    assert repo.served_preprocessing(tmp_path / "r20") == (spec, ["cat", "dog"])
+    repo.write_model(tmp_path / "r20", config, repo.placeholder_labels(2))  # nothing named the classes
+    assert repo.served_preprocessing(tmp_path / "r20") == (spec, None)
+    config.parameters["preprocess.crop"].string_value = "a lot"
+    repo.write_model(tmp_path / "r20", config)
+    with pytest.raises(RepositoryError, match="r20/config.pbtxt: bad preprocessing parameter"):
+        repo.served_preprocessing(tmp_path / "r20")
+
+
 def test_cpu_classifier_config_is_a_python_backend_model_with_batching_and_spec(tmp_path):
     spec = classifier(
         batching=repo.BatchingPolicy(max_batch_size=16, max_queue_delay_us=500, max_queue_size=64)

@@ -545,6 +545,26 @@ def test_evaluate_cli_prints_accuracy(cifar_like, tmp_path):
     assert json.loads(done.stdout.strip().splitlines()[-1])["n"] == 24
 
 
+def test_evaluate_a_published_onnx_with_its_repositorys_preprocessing_and_labels(tmp_path, capsys):
+    """No checkpoint needed for a model in a repository: its config and labels.txt say how it is served."""
+    published = REPO_ROOT / "model_repository" / "resnet20_cifar10"
+    onnx = max(published.glob("*/model.onnx"))
+    data = make_image_tree(tmp_path / "data", {"test": 4}, classes=["cat", "ship"])  # two of the ten classes
+    labels = (published / "labels.txt").read_text().splitlines()
+    expected = evaluate_onnx(onnx, data, PreprocessSpec.cifar10(), labels, workers=0)
+    assert cli_main(["evaluate", "--onnx", str(onnx), "--data", str(data), "--workers", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 8 and (result["top1"], result["top5"]) == (expected["top1"], expected["top5"])
+    loose = tmp_path / "model.onnx"
+    loose.write_bytes(onnx.read_bytes())
+    assert cli_main(["evaluate", "--onnx", str(loose), "--data", str(data), "--workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"resnet: error: {loose} takes 32x32 images, the preprocessing makes 224x224: give the --checkpoint"
+        in err
+    )
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 

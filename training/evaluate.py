@@ -143,7 +143,18 @@ def evaluate_onnx(
         session = ort.InferenceSession(str(onnx_path), providers=providers or ["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - ORT's own classes (InvalidProtobuf, Fail, ...) are bare Exceptions
         raise CheckpointError(f"cannot load ONNX model {onnx_path}: {error}") from error
-    input_name = session.get_inputs()[0].name
+    model_input = session.get_inputs()[0]
+    size = model_input.shape[-2:]
+    if (
+        spec.layout == "NCHW"
+        and all(isinstance(d, int) for d in size)
+        and tuple(size) != (spec.crop, spec.crop)
+    ):
+        raise CheckpointError(
+            f"{onnx_path} takes {size[0]}x{size[1]} images, the preprocessing makes {spec.crop}x{spec.crop}: "
+            "give the --checkpoint it was exported from, or the model.onnx in its model repository"
+        )
+    input_name = model_input.name
     kind, loader = choose_loader(data, dataset)
     split = load_split(
         data,
@@ -208,17 +219,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def onnx_preprocessing(
+    onnx_path: str, checkpoint: str | None
+) -> tuple[PreprocessSpec, list[str] | None, str | None]:
+    """Preprocessing, class names and dataset kind for an ONNX model: the checkpoint's; else, for a published
+    `<model>/<version>/model.onnx`, what its model repository serves it with; else ImageNet's."""
+    if checkpoint:
+        state = load_checkpoint(checkpoint)
+        spec = PreprocessSpec.from_dict(state["preprocess"])
+        return spec, state.get("classes"), state.get("config", {}).get("dataset")
+    model_dir = Path(onnx_path).resolve().parent.parent
+    if (model_dir / "config.pbtxt").is_file():
+        from export.repository import served_preprocessing  # the repository's reader (tritonclient's schema)
+
+        spec, labels = served_preprocessing(model_dir)
+        return spec, labels, None
+    return PreprocessSpec.imagenet(), None, None
+
+
 def main(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers < 0:
         raise ConfigError(f"--workers must be at least 0, got {args.workers}")
     if args.onnx:
-        spec, classes, kind = PreprocessSpec.imagenet(), None, None
-        if args.checkpoint:
-            state = load_checkpoint(args.checkpoint)
-            spec, classes = PreprocessSpec.from_dict(state["preprocess"]), state.get("classes")
-            kind = state.get("config", {}).get("dataset")
+        spec, classes, kind = onnx_preprocessing(args.onnx, args.checkpoint)
         result = evaluate_onnx(
             args.onnx,
             args.data,
