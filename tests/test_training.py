@@ -325,6 +325,18 @@ def test_warm_up_runs_at_the_low_rate_until_the_error_threshold(cifar_like, tmp_
     assert "warm-up done at iteration 2" in capsys.readouterr().err
 
 
+def test_milestones_past_a_shortened_run_are_warned_about(cifar_like, tmp_path, capsys):
+    train(
+        small_config(cifar_like, tmp_path / "recipe", iterations=2), progress=False
+    )  # the recipe's 32k, 48k
+    warning = (
+        "warning: --iterations 2 ends before the --lr-milestones at 32000,48000: the rate never drops there"
+    )
+    assert warning in capsys.readouterr().err
+    train(small_config(cifar_like, tmp_path / "shortened", iterations=2, lr_milestones=[1]), progress=False)
+    assert "--lr-milestones" not in capsys.readouterr().err
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 

@@ -449,6 +449,17 @@ def load_data(
     return train_split, val_split
 
 
+def warn_about_schedule(config: TrainConfig, info: DistInfo) -> None:
+    """A shortened run that keeps the recipe's milestones would never lower its rate: legal, rarely meant."""
+    late = [m for m in config.lr_milestones if m >= config.iterations]
+    if late and info.is_main:
+        print(
+            f"warning: --iterations {config.iterations} ends before the --lr-milestones at "
+            f"{','.join(map(str, late))}: the rate never drops there (shorten them with the run)",
+            file=sys.stderr,
+        )
+
+
 def train(
     config: TrainConfig,
     resume: str | None = None,
@@ -480,6 +491,7 @@ def train(
     info = init_distributed(probe)
     try:
         config.validate(info.world_size)
+        warn_about_schedule(config, info)
         device = resolve_device(config.device, info)
         if device.type == "cuda":
             # A run sees a handful of fixed shapes (train batch, last batch, eval batch): let cuDNN time its
