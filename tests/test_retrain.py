@@ -128,7 +128,27 @@ def test_retrain_on_a_subset_of_the_classes_keeps_the_head(parent, tmp_path, cap
     err = capsys.readouterr().err
     assert status == 0, err
     assert "12 training images < --batch-size 64; using batch 12" in err  # the default batch, clamped
+    assert "--lr-milestones" not in err  # the default ones fit even a 3-iteration run
     checkpoint = load_checkpoint(tmp_path / "out" / "best.pt")
-    assert checkpoint["config"]["batch_size"] == 12
+    assert checkpoint["config"]["batch_size"] == 12 and checkpoint["config"]["lr_milestones"] == [1, 2]
     assert checkpoint["classes"] == ["cat", "dog", "frog"] and checkpoint["num_classes"] == 3
     assert checkpoint["provenance"]["data"]["counts"] == {"cat": 0, "dog": 6, "frog": 6}
+
+
+def test_checkpoint_every_zero_is_refused_not_read_as_the_default(parent, tmp_path, capsys):
+    data = make_image_tree(tmp_path / "new", {"train": 2}, classes=("cat", "dog"))
+    command = [
+        "retrain",
+        "--checkpoint",
+        str(parent),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
+    assert cli_main([*command, "--checkpoint-every", "0", "--workers", "0"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        err[-1] == "resnet: error: --checkpoint-every must be at least 1, got 0"
+        and not (tmp_path / "out").exists()
+    )

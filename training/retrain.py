@@ -34,10 +34,12 @@ def _fine_tune_config(parent: dict, args: argparse.Namespace, classes: list[str]
     config.batch_size = config.reference_batch_size = args.batch_size
     config.lr, config.scale_lr = args.lr, False
     config.iterations = iterations
-    config.lr_milestones = args.lr_milestones or [max(1, iterations // 2), max(2, iterations * 3 // 4)]
+    # 50% and 75% of the run; a run too short for one has none (the warning about late milestones is for the user's).
+    config.lr_milestones = args.lr_milestones or [m for m in (iterations // 2, iterations * 3 // 4) if m >= 1]
     config.warmup_lr = None
     config.eval_every = args.eval_every
-    config.checkpoint_every = args.checkpoint_every or max(1, iterations // 5)
+    default_every = max(1, iterations // 5)
+    config.checkpoint_every = default_every if args.checkpoint_every is None else args.checkpoint_every
     config.log_every = min(config.log_every, max(1, iterations // 10))
     config.keep_last = args.keep_last
     config.workers = args.workers
