@@ -642,13 +642,36 @@ def test_train_image_installs_the_train_extra_except_torch():
 IMPORT_NAMES = {"pillow": "PIL"}  # distribution name -> import name, where they differ
 
 
+def optional_imports(tree) -> set[int]:
+    """ids of the import statements inside `try: ... except ImportError`: code that runs without them."""
+    import ast
+
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try):
+            caught = {
+                name.id
+                for handler in node.handlers
+                for name in ast.walk(handler.type or ast.Name("BaseException"))
+                if isinstance(name, ast.Name)
+            }
+            if caught & {"ImportError", "ModuleNotFoundError"}:
+                guarded |= {id(inner) for statement in node.body for inner in ast.walk(statement)}
+    return guarded
+
+
 def third_party_imports(sources: list[Path]) -> dict[str, str]:
-    """Top-level modules `sources` import (anywhere, lazily too) that are not in the standard library."""
+    """Top-level modules `sources` import (anywhere, lazily too, unless guarded as optional) that are not in the
+    standard library."""
     import ast
 
     found = {}
     for source in sources:
-        for node in ast.walk(ast.parse(source.read_text())):
+        tree = ast.parse(source.read_text())
+        optional = optional_imports(tree)
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -658,7 +681,7 @@ def third_party_imports(sources: list[Path]) -> dict[str, str]:
             for name in names:
                 top = name.partition(".")[0]
                 if top not in sys.stdlib_module_names:
-                    found.setdefault(top, source.relative_to(REPO_ROOT).as_posix())
+                    found.setdefault(top, source.as_posix().removeprefix(f"{REPO_ROOT.as_posix()}/"))
     return found
 
 
@@ -697,6 +720,34 @@ def test_train_image_has_what_training_imports():
     available = image_imports("requirements-train.txt", {"torch", "torchvision", "training", "server", "cli"})
     missing = {m: src for m, src in third_party_imports(sources).items() if m not in available}
     assert not missing, f"training/ imports what the train image lacks: {missing}"
+
+
+def test_optional_imports_are_told_apart_from_required_ones(tmp_path):
+    source = tmp_path / "module.py"
+    source.write_text(
+        "import numpy\ntry:\n    import yaml\nexcept ImportError:\n    yaml = None\n"
+        "try:\n    import toml\nexcept (OSError, ModuleNotFoundError):\n    pass\n"
+        "try:\n    import rich\nexcept ValueError:\n    pass\n"
+    )
+    assert set(third_party_imports([source])) == {"numpy", "rich"}
+
+
+def test_evaluating_a_repository_model_in_the_train_image_asks_for_the_checkpoint():
+    """The train image has no `export` package: `evaluate --onnx` on a published model says what to give."""
+    probe = (
+        "import sys\n"
+        "sys.modules['export'] = sys.modules['tritonclient'] = None  # what a missing package is to `import`\n"
+        "from training.evaluate import onnx_preprocessing\n"
+        "from training.errors import CheckpointError\n"
+        "try:\n    onnx_preprocessing('model_repository/resnet20_cifar10/3/model.onnx', None)\n"
+        "except CheckpointError as error:\n    print(error)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert "which this installation cannot read (no `export` package); give --checkpoint" in result.stdout, (
+        result.stderr
+    )
 
 
 def test_images_do_not_run_as_root():

@@ -230,8 +230,14 @@ def onnx_preprocessing(
         return spec, state.get("classes"), state.get("config", {}).get("dataset")
     model_dir = Path(onnx_path).resolve().parent.parent
     if (model_dir / "config.pbtxt").is_file():
-        from export.repository import served_preprocessing  # the repository's reader (tritonclient's schema)
-
+        # export reads config.pbtxt with tritonclient's schema
+        try:
+            from export.repository import served_preprocessing
+        except ImportError:  # the train image has neither export/ nor tritonclient: it evaluates checkpoints
+            raise CheckpointError(
+                f"{onnx_path} is in a model repository, which this installation cannot read (no `export` "
+                "package); give --checkpoint for its preprocessing and classes"
+            ) from None
         spec, labels = served_preprocessing(model_dir)
         return spec, labels, None
     return PreprocessSpec.imagenet(), None, None
