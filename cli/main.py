@@ -59,7 +59,11 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def run(argv: list[str]) -> int:
-    top = _one_line_errors(_top_level_parser()).parse_args(argv)
+    top_parser = _one_line_errors(_top_level_parser())
+    if not argv:  # `resnet` alone: the commands, rather than "the following arguments are required"
+        top_parser.print_help(sys.stderr)
+        return 2
+    top = top_parser.parse_args(argv)
     module_name, summary = COMMANDS[top.command]
     module = importlib.import_module(module_name)
     parser = module.get_args_parser()

@@ -714,6 +714,14 @@ def test_usage_errors_are_one_line_and_exit_2(capsys, args, message):
     assert lines[0].startswith(message) and lines[0].endswith("--help`)")
 
 
+def test_resnet_alone_shows_the_commands_and_exits_2(capsys):
+    assert cli_main([]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("usage: resnet") and "commands:" in err and "  train " in err and "required" not in err
+    )
+
+
 # ------------------------------------------------------------------------------------------------ benchmark
 
 
