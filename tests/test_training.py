@@ -590,6 +590,18 @@ def test_data_errors_are_typed(tmp_path):
         train(config, progress=False)
 
 
+@pytest.mark.parametrize("loader", ["folder", "device"])
+def test_no_validation_set_is_a_warning_but_a_broken_one_stops_the_run(tmp_path, capsys, loader):
+    data = make_image_tree(tmp_path / "data", {"train": 8})
+    train(small_config(data, tmp_path / "without", iterations=2, loader=loader), progress=False)
+    assert "warning: no validation data (no " in capsys.readouterr().err
+    make_image_tree(data, {"test": 2}, classes=[*CLASSES[:2], "zebra"])  # a class training never saw
+    with pytest.raises(
+        DataError, match="has classes the model does not know: zebra|the model was trained on"
+    ):
+        train(small_config(data, tmp_path / "broken", iterations=2, loader=loader), progress=False)
+
+
 def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_loses_nothing(tmp_path, monkeypatch):
     earlier = tmp_path / "checkpoint-0000100.pt"
     atomic_torch_save({"iteration": 100}, earlier)

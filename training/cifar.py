@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from cli.errors import ResnetError
 from server.spec import CIFAR10_MEAN, CIFAR10_STD
-from training.errors import DataError
+from training.errors import DataError, MissingSplitError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def find_source(root: Path, split: str) -> tuple[str, Path]:
     for candidate in (root, root / JPEG_FOLDER):
         if (candidate / split).is_dir():
             return "jpeg", candidate
-    raise DataError(
+    raise MissingSplitError(
         f"no CIFAR-10 {split} data under {root}: expected {PICKLE_FOLDER}/ pickle batches "
         f"({', '.join(PICKLE_BATCHES[split])}) or a JPEG tree {split}/<class>/*.jpg"
     )

@@ -32,7 +32,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from server.spec import PreprocessSpec
 from training import presets
-from training.errors import DataError
+from training.errors import DataError, MissingSplitError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def split_dir(root: str | Path, split: str) -> Path:
             return root / name
     if any(entry.is_dir() and entry.name not in ("train", *EVAL_SPLITS) for entry in root.iterdir()):
         return root
-    raise DataError(f"no {'/ or '.join(candidates)}/ folder and no class folders under {root}")
+    raise MissingSplitError(f"no {'/ or '.join(candidates)}/ folder and no class folders under {root}")
 
 
 def is_cifar_pickle(root: str | Path) -> bool:

@@ -15,6 +15,10 @@ class DataError(ResnetError):
     """A data folder that is missing, empty, or laid out in a way we cannot read."""
 
 
+class MissingSplitError(DataError):
+    """No folder (or batches) for a split at all: training then runs without validation, unlike a broken one."""
+
+
 class CheckpointError(ResnetError):
     """A checkpoint that is missing, unreadable, or does not fit the request."""
 

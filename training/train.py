@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from training import recipes
 from training.data import DataSplit, load_split
-from training.errors import CheckpointError, DataError
+from training.errors import CheckpointError, MissingSplitError
 from training.evaluate import evaluate_model
 from training.models import ARCHS, STRIDE_VARIANTS, build_model
 from training.recipes import COMPILE_MODES, RECIPES, TrainConfig
@@ -440,7 +440,7 @@ def load_data(
             classes=train_split.classes,
             **common,
         )
-    except DataError as error:
+    except MissingSplitError as error:  # a validation set that is there but broken stops the run instead
         if info.is_main:
             print(
                 f"warning: no validation data ({error}); best.pt follows the last checkpoint", file=sys.stderr
