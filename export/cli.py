@@ -129,6 +129,8 @@ def _source(args: argparse.Namespace):
     from export.source import from_arch, from_checkpoint
 
     if args.checkpoint:
+        if args.weights != "random" or args.num_classes is not None:
+            raise ExportError("--weights and --num-classes go with --arch alone: a --checkpoint has its own")
         return from_checkpoint(args.checkpoint, args.arch)
     if not args.arch:
         raise ExportError("give --checkpoint PATH, or --arch NAME with --weights random|torchvision[:ENUM]")

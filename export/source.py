@@ -23,7 +23,7 @@ import torchvision
 from export.errors import ExportError, WeightsUnavailableError
 from server.spec import PreprocessSpec
 from training import models
-from training.utils import read_torch_file
+from training.utils import read_torch_file, state_dict_mismatch
 
 DOWNLOAD_TIMEOUT_S = float(os.environ.get("RESNET_DOWNLOAD_TIMEOUT", "20"))
 _TORCHVISION_INTERPOLATION = {"BILINEAR": "bilinear", "BICUBIC": "bicubic", "NEAREST": "nearest"}
@@ -59,7 +59,10 @@ def from_checkpoint(path: Path, arch: str | None = None) -> ModelSource:
     # cleanly and computes something else, so it is taken from the checkpoint (torchvision state dicts: v1.5).
     stride_variant = "v1.5"
     if "model" in payload and isinstance(payload["model"], dict):
-        state, arch = payload["model"], arch or payload.get("arch")
+        named = payload.get("arch")
+        if arch and named and arch != named:
+            raise ExportError(f"{path} is a {named} checkpoint, not {arch}: leave --arch out")
+        state, arch = payload["model"], arch or named
         classes = payload.get("classes")
         spec = PreprocessSpec.from_dict(payload["preprocess"]) if payload.get("preprocess") else None
         config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
@@ -72,8 +75,7 @@ def from_checkpoint(path: Path, arch: str | None = None) -> ModelSource:
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        first_line = str(error).splitlines()[0] if str(error) else "key mismatch"
-        raise ExportError(f"{path} does not fit {arch}: {first_line}") from error
+        raise ExportError(f"{path} does not fit {arch}: {state_dict_mismatch(error)}") from error
     return ModelSource(model.eval(), arch, list(classes) if classes else None, spec or default_spec(arch))
 
 

@@ -228,9 +228,13 @@ def test_checkpoint_round_trip_keeps_classes_and_spec(tmp_path):
     torch.save(model.state_dict(), tmp_path / "bare.pt")
     with pytest.raises(ExportError, match="pass --arch"):
         from_checkpoint(tmp_path / "bare.pt")
-    with pytest.raises(ExportError, match="does not fit resnet32"):
-        from_checkpoint(tmp_path / "bare.pt", arch="resnet32")
+    with pytest.raises(
+        ExportError, match=r"does not fit resnet32: Missing key\(s\) in state_dict: \"layer1.3"
+    ):
+        from_checkpoint(tmp_path / "bare.pt", arch="resnet32")  # torch's first problem, not its header
     assert from_checkpoint(tmp_path / "bare.pt", arch="resnet20").classes is None
+    with pytest.raises(ExportError, match="ours.pt is a resnet20 checkpoint, not resnet56: leave --arch out"):
+        from_checkpoint(tmp_path / "ours.pt", arch="resnet56")
 
 
 def test_checkpoint_stride_variant_is_honoured(tmp_path):
@@ -387,6 +391,15 @@ def test_flags_that_cannot_work_are_refused_before_any_work(resnet20, tmp_path, 
     options = workflow.ExportOptions(**{"name": "r20", "repository": tmp_path / "repo", **field})
     with pytest.raises(ExportError, match=message):
         workflow.validate(options, resnet20)
+
+
+@pytest.mark.parametrize("flags", [["--weights", "torchvision"], ["--num-classes", "5"]])
+def test_arch_only_flags_beside_a_checkpoint_are_refused(flags, tmp_path):
+    result = run_cli("--checkpoint", str(tmp_path / "any.pt"), *flags, "--repository", str(tmp_path / "repo"))
+    assert result.returncode == 1
+    assert result.stderr == (
+        "resnet: error: --weights and --num-classes go with --arch alone: a --checkpoint has its own\n"
+    )
 
 
 @pytest.mark.parametrize("num_classes", [0, -3])

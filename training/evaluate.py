@@ -20,7 +20,14 @@ from server.spec import PreprocessSpec
 from training.data import is_cifar_pickle, load_split
 from training.errors import CheckpointError, ConfigError
 from training.models import build_model
-from training.utils import DistInfo, accuracy_counts, all_reduce_sum, load_checkpoint, resolve_device
+from training.utils import (
+    DistInfo,
+    accuracy_counts,
+    all_reduce_sum,
+    load_checkpoint,
+    resolve_device,
+    state_dict_mismatch,
+)
 
 
 def _result(top1_hits: float, top5_hits: float, count: float, loss_sum: float | None = None) -> dict:
@@ -66,7 +73,7 @@ def model_from_checkpoint(checkpoint: dict) -> torch.nn.Module:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
         raise CheckpointError(
-            f"checkpoint weights do not fit {checkpoint['arch']}: {str(error).splitlines()[0]}"
+            f"checkpoint weights do not fit {checkpoint['arch']}: {state_dict_mismatch(error)}"
         ) from error
     return model
 

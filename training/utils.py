@@ -173,6 +173,14 @@ def read_torch_file(path: str | Path, map_location="cpu") -> object:
         ) from error
 
 
+def state_dict_mismatch(error: RuntimeError) -> str:
+    """torch's `load_state_dict` error in one line: its first problem, not its header ("Error(s) in loading
+    state_dict for ...:") and not the hundreds of key names a wrong architecture lists."""
+    problems = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [str(error)]
+    first = problems[0] if len(problems[0]) <= 200 else f"{problems[0][:200]}..."
+    return first + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     checkpoint = read_torch_file(path, map_location)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "arch" not in checkpoint:
