@@ -583,6 +583,13 @@ def test_evaluate_a_published_onnx_with_its_repositorys_preprocessing_and_labels
 def test_data_errors_are_typed(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         train(small_config(tmp_path / "missing", tmp_path / "run"), progress=False)
+    archive = tmp_path / "cifar10-jpeg.tar.xz"
+    archive.write_bytes(b"")
+    for loader in ("device", "folder"):  # the archive given as --data: say so, not "does not exist"
+        with pytest.raises(
+            DataError, match=r"cifar10-jpeg.tar.xz is a file: extract it first \(`make cifar`"
+        ):
+            train(small_config(archive, tmp_path / "run", loader=loader), progress=False)
     (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
     config = small_config(tmp_path / "empty", tmp_path / "run")
     config.loader = "folder"

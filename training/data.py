@@ -48,11 +48,25 @@ def mix_seed(*parts: int) -> int:
     )
 
 
-def split_dir(root: str | Path, split: str) -> Path:
-    """`root/train` for training; `root/val` or `root/test` for evaluation; `root` itself if it holds classes."""
+def require_folder(root: str | Path) -> Path:
+    """`root` as a Path, or a DataError saying what it is instead: missing, or a file (often the archive)."""
     root = Path(root)
+    if root.is_file():
+        archive = bool({".tar", ".tgz", ".gz", ".xz", ".bz2", ".zip"} & set(root.suffixes))
+        advice = (
+            "extract it first (`make cifar`, or `python -m training.cifar --help`)"
+            if archive
+            else "give a folder"
+        )
+        raise DataError(f"data folder {root} is a file: {advice}")
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
+    return root
+
+
+def split_dir(root: str | Path, split: str) -> Path:
+    """`root/train` for training; `root/val` or `root/test` for evaluation; `root` itself if it holds classes."""
+    root = require_folder(root)
     candidates = [split] if split == "train" else list(EVAL_SPLITS)
     for name in candidates:
         if (root / name).is_dir():
@@ -355,8 +369,7 @@ def _cifar_split(
     from training.cifar import DeviceBatches, load_cifar10
 
     cifar_split = "train" if split == "train" else "test"
-    if not Path(root).is_dir():
-        raise DataError(f"data folder {root} does not exist")
+    require_folder(root)
     images, labels, names = load_cifar10(root, cifar_split)
     if classes is not None and list(names) != list(classes):
         raise DataError(f"{root} has classes {names[:5]}..., the model was trained on {list(classes)[:5]}...")
