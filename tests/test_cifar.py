@@ -168,6 +168,14 @@ def test_prepare_extracts_once_and_atomically(fake_cifar, tmp_path):
     assert prepare_cifar10(tarball, tmp_path / "data") == target
     with pytest.raises(DataError, match="does not exist"):
         prepare_cifar10(tmp_path / "missing.tar.xz", tmp_path / "data")
+    not_an_archive = tmp_path / "notes.tar.gz"
+    not_an_archive.write_text("hello")
+    with pytest.raises(
+        DataError, match=r"^\S+notes.tar.gz is not a tar archive \(.tar, .tar.gz, .tar.bz2 or .tar.xz\)$"
+    ):
+        prepare_cifar10(not_an_archive, tmp_path / "data")
+    with pytest.raises(DataError, match="is a file, not a folder to extract into"):
+        prepare_cifar10(tarball, not_an_archive)
 
 
 # ----------------------------------------------------------------------------------------- DeviceBatches

@@ -216,6 +216,8 @@ def prepare_cifar10(tarball: str | os.PathLike, dest: str | os.PathLike) -> Path
     tarball, dest = Path(tarball), Path(dest)
     if not tarball.is_file():
         raise DataError(f"archive {tarball} does not exist")
+    if dest.exists() and not dest.is_dir():
+        raise DataError(f"--data-path {dest} is a file, not a folder to extract into")
     try:
         with tarfile.open(tarball) as archive:
             top = {Path(name).parts[0] for name in archive.getnames() if name and not name.startswith("/")}
@@ -227,6 +229,8 @@ def prepare_cifar10(tarball: str | os.PathLike, dest: str | os.PathLike) -> Path
             dest.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=dest, prefix=".extract-"))
             archive.extractall(staging, filter="data")
+    except tarfile.ReadError:  # its message lists every compression it tried, one per line
+        raise DataError(f"{tarball} is not a tar archive (.tar, .tar.gz, .tar.bz2 or .tar.xz)") from None
     except (tarfile.TarError, OSError) as error:
         raise DataError(f"cannot extract {tarball}: {error}") from error
     os.replace(staging / target.name, target)  # the folder appears whole or not at all
