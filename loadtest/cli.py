@@ -208,8 +208,6 @@ def run_locust(command: list[str], duration: float, log_path: Path, api_key: str
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse flags that cannot make a meaningful run, before anything starts."""
-    from loadtest.images import IMAGE_SUFFIXES, read_folder
-
     if args.users < 1:
         raise LoadTestError("--users must be at least 1")
     if args.spawn_rate is not None and not args.spawn_rate > 0:
@@ -221,11 +219,26 @@ def check_flags(args: argparse.Namespace) -> None:
             raise LoadTestError(f"{flag} must be more than 0 ms, got {limit}")
     if args.out.exists() and not args.out.is_dir():
         raise LoadTestError(f"--out {args.out} is a file; give a folder for the results")
-    if args.images and not Path(args.images).is_dir():
-        raise LoadTestError(f"--images folder {args.images} does not exist")
-    if args.images and not read_folder(Path(args.images), limit=1):  # not a silent switch to generated photos
+    if args.images:
+        check_images(Path(args.images))
+
+
+def check_images(folder: Path) -> None:
+    """A folder of images the server can decode: not a silent switch to generated photos, nor a run of 4xx."""
+    from loadtest.images import IMAGE_SUFFIXES, IMAGES_SENT, read_folder, undecodable
+
+    if not folder.is_dir():
         raise LoadTestError(
-            f"--images folder {args.images} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files"
+            f"--images {folder} is {'a file' if folder.exists() else 'missing'}, not a folder"
+        )
+    images = read_folder(folder, limit=IMAGES_SENT)
+    if not images:
+        raise LoadTestError(f"--images folder {folder} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files")
+    bad = undecodable(images)
+    if bad:
+        raise LoadTestError(
+            f"--images folder {folder}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} cannot be decoded "
+            "(every request that sends one would fail)"
         )
 
 

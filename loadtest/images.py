@@ -17,6 +17,7 @@ from PIL import Image
 # The shared real photos beside the project (../shared/data); used when present, never required.
 SHARED_PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-samples"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+IMAGES_SENT = 64  # the first images of a folder, by name, that a load test sends
 GENERATED_SIZES = (
     (500, 375),
     (500, 333),
@@ -41,6 +42,18 @@ def read_folder(folder: Path, limit: int | None = None) -> list[tuple[str, bytes
     """(file name, encoded bytes) of the images in `folder`, sorted by name."""
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     return [(p.name, p.read_bytes()) for p in paths]
+
+
+def undecodable(images: list[tuple[str, bytes]]) -> list[str]:
+    """Names of the images Pillow cannot decode: each request with one would fail, and fail the run."""
+    bad = []
+    for name, data in images:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+        except (OSError, ValueError, Image.DecompressionBombError):
+            bad.append(name)
+    return bad
 
 
 def generate(count: int = 8, seed: int = 0, quality: int = 85) -> list[tuple[str, bytes]]:

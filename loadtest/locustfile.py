@@ -42,7 +42,7 @@ from loadtest.checks import (  # noqa: E402
     grpc_target,
     listed_names,
 )
-from loadtest.images import load_images  # noqa: E402
+from loadtest.images import IMAGES_SENT, load_images  # noqa: E402
 from server.spec import IMAGE_INPUT_NAME, OUTPUT_NAME  # noqa: E402
 
 # The per-second percentiles in the history CSV cover this many seconds (Locust's default 10 would blur
@@ -90,7 +90,7 @@ _images: list[tuple[str, bytes]] = []
 def _load_images(environment, **_kwargs) -> None:
     options = environment.parsed_options
     folder = Path(options.images) if options and options.images else None
-    _images[:] = load_images(folder, limit=64)
+    _images[:] = load_images(folder, limit=IMAGES_SENT)
 
 
 def _options(user: User):

@@ -247,14 +247,20 @@ def test_missing_api_key_is_a_one_line_error(gateway, tmp_path):
     [
         (["--model", "nope"], "model 'nope' is not served at http://127.0.0.1:"),
         (["--images", "{empty}"], "holds no .bmp/.jpeg/.jpg/.png/.webp files"),
+        (["--images", "{broken}"], "b.jpg cannot be decoded (every request that sends one would fail)"),
+        (["--images", "{broken}/a.jpg"], "a.jpg is a file, not a folder"),
         (["--grpc", "--grpc-url", "127.0.0.1:{dead}"], "no gRPC server answers at 127.0.0.1:"),
     ],
 )
 def test_a_run_that_could_only_fail_or_mislead_is_refused_before_it_starts(gateway, tmp_path, flags, message):
     empty = tmp_path / "no-photos"
     empty.mkdir()
+    broken = tmp_path / "one-broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(generate(1)[0][1])
+    (broken / "b.jpg").write_bytes(b"not a JPEG")
     out = tmp_path / "out"
-    flags = [flag.format(empty=empty, dead=free_port()) for flag in flags]
+    flags = [flag.format(empty=empty, broken=broken, dead=free_port()) for flag in flags]
     result = run_loadtest(
         "--url", gateway["url"], "--duration", "2s", "--out", str(out), *flags, api_key=API_KEY
     )
