@@ -45,7 +45,7 @@ browser:  ## install Debian's Chromium + ChromeDriver for the demo-page test (sk
 	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
 	    || echo "warning: could not install chromium; browser tests will skip"; }
 
-serve: setup  ## serve the bundled model on http://$(HOST):$(PORT) (embedded ONNX Runtime)
+serve: setup  ## serve the bundled model on http://HOST:PORT (default 127.0.0.1:8080; embedded ONNX Runtime)
 	$(BIN)/resnet serve --host $(HOST) --port $(PORT)
 
 test: setup browser  ## run the whole test suite (unit + real processes on loopback)
