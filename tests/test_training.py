@@ -577,6 +577,24 @@ def test_evaluate_a_published_onnx_with_its_repositorys_preprocessing_and_labels
     )
 
 
+def test_onnx_evaluation_runs_where_device_says_or_says_why_not():
+    import onnxruntime as ort
+
+    from training.evaluate import onnx_providers
+
+    assert onnx_providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(ConfigError, match="--device with --onnx must be auto, cpu or cuda, got 'tpu'"):
+        onnx_providers("tpu")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert onnx_providers("cuda")[0] == onnx_providers("auto")[0] == "CUDAExecutionProvider"
+    else:  # was: --device cuda quietly ran on the CPU
+        assert onnx_providers("auto") == ["CPUExecutionProvider"]
+        with pytest.raises(
+            ConfigError, match=r"--device cuda with --onnx: this ONNX Runtime \(.+\) has no CUDA"
+        ):
+            onnx_providers("cuda")
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 

@@ -220,7 +220,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--device",
         default=os.environ.get("RESNET_DEVICE", "auto"),
-        help="auto, cpu or cuda (env RESNET_DEVICE)",
+        help="auto, cpu or cuda; with --onnx it picks the ONNX Runtime provider (env RESNET_DEVICE)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return parser
@@ -250,6 +250,22 @@ def onnx_preprocessing(
     return PreprocessSpec.imagenet(), None, None
 
 
+def onnx_providers(device: str) -> list[str]:
+    """ONNX Runtime providers for --device: CUDA where asked (and, for auto, where this build has it)."""
+    import onnxruntime as ort
+
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cpu" or (device == "auto" and not has_cuda):
+        return ["CPUExecutionProvider"]
+    if device in ("auto", "cuda"):
+        if has_cuda:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        raise ConfigError(
+            f"--device cuda with --onnx: this ONNX Runtime ({ort.__version__}) has no CUDA provider"
+        )
+    raise ConfigError(f"--device with --onnx must be auto, cpu or cuda, got {device!r}")
+
+
 def main(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -257,6 +273,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers must be at least 0, got {args.workers}")
     if args.onnx:
         spec, classes, kind = onnx_preprocessing(args.onnx, args.checkpoint)
+        providers = onnx_providers(args.device)
         result = evaluate_onnx(
             args.onnx,
             args.data,
@@ -265,6 +282,7 @@ def main(args: argparse.Namespace) -> int:
             args.ten_crop,
             args.batch_size,
             args.workers,
+            providers=providers,
             progress=True,
             dataset=kind,
         )
