@@ -211,14 +211,14 @@ def write_model(model_dir: Path, config: mc.ModelConfig, labels: list[str] | Non
     atomic_write_text(model_dir / CONFIG_FILENAME, config_text(config))
 
 
-def placeholder_labels(num_classes: int) -> list[str]:
-    """What export labels classes with when nothing names them."""
+def class_index_labels(num_classes: int) -> list[str]:
+    """The labels export writes when nothing names the classes: class_0, class_1, ..."""
     return [f"class_{index}" for index in range(num_classes)]
 
 
 def served_preprocessing(model_dir: Path) -> tuple[PreprocessSpec, list[str] | None]:
     """The preprocessing a published model is served with (its config's parameters) and its class names, None
-    where labels.txt is missing or holds only placeholders."""
+    where labels.txt is missing or holds only class_N indexes."""
     parameters = {key: value.string_value for key, value in read_config(model_dir).parameters.items()}
     try:
         spec = PreprocessSpec.from_parameters(parameters)
@@ -226,7 +226,7 @@ def served_preprocessing(model_dir: Path) -> tuple[PreprocessSpec, list[str] | N
         raise RepositoryError(f"{model_dir / CONFIG_FILENAME}: {error}") from None
     path = model_dir / LABELS_FILENAME
     labels = path.read_text().splitlines() if path.is_file() else []
-    return spec, labels if labels and labels != placeholder_labels(len(labels)) else None
+    return spec, labels if labels and labels != class_index_labels(len(labels)) else None
 
 
 def versions(model_dir: Path) -> list[int]:

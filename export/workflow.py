@@ -109,7 +109,7 @@ def validate(options: ExportOptions, source: ModelSource) -> list[str]:
         raise ExportError("--max-accuracy-drop is in top-1 points and must be 0 or more")
     if options.calib_data:
         image_files(options.calib_data)  # raises a clear error for an empty or missing folder
-    labels = options.labels or source.classes or repo.placeholder_labels(source.num_classes)
+    labels = options.labels or source.classes or repo.class_index_labels(source.num_classes)
     if len(labels) != source.num_classes:
         raise ExportError(f"{len(labels)} labels given for a model with {source.num_classes} classes")
     return labels

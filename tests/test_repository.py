@@ -56,7 +56,7 @@ def test_served_preprocessing_reads_back_the_spec_and_real_labels_only(tmp_path)
     config = repo.classifier_config(classifier(name="r20", num_classes=2, preprocess=spec))
     repo.write_model(tmp_path / "r20", config, ["cat", "dog"])
     assert repo.served_preprocessing(tmp_path / "r20") == (spec, ["cat", "dog"])
-    repo.write_model(tmp_path / "r20", config, repo.placeholder_labels(2))  # nothing named the classes
+    repo.write_model(tmp_path / "r20", config, repo.class_index_labels(2))  # nothing named the classes
     assert repo.served_preprocessing(tmp_path / "r20") == (spec, None)
     config.parameters["preprocess.crop"].string_value = "a lot"
     repo.write_model(tmp_path / "r20", config)

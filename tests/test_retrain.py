@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,23 +83,16 @@ def test_retrain_to_a_new_class_set_end_to_end(parent, tmp_path):
     assert result["n"] == 16 and result["top1"] > 25  # better than chance on a learnable set
 
 
+def retrain_cli(parent: Path, data: Path, output_dir: Path, *flags: str) -> int:
+    """`resnet retrain` in this process: its exit status (stderr is the test's capsys)."""
+    return cli_main(
+        ["retrain", "--checkpoint", str(parent), "--data", str(data), "--output-dir", str(output_dir), *flags]
+    )
+
+
 def test_class_mismatch_without_new_classes_is_a_one_line_error(parent, tmp_path, capsys):
     data = make_image_tree(tmp_path / "new", {"train": 2}, classes=("cat", "zebra"))
-    status = cli_main(
-        [
-            "retrain",
-            "--checkpoint",
-            str(parent),
-            "--data",
-            str(data),
-            "--output-dir",
-            str(tmp_path / "out"),
-            "--iterations",
-            "2",
-            "--batch-size",
-            "2",
-        ]
-    )
+    status = retrain_cli(parent, data, tmp_path / "out", "--iterations", "2", "--batch-size", "2")
     assert status == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         f"resnet: error: {data} has classes the checkpoint was not trained on (zebra); "
@@ -109,21 +103,8 @@ def test_class_mismatch_without_new_classes_is_a_one_line_error(parent, tmp_path
 
 def test_retrain_on_a_subset_of_the_classes_keeps_the_head(parent, tmp_path, capsys):
     data = make_image_tree(tmp_path / "new", {"train": 6}, classes=("dog", "frog"), seed=9)
-    status = cli_main(
-        [
-            "retrain",
-            "--checkpoint",
-            str(parent),
-            "--data",
-            str(data),
-            "--output-dir",
-            str(tmp_path / "out"),
-            "--iterations",
-            "3",
-            "--workers",
-            "0",
-            "--no-progress",
-        ]
+    status = retrain_cli(
+        parent, data, tmp_path / "out", "--iterations", "3", "--workers", "0", "--no-progress"
     )
     err = capsys.readouterr().err
     assert status == 0, err
@@ -137,16 +118,7 @@ def test_retrain_on_a_subset_of_the_classes_keeps_the_head(parent, tmp_path, cap
 
 def test_checkpoint_every_zero_is_refused_not_read_as_the_default(parent, tmp_path, capsys):
     data = make_image_tree(tmp_path / "new", {"train": 2}, classes=("cat", "dog"))
-    command = [
-        "retrain",
-        "--checkpoint",
-        str(parent),
-        "--data",
-        str(data),
-        "--output-dir",
-        str(tmp_path / "out"),
-    ]
-    assert cli_main([*command, "--checkpoint-every", "0", "--workers", "0"]) == 1
+    assert retrain_cli(parent, data, tmp_path / "out", "--checkpoint-every", "0", "--workers", "0") == 1
     err = capsys.readouterr().err.splitlines()
     assert (
         err[-1] == "resnet: error: --checkpoint-every must be at least 1, got 0"
