@@ -38,6 +38,16 @@ class ClientError(ResnetError):
     """The server refused or could not be reached; the message says which and why."""
 
 
+class ImageRejected(ClientError):
+    """The server refused an image of the request (undecodable, unsupported, too large), not the request itself:
+    the other images can be sent again."""
+
+
+# what each API answers for an image it cannot use (gateway /v1: the error's code; KServe: the status)
+GATEWAY_IMAGE_ERRORS = {"invalid_image", "unsupported_media_type", "payload_too_large"}
+KSERVE_IMAGE_STATUSES = {"400", "StatusCode.INVALID_ARGUMENT"}
+
+
 @dataclass(frozen=True)
 class Prediction:
     index: int
@@ -50,6 +60,14 @@ class Result:
     image: str
     model: str
     predictions: list[Prediction]
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An image the server would not classify, and its reason."""
+
+    image: str
+    reason: str
 
 
 # --- images ---------------------------------------------------------------------------------------------------
@@ -128,12 +146,10 @@ class GatewayHttp:
         except ValueError:
             body = None
         if response.status_code >= 400:
-            message = (
-                body["error"]["message"]
-                if isinstance(body, dict) and "error" in body
-                else response.text[:200]
-            )
-            raise ClientError(f"{self.url} answered {response.status_code}: {message}")
+            error = body["error"] if isinstance(body, dict) and isinstance(body.get("error"), dict) else {}
+            message = error.get("message", response.text[:200])
+            kind = ImageRejected if error.get("code") in GATEWAY_IMAGE_ERRORS else ClientError
+            raise kind(f"{self.url} answered {response.status_code}: {message}")
         return body
 
     def default_model(self) -> str:
@@ -171,13 +187,16 @@ class KServe:
         api = "grpc" if protocol == "grpc" else "http /v2"
         self.kind = f"{'the gateway' if name == GATEWAY_NAME else name} ({api})"
 
-    def _guard(self, call):
+    def _guard(self, call, sends_images: bool = False):
         from tritonclient.utils import InferenceServerException
 
         try:
             return call()
         except InferenceServerException as error:
-            raise ClientError(f"{self.protocol}://{self.address}: {error.message() or error}") from None
+            # the request is built here and fits the model: an invalid argument can only be an image
+            rejected = sends_images and error.status() in KSERVE_IMAGE_STATUSES
+            kind = ImageRejected if rejected else ClientError
+            raise kind(f"{self.protocol}://{self.address}: {error.message() or error}") from None
         except (ConnectionError, OSError) as error:
             raise ClientError(f"cannot reach {self.protocol}://{self.address}: {error}") from None
 
@@ -229,7 +248,8 @@ class KServe:
         result = self._guard(
             lambda: self.client.infer(
                 model + PIPELINE_SUFFIX, [tensor], outputs=wanted, headers=self.headers, **timeout
-            )
+            ),
+            sends_images=True,
         )
         rows = result.as_numpy(LOGITS_OUTPUT).reshape(len(images), -1)
         return [top_k_from_logits([parse_classification(item) for item in row], top_k) for row in rows]
@@ -329,7 +349,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "classify",
         help="classify image files or directories of images",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Classify images (files, or directories of .jpg/.png/... files), sent in batches.",
+        description="Classify images (files, or directories of .jpg/.png/... files), sent in batches. An image the "
+        "server refuses is named on stderr and the others are still classified; the exit status is then 1.",
     )
     classify.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image file or directory")
     classify.add_argument(
@@ -364,7 +385,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> tuple[list[Result], str]:
+def run(args: argparse.Namespace) -> tuple[list[Result], list[Refused], str]:
     if args.top_k < 1 or args.batch_size < 1:
         raise ClientError("--top-k and --batch-size must be at least 1")
     if not args.timeout > 0:
@@ -375,39 +396,61 @@ def run(args: argparse.Namespace) -> tuple[list[Result], str]:
         model = args.model or client.default_model()
         size = min(args.batch_size, client.batch_limit(model))
         results: list[Result] = []
+        refused: list[Refused] = []
         batches = list(chunks(images, size))
         from tqdm import tqdm
 
         for batch in tqdm(
             batches, desc="classifying", unit="batch", disable=len(batches) < 2, file=sys.stderr
         ):
-            try:
-                answers = client.classify(model, batch, args.top_k)
-            except ClientError as error:
-                raise ClientError(naming_the_file(str(error), batch)) from None
-            for path, predictions in zip(batch, answers, strict=True):
-                results.append(Result(str(path), model, predictions))
-        return results, client.kind
+            for path, outcome in zip(batch, classify_batch(client, model, batch, args.top_k), strict=True):
+                if isinstance(outcome, str):
+                    refused.append(Refused(str(path), outcome))
+                else:
+                    results.append(Result(str(path), model, outcome))
+        return results, refused, client.kind
     finally:
         client.close()
 
 
-def naming_the_file(message: str, batch: list[Path]) -> str:
-    """The server's error for a request of several images names one as "image K of N": name its file instead."""
+def classify_batch(
+    client: GatewayHttp | KServe, model: str, batch: list[Path], top_k: int
+) -> list[list[Prediction] | str]:
+    """One outcome per image, in order: its predictions, or why the server refused it. An image the server
+    refuses is left out and the others are sent again, so one bad file does not cost the rest of a folder."""
+    try:
+        return client.classify(model, batch, top_k)
+    except ImageRejected as error:
+        if len(batch) == 1:
+            return [str(error)]
+        named = named_image(str(error), len(batch))
+        if named is None:  # the server did not say which: ask about each alone
+            return [outcome for path in batch for outcome in classify_batch(client, model, [path], top_k)]
+        bad, reason = named
+        others = classify_batch(client, model, batch[:bad] + batch[bad + 1 :], top_k)
+        return [*others[:bad], reason, *others[bad:]]
+
+
+def named_image(message: str, count: int) -> tuple[int, str] | None:
+    """The server's error for a request of several images names one as "image K of N": its index, and the
+    message without those words."""
     which = re.search(r"image (\d+) of (\d+): ", message)
-    if which and int(which.group(2)) == len(batch) and 1 <= int(which.group(1)) <= len(batch):
-        return f"{batch[int(which.group(1)) - 1]}: {message.replace(which.group(0), '')}"
-    return message
+    if which and int(which.group(2)) == count and 1 <= int(which.group(1)) <= count:
+        return int(which.group(1)) - 1, message.replace(which.group(0), "")
+    return None
 
 
 def main(args: argparse.Namespace) -> int:
-    results, server = run(args)
+    """Prints what was classified; each image the server refused is one line on stderr, and makes the exit 1."""
+    results, refused, server = run(args)
     try:
         if args.json:
             print(json.dumps([asdict(result) for result in results], indent=2))
-        else:
+        elif results:
             print_table(results, server)
         sys.stdout.flush()
     except BrokenPipeError:  # `| head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+    for image in refused:
+        print(f"resnet: error: {image.image}: {image.reason}", file=sys.stderr)
+    return 1 if refused else 0

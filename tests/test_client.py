@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -112,22 +113,48 @@ def test_table_output_names_model_and_server(gateway, photos, capsys, monkeypatc
     assert all(label in out for label in LABELS) and "0-red.jpeg" in out
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc", "http /v2"])
-def test_a_bad_image_in_a_batch_is_named_by_its_file(gateway, photos, tmp_path, capsys, protocol):
-    folder = tmp_path / "mixed"
+def folder_with_bad_images(photos, folder):
+    """Three good photos and two files no server can decode: the third of five and the last."""
     folder.mkdir()
-    for path in sorted(photos[0].glob("*-*.*"))[:3]:
+    good = sorted(photos[0].glob("*-*.*"))[:3]
+    for path in good:
         (folder / path.name).write_bytes(path.read_bytes())
-    (folder / "1-zz-broken.jpeg").write_bytes(b"not a JPEG at all")  # third of four, one request
+    (folder / "1-zz-broken.jpeg").write_bytes(b"not a JPEG at all")
+    (folder / "9-truncated.png").write_bytes(color_image("red", fmt="PNG")[:40])
+    return [str(folder / path.name) for path in good], [
+        str(folder / n) for n in ("1-zz-broken.jpeg", "9-truncated.png")
+    ]
+
+
+def assert_bad_named_and_rest_classified(capsys, args, photos, good, bad) -> None:
+    assert resnet([*args, "--json"]) == 1
+    captured = capsys.readouterr()
+    classified = {r["image"]: r["predictions"][0]["label"] for r in json.loads(captured.out)}
+    assert list(classified) == good  # in the folder's order, none lost to the bad files beside them
+    expected = {Path(path).name: label for path, label in photos[1].items()}
+    assert all(label == expected[Path(path).name] for path, label in classified.items())
+    lines = [line for line in captured.err.splitlines() if line.startswith("resnet")]  # not tqdm's bar
+    assert len(lines) == 2, captured.err
+    for line, path in zip(lines, bad, strict=True):
+        assert line.startswith(f"resnet: error: {path}: ") and "not a decodable image" in line
+    assert " of 5" not in captured.err
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc", "http /v2"])
+def test_bad_images_are_named_by_file_and_the_rest_classified(gateway, photos, tmp_path, capsys, protocol):
+    good, bad = folder_with_bad_images(photos, tmp_path / "mixed")
     url = gateway.grpc_url if protocol == "grpc" else gateway.http_url
     server = ["--server", "triton"] if protocol == "http /v2" else []
-    args = ["client", "classify", str(folder), "--url", url, "--api-key", API_KEY, *server, "--timeout", "5"]
+    args = ["client", "classify", str(tmp_path / "mixed"), "--url", url, "--api-key", API_KEY, *server]
+    assert_bad_named_and_rest_classified(capsys, [*args, "--timeout", "5"], photos, good, bad)
+
+
+def test_only_bad_images_print_no_table(gateway, photos, tmp_path, capsys):
+    _, bad = folder_with_bad_images(photos, tmp_path / "mixed")
+    args = ["client", "classify", *bad, "--url", gateway.http_url, "--api-key", API_KEY]
     assert resnet(args) == 1
-    err = capsys.readouterr().err.strip()
-    assert (
-        err.startswith(f"resnet: error: {folder / '1-zz-broken.jpeg'}: ") and "not a decodable image" in err
-    )
-    assert "image 3 of 4" not in err and "\n" not in err
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 2
 
 
 @pytest.mark.parametrize(
@@ -211,3 +238,16 @@ def test_triton_grpc_and_http_answer_like_the_gateway(gateway, pipeline_triton, 
     assert {r["image"]: r["predictions"][0]["label"] for r in over_grpc} == expected
     assert_same_answers(reference, over_grpc)
     assert_same_answers(reference, over_http)
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_triton_which_does_not_say_which_image_is_bad_gets_each_alone(
+    pipeline_triton, photos, tmp_path, capsys
+):
+    # Triton's preprocessing model refuses the whole request without naming the image: the client asks again
+    # about each image of that batch on its own
+    good, bad = folder_with_bad_images(photos, tmp_path / "mixed")
+    for url in (f"grpc://{pipeline_triton.grpc_url}", pipeline_triton.http_url):
+        args = ["client", "classify", str(tmp_path / "mixed"), "--url", url, "--batch-size", "4"]
+        assert_bad_named_and_rest_classified(capsys, args, photos, good, bad)
