@@ -39,13 +39,14 @@ class ClientError(ResnetError):
 
 
 class ImageRejected(ClientError):
-    """The server refused an image of the request (undecodable, unsupported, too large), not the request itself:
-    the other images can be sent again."""
+    """The server refused the request's images, not the request: one it cannot use (undecodable, unsupported, too
+    large), or all of them together too large. Fewer can be sent again."""
 
 
-# what each API answers for an image it cannot use (gateway /v1: the error's code; KServe: the status)
+# what each API answers for images it cannot use (gateway /v1: the error's code; KServe: the status)
 GATEWAY_IMAGE_ERRORS = {"invalid_image", "unsupported_media_type", "payload_too_large"}
-KSERVE_IMAGE_STATUSES = {"400", "StatusCode.INVALID_ARGUMENT"}
+KSERVE_IMAGE_STATUSES = {"400", "413", "StatusCode.INVALID_ARGUMENT"}
+GRPC_TOO_LARGE = "Received message larger than max"  # gRPC's own words; its status is also an overload's
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,27 @@ class Result:
 
 @dataclass(frozen=True)
 class Refused:
-    """An image the server would not classify, and its reason."""
+    """An image that was not classified (unreadable, or the server would not), and why."""
 
     image: str
     reason: str
+
+
+@dataclass
+class Classified:
+    """What a run printed: each image's predictions or reason; `stopped` says why it ended before the last."""
+
+    results: list[Result]
+    refused: list[Refused]
+    server: str
+    total: int
+    stopped: str = ""
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: Path
+    data: bytes
 
 
 # --- images ---------------------------------------------------------------------------------------------------
@@ -158,8 +176,8 @@ class GatewayHttp:
     def batch_limit(self, model: str) -> int:
         return min(MAX_GATEWAY_FILES, int(self._get(f"/v1/models/{model}")["max_batch_size"]))
 
-    def classify(self, model: str, images: list[Path], top_k: int) -> list[list[Prediction]]:
-        files = [("file", (path.name, path.read_bytes(), "application/octet-stream")) for path in images]
+    def classify(self, model: str, images: list[ImageFile], top_k: int) -> list[list[Prediction]]:
+        files = [("file", (image.path.name, image.data, "application/octet-stream")) for image in images]
         body = self._json(
             self._call("POST", f"/v1/models/{model}/classify", params={"top_k": top_k}, files=files)
         )
@@ -193,10 +211,11 @@ class KServe:
         try:
             return call()
         except InferenceServerException as error:
-            # the request is built here and fits the model: an invalid argument can only be an image
-            rejected = sends_images and error.status() in KSERVE_IMAGE_STATUSES
-            kind = ImageRejected if rejected else ClientError
-            raise kind(f"{self.protocol}://{self.address}: {error.message() or error}") from None
+            # the request is built here to fit the model: an invalid argument or a size limit can only be the images
+            message = error.message() or str(error)
+            images_refused = error.status() in KSERVE_IMAGE_STATUSES or GRPC_TOO_LARGE in message
+            kind = ImageRejected if sends_images and images_refused else ClientError
+            raise kind(f"{self.protocol}://{self.address}: {message}") from None
         except (ConnectionError, OSError) as error:
             raise ClientError(f"cannot reach {self.protocol}://{self.address}: {error}") from None
 
@@ -237,9 +256,9 @@ class KServe:
             self._classes[model] = int(next(o for o in outputs if o["name"] == LOGITS_OUTPUT)["shape"][-1])
         return self._classes[model]
 
-    def classify(self, model: str, images: list[Path], top_k: int) -> list[list[Prediction]]:
+    def classify(self, model: str, images: list[ImageFile], top_k: int) -> list[list[Prediction]]:
         num_classes = self.num_classes(model)
-        data = np.array([path.read_bytes() for path in images], dtype=np.object_).reshape(len(images), 1)
+        data = np.array([image.data for image in images], dtype=np.object_).reshape(len(images), 1)
         tensor = self.module.InferInput(IMAGE_INPUT, list(data.shape), "BYTES")
         tensor.set_data_from_numpy(data)
         # every class, so the client can turn raw scores into probabilities the way the gateway's HTTP API does
@@ -349,8 +368,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "classify",
         help="classify image files or directories of images",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Classify images (files, or directories of .jpg/.png/... files), sent in batches. An image the "
-        "server refuses is named on stderr and the others are still classified; the exit status is then 1.",
+        description="Classify images (files, or directories of .jpg/.png/... files), sent in batches. An image that "
+        "cannot be read or that the server refuses is named on stderr and the others are still classified; the exit "
+        "status is then 1.",
     )
     classify.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image file or directory")
     classify.add_argument(
@@ -385,7 +405,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> tuple[list[Result], list[Refused], str]:
+def run(args: argparse.Namespace) -> Classified:
+    """Every image's outcome. An error that would fail every image the same way (auth, the server gone) stops the
+    run; once some images are done it is returned in `stopped` with them, so their answers are not lost."""
     if args.top_k < 1 or args.batch_size < 1:
         raise ClientError("--top-k and --batch-size must be at least 1")
     if not args.timeout > 0:
@@ -395,26 +417,49 @@ def run(args: argparse.Namespace) -> tuple[list[Result], list[Refused], str]:
     try:
         model = args.model or client.default_model()
         size = min(args.batch_size, client.batch_limit(model))
-        results: list[Result] = []
-        refused: list[Refused] = []
+        done = Classified([], [], client.kind, len(images))
         batches = list(chunks(images, size))
         from tqdm import tqdm
 
-        for batch in tqdm(
-            batches, desc="classifying", unit="batch", disable=len(batches) < 2, file=sys.stderr
-        ):
-            for path, outcome in zip(batch, classify_batch(client, model, batch, args.top_k), strict=True):
-                if isinstance(outcome, str):
-                    refused.append(Refused(str(path), outcome))
-                else:
-                    results.append(Result(str(path), model, outcome))
-        return results, refused, client.kind
+        try:
+            for batch in tqdm(
+                batches, desc="classifying", unit="batch", disable=len(batches) < 2, file=sys.stderr
+            ):
+                for path, outcome in zip(
+                    batch, classify_files(client, model, batch, args.top_k), strict=True
+                ):
+                    if isinstance(outcome, str):
+                        done.refused.append(Refused(str(path), outcome))
+                    else:
+                        done.results.append(Result(str(path), model, outcome))
+        except ClientError as error:
+            if not (done.results or done.refused):
+                raise
+            done.stopped = str(error)
+        return done
     finally:
         client.close()
 
 
+def classify_files(
+    client: GatewayHttp | KServe, model: str, paths: list[Path], top_k: int
+) -> list[list[Prediction] | str]:
+    """`classify_batch` of the files that can be read; a file that cannot is refused here."""
+    files = [read_image(path) for path in paths]
+    readable = [file for file in files if isinstance(file, ImageFile)]
+    answers = iter(classify_batch(client, model, readable, top_k) if readable else [])
+    return [next(answers) if isinstance(file, ImageFile) else file for file in files]
+
+
+def read_image(path: Path) -> ImageFile | str:
+    try:
+        return ImageFile(path, path.read_bytes())
+    except OSError as error:  # gone since the folder was listed, a disk error, no permission
+        return f"cannot read it: {error.strerror or error}"
+
+
 def classify_batch(
-    client: GatewayHttp | KServe, model: str, batch: list[Path], top_k: int
+    client: GatewayHttp | KServe, model: str, batch: list[ImageFile], top_k: int
 ) -> list[list[Prediction] | str]:
     """One outcome per image, in order: its predictions, or why the server refused it. An image the server
     refuses is left out and the others are sent again, so one bad file does not cost the rest of a folder."""
@@ -424,8 +469,10 @@ def classify_batch(
         if len(batch) == 1:
             return [str(error)]
         named = named_image(str(error), len(batch))
-        if named is None:  # the server did not say which: ask about each alone
-            return [outcome for path in batch for outcome in classify_batch(client, model, [path], top_k)]
+        if named is None:  # the server did not say which, or the whole was too large: each half on its own
+            middle = len(batch) // 2
+            first = classify_batch(client, model, batch[:middle], top_k)
+            return first + classify_batch(client, model, batch[middle:], top_k)
         bad, reason = named
         others = classify_batch(client, model, batch[:bad] + batch[bad + 1 :], top_k)
         return [*others[:bad], reason, *others[bad:]]
@@ -441,16 +488,19 @@ def named_image(message: str, count: int) -> tuple[int, str] | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Prints what was classified; each image the server refused is one line on stderr, and makes the exit 1."""
-    results, refused, server = run(args)
+    """Prints what was classified; each image that was not is one line on stderr, and makes the exit 1."""
+    done = run(args)
     try:
         if args.json:
-            print(json.dumps([asdict(result) for result in results], indent=2))
-        elif results:
-            print_table(results, server)
+            print(json.dumps([asdict(result) for result in done.results], indent=2))
+        elif done.results:
+            print_table(done.results, done.server)
         sys.stdout.flush()
     except BrokenPipeError:  # `| head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    for image in refused:
+    for image in done.refused:
         print(f"resnet: error: {image.image}: {image.reason}", file=sys.stderr)
-    return 1 if refused else 0
+    if done.stopped:
+        answered = len(done.results) + len(done.refused)
+        raise ClientError(f"{done.stopped} (stopped after {answered} of {done.total} images, answered above)")
+    return 1 if done.refused else 0

@@ -3,15 +3,18 @@ gRPC and HTTP, giving the same answers for the same images; user errors end in o
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from cli.main import main as resnet
-from server.client import ClientError, collect_images
+from server.client import ClientError, GatewayHttp, collect_images
 from tests.gateway_models import LABELS, color_image
 from tests.grpc_support import API_KEY, gateway_process
 from tests.support import free_port
@@ -155,6 +158,81 @@ def test_only_bad_images_print_no_table(gateway, photos, tmp_path, capsys):
     assert resnet(args) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 2
+
+
+@pytest.fixture(scope="module")
+def small_body_gateway(pipeline_repository, tmp_path_factory):
+    """A gateway that takes request bodies of up to 100 kB."""
+    flags = ["--repository", str(pipeline_repository), "--max-body-bytes", "100000"]
+    with gateway_process(tmp_path_factory.mktemp("small-body-logs"), *flags) as running:
+        yield running
+
+
+def noise_png(side: int, seed: int) -> bytes:
+    """A PNG of random pixels: it hardly compresses, so `side` sets its size (100: about 30 kB)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc", "http /v2"])
+def test_a_batch_too_large_together_is_split_and_an_image_too_large_alone_refused(
+    small_body_gateway, tmp_path, capsys, protocol
+):
+    for number in range(6):
+        (tmp_path / f"{number}.png").write_bytes(noise_png(100, number))  # six fit one by one, not together
+    (tmp_path / "9-huge.png").write_bytes(noise_png(200, 9))  # about 120 kB: over the limit alone
+    url = small_body_gateway.grpc_url if protocol == "grpc" else small_body_gateway.http_url
+    server = ["--server", "triton"] if protocol == "http /v2" else []
+    assert resnet(["client", "classify", str(tmp_path), "--url", url, *server, "--json"]) == 1
+    captured = capsys.readouterr()
+    assert [r["image"] for r in json.loads(captured.out)] == [str(tmp_path / f"{n}.png") for n in range(6)]
+    error = captured.err.strip()
+    assert error.startswith(f"resnet: error: {tmp_path / '9-huge.png'}: ") and "\n" not in error
+    assert "over the limit of 100000" in error or "larger than max" in error
+
+
+def test_a_file_that_cannot_be_read_costs_only_itself(gateway, photos, capsys):
+    folder, expected = photos
+    first, second = sorted(expected)[:2]
+    unreadable = "/proc/self/mem"  # a regular file whose read fails with EIO, even for root
+    args = ["client", "classify", first, unreadable, second, "--url", gateway.grpc_url, "--api-key", API_KEY]
+    assert resnet([*args, "--json"]) == 1
+    captured = capsys.readouterr()
+    assert [r["image"] for r in json.loads(captured.out)] == [first, second]
+    assert captured.err.strip() == f"resnet: error: {unreadable}: cannot read it: Input/output error"
+
+
+def test_an_error_mid_run_keeps_the_answers_so_far(gateway, photos, capsys, monkeypatch):
+    send = GatewayHttp.classify
+    sent: list[int] = []
+
+    def key_revoked_after_the_first_batch(self, model, images, top_k):
+        if sent:
+            self.http.headers["Authorization"] = "Bearer revoked"
+        sent.append(len(images))
+        return send(self, model, images, top_k)
+
+    monkeypatch.setattr(GatewayHttp, "classify", key_revoked_after_the_first_batch)
+    folder, expected = photos
+    args = [
+        "client",
+        "classify",
+        str(folder),
+        "--url",
+        gateway.http_url,
+        "--api-key",
+        API_KEY,
+        "--batch-size",
+        "2",
+    ]
+    assert resnet([*args, "--json"]) == 1
+    captured = capsys.readouterr()
+    assert [r["image"] for r in json.loads(captured.out)] == sorted(expected)[:2]
+    error = captured.err.strip().splitlines()[-1]
+    assert error.startswith(f"resnet: error: {gateway.http_url} answered 401: ")
+    assert error.endswith("(stopped after 2 of 5 images, answered above)") and sent == [2, 2]
 
 
 @pytest.mark.parametrize(
