@@ -642,7 +642,7 @@ def _train_all(
             f"interrupted by signal {interrupted.signal}: the runs stopped at a checkpoint; "
             "run the same command again to continue"
         )
-    return failed
+    return [arch for arch in archs if arch in failed]  # the order asked for, not the order they ended in
 
 
 def _finished(folder: Path, arch: str, quiet: bool = False) -> bool:
