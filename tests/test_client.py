@@ -122,11 +122,10 @@ def folder_with_bad_images(photos, folder):
     good = sorted(photos[0].glob("*-*.*"))[:3]
     for path in good:
         (folder / path.name).write_bytes(path.read_bytes())
-    (folder / "1-zz-broken.jpeg").write_bytes(b"not a JPEG at all")
-    (folder / "9-truncated.png").write_bytes(color_image("red", fmt="PNG")[:40])
-    return [str(folder / path.name) for path in good], [
-        str(folder / n) for n in ("1-zz-broken.jpeg", "9-truncated.png")
-    ]
+    bad = [folder / "1-zz-broken.jpeg", folder / "9-truncated.png"]
+    bad[0].write_bytes(b"not a JPEG at all")
+    bad[1].write_bytes(color_image("red", fmt="PNG")[:40])
+    return [str(folder / path.name) for path in good], [str(path) for path in bad]
 
 
 def assert_bad_named_and_rest_classified(capsys, args, photos, good, bad) -> None:
@@ -216,17 +215,8 @@ def test_an_error_mid_run_keeps_the_answers_so_far(gateway, photos, capsys, monk
 
     monkeypatch.setattr(GatewayHttp, "classify", key_revoked_after_the_first_batch)
     folder, expected = photos
-    args = [
-        "client",
-        "classify",
-        str(folder),
-        "--url",
-        gateway.http_url,
-        "--api-key",
-        API_KEY,
-        "--batch-size",
-        "2",
-    ]
+    monkeypatch.setenv("RESNET_API_KEY", API_KEY)
+    args = ["client", "classify", str(folder), "--url", gateway.http_url, "--batch-size", "2"]
     assert resnet([*args, "--json"]) == 1
     captured = capsys.readouterr()
     assert [r["image"] for r in json.loads(captured.out)] == sorted(expected)[:2]
@@ -320,11 +310,11 @@ def test_triton_grpc_and_http_answer_like_the_gateway(gateway, pipeline_triton, 
 
 @pytest.mark.triton
 @pytest.mark.slow
-def test_triton_which_does_not_say_which_image_is_bad_gets_each_alone(
+def test_triton_which_does_not_say_which_image_is_bad_gets_halves_of_the_batch(
     pipeline_triton, photos, tmp_path, capsys
 ):
-    # Triton's preprocessing model refuses the whole request without naming the image: the client asks again
-    # about each image of that batch on its own
+    # Triton's preprocessing model refuses the whole request without naming the image: the client sends each half
+    # of that batch again, down to the one image that is refused
     good, bad = folder_with_bad_images(photos, tmp_path / "mixed")
     for url in (f"grpc://{pipeline_triton.grpc_url}", pipeline_triton.http_url):
         args = ["client", "classify", str(tmp_path / "mixed"), "--url", url, "--batch-size", "4"]
