@@ -73,13 +73,13 @@ class Refused:
 
 @dataclass
 class Classified:
-    """What a run printed: each image's predictions or reason; `stopped` says why it ended before the last."""
+    """What a run printed: each image's predictions or reason; `stopped`, what ended it before the last."""
 
     results: list[Result]
     refused: list[Refused]
     server: str
     total: int
-    stopped: str = ""
+    stopped: ClientError | KeyboardInterrupt | None = None
 
 
 @dataclass(frozen=True)
@@ -407,7 +407,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> Classified:
     """Every image's outcome. An error that would fail every image the same way (auth, the server gone) stops the
-    run; once some images are done it is returned in `stopped` with them, so their answers are not lost."""
+    run, as does Ctrl-C; once some images are done it is returned in `stopped` with them, so their answers are not
+    lost."""
     if args.top_k < 1 or args.batch_size < 1:
         raise ClientError("--top-k and --batch-size must be at least 1")
     if not args.timeout > 0:
@@ -432,10 +433,10 @@ def run(args: argparse.Namespace) -> Classified:
                         done.refused.append(Refused(str(path), outcome))
                     else:
                         done.results.append(Result(str(path), model, outcome))
-        except ClientError as error:
+        except (ClientError, KeyboardInterrupt) as error:
             if not (done.results or done.refused):
                 raise
-            done.stopped = str(error)
+            done.stopped = error
         return done
     finally:
         client.close()
@@ -500,7 +501,12 @@ def main(args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     for image in done.refused:
         print(f"resnet: error: {image.image}: {image.reason}", file=sys.stderr)
-    if done.stopped:
-        answered = len(done.results) + len(done.refused)
-        raise ClientError(f"{done.stopped} (stopped after {answered} of {done.total} images, answered above)")
+    if done.stopped is not None:
+        answered = (
+            f"stopped after {len(done.results) + len(done.refused)} of {done.total} images, answered above"
+        )
+        if isinstance(done.stopped, KeyboardInterrupt):
+            print(f"resnet: interrupted ({answered})", file=sys.stderr)
+            return 130
+        raise ClientError(f"{done.stopped} ({answered})")
     return 1 if done.refused else 0

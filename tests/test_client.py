@@ -203,26 +203,43 @@ def test_a_file_that_cannot_be_read_costs_only_itself(gateway, photos, capsys):
     assert captured.err.strip() == f"resnet: error: {unreadable}: cannot read it: Input/output error"
 
 
-def test_an_error_mid_run_keeps_the_answers_so_far(gateway, photos, capsys, monkeypatch):
+def revoke_key(self) -> None:
+    self.http.headers["Authorization"] = "Bearer revoked"
+
+
+def interrupt(self) -> None:
+    raise KeyboardInterrupt  # Ctrl-C while the second batch is sent
+
+
+@pytest.mark.parametrize(
+    ("after_the_first_batch", "status", "last_line"),
+    [
+        (revoke_key, 1, "resnet: error: {url} answered 401: "),
+        (interrupt, 130, "resnet: interrupted ("),
+    ],
+)
+def test_a_stop_mid_run_keeps_the_answers_so_far(
+    gateway, photos, capsys, monkeypatch, after_the_first_batch, status, last_line
+):
     send = GatewayHttp.classify
     sent: list[int] = []
 
-    def key_revoked_after_the_first_batch(self, model, images, top_k):
-        if sent:
-            self.http.headers["Authorization"] = "Bearer revoked"
+    def classify(self, model, images, top_k):
         sent.append(len(images))
+        if len(sent) > 1:
+            after_the_first_batch(self)
         return send(self, model, images, top_k)
 
-    monkeypatch.setattr(GatewayHttp, "classify", key_revoked_after_the_first_batch)
+    monkeypatch.setattr(GatewayHttp, "classify", classify)
     folder, expected = photos
     monkeypatch.setenv("RESNET_API_KEY", API_KEY)
     args = ["client", "classify", str(folder), "--url", gateway.http_url, "--batch-size", "2"]
-    assert resnet([*args, "--json"]) == 1
+    assert resnet([*args, "--json"]) == status
     captured = capsys.readouterr()
     assert [r["image"] for r in json.loads(captured.out)] == sorted(expected)[:2]
     error = captured.err.strip().splitlines()[-1]
-    assert error.startswith(f"resnet: error: {gateway.http_url} answered 401: ")
-    assert error.endswith("(stopped after 2 of 5 images, answered above)") and sent == [2, 2]
+    assert error.startswith(last_line.format(url=gateway.http_url))
+    assert error.endswith("(stopped after 2 of 5 images, answered above)") and len(sent) == 2
 
 
 @pytest.mark.parametrize(
