@@ -3,19 +3,16 @@ gRPC and HTTP, giving the same answers for the same images; user errors end in o
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from cli.main import main as resnet
 from server.client import ClientError, GatewayHttp, collect_images
-from tests.gateway_models import LABELS, color_image
+from tests.gateway_models import LABELS, color_image, noise_jpeg
 from tests.grpc_support import API_KEY, gateway_process
 from tests.support import free_port
 
@@ -167,28 +164,20 @@ def small_body_gateway(pipeline_repository, tmp_path_factory):
         yield running
 
 
-def noise_png(side: int, seed: int) -> bytes:
-    """A PNG of random pixels: it hardly compresses, so `side` sets its size (100: about 30 kB)."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize("protocol", ["http", "grpc", "http /v2"])
 def test_a_batch_too_large_together_is_split_and_an_image_too_large_alone_refused(
     small_body_gateway, tmp_path, capsys, protocol
 ):
-    for number in range(6):
-        (tmp_path / f"{number}.png").write_bytes(noise_png(100, number))  # six fit one by one, not together
-    (tmp_path / "9-huge.png").write_bytes(noise_png(200, 9))  # about 120 kB: over the limit alone
+    for number in range(6):  # about 22 kB each: six fit one by one (and three together), not all six
+        (tmp_path / f"{number}.jpg").write_bytes(noise_jpeg(number, (150, 150)))
+    (tmp_path / "9-huge.jpg").write_bytes(noise_jpeg(9, (400, 400)))  # about 144 kB: over the limit alone
     url = small_body_gateway.grpc_url if protocol == "grpc" else small_body_gateway.http_url
     server = ["--server", "triton"] if protocol == "http /v2" else []
     assert resnet(["client", "classify", str(tmp_path), "--url", url, *server, "--json"]) == 1
     captured = capsys.readouterr()
-    assert [r["image"] for r in json.loads(captured.out)] == [str(tmp_path / f"{n}.png") for n in range(6)]
+    assert [r["image"] for r in json.loads(captured.out)] == [str(tmp_path / f"{n}.jpg") for n in range(6)]
     error = captured.err.strip()
-    assert error.startswith(f"resnet: error: {tmp_path / '9-huge.png'}: ") and "\n" not in error
+    assert error.startswith(f"resnet: error: {tmp_path / '9-huge.jpg'}: ") and "\n" not in error
     assert "over the limit of 100000" in error or "larger than max" in error
 
 
