@@ -199,6 +199,9 @@ def to_grpc_request(
     name: str, version: str, request: InferRequestJson, binary: memoryview
 ) -> tuple[pb.ModelInferRequest, list[bool]]:
     """The gRPC request the service answers, and for each output it will return whether to send it binary."""
+    # The gateway schedules without priorities, but a mistyped one is a client bug that Triton refuses too.
+    if not _count(request.parameters.get("priority", 0)):
+        raise errors.InvalidInput("the 'priority' parameter must be an integer >= 0 (0: the default)")
     message = pb.ModelInferRequest(model_name=name, model_version=version, id=request.id)
     offset = 0
     for tensor in request.inputs:
@@ -227,8 +230,18 @@ def to_grpc_request(
     return message, _requested_outputs(message, request)
 
 
+def _flag(parameters: dict[str, Any], key: str, default: bool, where: str = "") -> bool:
+    """A boolean parameter; anything else is refused, as Triton does, rather than read as false."""
+    value = parameters.get(key, default)
+    if not isinstance(value, bool):
+        raise errors.InvalidInput(
+            f"the {key!r} parameter{where} must be true or false; got {json.dumps(value)[:40]}"
+        )
+    return value
+
+
 def _requested_outputs(message: pb.ModelInferRequest, request: InferRequestJson) -> list[bool]:
-    binary_default = request.parameters.get("binary_data_output") is True
+    binary_default = _flag(request.parameters, "binary_data_output", False)
     binary = []
     for output in request.outputs or []:
         tensor = message.outputs.add(name=output.name)
@@ -239,7 +252,7 @@ def _requested_outputs(message: pb.ModelInferRequest, request: InferRequestJson)
                 parameter.int64_param = max(-INT64_MAX, min(count, INT64_MAX))
             else:
                 parameter.string_param = str(count)  # the service refuses it, naming what it takes
-        binary.append(output.parameters.get("binary_data", binary_default) is True)
+        binary.append(_flag(output.parameters, "binary_data", binary_default, f" of output {output.name!r}"))
     return binary or [binary_default]  # no outputs named: the service returns its one output
 
 

@@ -266,6 +266,9 @@ BAD_REQUESTS = [
         "classification",
     ),
     ("bad timeout", "colors", infer_json(parameters={"timeout": -5}), {}, 400, "microseconds"),
+    ("binary_data as text", "colors", infer_json(outputs=[{"name": "logits", "parameters": {"binary_data": "true"}}]), {}, 400, "'binary_data' parameter of output 'logits' must be true or false; got \"true\""),
+    ("binary_data_output as 1", "colors", infer_json(parameters={"binary_data_output": 1}), {}, 400, "'binary_data_output' parameter must be true or false; got 1"),
+    ("bad priority", "colors", infer_json(parameters={"priority": "high"}), {}, 400, "'priority' parameter must be an integer >= 0"),
     ("header length past body", "colors", infer_json(), {HEADER_LENGTH: "999999"}, 400, HEADER_LENGTH),
     ("header length not a number", "colors", infer_json(), {HEADER_LENGTH: "ten"}, 400, HEADER_LENGTH),
     ("binary size past body", "colors", BINARY_HEADER, {HEADER_LENGTH: str(len(BINARY_HEADER))}, 400, "only 0 bytes"),
@@ -435,5 +438,10 @@ def test_gateway_and_triton_answer_http_requests_alike(gateway, client, pipeline
             else:
                 assert mine["data"] == real_output["data"]
         assert ours == theirs  # id and model_name
+    for mistyped in ({"binary_data_output": "yes"}, {"priority": -3}):  # Triton refuses them with a 500
+        body = infer_json(parameters=mistyped)
+        refused = httpx.post(f"{pipeline_triton.http_url}/v2/models/colors/infer", content=body)
+        assert refused.status_code >= 400 and "Unable to parse" in refused.json()["error"]
+        assert post_infer(gateway, "colors", body).status_code == 400
     missing = httpx.get(f"{pipeline_triton.http_url}/v2/models/nope")
     assert missing.status_code == httpx.get(f"{gateway.http_url}/v2/models/nope", headers=auth()).status_code
