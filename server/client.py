@@ -17,9 +17,11 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from http.client import HTTPException
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -31,6 +33,7 @@ PIPELINE_SUFFIX = "_pipeline"
 IMAGE_INPUT = "image"
 LOGITS_OUTPUT = "logits"
 MAX_GATEWAY_FILES = 64  # the gateway's multipart limit per request
+T = TypeVar("T")
 GATEWAY_NAME = "resnet-gateway"  # what the gateway calls itself in KServe server metadata (Triton: "triton")
 
 
@@ -47,6 +50,14 @@ class ImageRejected(ClientError):
 GATEWAY_IMAGE_ERRORS = {"invalid_image", "unsupported_media_type", "payload_too_large"}
 KSERVE_IMAGE_STATUSES = {"400", "413", "StatusCode.INVALID_ARGUMENT"}
 GRPC_TOO_LARGE = "Received message larger than max"  # gRPC's own words; its status is also an overload's
+# A wrong port's answers: an HTTP client at a gRPC port reads HTTP/2 frames (httpx: "illegal request line"), a gRPC
+# client at an HTTP port reads a status line ("Failed parsing HTTP/2"), tritonclient.http a web page it cannot decode.
+NOT_HTTP1_HINT = " (if that is a gRPC port, use grpc://HOST:PORT)"
+GRPC_AT_HTTP = "Failed parsing HTTP/2"
+NOT_GRPC_HINT = " (if that is an HTTP port, use http://HOST:PORT)"
+KSERVE_UNDECODABLE = "while decoding the response"
+NOT_GATEWAY_HINT = "is --url the resnet-serving gateway? (Triton's HTTP port: --server triton)"
+NOT_KSERVE_HINT = "is --url the HTTP port of Triton (8000 by default) or of the gateway?"
 
 
 @dataclass(frozen=True)
@@ -147,45 +158,66 @@ class GatewayHttp:
         self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
         self.url = url
 
-    def _get(self, path: str) -> dict:
-        return self._json(self._call("GET", path))
-
-    def _call(self, method: str, path: str, **kwargs):
+    def _call(self, method: str, path: str, read: Callable[[Any], T], **kwargs) -> T:
+        """`read` applied to the JSON answer; the gateway's error, or an answer it would not give, raised."""
         import httpx
 
         try:
-            return self.http.request(method, path, **kwargs)
+            response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as error:
-            raise ClientError(f"cannot reach {self.url}: {error}") from None
-
-    def _json(self, response) -> object:
+            raise unreachable(self.url, error) from None
         try:
             body = response.json()
         except ValueError:
-            body = None
+            raise self._not_gateway(response, "") from None
         if response.status_code >= 400:
-            error = body["error"] if isinstance(body, dict) and isinstance(body.get("error"), dict) else {}
-            message = error.get("message", response.text[:200])
+            error = body.get("error") if isinstance(body, dict) else None
+            if not (isinstance(error, dict) and "message" in error):
+                raise self._not_gateway(response, response.text)
             kind = ImageRejected if error.get("code") in GATEWAY_IMAGE_ERRORS else ClientError
-            raise kind(f"{self.url} answered {response.status_code}: {message}")
-        return body
+            raise kind(f"{self.url} answered {response.status_code}: {error['message']}")
+        try:
+            return read(body)
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise self._not_gateway(response, response.text) from None
+
+    def _not_gateway(self, response, json_text: str) -> ClientError:
+        """Another server answered (another service at that port, Triton's metrics port): say what it sent."""
+        request = response.request
+        sent = " ".join(json_text.split())[:80] or (
+            f"{response.headers.get('content-type', 'no content type')}, {len(response.content)} bytes"
+        )
+        return ClientError(
+            f"{self.url} answered {request.method} {request.url.path} with {response.status_code} ({sent}), not "
+            f"the gateway's JSON: {NOT_GATEWAY_HINT}"
+        )
 
     def default_model(self) -> str:
-        return only_model([m["name"] for m in self._get("/v1/models")["models"]], self.url)
+        names = self._call("GET", "/v1/models", lambda body: [str(m["name"]) for m in body["models"]])
+        return only_model(names, self.url)
 
     def batch_limit(self, model: str) -> int:
-        return min(MAX_GATEWAY_FILES, int(self._get(f"/v1/models/{model}")["max_batch_size"]))
+        return min(
+            MAX_GATEWAY_FILES, self._call("GET", f"/v1/models/{model}", lambda b: int(b["max_batch_size"]))
+        )
 
     def classify(self, model: str, images: list[ImageFile], top_k: int) -> list[list[Prediction]]:
         files = [("file", (image.path.name, image.data, "application/octet-stream")) for image in images]
-        body = self._json(
-            self._call("POST", f"/v1/models/{model}/classify", params={"top_k": top_k}, files=files)
+        return self._call(
+            "POST", f"/v1/models/{model}/classify", gateway_predictions, params={"top_k": top_k}, files=files
         )
-        results = body if isinstance(body, list) else [body]
-        return [[Prediction(p["index"], p["label"], p["score"]) for p in r["predictions"]] for r in results]
 
     def close(self) -> None:
         self.http.close()
+
+
+def gateway_predictions(body: dict | list) -> list[list[Prediction]]:
+    """The gateway's /v1 classify answer: one object for one image, a list of them for several."""
+    results = body if isinstance(body, list) else [body]
+    return [
+        [Prediction(int(p["index"]), str(p["label"]), float(p["score"])) for p in result["predictions"]]
+        for result in results
+    ]
 
 
 class KServe:
@@ -200,60 +232,71 @@ class KServe:
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else None
         self._classes: dict[str, int] = {}
         self.client = self._guard(lambda: module.InferenceServerClient(address))
-        metadata = self._guard(lambda: self.client.get_server_metadata(headers=self.headers))
-        name = metadata["name"] if isinstance(metadata, dict) else metadata.name
+        name = self._guard(
+            lambda: self.client.get_server_metadata(headers=self.headers),
+            lambda metadata: metadata["name"] if isinstance(metadata, dict) else metadata.name,
+        )
         api = "grpc" if protocol == "grpc" else "http /v2"
         self.kind = f"{'the gateway' if name == GATEWAY_NAME else name} ({api})"
 
-    def _guard(self, call, sends_images: bool = False):
+    def _guard(
+        self, call: Callable[[], Any], read: Callable[[Any], T] | None = None, sends_images: bool = False
+    ):
+        """`read` applied to what `call` answers; its errors, or an answer no KServe server gives, raised."""
+        answer = self._call(call, sends_images)
+        try:
+            return read(answer) if read else answer
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, StopIteration) as error:
+            raise ClientError(
+                f"{self.protocol}://{self.address} answered what a KServe v2 server does not "
+                f"({type(error).__name__}: {error}): {NOT_KSERVE_HINT}"
+            ) from None
+
+    def _call(self, call: Callable[[], Any], sends_images: bool) -> Any:
         from tritonclient.utils import InferenceServerException
 
+        url = f"{self.protocol}://{self.address}"
         try:
             return call()
         except InferenceServerException as error:
             # the request is built here to fit the model: an invalid argument or a size limit can only be the images
-            message = error.message() or str(error)
+            message = (error.message() or str(error)).strip()
             images_refused = error.status() in KSERVE_IMAGE_STATUSES or GRPC_TOO_LARGE in message
             kind = ImageRejected if sends_images and images_refused else ClientError
-            raise kind(f"{self.protocol}://{self.address}: {message}") from None
+            hint = NOT_GRPC_HINT if GRPC_AT_HTTP in message else ""
+            hint = f" ({NOT_KSERVE_HINT})" if KSERVE_UNDECODABLE in message else hint
+            # tritonclient.http appends a body it cannot decode (a web server's HTML page) on the lines after
+            raise kind(f"{url}: {message.splitlines()[0] if message else error.status()}{hint}") from None
         except (ConnectionError, OSError) as error:
-            raise ClientError(f"cannot reach {self.protocol}://{self.address}: {error}") from None
-
-    def _index(self) -> list[str]:
-        index = self._guard(lambda: self.client.get_model_repository_index(headers=self.headers))
-        # HTTP: a list of dicts; gRPC: a RepositoryIndexResponse message
-        entries = index if isinstance(index, list) else index.models
-        return [entry["name"] if isinstance(entry, dict) else entry.name for entry in entries]
+            raise ClientError(f"cannot reach {url}: {error}") from None
+        except HTTPException as error:  # geventhttpclient's: an answer that is not HTTP/1.1
+            raise ClientError(
+                f"cannot reach {url}: {error or type(error).__name__}{NOT_HTTP1_HINT}"
+            ) from None
+        except ValueError as error:  # rapidjson's: not JSON (Triton's metrics port)
+            raise ClientError(
+                f"{url} answered what is not KServe v2 JSON ({error}): {NOT_KSERVE_HINT}"
+            ) from None
 
     def default_model(self) -> str:
-        names = set(self._index())
+        names = self._guard(lambda: self.client.get_model_repository_index(headers=self.headers), model_names)
         return only_model(
             sorted(n.removesuffix(PIPELINE_SUFFIX) for n in names if n.endswith(PIPELINE_SUFFIX)),
             f"{self.protocol}://{self.address}",
         )
 
-    def _metadata(self, model: str) -> dict:
-        metadata = self._guard(
-            lambda: self.client.get_model_metadata(model + PIPELINE_SUFFIX, headers=self.headers)
-        )
-        if not isinstance(metadata, dict):
-            from google.protobuf.json_format import MessageToDict
-
-            metadata = MessageToDict(metadata, preserving_proto_field_name=True)
-        return metadata
-
     def batch_limit(self, model: str) -> int:
-        config = self._guard(
-            lambda: self.client.get_model_config(model + PIPELINE_SUFFIX, headers=self.headers)
+        return self._guard(
+            lambda: self.client.get_model_config(model + PIPELINE_SUFFIX, headers=self.headers),
+            max_batch_size,
         )
-        config = config["config"] if isinstance(config, dict) and "config" in config else config
-        limit = config.get("max_batch_size", 0) if isinstance(config, dict) else config.config.max_batch_size
-        return int(limit) or 1
 
     def num_classes(self, model: str) -> int:
         if model not in self._classes:
-            outputs = self._metadata(model)["outputs"]
-            self._classes[model] = int(next(o for o in outputs if o["name"] == LOGITS_OUTPUT)["shape"][-1])
+            self._classes[model] = self._guard(
+                lambda: self.client.get_model_metadata(model + PIPELINE_SUFFIX, headers=self.headers),
+                class_count,
+            )
         return self._classes[model]
 
     def classify(self, model: str, images: list[ImageFile], top_k: int) -> list[list[Prediction]]:
@@ -264,17 +307,44 @@ class KServe:
         # every class, so the client can turn raw scores into probabilities the way the gateway's HTTP API does
         wanted = [self.module.InferRequestedOutput(LOGITS_OUTPUT, class_count=num_classes)]
         timeout = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
-        result = self._guard(
+
+        def predictions(result) -> list[list[Prediction]]:
+            rows = result.as_numpy(LOGITS_OUTPUT).reshape(len(images), -1)
+            return [top_k_from_logits([parse_classification(item) for item in row], top_k) for row in rows]
+
+        return self._guard(
             lambda: self.client.infer(
                 model + PIPELINE_SUFFIX, [tensor], outputs=wanted, headers=self.headers, **timeout
             ),
+            predictions,
             sends_images=True,
         )
-        rows = result.as_numpy(LOGITS_OUTPUT).reshape(len(images), -1)
-        return [top_k_from_logits([parse_classification(item) for item in row], top_k) for row in rows]
 
     def close(self) -> None:
         self.client.close()
+
+
+# KServe answers: tritonclient.http gives JSON as dicts and lists, tritonclient.grpc protobuf messages
+
+
+def model_names(index) -> list[str]:
+    entries = index if isinstance(index, list) else index.models
+    return [str(entry["name"] if isinstance(entry, dict) else entry.name) for entry in entries]
+
+
+def max_batch_size(config) -> int:
+    config = config["config"] if isinstance(config, dict) and "config" in config else config
+    limit = config.get("max_batch_size", 0) if isinstance(config, dict) else config.config.max_batch_size
+    return int(limit) or 1
+
+
+def class_count(metadata) -> int:
+    if not isinstance(metadata, dict):
+        from google.protobuf.json_format import MessageToDict
+
+        metadata = MessageToDict(metadata, preserving_proto_field_name=True)
+    logits = next(output for output in metadata["outputs"] if output["name"] == LOGITS_OUTPUT)
+    return int(logits["shape"][-1])
 
 
 def only_model(names: list[str], url: str) -> str:
@@ -307,6 +377,14 @@ def connect(url: str, server: str, api_key: str | None, timeout: float) -> Gatew
     return KServe(tritonclient.http, address, api_key, timeout, "http")
 
 
+def unreachable(url: str, error: Exception) -> ClientError:
+    """httpx's error as one line; a server that answered with something other than HTTP/1.1 is likely gRPC."""
+    import httpx
+
+    hint = NOT_HTTP1_HINT if isinstance(error, httpx.RemoteProtocolError) else ""
+    return ClientError(f"cannot reach {url}: {error}{hint}")
+
+
 def speaks_kserve_http(url: str, timeout: float) -> bool:
     """Whether `url` is Triton (or another KServe v2 server): it answers `GET /v2` with its metadata. The gateway
     answers it too, by its own name (or 401 when it wants a key), and is then spoken to through its /v1 API."""
@@ -315,7 +393,7 @@ def speaks_kserve_http(url: str, timeout: float) -> bool:
     try:
         response = httpx.get(f"{url}/v2", timeout=timeout)
     except httpx.HTTPError as error:
-        raise ClientError(f"cannot reach {url}: {error}") from None
+        raise unreachable(url, error) from None
     try:
         metadata = response.json()
     except ValueError:

@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -265,6 +269,11 @@ def test_a_folder_of_class_folders_names_the_way_in(tmp_path):
         (["{photo}", "--url", "{http}", "--api-key", API_KEY, "--model", "nope"], "'nope' not found"),
         (["{photo}", "--url", "grpc://127.0.0.1:{dead}"], "grpc://127.0.0.1:"),
         (["{photo}", "--url", "http://127.0.0.1:{dead}"], "cannot reach"),
+        # a port of the other protocol: each client reads the other's bytes, and the hint names the fix
+        (["{photo}", "--url", "{grpc_as_http}"], "(if that is a gRPC port, use grpc://HOST:PORT)"),
+        (["{photo}", "--url", "{grpc_as_http}", "--server", "gateway"], "use grpc://HOST:PORT"),
+        (["{photo}", "--url", "{grpc_as_http}", "--server", "triton"], "use grpc://HOST:PORT"),
+        (["{photo}", "--url", "{http_as_grpc}"], "(if that is an HTTP port, use http://HOST:PORT)"),
     ],
 )
 def test_errors_are_one_line_and_exit_non_zero(gateway, photos, capsys, args, message):
@@ -275,10 +284,67 @@ def test_errors_are_one_line_and_exit_non_zero(gateway, photos, capsys, args, me
         "http": gateway.http_url,
         "dead": free_port(),
         "wrapped": 65536 + int(gateway.grpc_url.rsplit(":", 1)[1]),
+        "grpc_as_http": gateway.grpc_url.replace("grpc://", "http://"),
+        "http_as_grpc": gateway.http_url.replace("http://", "grpc://"),
     }
     assert resnet(["client", "classify", *(arg.format(**values) for arg in args), "--timeout", "5"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("resnet: error: ") and "\n" not in err and message in err, err
+
+
+@contextmanager
+def other_web_server(status: int, content_type: str, body: bytes) -> Iterator[str]:
+    """A web server that is neither the gateway nor Triton, answering every request alike; its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+OTHER_SERVERS = {
+    "web page": (
+        404,
+        "text/html",
+        b"<!DOCTYPE html>\n<html>\n<p>Nothing matches the given URI.</p>\n</html>\n",
+    ),
+    "metrics port": (
+        200,
+        "text/plain; charset=utf-8",
+        b"",
+    ),  # what Triton's metrics port answers but /metrics
+    "other JSON": (200, "application/json", b'{"models": "all of them"}'),
+}
+
+
+@pytest.mark.parametrize("server", ["auto", "gateway", "triton"])
+@pytest.mark.parametrize("answer", OTHER_SERVERS, ids=list(OTHER_SERVERS))
+def test_a_server_that_is_neither_is_named_in_one_line(photos, capsys, answer, server):
+    folder, _ = photos
+    with other_web_server(*OTHER_SERVERS[answer]) as url:
+        assert (
+            resnet(["client", "classify", str(folder / "0-red.jpeg"), "--url", url, "--server", server]) == 1
+        )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"resnet: error: {url}") and "\n" not in err, err
+    assert "is --url the" in err, err
 
 
 def test_console_script_help_and_exit_code(gateway):
