@@ -21,9 +21,15 @@ def auth_headers(api_key: str) -> dict[str, str]:
 
 
 def listed_names(listing: object) -> list[str]:
-    """Model names in a GET /v1/models answer: {"models": [{"name": ...}, ...]} (or a bare list)."""
-    models = listing.get("models", []) if isinstance(listing, dict) else listing
-    return [m["name"] if isinstance(m, dict) else str(m) for m in models or []]
+    """Model names in a GET /v1/models answer: {"models": [{"name": ...}, ...]} (or a bare list); ValueError for
+    an answer of another shape (another server at that port)."""
+    models = listing.get("models") if isinstance(listing, dict) else listing
+    names = (
+        [m.get("name") if isinstance(m, dict) else m for m in models] if isinstance(models, list) else None
+    )
+    if names is None or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"not a model listing: {json.dumps(listing)[:80]}")
+    return names
 
 
 def gateway_models(base_url: str, api_key: str = "") -> list[str]:
@@ -45,7 +51,10 @@ def kserve_models(base_url: str, api_key: str = "") -> list[str]:
         method="POST",
     )
     with urllib.request.urlopen(request, timeout=10) as response:
-        names = [entry.get("name", "") for entry in json.load(response) if isinstance(entry, dict)]
+        index = json.load(response)
+    if not isinstance(index, list):
+        raise ValueError(f"not a KServe repository index: {json.dumps(index)[:80]}")
+    names = [entry.get("name", "") for entry in index if isinstance(entry, dict)]
     pipelines = [name.removesuffix(PIPELINE_SUFFIX) for name in names if name.endswith(PIPELINE_SUFFIX)]
     if not pipelines:
         raise RuntimeError(f"{base_url} serves no <model>{PIPELINE_SUFFIX} (encoded images in) to load-test")

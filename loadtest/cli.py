@@ -10,6 +10,7 @@ Exit status: 0 when every threshold holds, 3 when one breaks (each broken one is
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -242,6 +243,20 @@ def check_images(folder: Path) -> None:
         )
 
 
+def listing_failure(error: Exception, kserve: bool) -> str:
+    """Why the listing failed, with the likely fix where a wrong port or the wrong API explains it."""
+    if isinstance(error, urllib.error.HTTPError) and error.code == 404 and not kserve:
+        return f"{error} (no /v1 API there: for Triton's HTTP port add --kserve)"
+    if isinstance(error, http.client.BadStatusLine):  # its text is the bytes that came back
+        return "the answer is not HTTP/1.1 (if that is a gRPC port, give it as --grpc-url with --grpc)"
+    if isinstance(error, ValueError):
+        answer = (
+            f"the answer is not JSON ({error})" if isinstance(error, json.JSONDecodeError) else str(error)
+        )
+        return f"{answer} (is --url the gateway's HTTP port{' or Triton' if kserve else ''}?)"
+    return str(error)
+
+
 def served_model(args: argparse.Namespace) -> str:
     """The model to load-test, once the server has shown that it serves it (else every request would fail)."""
     from tritonclient.utils import InferenceServerException
@@ -250,8 +265,10 @@ def served_model(args: argparse.Namespace) -> str:
 
     try:
         served = (kserve_models if args.kserve else gateway_models)(args.url, args.api_key)
-    except (urllib.error.URLError, OSError, ValueError, RuntimeError) as error:
-        raise LoadTestError(f"cannot list models at {args.url}: {error}") from error
+    except (urllib.error.URLError, OSError, ValueError, RuntimeError, http.client.HTTPException) as error:
+        raise LoadTestError(
+            f"cannot list models at {args.url}: {listing_failure(error, args.kserve)}"
+        ) from error
     model = args.model or served[0]
     if model not in served:
         raise LoadTestError(f"model {model!r} is not served at {args.url}; served: {', '.join(served)}")

@@ -147,7 +147,13 @@ class ClassifyUser(HttpUser):
         ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
-            elif self.model not in listed_names(response.json()):
+                return
+            try:
+                missing = self.model not in listed_names(response.json())
+            except ValueError as error:  # not JSON, or JSON of another shape
+                response.failure(str(error))
+                return
+            if missing:
                 response.failure(f"model {self.model!r} missing from the listing")
 
     def _validate(self, response, expected: int) -> None:

@@ -9,10 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -118,3 +120,42 @@ def torchrun_train_command(processes: int = 2) -> list[str]:
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "cli.main", "train",
     ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def other_web_server(status: int, content_type: str, body: bytes) -> Iterator[str]:
+    """A web server that is neither the gateway nor Triton, answering every request alike; its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# what a URL that is neither the gateway nor Triton may answer (another service at that port)
+OTHER_SERVERS = {
+    "web page": (404, "text/html", b"<!DOCTYPE html>\n<html><p>Nothing matches the given URI.</p></html>\n"),
+    "metrics port": (
+        200,
+        "text/plain; charset=utf-8",
+        b"",
+    ),  # Triton's metrics port, on any path but /metrics
+    "other JSON": (200, "application/json", b'{"models": "all of them"}'),
+}

@@ -6,10 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,7 +14,7 @@ from cli.main import main as resnet
 from server.client import ClientError, GatewayHttp, collect_images
 from tests.gateway_models import LABELS, color_image, noise_jpeg
 from tests.grpc_support import API_KEY, gateway_process
-from tests.support import free_port
+from tests.support import OTHER_SERVERS, free_port, other_web_server
 
 
 @pytest.fixture(scope="module")
@@ -290,48 +286,6 @@ def test_errors_are_one_line_and_exit_non_zero(gateway, photos, capsys, args, me
     assert resnet(["client", "classify", *(arg.format(**values) for arg in args), "--timeout", "5"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("resnet: error: ") and "\n" not in err and message in err, err
-
-
-@contextmanager
-def other_web_server(status: int, content_type: str, body: bytes) -> Iterator[str]:
-    """A web server that is neither the gateway nor Triton, answering every request alike; its URL."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_POST = do_GET
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-OTHER_SERVERS = {
-    "web page": (
-        404,
-        "text/html",
-        b"<!DOCTYPE html>\n<html>\n<p>Nothing matches the given URI.</p>\n</html>\n",
-    ),
-    "metrics port": (
-        200,
-        "text/plain; charset=utf-8",
-        b"",
-    ),  # what Triton's metrics port answers but /metrics
-    "other JSON": (200, "application/json", b'{"models": "all of them"}'),
-}
 
 
 @pytest.mark.parametrize("server", ["auto", "gateway", "triton"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from loadtest.checks import check_classification, check_prediction, grpc_target
 from loadtest.cli import LoadTestError, check_flags, get_args_parser, parse_duration
 from loadtest.images import generate, load_images
 from tests.gateway_models import write_colors_model
-from tests.support import REPO_ROOT, free_port, running_process
+from tests.support import OTHER_SERVERS, REPO_ROOT, free_port, other_web_server, running_process
 
 # --- schedules, parsing, checks (no processes) --------------------------------------------------------------
 
@@ -275,6 +276,39 @@ def test_unreachable_gateway_is_a_one_line_error(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip().startswith("resnet: error: cannot list models")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+WRONG_URLS = [
+    (
+        "gRPC port",
+        [],
+        "the answer is not HTTP/1.1 (if that is a gRPC port, give it as --grpc-url with --grpc)",
+    ),
+    ("web page", [], "HTTP Error 404: Not Found (no /v1 API there: for Triton's HTTP port add --kserve)"),
+    ("metrics port", [], "the answer is not JSON (Expecting value"),
+    ("other JSON", [], 'not a model listing: {"models": "all of them"}'),
+    ("other JSON", ["--kserve"], "not a KServe repository index"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("server", "flags", "message"),
+    WRONG_URLS,
+    ids=[" ".join([server, *flags]) for server, flags, _ in WRONG_URLS],
+)
+def test_a_url_that_is_not_the_gateway_says_what_answered(gateway, tmp_path, server, flags, message):
+    out = tmp_path / "out"
+    with contextlib.ExitStack() as stack:
+        url = (
+            f"http://{gateway['grpc']}"
+            if server == "gRPC port"
+            else stack.enter_context(other_web_server(*OTHER_SERVERS[server]))
+        )
+        result = run_loadtest("--url", url, "--duration", "2s", "--out", str(out), *flags)
+    assert result.returncode == 1 and not out.exists()
+    assert result.stderr.startswith(f"resnet: error: cannot list models at {url}: {message}"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
