@@ -18,7 +18,7 @@ import numpy as np
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from server.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, Overloaded
+from server.errors import GRPC_AT_HTTP_PORT, BackendUnavailable, DeadlineExceeded, InvalidInput, Overloaded
 from server.settings import Settings
 from server.spec import INPUT_NAME, LABELS_FILENAME, OUTPUT_NAME, ROLE_KEY, PreprocessSpec, Role, SpecError
 
@@ -82,6 +82,9 @@ def is_classifier(config: mc.ModelConfig) -> bool:
 
 class Backend(abc.ABC):
     name = "backend"
+    problem = (
+        ""  # why it is not ready, in one line, for /readyz and the log (the registry clears it when ready)
+    )
 
     @abc.abstractmethod
     async def start(self) -> list[ModelInfo]:
@@ -203,6 +206,23 @@ class EmbeddedBackend(Backend):
 # --- Triton ------------------------------------------------------------------------------------------------
 
 
+def triton_problem(error: Exception, protocol: str) -> str:
+    """A failed call to Triton as one line; where the port speaks the other protocol, the setting that fixes it."""
+    text = str(error).strip()
+    if protocol == "grpc" and any(sign in text for sign in GRPC_AT_HTTP_PORT):
+        return f"{text.splitlines()[0]} (if that is Triton's HTTP port, set --triton-protocol http)"
+    if (
+        protocol == "http" and "Bad status line" in text
+    ):  # aiohttp, reading HTTP/2 frames; its text holds them
+        return "its answer is not HTTP/1.1 (if that is Triton's gRPC port, set --triton-protocol grpc)"
+    return one_line(error)
+
+
+def one_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class TritonBackend(Backend):
     """One shared asyncio client (gRPC or HTTP) to Triton; model configs come from Triton's config API.
 
@@ -296,10 +316,15 @@ class TritonBackend(Backend):
     async def ready(self) -> bool:
         try:
             if self.protocol == "grpc":
-                return bool(await self.client.is_server_ready(client_timeout=2))
-            return bool(await self.client.is_server_ready())
-        except Exception:  # noqa: BLE001 - any failure to answer means not ready
+                ready = bool(await self.client.is_server_ready(client_timeout=2))
+            else:
+                ready = bool(await self.client.is_server_ready())
+        except Exception as error:  # noqa: BLE001 - any failure to answer means not ready
+            self.problem = triton_problem(error, self.protocol)
             return False
+        if not ready:
+            self.problem = "its /v2/health/ready answers not ready (models still loading?)"
+        return ready
 
     async def infer(self, info: ModelInfo, batch: np.ndarray, deadline: float) -> np.ndarray:
         tensor = self.module.InferInput(INPUT_NAME, list(batch.shape), "FP32")

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from cli.errors import ResnetError
+from server.errors import GRPC_AT_HTTP_PORT
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 PIPELINE_SUFFIX = "_pipeline"
@@ -51,9 +52,9 @@ GATEWAY_IMAGE_ERRORS = {"invalid_image", "unsupported_media_type", "payload_too_
 KSERVE_IMAGE_STATUSES = {"400", "413", "StatusCode.INVALID_ARGUMENT"}
 GRPC_TOO_LARGE = "Received message larger than max"  # gRPC's own words; its status is also an overload's
 # A wrong port's answers: an HTTP client at a gRPC port reads HTTP/2 frames (httpx: "illegal request line"), a gRPC
-# client at an HTTP port reads a status line ("Failed parsing HTTP/2"), tritonclient.http a web page it cannot decode.
+# client at an HTTP port reads a status line (server.errors.GRPC_AT_HTTP_PORT), tritonclient.http a web page it
+# cannot decode.
 NOT_HTTP1_HINT = " (if that is a gRPC port, use grpc://HOST:PORT)"
-GRPC_AT_HTTP = "Failed parsing HTTP/2"
 NOT_GRPC_HINT = " (if that is an HTTP port, use http://HOST:PORT)"
 KSERVE_UNDECODABLE = "while decoding the response"
 NOT_GATEWAY_HINT = "is --url the resnet-serving gateway? (Triton's HTTP port: --server triton)"
@@ -263,7 +264,7 @@ class KServe:
             message = (error.message() or str(error)).strip()
             images_refused = error.status() in KSERVE_IMAGE_STATUSES or GRPC_TOO_LARGE in message
             kind = ImageRejected if sends_images and images_refused else ClientError
-            hint = NOT_GRPC_HINT if GRPC_AT_HTTP in message else ""
+            hint = NOT_GRPC_HINT if any(sign in message for sign in GRPC_AT_HTTP_PORT) else ""
             hint = f" ({NOT_KSERVE_HINT})" if KSERVE_UNDECODABLE in message else hint
             # tritonclient.http appends a body it cannot decode (a web server's HTML page) on the lines after
             raise kind(f"{url}: {message.splitlines()[0] if message else error.status()}{hint}") from None

@@ -4,6 +4,11 @@ boundary: `{"error": {"code": ..., "message": ...}}` with the class's HTTP statu
 
 from __future__ import annotations
 
+# What a gRPC client says when the port it reached speaks HTTP/1.1: it read a status line where HTTP/2 frames belong
+# (most servers), or the server hung up on HTTP/2's preface (Triton's HTTP port). The gateway's Triton backend and
+# `resnet client` add the fix to these.
+GRPC_AT_HTTP_PORT = ("Failed parsing HTTP/2", "Socket closed")
+
 
 class GatewayError(Exception):
     """A request the gateway answers with an error instead of a result; `message` names the problem."""

@@ -418,7 +418,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 name=endpoint.name,
                 version=endpoint.model.version,
                 state="READY" if ready else "UNAVAILABLE",
-                reason="" if ready else self.registry.describe_backend() + " is not ready",
+                reason="" if ready else self.registry.not_ready_reason(),
             )
         return response
 

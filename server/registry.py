@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.backends import Backend, ModelInfo, create_backend
+from server.backends import Backend, ModelInfo, create_backend, one_line
 from server.batching import DirectDispatcher, Dispatcher, DynamicBatcher
 from server.errors import BackendUnavailable, InvalidInput, ModelNotFound
 from server.metrics import Metrics
@@ -33,6 +33,7 @@ from server.statistics import ComputeTimes, ModelStatistics, Request, RequestTim
 
 log = logging.getLogger("resnet.server")
 HEALTH_INTERVAL_S = 1.0
+PROBLEM_LOG_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,7 @@ class ModelRegistry:
         self.preprocess_pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
         self.models: dict[str, ServedModel] = {}
         self._backend_ready = False
+        self._logged_problems: dict[str, float] = {}  # each reason to be down, when it was last logged
         self._health_task: asyncio.Task | None = None
 
     def names(self) -> list[str]:
@@ -219,7 +221,10 @@ class ModelRegistry:
         return model
 
     def not_ready_reason(self) -> str:
-        return f"{self.describe_backend()} is not ready" if not self._backend_ready else self._no_models()
+        if self._backend_ready:
+            return self._no_models()
+        problem = self.backend.problem
+        return f"{self.describe_backend()} is not ready{': ' + problem if problem else ''}"
 
     def _no_models(self) -> str:
         where = (
@@ -289,17 +294,24 @@ class ModelRegistry:
             try:
                 await self._load_models()
             except Exception as error:  # noqa: BLE001 - keep polling; readiness stays false
-                log.warning("cannot read models from %s: %s", self.backend.name, error)
+                self.backend.problem = f"cannot read its models: {one_line(error)}"
                 ready = False
-        if ready != self._backend_ready:
-            log.log(
-                logging.INFO if ready else logging.WARNING,
-                "%s backend at %s is %s",
-                self.backend.name,
-                self.settings.triton_url,
-                "ready" if ready else "NOT ready",
-            )
+        if ready:
+            self.backend.problem = ""
+        self._log_health(ready, self.backend.problem)
         self._backend_ready = ready
+
+    def _log_health(self, ready: bool, problem: str) -> None:
+        """Each change of readiness; while down, each reason once per PROBLEM_LOG_S (a wrong port's reasons can
+        alternate from one poll to the next: both are logged, not one per poll)."""
+        now = time.monotonic()
+        self._logged_problems = {p: at for p, at in self._logged_problems.items() if now - at < PROBLEM_LOG_S}
+        if ready and not self._backend_ready:
+            log.info("%s is ready", self.describe_backend())
+            self._logged_problems.clear()
+        elif not ready and (self._backend_ready or problem not in self._logged_problems):
+            log.warning("%s is NOT ready: %s", self.describe_backend(), problem or "no reason given")
+            self._logged_problems[problem] = now
 
     async def _health_loop(self) -> None:
         while True:

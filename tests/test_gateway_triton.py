@@ -3,13 +3,16 @@ and HTTP, answer 503 while Triton is down, and recover by itself when Triton com
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
+from server.registry import HEALTH_INTERVAL_S
 from tests.gateway_models import LABELS, color_image, write_colors_model
+from tests.grpc_support import gateway_process
 from tests.support import free_port, metric, running_gateway, wait_until
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
@@ -93,6 +96,38 @@ def test_kill_triton_mid_run_then_recover(triton_server, repository, tmp_path):
             assert kserve_classify(url, "green").json()["outputs"][0]["data"][0].endswith(":green")
     finally:
         triton.stop()
+
+
+def not_ready_reason(url: str, expected: str) -> str:
+    """The gateway's /readyz reason, once it holds `expected` (readiness is polled every HEALTH_INTERVAL_S)."""
+
+    def reason() -> str:
+        answer = httpx.get(f"{url}/readyz")
+        assert answer.status_code == 503
+        return answer.json()["error"]["message"]
+
+    wait_until(lambda: expected in reason(), 15, what=f"{expected!r} in /readyz")
+    return reason()
+
+
+def test_a_wrong_triton_port_is_named_in_readiness_and_logged_once(triton_server, repository, tmp_path):
+    with triton_server(repository, log_path=tmp_path / "triton.log") as triton:
+        wrong_ports = [
+            (triton.http_address, "grpc", "(if that is Triton's HTTP port, set --triton-protocol http)"),
+            (triton.grpc_url, "http", "(if that is Triton's gRPC port, set --triton-protocol grpc)"),
+            (f"{triton.host}:{triton.metrics_port}", "http", "cannot read its models: [405]"),
+        ]
+        for address, protocol, expected in wrong_ports:
+            flags = ["--backend", "triton", "--triton-url", address, "--triton-protocol", protocol]
+            with gateway_process(
+                tmp_path, *flags, "--repository", str(tmp_path), ready_path="/healthz"
+            ) as down:
+                reason = not_ready_reason(down.http_url, expected)
+                assert reason.startswith(f"Triton at {address} ({protocol}) is not ready: "), reason
+                time.sleep(3 * HEALTH_INTERVAL_S)  # polls that find the same fault again
+            log = (tmp_path / f"gateway-{down.http_url.rsplit(':', 1)[1]}.log").read_text()
+            # aiohttp's reason alternates with "Cannot write to closing transport": each logged once, not per poll
+            assert 1 <= log.count("is NOT ready: ") <= 2 and expected in log, log
 
 
 def test_http_protocol_without_gateway_batching(triton_server, repository, tmp_path):
