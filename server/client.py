@@ -193,7 +193,10 @@ class GatewayHttp:
             f"the gateway's JSON: {NOT_GATEWAY_HINT}"
         )
 
-    def default_model(self) -> str:
+    def pick_model(self, asked: str | None) -> str:
+        """The model asked for (the gateway names the ones it has if it is not one), else the only one served."""
+        if asked:
+            return asked
         names = self._call("GET", "/v1/models", lambda body: [str(m["name"]) for m in body["models"]])
         return only_model(names, self.url)
 
@@ -279,12 +282,21 @@ class KServe:
                 f"{url} answered what is not KServe v2 JSON ({error}): {NOT_KSERVE_HINT}"
             ) from None
 
-    def default_model(self) -> str:
+    def pick_model(self, asked: str | None) -> str:
+        """A model with a `<model>_pipeline` (given either way), else the only one served; the images go to that."""
+        url = f"{self.protocol}://{self.address}"
         names = self._guard(lambda: self.client.get_model_repository_index(headers=self.headers), model_names)
-        return only_model(
-            sorted(n.removesuffix(PIPELINE_SUFFIX) for n in names if n.endswith(PIPELINE_SUFFIX)),
-            f"{self.protocol}://{self.address}",
-        )
+        served = sorted(n.removesuffix(PIPELINE_SUFFIX) for n in names if n.endswith(PIPELINE_SUFFIX))
+        if not asked:
+            return only_model(served, url)
+        model = asked.removesuffix(PIPELINE_SUFFIX)
+        if model not in served:
+            choices = f"models that have one: {', '.join(served)}" if served else "no model has one"
+            raise ClientError(
+                f"{url} serves no {model}{PIPELINE_SUFFIX}, the ensemble that takes encoded images (`resnet "
+                f"export` writes one per model); {choices}"
+            )
+        return model
 
     def batch_limit(self, model: str) -> int:
         return self._guard(
@@ -495,7 +507,7 @@ def run(args: argparse.Namespace) -> Classified:
     images = collect_images(args.images)
     client = connect(args.url, args.server, args.api_key, args.timeout)
     try:
-        model = args.model or client.default_model()
+        model = client.pick_model(args.model)
         size = min(args.batch_size, client.batch_limit(model))
         done = Classified([], [], client.kind, len(images))
         batches = list(chunks(images, size))

@@ -76,7 +76,7 @@ def test_http_and_grpc_to_the_gateway_agree_in_batches(gateway, photos, capsys):
         "--api-key",
         API_KEY,
         "--model",
-        "colors",
+        "colors_pipeline",  # the name a Triton repository shows: the same model
     )
     over_kserve_http = classify_json(  # the gateway's /v2, as a Triton client would use it
         capsys,
@@ -95,6 +95,7 @@ def test_http_and_grpc_to_the_gateway_agree_in_batches(gateway, photos, capsys):
     assert 0.5 < over_http[0]["predictions"][0]["score"] <= 1.0  # probabilities, not logits
     assert_same_answers(over_http, over_grpc)
     assert_same_answers(over_http, over_kserve_http)
+    assert {r["model"] for r in over_grpc} == {"colors"}
 
 
 def test_table_output_names_model_and_server(gateway, photos, capsys, monkeypatch):
@@ -260,7 +261,7 @@ def test_a_folder_of_class_folders_names_the_way_in(tmp_path):
         (["{photo}", "--url", "{http}", "--api-key", "wrong"], "401"),
         (
             ["{photo}", "--url", "{grpc}", "--api-key", API_KEY, "--model", "nope"],
-            "'nope_pipeline' not found",
+            "serves no nope_pipeline, the ensemble that takes encoded images",
         ),
         (["{photo}", "--url", "{http}", "--api-key", API_KEY, "--model", "nope"], "'nope' not found"),
         (["{photo}", "--url", "grpc://127.0.0.1:{dead}"], "grpc://127.0.0.1:"),
