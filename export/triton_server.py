@@ -112,6 +112,19 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why tritonserver could not listen on host:port (it says so only after loading the models), or None. With
+    SO_REUSEADDR, as servers bind: connections of an earlier server in TIME_WAIT do not count."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
+
+
 class TritonServer:
     """A tritonserver process on `repository`; ports default to free ones. Use as a context manager.
 
@@ -228,6 +241,17 @@ class TritonServer:
                 f"the HTTP, gRPC and metrics ports must differ, got {self.http_port}, {self.grpc_port} and "
                 f"{self.metrics_port}"
             )
+        for what, host, port in (
+            ("HTTP", self.host, self.http_port),
+            ("gRPC", self.grpc_host, self.grpc_port),
+            ("metrics", self.host, self.metrics_port),
+        ):
+            problem = _bind_problem(host, port)
+            if problem:
+                flag = f"--{what.lower()}-port"
+                raise TritonError(
+                    f"cannot bind the {what} port {host}:{port} ({problem}); choose another with {flag}"
+                )
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import re
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -239,4 +240,19 @@ def test_what_tritonserver_would_refuse_late_is_refused_before_it_starts(tmp_pat
     server = TritonServer(tmp_path, **options)
     with pytest.raises(TritonError, match=re.escape(message.format(root=tmp_path.resolve()))):
         server.start()
+    assert server.process is None
+
+
+@pytest.mark.parametrize("port", ["http_port", "grpc_port", "metrics_port"])
+def test_a_port_in_use_is_refused_before_tritonserver_starts(tmp_path, port):
+    (tmp_path / "r20" / "1").mkdir(parents=True)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        server = TritonServer(tmp_path, **{port: taken.getsockname()[1]})
+        what = {"http_port": "HTTP", "grpc_port": "gRPC", "metrics_port": "metrics"}[port]
+        flag = "--" + port.replace("_", "-")
+        expected = (
+            f"cannot bind the {what} port 127.0.0.1:{taken.getsockname()[1]} (Address already in use); "
+        )
+        with pytest.raises(TritonError, match=re.escape(expected + f"choose another with {flag}")):
+            server.start()
     assert server.process is None
