@@ -82,9 +82,8 @@ def is_classifier(config: mc.ModelConfig) -> bool:
 
 class Backend(abc.ABC):
     name = "backend"
-    problem = (
-        ""  # why it is not ready, in one line, for /readyz and the log (the registry clears it when ready)
-    )
+    # why it is not ready, in one line, for /readyz and the log (the registry clears it when ready)
+    problem = ""
 
     @abc.abstractmethod
     async def start(self) -> list[ModelInfo]:
@@ -210,10 +209,9 @@ def triton_problem(error: Exception, protocol: str) -> str:
     """A failed call to Triton as one line; where the port speaks the other protocol, the setting that fixes it."""
     text = str(error).strip()
     if protocol == "grpc" and any(sign in text for sign in GRPC_AT_HTTP_PORT):
-        return f"{text.splitlines()[0]} (if that is Triton's HTTP port, set --triton-protocol http)"
-    if (
-        protocol == "http" and "Bad status line" in text
-    ):  # aiohttp, reading HTTP/2 frames; its text holds them
+        return f"{one_line(error)} (if that is Triton's HTTP port, set --triton-protocol http)"
+    # aiohttp, reading HTTP/2 frames as a status line (its text holds those bytes)
+    if protocol == "http" and "Bad status line" in text:
         return "its answer is not HTTP/1.1 (if that is Triton's gRPC port, set --triton-protocol grpc)"
     return one_line(error)
 

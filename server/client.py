@@ -232,6 +232,7 @@ class KServe:
         self.module = module
         self.protocol = protocol
         self.address = address
+        self.url = f"{protocol}://{address}"
         self.timeout = timeout
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else None
         self._classes: dict[str, int] = {}
@@ -252,14 +253,13 @@ class KServe:
             return read(answer) if read else answer
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, StopIteration) as error:
             raise ClientError(
-                f"{self.protocol}://{self.address} answered what a KServe v2 server does not "
+                f"{self.url} answered what a KServe v2 server does not "
                 f"({type(error).__name__}: {error}): {NOT_KSERVE_HINT}"
             ) from None
 
     def _call(self, call: Callable[[], Any], sends_images: bool) -> Any:
         from tritonclient.utils import InferenceServerException
 
-        url = f"{self.protocol}://{self.address}"
         try:
             return call()
         except InferenceServerException as error:
@@ -270,30 +270,31 @@ class KServe:
             hint = NOT_GRPC_HINT if any(sign in message for sign in GRPC_AT_HTTP_PORT) else ""
             hint = f" ({NOT_KSERVE_HINT})" if KSERVE_UNDECODABLE in message else hint
             # tritonclient.http appends a body it cannot decode (a web server's HTML page) on the lines after
-            raise kind(f"{url}: {message.splitlines()[0] if message else error.status()}{hint}") from None
+            raise kind(
+                f"{self.url}: {message.splitlines()[0] if message else error.status()}{hint}"
+            ) from None
         except (ConnectionError, OSError) as error:
-            raise ClientError(f"cannot reach {url}: {error}") from None
+            raise ClientError(f"cannot reach {self.url}: {error}") from None
         except HTTPException as error:  # geventhttpclient's: an answer that is not HTTP/1.1
             raise ClientError(
-                f"cannot reach {url}: {error or type(error).__name__}{NOT_HTTP1_HINT}"
+                f"cannot reach {self.url}: {error or type(error).__name__}{NOT_HTTP1_HINT}"
             ) from None
         except ValueError as error:  # rapidjson's: not JSON (Triton's metrics port)
             raise ClientError(
-                f"{url} answered what is not KServe v2 JSON ({error}): {NOT_KSERVE_HINT}"
+                f"{self.url} answered what is not KServe v2 JSON ({error}): {NOT_KSERVE_HINT}"
             ) from None
 
     def pick_model(self, asked: str | None) -> str:
         """A model with a `<model>_pipeline` (given either way), else the only one served; the images go to that."""
-        url = f"{self.protocol}://{self.address}"
         names = self._guard(lambda: self.client.get_model_repository_index(headers=self.headers), model_names)
         served = sorted(n.removesuffix(PIPELINE_SUFFIX) for n in names if n.endswith(PIPELINE_SUFFIX))
         if not asked:
-            return only_model(served, url)
+            return only_model(served, self.url)
         model = asked.removesuffix(PIPELINE_SUFFIX)
         if model not in served:
             choices = f"models that have one: {', '.join(served)}" if served else "no model has one"
             raise ClientError(
-                f"{url} serves no {model}{PIPELINE_SUFFIX}, the ensemble that takes encoded images (`resnet "
+                f"{self.url} serves no {model}{PIPELINE_SUFFIX}, the ensemble that takes encoded images (`resnet "
                 f"export` writes one per model); {choices}"
             )
         return model
