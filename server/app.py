@@ -237,12 +237,18 @@ async def read_images(request: Request, max_body_bytes: int) -> tuple[list[bytes
             )
         form = await request.form(max_files=MAX_FILES, max_part_size=max_body_bytes)
         try:
-            files = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
-            if not files:
+            parts = form.getlist("file")
+            texts = [item for item in parts if not isinstance(item, UploadFile)]
+            if texts:  # curl -F file=cat.jpg (no @) sends the name, not the image: refused, not skipped
+                raise InvalidInput(
+                    f"multipart field 'file' holds text ({str(texts[0])[:40]!r}), not an uploaded file; send "
+                    "each image as a file part (curl: -F file=@cat.jpg)"
+                )
+            if not parts:
                 raise InvalidInput(
                     "multipart body has no 'file' part; send each image as a field named 'file'"
                 )
-            images = [await upload.read() for upload in files]
+            images = [await upload.read() for upload in parts]
         finally:
             await form.close()
         return images, len(images) > 1

@@ -174,6 +174,18 @@ def test_multipart_without_file_field(client):
     assert_error(response, 422, "invalid_input", "'file'")
 
 
+def test_a_file_field_sent_as_text_is_refused_not_skipped(client):
+    # curl -F file=@a.jpg -F file=b.jpg (no @): the second part is the text "b.jpg"; classifying only a.jpg would
+    # answer one image where two were asked for
+    response = client.post(
+        "/v1/models/colors/classify",
+        data={"file": "b.jpg"},
+        files=[("file", ("a.jpg", color_image("red"), "image/jpeg"))],
+    )
+    assert_error(response, 422, "invalid_input", "field 'file' holds text ('b.jpg'), not an uploaded file")
+    assert "-F file=@cat.jpg" in response.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("query", ["top_k=0", "top_k=-3", "top_k=abc", "top_k=100000"])
 def test_bad_top_k_is_422(client, query):
     response = client.post(f"/v1/models/colors/classify?{query}", content=color_image("red"), headers=JPEG)
