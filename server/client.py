@@ -377,11 +377,16 @@ def connect(url: str, server: str, api_key: str | None, timeout: float) -> Gatew
         raise ClientError(f"bad --url {url!r}: {error}") from None
     if parts.scheme not in ("http", "grpc") or not parts.hostname:
         raise ClientError(f"bad --url {url!r}: use http://HOST:PORT or grpc://HOST:PORT")
-    address = parts.netloc
+    path = parts.path.rstrip("/")  # a server behind a reverse proxy under a path prefix
+    if path.endswith(("/v1", "/v2")):
+        raise ClientError(f"bad --url {url!r}: give the server's base URL, without {path[-3:]}")
     if parts.scheme == "grpc":
+        if path:
+            raise ClientError(f"bad --url {url!r}: gRPC addresses have no path; use grpc://HOST:PORT")
         import tritonclient.grpc
 
-        return KServe(tritonclient.grpc, address, api_key, timeout, "grpc")
+        return KServe(tritonclient.grpc, parts.netloc, api_key, timeout, "grpc")
+    address = parts.netloc + path
     if server == "auto":
         server = "triton" if speaks_kserve_http(f"http://{address}", timeout) else "gateway"
     if server == "gateway":

@@ -123,10 +123,28 @@ def torchrun_train_command(processes: int = 2) -> list[str]:
 
 
 @contextlib.contextmanager
+def threaded_http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """`handler` serving on a free loopback port in a thread; its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
 def other_web_server(status: int, content_type: str, body: bytes) -> Iterator[str]:
     """A web server that is neither the gateway nor Triton, answering every request alike; its URL."""
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
@@ -136,17 +154,8 @@ def other_web_server(status: int, content_type: str, body: bytes) -> Iterator[st
 
         do_POST = do_GET
 
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with threaded_http_server(Handler) as url:
+        yield url
 
 
 # what a URL that is neither the gateway nor Triton may answer (another service at that port)

@@ -6,15 +6,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cli.main import main as resnet
 from server.client import ClientError, GatewayHttp, collect_images
 from tests.gateway_models import LABELS, color_image, noise_jpeg
 from tests.grpc_support import API_KEY, gateway_process
-from tests.support import OTHER_SERVERS, free_port, other_web_server
+from tests.support import OTHER_SERVERS, QuietHandler, free_port, other_web_server, threaded_http_server
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +260,8 @@ def test_a_folder_of_class_folders_names_the_way_in(tmp_path):
         (["{photo}", "--url", "ftp://host:1"], "bad --url"),
         (["{photo}", "--url", "grpc://127.0.0.1:{wrapped}"], "Port out of range 0-65535"),  # not port - 65536
         (["{photo}", "--url", "http://[::1"], "bad --url 'http://[::1': Invalid IPv6 URL"),
+        (["{photo}", "--url", "grpc://127.0.0.1:1/resnet"], "gRPC addresses have no path"),
+        (["{photo}", "--url", "http://127.0.0.1:1/v1/"], "give the server's base URL, without /v1"),
         (["{photo}", "--url", "{grpc}", "--api-key", "wrong"], "invalid API key"),
         (["{photo}", "--url", "{http}", "--api-key", "wrong"], "401"),
         (
@@ -287,6 +292,46 @@ def test_errors_are_one_line_and_exit_non_zero(gateway, photos, capsys, args, me
     assert resnet(["client", "classify", *(arg.format(**values) for arg in args), "--timeout", "5"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("resnet: error: ") and "\n" not in err and message in err, err
+
+
+@contextmanager
+def path_prefix_proxy(target: str, prefix: str) -> Iterator[str]:
+    """A reverse proxy that serves `target` under `prefix`, as an ingress does; its URL."""
+    hop_by_hop = {"host", "content-length", "transfer-encoding", "connection", "content-encoding"}
+
+    class Proxy(QuietHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as tritonclient.http expects
+
+        def do_GET(self) -> None:
+            if not self.path.startswith(f"{prefix}/"):
+                self.send_error(404)
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            headers = {key: value for key, value in self.headers.items() if key.lower() not in hop_by_hop}
+            reply = httpx.request(
+                self.command, target + self.path[len(prefix) :], content=body, headers=headers
+            )
+            self.send_response(reply.status_code)
+            for key, value in reply.headers.items():
+                if key.lower() not in hop_by_hop:  # httpx has inflated the body
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(reply.content)))
+            self.end_headers()
+            self.wfile.write(reply.content)
+
+        do_POST = do_GET
+
+    with threaded_http_server(Proxy) as url:
+        yield url
+
+
+@pytest.mark.parametrize("server", ["auto", "triton"])  # the gateway's /v1, or its KServe v2 HTTP at /v2
+def test_a_gateway_under_a_path_prefix_is_reached_through_it(gateway, photos, capsys, server):
+    folder, expected = photos
+    with path_prefix_proxy(gateway.http_url, "/resnet") as proxy:
+        args = [str(folder), "--url", f"{proxy}/resnet/", "--server", server, "--api-key", API_KEY]
+        answers = classify_json(capsys, *args)
+    assert {r["image"]: r["predictions"][0]["label"] for r in answers} == expected
 
 
 @pytest.mark.parametrize("server", ["auto", "gateway", "triton"])
