@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -35,7 +36,8 @@ class Settings(BaseSettings):
         "embedded", description="embedded ONNX Runtime, or a Triton server"
     )
     triton_url: str = Field(
-        "127.0.0.1:8001", description="Triton address host:port (gRPC or HTTP port per protocol)"
+        "127.0.0.1:8001",
+        description="Triton address host:port (gRPC or HTTP port per protocol; http:// or grpc:// names the protocol)",
     )
     triton_protocol: Literal["grpc", "http"] = Field("grpc", description="protocol to Triton")
     batching: bool = Field(
@@ -70,6 +72,37 @@ class Settings(BaseSettings):
             if value.strip() and not keys:  # meant to turn auth on: serving without it would be silent
                 raise ValueError(f"{value!r} holds no keys; leave it empty to serve without API keys")
             return keys
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _triton_scheme(cls, data: object) -> object:
+        """`http://host:8000` as triton_url names the protocol too (people write URLs with schemes); a scheme that
+        contradicts triton_protocol is refused rather than one of them silently winning."""
+        url = data.get("triton_url") if isinstance(data, dict) else None
+        if not (isinstance(url, str) and "://" in url):
+            return data
+        scheme, _, address = url.partition("://")
+        scheme = scheme.lower()
+        if scheme not in ("http", "grpc"):
+            raise ValueError(
+                f"triton_url {url!r}: give host:port, with http:// or grpc:// before it or nothing"
+            )
+        protocol = data.get("triton_protocol")
+        if protocol is not None and str(protocol).lower() != scheme:
+            raise ValueError(f"triton_url {url!r} is {scheme} but triton_protocol is {protocol!r}")
+        return {**data, "triton_url": address, "triton_protocol": scheme}
+
+    @field_validator("triton_url")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        try:
+            parts = urlsplit(f"//{value}")
+            port = parts.port
+        except ValueError as error:  # a port past 65535, which gRPC would take modulo 65536
+            raise ValueError(f"{value!r} is not host:port: {error}") from None
+        if not parts.hostname or not port or parts.path or parts.query:
+            raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8001)")
         return value
 
     @field_validator("log_level", mode="before")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import re
 import socket
 import subprocess
 import sys
@@ -333,6 +334,31 @@ def test_api_keys_of_only_commas_are_refused_not_read_as_no_auth(monkeypatch):
     assert Settings().api_keys == ["a", "b"]
     monkeypatch.setenv("RESNET_API_KEYS", "")
     assert Settings().api_keys == []
+
+
+@pytest.mark.parametrize(
+    ("url", "protocol", "message"),
+    [
+        ("127.0.0.1", None, "'127.0.0.1' is not host:port"),  # tritonclient.grpc would dial port 443
+        ("127.0.0.1:99999", None, "Port out of range"),  # gRPC would dial port 34463 (modulo 65536)
+        ("127.0.0.1:0", None, "is not host:port"),
+        ("127.0.0.1:8001/triton", None, "is not host:port"),
+        ("https://127.0.0.1:8000", None, "give host:port, with http:// or grpc:// before it or nothing"),
+        ("http://127.0.0.1:8000", "grpc", "'http://127.0.0.1:8000' is http but triton_protocol is 'grpc'"),
+    ],
+)
+def test_a_triton_url_that_cannot_reach_triton_is_refused_at_start_up(url, protocol, message):
+    given = {"triton_url": url} | ({"triton_protocol": protocol} if protocol else {})
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        Settings(**given)
+
+
+def test_a_triton_url_scheme_names_the_protocol(monkeypatch):
+    # an http:// URL used to crash the gateway's start-up: tritonclient.http.aio refuses a scheme with a NameError
+    over_http = Settings(triton_url="http://triton:8000")
+    assert (over_http.triton_url, over_http.triton_protocol) == ("triton:8000", "http")
+    monkeypatch.setenv("RESNET_TRITON_URL", "grpc://triton:8001")
+    assert (Settings().triton_url, Settings().triton_protocol) == ("triton:8001", "grpc")
 
 
 def test_the_repository_is_read_from_the_same_variable_as_export_and_triton(monkeypatch, tmp_path):
