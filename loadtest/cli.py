@@ -109,6 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--grpc-url",
+        type=grpc_address,
         default=_env("GRPC_URL", ""),
         help="gateway gRPC host:port (RESNET_GRPC_URL; default: --url's host, port 8081)",
     )
@@ -205,6 +206,18 @@ def run_locust(command: list[str], duration: float, log_path: Path, api_key: str
     if process.returncode != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise LoadTestError(f"locust exited with {process.returncode}: {tail[0]} (full log: {log_path})")
+
+
+def grpc_address(value: str) -> str:
+    """--grpc-url as host:port ("grpc://" before it is allowed); empty: derived from --url."""
+    if not value:
+        return value
+    from server.settings import host_and_port
+
+    try:
+        return host_and_port(value.removeprefix("grpc://"))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def check_flags(args: argparse.Namespace) -> None:

@@ -17,6 +17,19 @@ from server.preprocessing import DEFAULT_MAX_PIXELS, PILLOW_PIXEL_LIMIT
 ENV_PREFIX = "RESNET_"
 
 
+def host_and_port(value: str) -> str:
+    """`value` when it is host:port with a port from 1 to 65535, else ValueError saying why: gRPC clients dial
+    port 443 for a bare host and take a port past 65535 modulo 65536."""
+    try:
+        parts = urlsplit(f"//{value}")
+        port = parts.port
+    except ValueError as error:
+        raise ValueError(f"{value!r} is not host:port: {error}") from None
+    if not parts.hostname or not port or parts.path or parts.query:
+        raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8001)")
+    return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True
@@ -96,14 +109,7 @@ class Settings(BaseSettings):
     @field_validator("triton_url")
     @classmethod
     def _host_and_port(cls, value: str) -> str:
-        try:
-            parts = urlsplit(f"//{value}")
-            port = parts.port
-        except ValueError as error:  # a port past 65535, which gRPC would take modulo 65536
-            raise ValueError(f"{value!r} is not host:port: {error}") from None
-        if not parts.hostname or not port or parts.path or parts.query:
-            raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8001)")
-        return value
+        return host_and_port(value)
 
     @field_validator("log_level", mode="before")
     @classmethod

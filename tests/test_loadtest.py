@@ -75,6 +75,16 @@ def test_flags_that_cannot_make_a_meaningful_run_are_refused(flags, message):
     assert str(refused.value).startswith(message)
 
 
+def test_grpc_url_is_host_and_port_with_or_without_its_scheme(capsys):
+    assert get_args_parser().parse_args(["--grpc-url", "grpc://gateway:8081"]).grpc_url == "gateway:8081"
+    assert get_args_parser().parse_args([]).grpc_url == ""  # --url's host, port 8081
+    # tritonclient.grpc would dial port 443 for the first and 34463 for the second
+    for bad, message in (("gateway", "is not host:port"), ("gateway:99999", "Port out of range")):
+        with pytest.raises(SystemExit):
+            get_args_parser().parse_args(["--grpc-url", bad])
+        assert message in capsys.readouterr().err
+
+
 def test_thresholds_name_what_broke():
     summary = report.Summary(
         requests=100, failures=5, requests_per_s=10, p50_ms=20, p95_ms=80, p99_ms=150, max_ms=200
