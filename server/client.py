@@ -381,8 +381,8 @@ def connect(url: str, server: str, api_key: str | None, timeout: float) -> Gatew
     if path.endswith(("/v1", "/v2")):
         raise ClientError(f"bad --url {url!r}: give the server's base URL, without {path[-3:]}")
     if parts.scheme == "grpc":
-        if path:
-            raise ClientError(f"bad --url {url!r}: gRPC addresses have no path; use grpc://HOST:PORT")
+        if path or not parts.port:  # without a port gRPC dials 443, which no gateway or Triton listens on
+            raise ClientError(f"bad --url {url!r}: a gRPC address is grpc://HOST:PORT, no path")
         import tritonclient.grpc
 
         return KServe(tritonclient.grpc, parts.netloc, api_key, timeout, "grpc")

@@ -260,7 +260,8 @@ def test_a_folder_of_class_folders_names_the_way_in(tmp_path):
         (["{photo}", "--url", "ftp://host:1"], "bad --url"),
         (["{photo}", "--url", "grpc://127.0.0.1:{wrapped}"], "Port out of range 0-65535"),  # not port - 65536
         (["{photo}", "--url", "http://[::1"], "bad --url 'http://[::1': Invalid IPv6 URL"),
-        (["{photo}", "--url", "grpc://127.0.0.1:1/resnet"], "gRPC addresses have no path"),
+        (["{photo}", "--url", "grpc://127.0.0.1:1/resnet"], "a gRPC address is grpc://HOST:PORT, no path"),
+        (["{photo}", "--url", "grpc://127.0.0.1"], "a gRPC address is grpc://HOST:PORT"),
         (["{photo}", "--url", "http://127.0.0.1:1/v1/"], "give the server's base URL, without /v1"),
         (["{photo}", "--url", "{grpc}", "--api-key", "wrong"], "invalid API key"),
         (["{photo}", "--url", "{http}", "--api-key", "wrong"], "401"),
