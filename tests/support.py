@@ -161,10 +161,7 @@ def other_web_server(status: int, content_type: str, body: bytes) -> Iterator[st
 # what a URL that is neither the gateway nor Triton may answer (another service at that port)
 OTHER_SERVERS = {
     "web page": (404, "text/html", b"<!DOCTYPE html>\n<html><p>Nothing matches the given URI.</p></html>\n"),
-    "metrics port": (
-        200,
-        "text/plain; charset=utf-8",
-        b"",
-    ),  # Triton's metrics port, on any path but /metrics
+    # Triton's metrics port, on any path but /metrics
+    "metrics port": (200, "text/plain; charset=utf-8", b""),
     "other JSON": (200, "application/json", b'{"models": "all of them"}'),
 }
