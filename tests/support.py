@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RESNET_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 VENV_BIN = Path(sys.executable).parent
@@ -165,3 +167,34 @@ OTHER_SERVERS = {
     "metrics port": (200, "text/plain; charset=utf-8", b""),
     "other JSON": (200, "application/json", b'{"models": "all of them"}'),
 }
+
+
+@contextlib.contextmanager
+def path_prefix_proxy(target: str, prefix: str) -> Iterator[str]:
+    """A reverse proxy that serves `target` under `prefix`, as an ingress does; its URL."""
+    hop_by_hop = {"host", "content-length", "transfer-encoding", "connection", "content-encoding"}
+
+    class Proxy(QuietHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as tritonclient.http expects
+
+        def do_GET(self) -> None:
+            if not self.path.startswith(f"{prefix}/"):
+                self.send_error(404)
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            headers = {key: value for key, value in self.headers.items() if key.lower() not in hop_by_hop}
+            reply = httpx.request(
+                self.command, target + self.path[len(prefix) :], content=body, headers=headers
+            )
+            self.send_response(reply.status_code)
+            for key, value in reply.headers.items():
+                if key.lower() not in hop_by_hop:  # httpx has inflated the body
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(reply.content)))
+            self.end_headers()
+            self.wfile.write(reply.content)
+
+        do_POST = do_GET
+
+    with threaded_http_server(Proxy) as url:
+        yield url

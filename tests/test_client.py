@@ -6,18 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 
 from cli.main import main as resnet
 from server.client import ClientError, GatewayHttp, collect_images
 from tests.gateway_models import LABELS, color_image, noise_jpeg
 from tests.grpc_support import API_KEY, gateway_process
-from tests.support import OTHER_SERVERS, QuietHandler, free_port, other_web_server, threaded_http_server
+from tests.support import OTHER_SERVERS, free_port, other_web_server, path_prefix_proxy
 
 
 @pytest.fixture(scope="module")
@@ -293,37 +290,6 @@ def test_errors_are_one_line_and_exit_non_zero(gateway, photos, capsys, args, me
     assert resnet(["client", "classify", *(arg.format(**values) for arg in args), "--timeout", "5"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("resnet: error: ") and "\n" not in err and message in err, err
-
-
-@contextmanager
-def path_prefix_proxy(target: str, prefix: str) -> Iterator[str]:
-    """A reverse proxy that serves `target` under `prefix`, as an ingress does; its URL."""
-    hop_by_hop = {"host", "content-length", "transfer-encoding", "connection", "content-encoding"}
-
-    class Proxy(QuietHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as tritonclient.http expects
-
-        def do_GET(self) -> None:
-            if not self.path.startswith(f"{prefix}/"):
-                self.send_error(404)
-                return
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            headers = {key: value for key, value in self.headers.items() if key.lower() not in hop_by_hop}
-            reply = httpx.request(
-                self.command, target + self.path[len(prefix) :], content=body, headers=headers
-            )
-            self.send_response(reply.status_code)
-            for key, value in reply.headers.items():
-                if key.lower() not in hop_by_hop:  # httpx has inflated the body
-                    self.send_header(key, value)
-            self.send_header("Content-Length", str(len(reply.content)))
-            self.end_headers()
-            self.wfile.write(reply.content)
-
-        do_POST = do_GET
-
-    with threaded_http_server(Proxy) as url:
-        yield url
 
 
 @pytest.mark.parametrize("server", ["auto", "triton"])  # the gateway's /v1, or its KServe v2 HTTP at /v2

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.gateway_models import color_image, write_colors_model
-from tests.support import running_gateway
+from tests.support import path_prefix_proxy, running_gateway
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM_FLAGS = (
@@ -100,3 +100,23 @@ def test_pick_an_image_and_see_the_top_classes(browser, gateway_url, tmp_path):
     choose(browser, junk)
     wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "invalid_image"))
     assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
+
+
+def test_the_page_works_behind_a_reverse_proxy_under_a_path_prefix(browser, gateway_url, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 20)
+    with path_prefix_proxy(gateway_url, "/resnet") as proxy:
+        browser.get(f"{proxy}/resnet/")  # its script, styles and API calls must all go through /resnet/
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "Ready"))
+        photo = tmp_path / "green.png"
+        photo.write_bytes(color_image("green", fmt="PNG"))
+        choose(browser, photo)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#predictions li .label"))
+        assert browser.find_element(By.CSS_SELECTOR, "#predictions li .label").text == "green"
+        background = browser.find_element(By.TAG_NAME, "body").value_of_css_property("background-color")
+        assert (
+            background == "rgba(246, 247, 249, 1)"
+        )  # style.css's: the stylesheet came through the prefix too

@@ -1,4 +1,5 @@
 // The demo page: list the models, send the chosen image as the raw request body, draw the top-5 as bars.
+// Paths are relative to the page, so it works as well behind a reverse proxy that serves the gateway under a prefix.
 const $ = (id) => document.getElementById(id);
 
 function headers(extra = {}) {
@@ -21,7 +22,7 @@ async function errorText(response) {
 }
 
 async function loadModels() {
-  const response = await fetch("/v1/models", { headers: headers() });
+  const response = await fetch("v1/models", { headers: headers() });
   if (!response.ok) {
     showStatus(`cannot list models: ${await errorText(response)}`, true);
     return;
@@ -57,7 +58,7 @@ async function classify(file) {
   showStatus(`Classifying ${file.name}...`);
   const started = performance.now();
   const model = encodeURIComponent($("model").value);
-  const response = await fetch(`/v1/models/${model}/classify?top_k=5`, {
+  const response = await fetch(`v1/models/${model}/classify?top_k=5`, {
     method: "POST",
     headers: headers({ "Content-Type": file.type || "application/octet-stream" }),
     body: file,
