@@ -1,4 +1,5 @@
-"""Helpers for tests that run real processes on loopback: free ports, readiness polling, clean shutdown."""
+"""Helpers for tests that run real processes on loopback: free ports, readiness polling, clean shutdown; and small
+threaded web servers for what stands in front of or beside them (another service's port, a path-prefix proxy)."""
 
 from __future__ import annotations
 
