@@ -92,6 +92,12 @@ def is_kserve_path(path: str) -> bool:
     return path == KSERVE_PREFIX or path.startswith(KSERVE_PREFIX + "/")
 
 
+def route_path(scope: Scope) -> str:
+    """The path the routes match: without the --root-path prefix, which uvicorn puts in front of every path."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None, path: str = ""
 ) -> JSONResponse:
@@ -130,7 +136,9 @@ class GatewayMiddleware:
                 error = PayloadTooLarge(
                     f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes}"
                 )
-                response = error_response(error.http_status, error.code, error.message, path=scope["path"])
+                response = error_response(
+                    error.http_status, error.code, error.message, path=route_path(scope)
+                )
                 await response(scope, receive, send_with_status)
             else:
                 await self.app(scope, self._limited(receive), send_with_status)
@@ -162,18 +170,22 @@ class GatewayMiddleware:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, error: GatewayError) -> JSONResponse:
-        return error_response(error.http_status, error.code, error.message, error.headers(), request.url.path)
+        return error_response(
+            error.http_status, error.code, error.message, error.headers(), route_path(request.scope)
+        )
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, error: ClientDisconnect) -> JSONResponse:
         # Routine (a client timing out mid-upload), not a server fault: counted as 499, no traceback in the log.
         gone = ClientClosedRequest("the client closed the connection while sending the request")
-        return error_response(gone.http_status, gone.code, gone.message, path=request.url.path)
+        return error_response(gone.http_status, gone.code, gone.message, path=route_path(request.scope))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-        return error_response(422, InvalidInput.code, problems or "invalid request", path=request.url.path)
+        return error_response(
+            422, InvalidInput.code, problems or "invalid request", path=route_path(request.scope)
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -181,16 +193,16 @@ def install_error_handlers(app: FastAPI) -> None:
         message = error.detail if isinstance(error.detail, str) else str(error.detail)
         if error.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
-            if is_kserve_path(request.url.path):
+            if is_kserve_path(route_path(request.scope)):
                 message += f" ({kserve_http.SERVED})"
         code = codes.get(error.status_code, "http_error")
-        return error_response(error.status_code, code, message, error.headers, request.url.path)
+        return error_response(error.status_code, code, message, error.headers, route_path(request.scope))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         message = f"internal error ({type(error).__name__}); see the gateway log"
-        return error_response(500, "internal", message, path=request.url.path)
+        return error_response(500, "internal", message, path=route_path(request.scope))
 
 
 # --- routes ------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ FLAGS: list[tuple[str, str, type, str]] = [
         "--triton-url",
         "triton_url",
         str,
-        "Triton host:port (its gRPC port, or HTTP port with --triton-protocol http)",
+        "Triton host:port (its gRPC port, or HTTP port with --triton-protocol http; http:// or grpc:// before "
+        "it sets the protocol)",
     ),
     ("--triton-protocol", "triton_protocol", str, "grpc or http"),
     ("--max-batch-size", "max_batch_size", int, "largest batch the gateway assembles"),
@@ -51,6 +52,13 @@ FLAGS: list[tuple[str, str, type, str]] = [
         "API keys (comma-separated) for /v1, /v2 (not /v2/health), /metrics, gRPC (empty: no auth)",
     ),
     ("--log-level", "log_level", str, "critical, error, warning, info or debug"),
+    (
+        "--root-path",
+        "root_path",
+        str,
+        "path prefix a reverse proxy serves the gateway under (e.g. /resnet), so that /docs finds its OpenAPI "
+        "schema there; the API and demo page work behind one without it",
+    ),
 ]
 
 
@@ -145,5 +153,6 @@ def main(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         access_log=args.access_log,
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        root_path=settings.root_path,
     )
     return 0

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -76,6 +77,10 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level"
     )
+    root_path: str = Field(
+        "",
+        description="path prefix a reverse proxy serves the gateway under, e.g. /resnet (for /docs and OpenAPI)",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -110,6 +115,14 @@ class Settings(BaseSettings):
     @classmethod
     def _host_and_port(cls, value: str) -> str:
         return host_and_port(value)
+
+    @field_validator("root_path")
+    @classmethod
+    def _path_prefix(cls, value: str) -> str:
+        prefix = value.rstrip("/")
+        if prefix and not re.fullmatch(r"(/[^/\s?#]+)+", prefix):
+            raise ValueError(f"{value!r} is not a path prefix like /resnet")
+        return prefix
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -361,6 +361,13 @@ def test_a_triton_url_scheme_names_the_protocol(monkeypatch):
     assert (Settings().triton_url, Settings().triton_protocol) == ("triton:8001", "grpc")
 
 
+def test_root_path_is_a_path_prefix():
+    assert Settings(root_path="/resnet/").root_path == "/resnet" and Settings(root_path="/").root_path == ""
+    for bad in ("resnet", "/a b", "/x?y=1"):
+        with pytest.raises(ValidationError, match="is not a path prefix like /resnet"):
+            Settings(root_path=bad)
+
+
 def test_the_repository_is_read_from_the_same_variable_as_export_and_triton(monkeypatch, tmp_path):
     monkeypatch.setenv("RESNET_MODEL_REPOSITORY", str(tmp_path / "shared-name"))
     assert Settings().repository == tmp_path / "shared-name"

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.gateway_models import LABELS, color_image, write_colors_model
-from tests.support import REPO_ROOT, metric, running_gateway, wait_until
+from tests.support import REPO_ROOT, metric, path_prefix_proxy, running_gateway, wait_until
 
 pytestmark = pytest.mark.slow
 JPEG = {"content-type": "image/jpeg"}
@@ -174,6 +174,29 @@ def test_sigterm_drains_requests_in_flight(repository, tmp_path):
         # uvicorn re-raises the signal once it has shut down cleanly, so the exit status is SIGTERM's.
         assert process.wait(20) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in (tmp_path / "gateway.log").read_text()
+
+
+@pytest.mark.parametrize("root_path", ["", "/resnet"])
+def test_behind_a_path_prefix_proxy_the_api_works_and_docs_need_the_root_path(
+    repository, tmp_path, root_path
+):
+    flags = ("--root-path", root_path) if root_path else ()
+    with gateway(repository, tmp_path, *flags) as (url, _), path_prefix_proxy(url, "/resnet") as proxy:
+        answer = httpx.post(
+            f"{proxy}/resnet/v1/models/colors/classify", content=color_image("red"), headers=JPEG
+        )
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] == "red"
+        kserve_error = httpx.post(f"{proxy}/resnet/v2/models/colors/infer", content=b"{not JSON")
+        assert kserve_error.status_code == 400 and isinstance(
+            kserve_error.json()["error"], str
+        )  # KServe's shape
+        docs = httpx.get(f"{proxy}/resnet/docs")
+        assert docs.status_code == 200 and f"'{root_path}/openapi.json'" in docs.text
+        # what the docs page then fetches, through the proxy: only found with the prefix the gateway was given
+        schema = httpx.get(f"{proxy}{root_path}/openapi.json")
+        assert schema.status_code == (200 if root_path else 404)
+        if root_path:
+            assert schema.json()["servers"] == [{"url": root_path}]
 
 
 def test_bundled_repository_serves_real_photos(imagenet_samples, tmp_path):
