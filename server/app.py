@@ -99,9 +99,10 @@ def route_path(scope: Scope) -> str:
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None, path: str = ""
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, scope: Scope | None = None
 ) -> JSONResponse:
-    if is_kserve_path(path):
+    """The gateway's error shape, or KServe's for a request to /v2 (`scope`: the request's)."""
+    if scope is not None and is_kserve_path(route_path(scope)):
         # KServe v2 / Triton: a bare message, and 400 for a request the server cannot use.
         return JSONResponse({"error": message}, status_code=400 if status == 422 else status, headers=headers)
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
@@ -136,9 +137,7 @@ class GatewayMiddleware:
                 error = PayloadTooLarge(
                     f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes}"
                 )
-                response = error_response(
-                    error.http_status, error.code, error.message, path=route_path(scope)
-                )
+                response = error_response(error.http_status, error.code, error.message, scope=scope)
                 await response(scope, receive, send_with_status)
             else:
                 await self.app(scope, self._limited(receive), send_with_status)
@@ -170,22 +169,18 @@ class GatewayMiddleware:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, error: GatewayError) -> JSONResponse:
-        return error_response(
-            error.http_status, error.code, error.message, error.headers(), route_path(request.scope)
-        )
+        return error_response(error.http_status, error.code, error.message, error.headers(), request.scope)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, error: ClientDisconnect) -> JSONResponse:
         # Routine (a client timing out mid-upload), not a server fault: counted as 499, no traceback in the log.
         gone = ClientClosedRequest("the client closed the connection while sending the request")
-        return error_response(gone.http_status, gone.code, gone.message, path=route_path(request.scope))
+        return error_response(gone.http_status, gone.code, gone.message, scope=request.scope)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-        return error_response(
-            422, InvalidInput.code, problems or "invalid request", path=route_path(request.scope)
-        )
+        return error_response(422, InvalidInput.code, problems or "invalid request", scope=request.scope)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -196,13 +191,13 @@ def install_error_handlers(app: FastAPI) -> None:
             if is_kserve_path(route_path(request.scope)):
                 message += f" ({kserve_http.SERVED})"
         code = codes.get(error.status_code, "http_error")
-        return error_response(error.status_code, code, message, error.headers, route_path(request.scope))
+        return error_response(error.status_code, code, message, error.headers, request.scope)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         message = f"internal error ({type(error).__name__}); see the gateway log"
-        return error_response(500, "internal", message, path=route_path(request.scope))
+        return error_response(500, "internal", message, scope=request.scope)
 
 
 # --- routes ------------------------------------------------------------------------------------------------
