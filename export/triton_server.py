@@ -29,6 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from cli.ports import check_port_free
 from export.errors import TritonError
 from export.repository import versions
 
@@ -110,19 +111,6 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def _bind_problem(host: str, port: int) -> str | None:
-    """Why tritonserver could not listen on host:port (it says so only after loading the models), or None. With
-    SO_REUSEADDR, as servers bind: connections of an earlier server in TIME_WAIT do not count."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as error:
-            return error.strerror or str(error)
-    return None
 
 
 class TritonServer:
@@ -245,13 +233,8 @@ class TritonServer:
             ("HTTP", self.host, self.http_port),
             ("gRPC", self.grpc_host, self.grpc_port),
             ("metrics", self.host, self.metrics_port),
-        ):
-            problem = _bind_problem(host, port)
-            if problem:
-                flag = f"--{what.lower()}-port"
-                raise TritonError(
-                    f"cannot bind the {what} port {host}:{port} ({problem}); choose another with {flag}"
-                )
+        ):  # tritonserver would say so only after loading every model
+            check_port_free(host, port, what, f"--{what.lower()}-port", TritonError)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout

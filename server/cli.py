@@ -6,13 +6,12 @@ Every flag has a `RESNET_*` environment variable (the flag wins); bad values sto
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
-import socket
 
 from pydantic import ValidationError
 
 from cli.errors import ResnetError
+from cli.ports import check_port_free
 from server.preprocessing import PILLOW_PIXEL_LIMIT
 from server.settings import Settings, env_name
 
@@ -104,28 +103,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()
         )
         raise ResnetError(f"invalid settings: {problems}") from None
-
-
-def check_port_free(host: str, port: int, what: str, flag: str) -> None:
-    """A taken port as one line now, instead of a traceback from inside the server's start-up."""
-    if not port:
-        return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and gRPC bind
-        try:
-            sock.bind((host, port))
-        except OSError as error:
-            # In use or privileged is the port's fault; anything else (not this machine's address, a name that
-            # does not resolve) is the host's.
-            remedy = (
-                f"choose another with {flag}"
-                if error.errno in (errno.EADDRINUSE, errno.EACCES)
-                else "--host must be an address of this machine (0.0.0.0 for all interfaces)"
-            )
-            raise ResnetError(
-                f"cannot bind the {what} port {host}:{port} ({error.strerror}); {remedy}"
-            ) from None
 
 
 def main(args: argparse.Namespace) -> int:
