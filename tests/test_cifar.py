@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from training import cifar
 from training.cifar import (
     DeviceBatches,
     find_source,
@@ -20,6 +19,7 @@ from training.cifar import (
     prepare_cifar10,
     read_jpeg_split,
 )
+from training.data import mix_seed
 from training.errors import DataError
 
 CLASSES = ["airplane", "automobile", "bird"]
@@ -270,7 +270,7 @@ def test_crop_and_flip_come_from_one_generator_per_batch_in_a_fixed_order():
     assert [len(y) for _, y in out] == [16, 16, 2]
     for position, (x, _) in enumerate(out):
         batch = position + 1
-        generator = torch.Generator().manual_seed(cifar._mix_seed(batches.seed, 2, batch, 1))
+        generator = torch.Generator().manual_seed(mix_seed(batches.seed, 2, batch, 1))
         top = torch.randint(0, 9, (len(x),), generator=generator)
         left = torch.randint(0, 9, (len(x),), generator=generator)
         flip = torch.rand(len(x), generator=generator) < 0.5

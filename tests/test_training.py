@@ -681,6 +681,8 @@ def test_cli_error_is_one_line_and_non_zero_in_a_real_process(tmp_path):
         (["train", "--log-every", "0"], "--log-every must be at least 1, got 0"),
         (["train", "--eval-every", "-1"], "--eval-every must be at least 0, got -1"),
         (["train", "--workers", "-1"], "--workers must be at least 0, got -1"),
+        (["train", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        (["train", "--seed", str(2**64)], f"--seed must be in [0, 2**32), got {2**64}"),
         (["train", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         (
             ["evaluate", "--checkpoint", __file__, "--device", "tpu"],

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from cli.errors import ResnetError
 from server.spec import CIFAR10_MEAN, CIFAR10_STD
+from training.data import mix_seed
 from training.errors import DataError, MissingSplitError
 
 log = logging.getLogger(__name__)
@@ -241,13 +242,6 @@ def prepare_cifar10(tarball: str | os.PathLike, dest: str | os.PathLike) -> Path
 # ----------------------------------------------------------------------------------------------- batches
 
 
-def _mix_seed(*parts: int) -> int:
-    """A 63-bit seed from several integers, so (seed, epoch, batch) streams don't collide."""
-    return (
-        int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]) >> 1
-    )
-
-
 class DeviceBatches:
     """Iterate (images float [B,3,32,32] normalized, labels int64 [B]) from uint8 data resident on `device`.
 
@@ -330,7 +324,7 @@ class DeviceBatches:
         if not self.train:
             return torch.arange(self.rank, total, self.world_size)
         order = torch.randperm(
-            total, generator=torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch))
+            total, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         )
         if self.world_size > 1:
             padded = self.num_samples * self.world_size
@@ -362,7 +356,7 @@ class DeviceBatches:
         per_batch = []
         for batch in batches:
             count = min(self.batch_size, total - batch * self.batch_size)
-            generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, batch, 1))
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, batch, 1))
             top = torch.randint(0, 2 * self.padding + 1, (count,), generator=generator)
             left = torch.randint(0, 2 * self.padding + 1, (count,), generator=generator)
             flip = (torch.rand(count, generator=generator) < 0.5).long()

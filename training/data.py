@@ -42,7 +42,7 @@ TRAIN_SUBSTITUTES = 16
 
 
 def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from several integers, so (seed, epoch, sample) streams don't collide."""
+    """A 63-bit seed from several integers, so (seed, epoch, sample or batch) streams don't collide."""
     return (
         int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0]) >> 1
     )

@@ -122,6 +122,9 @@ class TrainConfig:
             raise ConfigError(
                 f"--momentum must be in [0, 1) and --weight-decay >= 0, got {self.momentum} and {self.weight_decay}"
             )
+        # mix_seed keeps 32 bits of each part, so a larger seed would replay a smaller one's data order.
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}")
         self._check_schedule()
         self._check_counts()
         if self.amp not in ("none", "bf16"):

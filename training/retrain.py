@@ -159,7 +159,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--keep-last", type=int, default=2, help="checkpoints kept besides best.pt (0: all)")
     parser.add_argument("--workers", type=int, default=2, help="data loading processes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for the new head, data order and augmentation"
+    )
     parser.add_argument("--device", default=env("RESNET_DEVICE", "auto"), help="auto, cpu or cuda")
     parser.add_argument("--resume", help="continue an interrupted retrain: a checkpoint or 'auto'")
     parser.add_argument(

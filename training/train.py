@@ -606,7 +606,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--warmup-until-error", type=float, help="fraction, default 0.8")
     group.add_argument("--stride-variant", choices=STRIDE_VARIANTS, help="bottleneck stride placement")
-    group.add_argument("--seed", type=int, help="seed for init, data order and augmentation")
+    group.add_argument("--seed", type=int, help="seed for init, data order and augmentation (0 to 2**32-1)")
     group = parser.add_argument_group("run")
     group.add_argument("--workers", type=int, help="data loading processes (image folders)")
     group.add_argument(
