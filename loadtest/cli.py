@@ -21,6 +21,7 @@ import urllib.error
 from dataclasses import asdict
 from pathlib import Path
 
+from cli.addresses import host_and_port, split_base_url
 from cli.errors import ResnetError
 from loadtest import report, shapes
 
@@ -72,8 +73,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--url",
+        type=base_url,
         default=_env("LOADTEST_URL", "http://127.0.0.1:8080"),
-        help="gateway base URL (RESNET_LOADTEST_URL)",
+        help="gateway base URL, http(s)://HOST:PORT plus a reverse proxy's path prefix if any (RESNET_LOADTEST_URL)",
     )
     parser.add_argument(
         "--scenario",
@@ -208,12 +210,20 @@ def run_locust(command: list[str], duration: float, log_path: Path, api_key: str
         raise LoadTestError(f"locust exited with {process.returncode}: {tail[0]} (full log: {log_path})")
 
 
+def base_url(value: str) -> str:
+    """--url as scheme://host:port[/prefix] without a trailing '/': Locust appends each request's /v1/... to it."""
+    if value.startswith("grpc://"):
+        raise argparse.ArgumentTypeError(f"{value!r} is a gRPC address: give it as --grpc-url with --grpc")
+    try:
+        return split_base_url(value, ("http", "https")).geturl()
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def grpc_address(value: str) -> str:
     """--grpc-url as host:port ("grpc://" before it is allowed); empty: derived from --url."""
     if not value:
         return value
-    from server.settings import host_and_port
-
     try:
         return host_and_port(value.removeprefix("grpc://"))
     except ValueError as error:

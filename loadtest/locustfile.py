@@ -97,12 +97,18 @@ def _options(user: User):
     return user.environment.parsed_options
 
 
+def _join_paths_once(user: HttpUser) -> None:
+    """Locust prefixes each request's path with --host as given: `http://host:8080/` would ask for //v1/... (404)."""
+    user.client.base_url = user.client.base_url.rstrip("/")
+
+
 class ClassifyUser(HttpUser):
     """An HTTP client of the gateway: mostly one photo per request, sometimes several, sometimes a listing."""
 
     wait_time = constant(0)
 
     def on_start(self) -> None:
+        _join_paths_once(self)
         options = _options(self)
         self.top_k = options.top_k if options else 5
         self.headers = auth_headers(options.api_key if options else "")
@@ -239,6 +245,7 @@ class KServeHttpUser(HttpUser):
     def on_start(self) -> None:
         import tritonclient.http as httpclient
 
+        _join_paths_once(self)
         options = _options(self)
         self.top_k = options.top_k if options else 5
         self.headers = auth_headers(options.api_key if options else "")

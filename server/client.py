@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass
 from http.client import HTTPException
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import numpy as np
 
+from cli.addresses import split_base_url
 from cli.errors import ResnetError
 from server.errors import GRPC_AT_HTTP_PORT
 
@@ -371,15 +371,10 @@ def only_model(names: list[str], url: str) -> str:
 
 def connect(url: str, server: str, api_key: str | None, timeout: float) -> GatewayHttp | KServe:
     try:
-        parts = urlsplit(url if "://" in url else f"http://{url}")
-        parts.port  # noqa: B018 - raises for a port past 65535, which gRPC would quietly take modulo 65536
+        parts = split_base_url(url, ("http", "grpc"))
     except ValueError as error:
-        raise ClientError(f"bad --url {url!r}: {error}") from None
-    if parts.scheme not in ("http", "grpc") or not parts.hostname:
-        raise ClientError(f"bad --url {url!r}: use http://HOST:PORT or grpc://HOST:PORT")
-    path = parts.path.rstrip("/")  # a server behind a reverse proxy under a path prefix
-    if path.endswith(("/v1", "/v2")):
-        raise ClientError(f"bad --url {url!r}: give the server's base URL, without {path[-3:]}")
+        raise ClientError(f"bad --url {error}") from None
+    path = parts.path  # a server behind a reverse proxy under a path prefix
     if parts.scheme == "grpc":
         if path or not parts.port:  # without a port gRPC dials 443, which no gateway or Triton listens on
             raise ClientError(f"bad --url {url!r}: a gRPC address is grpc://HOST:PORT, no path")

@@ -8,27 +8,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from cli.addresses import host_and_port
 from server.preprocessing import DEFAULT_MAX_PIXELS, PILLOW_PIXEL_LIMIT
 
 ENV_PREFIX = "RESNET_"
-
-
-def host_and_port(value: str) -> str:
-    """`value` when it is host:port with a port from 1 to 65535, else ValueError saying why: gRPC clients dial
-    port 443 for a bare host and take a port past 65535 modulo 65536."""
-    try:
-        parts = urlsplit(f"//{value}")
-        port = parts.port
-    except ValueError as error:
-        raise ValueError(f"{value!r} is not host:port: {error}") from None
-    if not parts.hostname or not port or parts.path or parts.query:
-        raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8001)")
-    return value
 
 
 class Settings(BaseSettings):

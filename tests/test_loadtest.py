@@ -14,10 +14,17 @@ import pytest
 
 from loadtest import report, shapes
 from loadtest.checks import check_classification, check_prediction, grpc_target
-from loadtest.cli import LoadTestError, check_flags, get_args_parser, parse_duration
+from loadtest.cli import LOCUSTFILE, LoadTestError, check_flags, get_args_parser, parse_duration
 from loadtest.images import generate, load_images
 from tests.gateway_models import write_colors_model
-from tests.support import OTHER_SERVERS, REPO_ROOT, free_port, other_web_server, running_process
+from tests.support import (
+    OTHER_SERVERS,
+    REPO_ROOT,
+    free_port,
+    other_web_server,
+    path_prefix_proxy,
+    running_process,
+)
 
 # --- schedules, parsing, checks (no processes) --------------------------------------------------------------
 
@@ -83,6 +90,25 @@ def test_grpc_url_is_host_and_port_with_or_without_its_scheme(capsys):
         with pytest.raises(SystemExit):
             get_args_parser().parse_args(["--grpc-url", bad])
         assert message in capsys.readouterr().err
+
+
+def test_url_is_a_base_url_without_a_trailing_slash(capsys):
+    def parsed(url: str) -> str:
+        return get_args_parser().parse_args(["--url", url]).url
+
+    assert parsed("127.0.0.1:8080") == "http://127.0.0.1:8080"
+    assert parsed("https://ingress.example/resnet/") == "https://ingress.example/resnet"
+    for bad, message in (
+        ("grpc://127.0.0.1:8081", "is a gRPC address: give it as --grpc-url with --grpc"),
+        ("ftp://127.0.0.1:21", "use http://HOST:PORT or https://HOST:PORT"),
+        ("http://", "use http://HOST:PORT"),
+        ("http://127.0.0.1:99999", "Port out of range"),  # urllib would dial 34463
+        ("http://127.0.0.1:8080/v1/", "give the server's base URL, without /v1"),
+        ("http://127.0.0.1:8080/?model=x", "a base URL has no query or fragment"),
+    ):
+        with pytest.raises(SystemExit):
+            parsed(bad)
+        assert message in capsys.readouterr().err, bad
 
 
 def test_thresholds_name_what_broke():
@@ -345,6 +371,33 @@ def test_grpc_user_records_successes(gateway, tmp_path):
     stats = (out / "locust_stats.csv").read_text()
     assert "gRPC,ModelInfer 1 image" in stats
     assert json.loads((out / "summary.json").read_text())["summary"]["requests"] > 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("user", ["resnet loadtest", "resnet loadtest --kserve", "locust ClassifyUser"])
+def test_a_prefixed_url_with_a_trailing_slash_reaches_the_gateway(gateway, tmp_path, user):
+    # Locust joins --host and each path as strings: "http://host/" asked for //v1/..., and every request failed.
+    with path_prefix_proxy(gateway["url"], "/resnet") as proxy:
+        url = f"{proxy}/resnet/"
+        if user.startswith("locust"):
+            result = subprocess.run(
+                [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url]
+                + ["-u", "2", "-t", "3s", "--exit-code-on-error", "1", "--only-summary", user.split()[1]],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "RESNET_API_KEY": API_KEY},
+            )
+            assert result.returncode == 0 and " 0(0.00%)" in result.stderr, result.stderr[-2000:]
+            return
+        out = tmp_path / "out"
+        result = run_loadtest(
+            "--url", url, *user.split()[2:], "--duration", "3s", "--out", str(out), api_key=API_KEY
+        )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["url"] == f"{proxy}/resnet" and summary["summary"]["failures"] == 0
+    assert summary["summary"]["requests"] > 5
 
 
 def kserve_loadtest(url: str, out: Path, api_key: str = "") -> subprocess.CompletedProcess:
