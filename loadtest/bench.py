@@ -39,7 +39,7 @@ import numpy as np
 from cli.errors import ResnetError
 from loadtest.bench_report import efficiency, plot_delay_sweep, write_markdown
 from loadtest.cli import HelpFormatter
-from loadtest.images import load_images
+from loadtest.images import IMAGES_SENT, check_folder, load_images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL = "resnet20_cifar10"
@@ -383,7 +383,12 @@ def http_load(
     # The client shares the cores with the server: how much of them it took is part of the result.
     client_cores = (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
     if not latencies:
-        raise BenchError(f"{label}: no request succeeded at {url} ({errors} failed)")
+        if errors:
+            raise BenchError(f"{label}: no request succeeded at {url} ({errors} failed)")
+        raise BenchError(
+            f"{label}: no request finished inside the {seconds:g} s window with {concurrency} in flight at {url} "
+            "(lower --concurrency)"
+        )
     milliseconds = np.array(latencies) * 1000
     return LoadResult(
         label,
@@ -701,9 +706,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise BenchError(f"--{flag} must be at least 0 (0: the default), got {getattr(args, flag)}")
     if not args.repository.is_dir():
         # A typo must not quietly turn a benchmark of the user's model into one of random weights.
-        raise BenchError(f"model repository {args.repository} does not exist (set --repository)")
+        what = "is a file, not a folder" if args.repository.exists() else "does not exist"
+        raise BenchError(f"model repository {args.repository} {what} (set --repository)")
     if args.docs.exists() and not args.docs.is_dir():
         raise BenchError(f"--docs {args.docs} is a file, not a folder")
+    if args.images:
+        check_folder(args.images, BenchError)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -717,7 +725,7 @@ def main(args: argparse.Namespace) -> int:
     check_args(args)
     plan = BenchPlan.make(args)
     started = time.monotonic()
-    photos = load_images(args.images, limit=64)
+    photos = load_images(args.images, limit=IMAGES_SENT)
     images = [data for _, data in photos]
     kind = "generated images" if photos[0][0].startswith("generated_") else "real photos"
     img_dir = args.docs / "img"

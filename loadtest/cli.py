@@ -244,26 +244,9 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.out.exists() and not args.out.is_dir():
         raise LoadTestError(f"--out {args.out} is a file; give a folder for the results")
     if args.images:
-        check_images(Path(args.images))
+        from loadtest.images import check_folder
 
-
-def check_images(folder: Path) -> None:
-    """A folder of images the server can decode: not a silent switch to generated photos, nor a run of 4xx."""
-    from loadtest.images import IMAGE_SUFFIXES, IMAGES_SENT, read_folder, undecodable
-
-    if not folder.is_dir():
-        raise LoadTestError(
-            f"--images {folder} is {'a file' if folder.exists() else 'missing'}, not a folder"
-        )
-    images = read_folder(folder, limit=IMAGES_SENT)
-    if not images:
-        raise LoadTestError(f"--images folder {folder} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files")
-    bad = undecodable(images)
-    if bad:
-        raise LoadTestError(
-            f"--images folder {folder}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} cannot be decoded "
-            "(every request that sends one would fail)"
-        )
+        check_folder(Path(args.images), LoadTestError)
 
 
 def listing_failure(error: Exception, kserve: bool) -> str:

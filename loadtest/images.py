@@ -56,6 +56,22 @@ def undecodable(images: list[tuple[str, bytes]]) -> list[str]:
     return bad
 
 
+def check_folder(folder: Path, error_type: type[Exception]) -> None:
+    """Raise `error_type` unless `folder` holds images the server can decode: an --images typo must not become a
+    silent switch to generated photos, nor a run of 4xx answers."""
+    if not folder.is_dir():
+        raise error_type(f"--images {folder} is {'a file' if folder.exists() else 'missing'}, not a folder")
+    images = read_folder(folder, limit=IMAGES_SENT)
+    if not images:
+        raise error_type(f"--images folder {folder} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files")
+    bad = undecodable(images)
+    if bad:
+        raise error_type(
+            f"--images folder {folder}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} cannot be decoded "
+            "(every request that sends one would fail)"
+        )
+
+
 def generate(count: int = 8, seed: int = 0, quality: int = 85) -> list[tuple[str, bytes]]:
     """`count` JPEGs of realistic sizes and content statistics (deterministic for a seed)."""
     rng = np.random.default_rng(seed)

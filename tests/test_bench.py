@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
+from loadtest.bench import BenchError, http_load
 from loadtest.bench_report import OWNED_SECTIONS, split_sections
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, QuietHandler, threaded_http_server
 
 FOREIGN = "## Export: runtimes on this CPU\n\nAnother part's table | kept | verbatim |\n"
 
@@ -81,10 +84,39 @@ def test_quick_bench_runs_end_to_end_and_keeps_foreign_sections(tmp_path):
         (["--threads", "-2"], "--threads must be at least 0 (0: the default), got -2"),
         (["--repository", "no-such-repository"], "model repository no-such-repository does not exist"),
         (["--docs", "README.md"], "--docs README.md is a file, not a folder"),
+        (["--repository", "README.md"], "model repository README.md is a file, not a folder"),
+        # these ran on generated photos, or measured a run of 400s
+        (["--images", "model_repository"], "--images folder model_repository holds no .bmp/.jpeg/.jpg/.png"),
+        (["--images", "{broken}"], "--images folder {broken}: b.jpg cannot be decoded (every request that"),
     ],
 )
-def test_bad_flags_are_one_line_before_any_measurement(flags, message):
+def test_bad_flags_are_one_line_before_any_measurement(tmp_path, flags, message):
+    (tmp_path / "b.jpg").write_bytes(b"not a JPEG")
+    flags, message = [flag.format(broken=tmp_path) for flag in flags], message.format(broken=tmp_path)
     command = [sys.executable, "-m", "cli", "bench", "--quick", *flags]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert result.returncode == 1
     assert result.stderr.startswith(f"resnet: error: {message}") and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "delay_s, status, message",
+    [
+        (2, 200, "no request finished inside the 0.5 s window with 2 in flight at "),
+        (0, 503, "no request succeeded at "),
+    ],
+)
+def test_a_load_with_no_completed_request_says_why(delay_s, status, message):
+    class Server(QuietHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(delay_s)
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    with (
+        threaded_http_server(Server) as url,
+        pytest.raises(BenchError, match=f"^gateway: {re.escape(message)}"),
+    ):
+        http_load("gateway", url, "m", [b"jpeg"], concurrency=2, seconds=0.5, warmup_s=0)
