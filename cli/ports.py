@@ -10,9 +10,15 @@ from cli.errors import ResnetError
 
 
 def check_port_free(
-    host: str, port: int, what: str, flag: str, error_type: type[ResnetError] = ResnetError
+    host: str,
+    port: int,
+    what: str,
+    flag: str,
+    error_type: type[ResnetError] = ResnetError,
+    host_flag: str = "--host",
 ) -> None:
-    """Raise `error_type` naming `flag` when `host:port` cannot be bound; port 0 (off, or any) always can."""
+    """Raise `error_type` naming `flag` (the port's) or `host_flag` when `host:port` cannot be bound; port 0 (off,
+    or any) always can."""
     if not port:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -27,7 +33,7 @@ def check_port_free(
             remedy = (
                 f"choose another with {flag}"
                 if error.errno in (errno.EADDRINUSE, errno.EACCES)
-                else "--host must be an address of this machine (0.0.0.0 for all interfaces)"
+                else f"{host_flag} must be an address of this machine (0.0.0.0 for all interfaces)"
             )
             raise error_type(
                 f"cannot bind the {what} port {host}:{port} ({error.strerror}); {remedy}"

@@ -229,12 +229,12 @@ class TritonServer:
                 f"the HTTP, gRPC and metrics ports must differ, got {self.http_port}, {self.grpc_port} and "
                 f"{self.metrics_port}"
             )
-        for what, host, port in (
-            ("HTTP", self.host, self.http_port),
-            ("gRPC", self.grpc_host, self.grpc_port),
-            ("metrics", self.host, self.metrics_port),
+        for what, host, port, host_flag in (
+            ("HTTP", self.host, self.http_port, "--http-address"),
+            ("gRPC", self.grpc_host, self.grpc_port, "--grpc-address"),
+            ("metrics", self.host, self.metrics_port, "--http-address"),
         ):  # tritonserver would say so only after loading every model
-            check_port_free(host, port, what, f"--{what.lower()}-port", TritonError)
+            check_port_free(host, port, what, f"--{what.lower()}-port", TritonError, host_flag)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout

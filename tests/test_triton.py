@@ -256,3 +256,14 @@ def test_a_port_in_use_is_refused_before_tritonserver_starts(tmp_path, port):
         with pytest.raises(TritonError, match=re.escape(expected + f"choose another with {flag}")):
             server.start()
     assert server.process is None
+
+
+@pytest.mark.parametrize("address", ["host", "grpc_host"])
+def test_an_address_not_of_this_machine_names_its_own_flag(tmp_path, address):
+    (tmp_path / "r20" / "1").mkdir(parents=True)
+    ports = dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    server = TritonServer(tmp_path, **{address: "192.0.2.1"}, **ports)  # TEST-NET-1: never this machine's
+    flag = {"host": "--http-address", "grpc_host": "--grpc-address"}[address]
+    with pytest.raises(TritonError, match=re.escape(f"(Cannot assign requested address); {flag} must be an")):
+        server.start()
+    assert server.process is None
