@@ -34,6 +34,7 @@ PIPELINE_SUFFIX = "_pipeline"
 IMAGE_INPUT = "image"
 LOGITS_OUTPUT = "logits"
 MAX_GATEWAY_FILES = 64  # the gateway's multipart limit per request
+MAX_TIMEOUT_S = 86_400  # a day: longer than any request should wait
 T = TypeVar("T")
 GATEWAY_NAME = "resnet-gateway"  # what the gateway calls itself in KServe server metadata (Triton: "triton")
 
@@ -503,8 +504,10 @@ def run(args: argparse.Namespace) -> Classified:
     lost."""
     if args.top_k < 1 or args.batch_size < 1:
         raise ClientError("--top-k and --batch-size must be at least 1")
-    if not args.timeout > 0:
-        raise ClientError(f"--timeout must be more than 0 seconds, got {args.timeout}")
+    if not 0 < args.timeout <= MAX_TIMEOUT_S:  # a socket's timeout overflows past time_t: inf was a traceback
+        raise ClientError(
+            f"--timeout must be more than 0 and at most {MAX_TIMEOUT_S} seconds, got {args.timeout}"
+        )
     images = collect_images(args.images)
     client = connect(args.url, args.server, args.api_key, args.timeout)
     try:

@@ -234,7 +234,11 @@ def test_a_stop_mid_run_keeps_the_answers_so_far(
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--timeout", "0"], "--timeout must be more than 0 seconds"), (["--top-k", "0"], "at least 1")],
+    [
+        (["--timeout", "0"], "--timeout must be more than 0 and at most 86400 seconds, got 0.0"),
+        (["--timeout", "inf"], "--timeout must be more than 0 and at most 86400 seconds, got inf"),
+        (["--top-k", "0"], "at least 1"),
+    ],
 )
 def test_bad_flags_are_one_line(photos, capsys, args, message):
     assert resnet(["client", "classify", str(photos[0]), *args]) == 1
