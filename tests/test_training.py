@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,12 +24,12 @@ from server.spec import PreprocessSpec
 from tests.support import REPO_ROOT, VENV_BIN, wait_until
 from training import recipes
 from training.data import load_split
-from training.errors import CheckpointError, ConfigError, DataError, UnknownRecipeError
+from training.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, UnknownRecipeError
 from training.evaluate import evaluate_checkpoint, evaluate_onnx
 from training.models import ARCHS, build_model
 from training.presets import eval_transform, ten_crop_transform
 from training.recipes import TrainConfig
-from training.train import train
+from training.train import train, weights_are_finite
 from training.utils import (
     StepSchedule,
     atomic_torch_save,
@@ -323,6 +324,39 @@ def test_warm_up_runs_at_the_low_rate_until_the_error_threshold(cifar_like, tmp_
     scale = 16 / 128
     assert rates == pytest.approx([0.01 * scale, 0.1 * scale, 0.1 * scale])
     assert "warm-up done at iteration 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lr", [1e30, 1e10])
+def test_a_diverging_run_stops_before_writing_nan_weights(cifar_like, tmp_path, lr):
+    # Two steps at a sane rate (the warm-up ends at the first log), a checkpoint, then a rate that blows up: the loss
+    # (1e30) or the weights (1e10) turn NaN, and the run stops instead of saving them as its last and best.
+    config = small_config(
+        cifar_like, tmp_path, lr=lr, warmup_lr=0.01, warmup_until_error=1.0, checkpoint_every=2, log_every=2
+    )
+    with pytest.raises(TrainingDiverged) as diverged:
+        train(config, progress=False)
+    assert re.match(
+        r"training diverged by iteration (4|6): (the training loss is (nan|inf)|the weights hold NaN or infinite "
+        rf"values) \(lr .+\); the last checkpoint, {re.escape(str(tmp_path))}/checkpoint-000000[24].pt, is from before "
+        r"it\. Lower --lr \(or add --warmup-lr\) and train again$",
+        str(diverged.value),
+    ), diverged.value
+    checkpoints = list_checkpoints(tmp_path)
+    assert checkpoints and all(weights_are_finite_in(path) for _, path in checkpoints)
+    assert not (tmp_path / "best.pt").exists()
+
+
+def weights_are_finite_in(path: Path) -> bool:
+    model = build_model("resnet20", 3)
+    model.load_state_dict(load_checkpoint(path)["model"])
+    return weights_are_finite(model)
+
+
+def test_nan_in_a_batchnorm_statistic_counts_as_diverged():
+    model = build_model("resnet20", 3)
+    assert weights_are_finite(model)
+    model.bn1.running_var[0] = float("inf")
+    assert not weights_are_finite(model)
 
 
 def test_milestones_past_a_shortened_run_are_warned_about(cifar_like, tmp_path, capsys):
@@ -670,11 +704,13 @@ def test_cli_error_is_one_line_and_non_zero_in_a_real_process(tmp_path):
         (["train", "--data", "/nonexistent/data"], "data folder /nonexistent/data does not exist"),
         (["train", "--batch-size", "0"], "--batch-size 0 must be a positive multiple"),
         (["train", "--lr-milestones", "5,3"], "--lr-milestones must be increasing"),
-        (["train", "--lr", "-0.1"], "--lr must be positive, got -0.1"),
-        (["train", "--warmup-lr", "0"], "--warmup-lr must be positive, got 0.0"),
+        (["train", "--lr", "-0.1"], "--lr must be a positive number, got -0.1"),
+        (["train", "--lr", "inf"], "--lr must be a positive number, got inf"),
+        (["train", "--warmup-lr", "0"], "--warmup-lr must be a positive number, got 0.0"),
         (["train", "--momentum", "1.5"], "--momentum must be in [0, 1)"),
         (["train", "--lr-milestones", "0,5"], "--lr-milestones must be increasing iterations >= 1"),
-        (["train", "--lr-gamma", "0"], "--lr-gamma must be positive, got 0.0"),
+        (["train", "--lr-gamma", "0"], "--lr-gamma must be a positive number, got 0.0"),
+        (["train", "--weight-decay", "nan"], "--weight-decay a number >= 0, got 0.9 and nan"),
         (["train", "--warmup-until-error", "2"], "--warmup-until-error is a fraction in (0, 1], got 2.0"),
         (["train", "--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1), got 1.5"),
         (["train", "--checkpoint-every", "0"], "--checkpoint-every must be at least 1, got 0"),

@@ -29,3 +29,8 @@ class ClassMismatchError(ResnetError):
 
 class ConfigError(ResnetError):
     """Flags that contradict each other or the environment (e.g. batch size not divisible by world size)."""
+
+
+class TrainingDiverged(ResnetError):
+    """The loss or the weights became NaN or infinite (a learning rate too high for the run): the run stops before
+    such weights become a checkpoint that `--resume auto`, `best.pt` or `resnet export` would pick up."""

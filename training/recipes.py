@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,13 +115,13 @@ class TrainConfig:
             )
         if self.iterations <= 0:
             raise ConfigError(f"--iterations must be positive, got {self.iterations}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if self.warmup_lr is not None and not self.warmup_lr > 0:
-            raise ConfigError(f"--warmup-lr must be positive, got {self.warmup_lr}")
-        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if self.warmup_lr is not None and not 0 < self.warmup_lr < math.inf:
+            raise ConfigError(f"--warmup-lr must be a positive number, got {self.warmup_lr}")
+        if not 0 <= self.momentum < 1 or not 0 <= self.weight_decay < math.inf:
             raise ConfigError(
-                f"--momentum must be in [0, 1) and --weight-decay >= 0, got {self.momentum} and {self.weight_decay}"
+                f"--momentum must be in [0, 1) and --weight-decay a number >= 0, got {self.momentum} and {self.weight_decay}"
             )
         # mix_seed keeps 32 bits of each part, so a larger seed would replay a smaller one's data order.
         if not 0 <= self.seed < 2**32:
@@ -142,8 +143,8 @@ class TrainConfig:
         milestones = list(self.lr_milestones)
         if milestones != sorted(milestones) or min(milestones, default=1) < 1:
             raise ConfigError(f"--lr-milestones must be increasing iterations >= 1, got {milestones}")
-        if not self.lr_gamma > 0:
-            raise ConfigError(f"--lr-gamma must be positive, got {self.lr_gamma}")
+        if not 0 < self.lr_gamma < math.inf:
+            raise ConfigError(f"--lr-gamma must be a positive number, got {self.lr_gamma}")
         if not 0 < self.warmup_until_error <= 1:
             raise ConfigError(f"--warmup-until-error is a fraction in (0, 1], got {self.warmup_until_error}")
         if not 0 <= self.label_smoothing < 1:

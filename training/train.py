@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from training import recipes
 from training.data import DataSplit, load_split
-from training.errors import CheckpointError, MissingSplitError
+from training.errors import CheckpointError, MissingSplitError, TrainingDiverged
 from training.evaluate import evaluate_model
 from training.models import ARCHS, STRIDE_VARIANTS, build_model
 from training.recipes import COMPILE_MODES, RECIPES, TrainConfig
@@ -219,6 +220,8 @@ class Trainer:
 
     def save(self, epoch: int, batch_in_epoch: int, is_best: bool = False) -> Path:
         """Rank 0 writes checkpoint-<iteration>.pt atomically, updates best.pt, prunes old ones."""
+        if not weights_are_finite(self.model):
+            raise self.diverged("the weights hold NaN or infinite values")
         path = checkpoint_path(self.output_dir, self.iteration)
         if self.info.is_main:
             atomic_torch_save(self.state_dict(epoch, batch_in_epoch), path)
@@ -330,6 +333,8 @@ class Trainer:
         loss, correct, count = all_reduce_sum(
             [window["loss"].item(), window["correct"].item(), window["count"].item()], self.device
         )
+        if not math.isfinite(loss):  # summed over the window and the ranks: one NaN step anywhere shows here
+            raise self.diverged(f"the training loss is {loss}")
         elapsed = time.perf_counter() - window["start"]
         error = 1.0 - correct / max(count, 1)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -363,6 +368,18 @@ class Trainer:
                 f"lr {lr:.4g} {self.last_train['img_per_s']:.0f} img/s",
                 bar,
             )
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        lr = self.optimizer.param_groups[0]["lr"]
+        last = (
+            f"the last checkpoint, {self.last_path}, is from before it"
+            if self.last_path
+            else "no checkpoint was written"
+        )
+        return TrainingDiverged(
+            f"training diverged by iteration {self.iteration}: {what} (lr {lr:.4g}); {last}. Lower --lr (or add "
+            "--warmup-lr) and train again"
+        )
 
     @property
     def skipped_images(self) -> int:
@@ -400,6 +417,12 @@ class Trainer:
     def _print(self, message: str, bar: tqdm) -> None:
         if self.info.is_main:
             bar.write(message, file=sys.stderr)
+
+
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    """Every floating-point parameter and buffer (BatchNorm statistics too) finite; one device sync."""
+    tensors = [tensor for tensor in model.state_dict().values() if tensor.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(tensor).all() for tensor in tensors]).all())
 
 
 # ---------------------------------------------------------------------------------------------- entry points
