@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from cli.errors import ResnetError
+from cli.limits import MAX_THREADS
 from loadtest.bench_report import efficiency, plot_delay_sweep, write_markdown
 from loadtest.cli import HelpFormatter
 from loadtest.images import IMAGES_SENT, check_folder, load_images
@@ -704,6 +705,8 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("concurrency", "threads"):
         if getattr(args, flag) < 0:
             raise BenchError(f"--{flag} must be at least 0 (0: the default), got {getattr(args, flag)}")
+    if args.threads > MAX_THREADS:
+        raise BenchError(f"--threads must be at most {MAX_THREADS}, got {args.threads}")
     if not args.repository.is_dir():
         # A typo must not quietly turn a benchmark of the user's model into one of random weights.
         what = "is a file, not a folder" if args.repository.exists() else "does not exist"

@@ -13,6 +13,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cli.addresses import host_and_port
+from cli.limits import MAX_THREADS
 from server.preprocessing import DEFAULT_MAX_PIXELS, PILLOW_PIXEL_LIMIT
 
 ENV_PREFIX = "RESNET_"
@@ -49,15 +50,20 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=4096, description="largest batch the gateway assembles")
     max_delay_ms: float = Field(2.0, ge=0, le=10_000, description="longest wait for a batch to fill")
     queue_size: int = Field(256, ge=1, description="images waiting per model beyond which requests get 503")
-    request_timeout_s: float = Field(10.0, gt=0, description="per-request deadline (504 when exceeded)")
+    # At most a day: inf crashed the start-up (uvicorn's shutdown grace is derived from it as an int).
+    request_timeout_s: float = Field(
+        10.0, gt=0, le=86_400, description="per-request deadline (504 when exceeded)"
+    )
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body (413 above)")
     max_image_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=1, le=PILLOW_PIXEL_LIMIT, description="largest image width*height (413 above)"
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="ONNX Runtime intra-op threads per model (0: all cores)"
+        0, ge=0, le=MAX_THREADS, description="ONNX Runtime intra-op threads per model (0: all cores)"
     )
-    preprocess_threads: int = Field(0, ge=0, description="image decoding threads (0: number of cores)")
+    preprocess_threads: int = Field(
+        0, ge=0, le=MAX_THREADS, description="image decoding threads (0: number of cores)"
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated API keys; empty: no auth"
     )

@@ -82,6 +82,7 @@ def test_quick_bench_runs_end_to_end_and_keeps_foreign_sections(tmp_path):
     [
         (["--concurrency", "-4"], "--concurrency must be at least 0 (0: the default), got -4"),
         (["--threads", "-2"], "--threads must be at least 0 (0: the default), got -2"),
+        (["--threads", "99999999"], "--threads must be at most 1024, got 99999999"),
         (["--repository", "no-such-repository"], "model repository no-such-repository does not exist"),
         (["--docs", "README.md"], "--docs README.md is a file, not a folder"),
         (["--repository", "README.md"], "model repository README.md is a file, not a folder"),

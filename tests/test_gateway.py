@@ -326,6 +326,20 @@ def test_bad_settings_stop_the_cli_with_one_line(tmp_path):
     assert too_many_pixels.returncode == 1 and "max_image_pixels" in too_many_pixels.stderr
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        # ONNX Runtime started every thread: the gateway grew to 24 GB and the OOM killer ended it
+        ("intra_op_threads", 99_999_999, "less than or equal to 1024"),
+        ("preprocess_threads", 99_999_999, "less than or equal to 1024"),
+        ("request_timeout_s", float("inf"), "less than or equal to 86400"),  # an OverflowError at start-up
+    ],
+)
+def test_settings_that_would_kill_the_gateway_are_refused(field, value, message):
+    with pytest.raises(ValidationError, match=f"{field}\n.*{message}"):
+        Settings(**{field: value})
+
+
 def test_api_keys_of_only_commas_are_refused_not_read_as_no_auth(monkeypatch):
     monkeypatch.setenv("RESNET_API_KEYS", " , ,")
     with pytest.raises(ValidationError, match="holds no keys; leave it empty to serve without API keys"):

@@ -717,6 +717,7 @@ def test_cli_error_is_one_line_and_non_zero_in_a_real_process(tmp_path):
         (["train", "--log-every", "0"], "--log-every must be at least 1, got 0"),
         (["train", "--eval-every", "-1"], "--eval-every must be at least 0, got -1"),
         (["train", "--workers", "-1"], "--workers must be at least 0, got -1"),
+        (["train", "--workers", "100000"], "--workers must be at most 256, got 100000"),  # a fork bomb
         (["train", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
         (["train", "--seed", str(2**64)], f"--seed must be in [0, 2**32), got {2**64}"),
         (["train", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
@@ -728,7 +729,14 @@ def test_cli_error_is_one_line_and_non_zero_in_a_real_process(tmp_path):
             ["evaluate", "--checkpoint", __file__, "--batch-size", "0"],
             "--batch-size must be at least 1, got 0",
         ),
-        (["evaluate", "--checkpoint", __file__, "--workers", "-1"], "--workers must be at least 0, got -1"),
+        (
+            ["evaluate", "--checkpoint", __file__, "--workers", "-1"],
+            "--workers must be from 0 to 256, got -1",
+        ),
+        (
+            ["evaluate", "--checkpoint", __file__, "--workers", "1000"],
+            "--workers must be from 0 to 256, got 1000",
+        ),
         (["evaluate", "--onnx", __file__, "--data", "."], "cannot load ONNX model"),
         (["evaluate", "--checkpoint", __file__, "--data", "."], "not a PyTorch checkpoint, or a damaged one"),
         (
@@ -852,6 +860,7 @@ def test_benchmark_runs_on_cpu_with_tiny_sizes(tmp_path):
         (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         (["--steps", "0"], "--steps must be at least 1, got 0"),
         (["--stock-workers", "-1"], "--stock-workers must be at least 0, got -1"),
+        (["--stock-workers", "1000"], "--stock-workers must be at most 256, got 1000"),
         (["--cifar-images", "100"], "--cifar-images (100) must hold one --cifar-batch-size batch"),
     ],
 )

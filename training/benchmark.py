@@ -28,6 +28,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from cli.errors import ResnetError
+from cli.limits import MAX_WORKERS
 from server.spec import PreprocessSpec
 from training.data import DataSplit
 from training.errors import ConfigError
@@ -369,6 +370,8 @@ def check_args(args: argparse.Namespace) -> None:
     for name, low in at_least.items():
         if getattr(args, name) < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    if args.stock_workers > MAX_WORKERS:
+        raise ConfigError(f"--stock-workers must be at most {MAX_WORKERS}, got {args.stock_workers}")
     if args.cifar_images < args.cifar_batch_size:
         raise ConfigError(f"--cifar-images ({args.cifar_images}) must hold one --cifar-batch-size batch")
 

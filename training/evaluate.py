@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from cli.errors import ResnetError
+from cli.limits import MAX_WORKERS
 from server.spec import PreprocessSpec
 from training.data import is_cifar_pickle, load_split
 from training.errors import CheckpointError, ConfigError
@@ -269,8 +270,8 @@ def onnx_providers(device: str) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise ConfigError(f"--workers must be at least 0, got {args.workers}")
+    if not 0 <= args.workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be from 0 to {MAX_WORKERS}, got {args.workers}")
     if args.onnx:
         spec, classes, kind = onnx_preprocessing(args.onnx, args.checkpoint)
         providers = onnx_providers(args.device)

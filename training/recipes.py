@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli.limits import MAX_WORKERS
 from server.spec import PreprocessSpec
 from training.errors import ConfigError, UnknownRecipeError
 
@@ -160,6 +161,8 @@ class TrainConfig:
         ):
             if value < least:
                 raise ConfigError(f"{flag} must be at least {least}, got {value}")
+        if self.workers > MAX_WORKERS:
+            raise ConfigError(f"--workers must be at most {MAX_WORKERS}, got {self.workers}")
 
 
 RECIPES: dict[str, dict] = {
