@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress
 from rich.table import Table
 
+from cli.limits import MAX_BATCH_SIZE, MAX_INSTANCES
 from export import onnx as onnx_export
 from export import repository as repo
 from export.errors import ExportError
@@ -97,10 +98,10 @@ def validate(options: ExportOptions, source: ModelSource) -> list[str]:
         )
     if options.keep_versions < 1:
         raise ExportError("--keep-versions must be at least 1")
-    if options.batching.max_batch_size < 1:
-        raise ExportError("--max-batch-size must be at least 1")
-    if options.batching.instances < 1:
-        raise ExportError("--instances must be at least 1")
+    if not 1 <= options.batching.max_batch_size <= MAX_BATCH_SIZE:
+        raise ExportError(f"--max-batch-size must be from 1 to {MAX_BATCH_SIZE}")
+    if not 1 <= options.batching.instances <= MAX_INSTANCES:
+        raise ExportError(f"--instances must be from 1 to {MAX_INSTANCES}")
     if options.batching.max_queue_delay_us < 0:
         raise ExportError("--max-queue-delay-us must be 0 or more")
     if options.quantize.max_calibration_images < 1:

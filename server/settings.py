@@ -13,7 +13,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cli.addresses import host_and_port
-from cli.limits import MAX_THREADS
+from cli.limits import MAX_BATCH_SIZE, MAX_THREADS
 from server.preprocessing import DEFAULT_MAX_PIXELS, PILLOW_PIXEL_LIMIT
 
 ENV_PREFIX = "RESNET_"
@@ -47,7 +47,9 @@ class Settings(BaseSettings):
         description="batch requests in the gateway (off: one backend call per request, "
         "leaving batching to Triton's dynamic batcher)",
     )
-    max_batch_size: int = Field(32, ge=1, le=4096, description="largest batch the gateway assembles")
+    max_batch_size: int = Field(
+        32, ge=1, le=MAX_BATCH_SIZE, description="largest batch the gateway assembles"
+    )
     max_delay_ms: float = Field(2.0, ge=0, le=10_000, description="longest wait for a batch to fill")
     queue_size: int = Field(256, ge=1, description="images waiting per model beyond which requests get 503")
     # At most a day: inf crashed the start-up (uvicorn's shutdown grace is derived from it as an int).

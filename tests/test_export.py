@@ -368,7 +368,10 @@ def test_cli_int8_without_calibration_data_is_one_line_error(tmp_path):
 @pytest.mark.parametrize(
     ("field", "message"),
     [
-        ({"batching": BatchingPolicy(instances=0)}, "--instances must be at least 1"),
+        ({"batching": BatchingPolicy(instances=0)}, "--instances must be from 1 to 64"),
+        # each a Python-backend process in Triton: 100000 was published as it was
+        ({"batching": BatchingPolicy(instances=100_000)}, "--instances must be from 1 to 64"),
+        ({"batching": BatchingPolicy(max_batch_size=10**8)}, "--max-batch-size must be from 1 to 4096"),
         ({"batching": BatchingPolicy(max_queue_delay_us=-5)}, "--max-queue-delay-us must be 0 or more"),
         ({"quantize": QuantizeOptions(max_calibration_images=0)}, "--calib-images must be at least 1"),
         ({"max_accuracy_drop": -1.0}, "--max-accuracy-drop is in top-1 points"),
@@ -380,6 +383,8 @@ def test_cli_int8_without_calibration_data_is_one_line_error(tmp_path):
     ],
     ids=[
         "no instances",
+        "a process per instance",
+        "a batch past the gateway's",
         "negative delay",
         "no calibration images",
         "negative accuracy budget",
