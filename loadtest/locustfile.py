@@ -14,7 +14,9 @@ Options below can also come from LOCUST_* / RESNET_* environment variables (Locu
 from __future__ import annotations
 
 import itertools
+import logging
 import random
+import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -42,7 +44,7 @@ from loadtest.checks import (  # noqa: E402
     grpc_target,
     listed_names,
 )
-from loadtest.images import IMAGES_SENT, load_images  # noqa: E402
+from loadtest.images import IMAGES_SENT, check_folder, load_images  # noqa: E402
 from server.spec import IMAGE_INPUT_NAME, OUTPUT_NAME  # noqa: E402
 
 # The per-second percentiles in the history CSV cover this many seconds (Locust's default 10 would blur
@@ -90,6 +92,12 @@ _images: list[tuple[str, bytes]] = []
 def _load_images(environment, **_kwargs) -> None:
     options = environment.parsed_options
     folder = Path(options.images) if options and options.images else None
+    if folder is not None:
+        try:
+            check_folder(folder, ValueError)
+        except ValueError as error:  # one line and exit 1, as Locust does for its own bad options
+            logging.getLogger(__name__).error("%s", error)
+            sys.exit(1)
     _images[:] = load_images(folder, limit=IMAGES_SENT)
 
 
