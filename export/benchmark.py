@@ -8,6 +8,7 @@ calibration on random batches gives the same kernels as calibration on photos.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,10 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cli.errors import ResnetError
+from cli.limits import MAX_THREADS
 from export.onnx import export_onnx, session
 from export.quantize import ArrayCalibrationReader, quantize_with_reader
 from export.source import default_spec, from_arch
 from server.spec import INPUT_NAME, OUTPUT_NAME
+from training.errors import ConfigError
+from training.models import build_model
 
 
 @dataclass(frozen=True)
@@ -105,10 +110,22 @@ def markdown_table(results: list[RuntimeResult]) -> str:
     return "\n".join(lines)
 
 
+def batch_size_list(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(size) for size in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be at least 1, got {text!r}")
+    return sizes
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m export.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet50", help="architecture (random weights)")
-    parser.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
+    parser.add_argument(
+        "--batch-sizes", type=batch_size_list, default=(1, 8, 32), help="comma-separated batch sizes (1,8,32)"
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="intra-op threads (default: torch's default)"
     )
@@ -117,10 +134,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-    results = benchmark_runtimes(args.arch, batch_sizes, args.threads, args.min_seconds)
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise ConfigError(f"--threads must be from 1 to {MAX_THREADS}, got {args.threads}")
+    if not 0 < args.min_seconds <= 3600:
+        raise ConfigError(f"--min-seconds must be more than 0 and at most 3600, got {args.min_seconds}")
+    build_model(args.arch, 2)  # an unknown name fails here, before any export
+    results = benchmark_runtimes(args.arch, args.batch_sizes, args.threads, args.min_seconds)
     print(markdown_table(results))
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except ResnetError as error:
+        print(f"resnet: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)

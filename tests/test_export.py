@@ -21,7 +21,7 @@ from export.quantize import QuantizeOptions, preprocess_file, quantize_int8, top
 from export.repository import BatchingPolicy, read_config, versions
 from export.source import from_arch, from_checkpoint, load_state_dict_from_url
 from server.spec import INPUT_NAME, OUTPUT_NAME, PRECISION_KEY, PreprocessSpec
-from tests.support import VENV_BIN, free_port
+from tests.support import REPO_ROOT, VENV_BIN, free_port
 
 
 def write_images(folder: Path, count: int, size: int = 48, seed: int = 0) -> list[Path]:
@@ -468,3 +468,39 @@ def test_bad_calibration_image_names_the_file(tmp_path):
 
 if sys.platform != "linux":  # pragma: no cover
     pytest.skip("exports are tested on Linux", allow_module_level=True)
+
+
+def run_runtime_benchmark(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "export.benchmark", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        # each a traceback before: int(), a division by zero, the model factory, or torch spawning the threads
+        (["--batch-sizes", "1,abc"], 2, "expected comma-separated batch sizes, got '1,abc'"),
+        (["--batch-sizes", "0"], 2, "batch sizes must be at least 1, got '0'"),
+        (["--arch", "resnet51"], 1, "unknown architecture 'resnet51'"),
+        (["--threads", "99999999"], 1, "--threads must be from 1 to 1024, got 99999999"),
+        (["--min-seconds", "inf"], 1, "--min-seconds must be more than 0 and at most 3600, got inf"),
+    ],
+)
+def test_runtime_benchmark_refuses_bad_flags_in_one_line(args, status, message):
+    result = run_runtime_benchmark(*args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == status and message in lines[-1], result.stderr
+    # argparse's usage comes before its error line; ours is the only line
+    assert lines[-1].startswith("python -m export.benchmark: error: ") if status == 2 else len(lines) == 1
+
+
+def test_runtime_benchmark_prints_its_table():
+    result = run_runtime_benchmark("--arch", "resnet20", "--batch-sizes", "1,2", "--min-seconds", "0.05")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = result.stdout.strip().splitlines()
+    assert rows[0].startswith("| runtime | img/s @ batch 1 | img/s @ batch 2 |")
+    assert [row.split(" | ")[0] for row in rows[2:]] == [
+        "| PyTorch eager FP32",
+        "| ONNX Runtime FP32",
+        "| ONNX Runtime INT8 (QDQ)",
+    ]
