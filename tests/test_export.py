@@ -478,7 +478,8 @@ def run_runtime_benchmark(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("args", "status", "message"),
     [
-        # each a traceback before: int(), a division by zero, the model factory, or torch spawning the threads
+        # before: tracebacks (int(), a division by zero, the model factory), torch spawning 99999999 threads, a
+        # timing loop that never ended
         (["--batch-sizes", "1,abc"], 2, "expected comma-separated batch sizes, got '1,abc'"),
         (["--batch-sizes", "0"], 2, "batch sizes must be at least 1, got '0'"),
         (["--arch", "resnet51"], 1, "unknown architecture 'resnet51'"),
