@@ -311,6 +311,12 @@ def _run_cli(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
         (["--data", "no-such-data"], "--data no-such-data is not a folder (`make cifar` extracts"),
         (["--data", "README.md"], "--data README.md is not a folder"),
         (["--data", ".", "--train-args", "'--amp"], '--train-args "\'--amp": No closing quotation'),
+        (
+            ["--data", ".", "--runs-dir", "README.md"],
+            "--runs-dir README.md is a file; give a folder",
+        ),  # a traceback
+        (["--data", ".", "--records", "README.md"], "--records README.md is a file; give a folder"),
+        (["--data", ".", "--doc", "docs"], "--doc docs is a folder; give a file"),
     ],
 )
 def test_run_refuses_what_every_trainer_would_fail_on_before_starting_one(tmp_path, flags, message):

@@ -862,6 +862,16 @@ def train_flags(args: argparse.Namespace) -> list[str]:
         raise ReproduceError(f"--train-args {args.train_args!r}: {error}") from None
 
 
+def check_paths(args: argparse.Namespace, records: Path | None) -> None:
+    """Folders that are files and files that are folders, refused before a net starts (not minutes in)."""
+    for flag, folder in (("--runs-dir", args.runs_dir), ("--records", records)):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise ReproduceError(f"{flag} {folder} is a file; give a folder")
+    for flag, file in (("--doc", args.doc), ("--figure", args.figure)):
+        if file.is_dir():
+            raise ReproduceError(f"{flag} {file} is a folder; give a file")
+
+
 def failure(runs_dir: Path, failed: list[str]) -> ReproduceError:
     """Which nets failed, and the last line of the first one's log: the trainers' error is usually the same."""
     log = Path(runs_dir) / failed[0] / "train.log"
@@ -874,6 +884,7 @@ def main(args: argparse.Namespace) -> int:
     if args.concurrent < 1:
         raise ReproduceError(f"--concurrent must be at least 1, got {args.concurrent}")
     records = records_folder(args)
+    check_paths(args, records)
     failed = []
     if args.action == "run":
         extra = train_flags(args)
