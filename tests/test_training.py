@@ -761,6 +761,26 @@ def test_cli_errors_are_one_line_and_non_zero(tmp_path, capsys, args, message):
     assert lines == [f"resnet: error: {lines[0][len('resnet: error: ') :]}"] and message in lines[0]
 
 
+def test_a_run_folder_given_for_a_checkpoint_file_names_what_was_meant(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint-0000004.pt").write_bytes(b"")
+    newest = f"checkpoint {run} is a folder; give a checkpoint file such as {run}/checkpoint-0000004.pt"
+    for args, message in (
+        (["evaluate", "--checkpoint", str(run)], newest),
+        (["export", "--checkpoint", str(run), "--repository", str(tmp_path / "repo")], newest),
+        (
+            ["train", "--resume", str(run), "--output-dir", str(run)],
+            f"--resume {run} is a folder; to continue that run use --resume auto --output-dir {run}",
+        ),
+    ):
+        assert cli_main(args) == 1
+        assert capsys.readouterr().err.strip() == f"resnet: error: {message}", args[0]
+    (run / "best.pt").write_bytes(b"")
+    assert cli_main(["evaluate", "--checkpoint", str(run)]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"such as {run}/best.pt")
+
+
 def test_an_output_dir_that_is_a_file_is_one_line_error(capsys):
     assert cli_main(["train", "--output-dir", __file__]) == 1
     lines = capsys.readouterr().err.strip().splitlines()

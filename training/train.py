@@ -497,6 +497,10 @@ def train(
     if resume:
         if resume == "auto":
             found = load_latest_checkpoint(Path(config.output_dir))
+        elif Path(resume).is_dir():  # a run's folder: its latest checkpoint is what --resume auto takes
+            raise CheckpointError(
+                f"--resume {resume} is a folder; to continue that run use --resume auto --output-dir {resume}"
+            )
         else:
             found = (Path(resume), load_checkpoint(resume))
         if found is None:

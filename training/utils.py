@@ -159,9 +159,19 @@ def mark_best(checkpoint: Path, output_dir: Path) -> None:
     os.replace(tmp, output_dir / BEST_NAME)
 
 
+def _suggested_file(run_folder: Path) -> str:
+    """' such as <folder>/best.pt' (else its newest checkpoint), or '' when the folder holds neither."""
+    best = run_folder / BEST_NAME
+    newest = [path for _, path in list_checkpoints(run_folder)[-1:]]
+    found = [best] if best.is_file() else newest
+    return f" such as {found[0]}" if found else ""
+
+
 def read_torch_file(path: str | Path, map_location="cpu") -> object:
     """`torch.load` of a checkpoint or state dict; a missing, foreign or damaged file is one CheckpointError."""
     path = Path(path)
+    if path.is_dir():  # most often a run's output folder: name the file in it that was probably meant
+        raise CheckpointError(f"checkpoint {path} is a folder; give a checkpoint file{_suggested_file(path)}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
