@@ -34,6 +34,7 @@ PIPELINE_SUFFIX = "_pipeline"
 IMAGE_INPUT = "image"
 LOGITS_OUTPUT = "logits"
 MAX_GATEWAY_FILES = 64  # the gateway's multipart limit per request
+STDIN = Path("-")  # e.g. `curl -s URL | resnet client classify -`
 MAX_TIMEOUT_S = 86_400  # a day: longer than any request should wait
 T = TypeVar("T")
 GATEWAY_NAME = "resnet-gateway"  # what the gateway calls itself in KServe server metadata (Triton: "triton")
@@ -105,10 +106,18 @@ class ImageFile:
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
-    """Files as given, directories expanded to their image files (sorted, not recursive)."""
+    """Files as given, directories expanded to their image files (sorted, not recursive), `-` for stdin."""
     images: list[Path] = []
     for path in paths:
-        if path.is_dir():
+        if path == STDIN:
+            if STDIN in images:
+                raise ClientError("- (standard input) holds one image; give it once")
+            if sys.stdin is None or sys.stdin.isatty():  # reading would wait for a terminal to type bytes
+                raise ClientError(
+                    "- reads an image from standard input: pipe one in (e.g. curl -s URL | resnet client classify -)"
+                )
+            images.append(path)
+        elif path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 subfolders = any(p.is_dir() for p in path.iterdir())
@@ -465,7 +474,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "cannot be read or that the server refuses is named on stderr and the others are still classified; the exit "
         "status is then 1.",
     )
-    classify.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image file or directory")
+    classify.add_argument(
+        "images",
+        nargs="+",
+        type=Path,
+        metavar="IMAGE",
+        help="image file or directory; - reads one from stdin",
+    )
     classify.add_argument(
         "--url",
         default=env("RESNET_CLIENT_URL", "http://127.0.0.1:8080"),
@@ -549,7 +564,7 @@ def classify_files(
 
 def read_image(path: Path) -> ImageFile | str:
     try:
-        return ImageFile(path, path.read_bytes())
+        return ImageFile(path, sys.stdin.buffer.read() if path == STDIN else path.read_bytes())
     except OSError as error:  # gone since the folder was listed, a disk error, no permission
         return f"cannot read it: {error.strerror or error}"
 

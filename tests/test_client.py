@@ -4,6 +4,7 @@ gRPC and HTTP, giving the same answers for the same images; user errors end in o
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from cli.main import main as resnet
 from server.client import ClientError, GatewayHttp, collect_images
 from tests.gateway_models import LABELS, color_image, noise_jpeg
 from tests.grpc_support import API_KEY, gateway_process
-from tests.support import OTHER_SERVERS, free_port, other_web_server, path_prefix_proxy
+from tests.support import OTHER_SERVERS, REPO_ROOT, free_port, other_web_server, path_prefix_proxy
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +245,37 @@ def test_bad_flags_are_one_line(photos, capsys, args, message):
     assert resnet(["client", "classify", str(photos[0]), *args]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("resnet: error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("url", ["http", "grpc"])
+def test_dash_classifies_the_image_piped_to_stdin(gateway, photos, url):
+    folder, expected = photos
+    first = sorted(expected)[0]
+    command = [sys.executable, "-m", "cli", "client", "classify", "-", first, "--json", "--api-key", API_KEY]
+    command += ["--url", {"http": gateway.http_url, "grpc": gateway.grpc_url}[url], "--top-k", "1"]
+    result = subprocess.run(
+        command, input=Path(first).read_bytes(), capture_output=True, timeout=60, cwd=REPO_ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(result.stdout)
+    assert [answer["image"] for answer in answers] == ["-", first]
+    assert {answer["predictions"][0]["label"] for answer in answers} == {expected[first]}
+
+
+def test_dash_is_one_image_and_needs_a_pipe():
+    with pytest.raises(ClientError, match=r"standard input\) holds one image; give it once"):
+        collect_images([Path("-"), Path("-")])
+    terminal, keyboard = os.openpty()  # reading would wait for someone to type an image
+    command = [sys.executable, "-m", "cli", "client", "classify", "-"]
+    try:
+        result = subprocess.run(
+            command, stdin=terminal, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
+        )
+    finally:
+        os.close(terminal)
+        os.close(keyboard)
+    assert result.returncode == 1
+    assert result.stderr.startswith("resnet: error: - reads an image from standard input: pipe one in")
 
 
 def test_a_folder_of_class_folders_names_the_way_in(tmp_path):
