@@ -122,7 +122,8 @@ class TrainConfig:
             raise ConfigError(f"--warmup-lr must be a positive number, got {self.warmup_lr}")
         if not 0 <= self.momentum < 1 or not 0 <= self.weight_decay < math.inf:
             raise ConfigError(
-                f"--momentum must be in [0, 1) and --weight-decay a number >= 0, got {self.momentum} and {self.weight_decay}"
+                f"--momentum must be in [0, 1) and --weight-decay a number >= 0, got {self.momentum} and "
+                f"{self.weight_decay}"
             )
         # mix_seed keeps 32 bits of each part, so a larger seed would replay a smaller one's data order.
         if not 0 <= self.seed < 2**32:
