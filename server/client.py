@@ -380,6 +380,11 @@ def only_model(names: list[str], url: str) -> str:
 
 
 def connect(url: str, server: str, api_key: str | None, timeout: float) -> GatewayHttp | KServe:
+    if url.startswith("https://"):
+        raise ClientError(
+            f"bad --url {url!r}: resnet client speaks plain HTTP and gRPC, not TLS; give the server's own "
+            "http://HOST:PORT or grpc://HOST:PORT"
+        )
     try:
         parts = split_base_url(url, ("http", "grpc"))
     except ValueError as error:

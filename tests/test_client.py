@@ -291,6 +291,7 @@ def test_a_folder_of_class_folders_names_the_way_in(tmp_path):
     [
         (["missing.jpg"], "image not found: missing.jpg"),
         (["{photo}", "--url", "ftp://host:1"], "bad --url"),
+        (["{photo}", "--url", "https://host"], "resnet client speaks plain HTTP and gRPC, not TLS; give the"),
         (["{photo}", "--url", "grpc://127.0.0.1:{wrapped}"], "Port out of range 0-65535"),  # not port - 65536
         (["{photo}", "--url", "http://[::1"], "bad --url 'http://[::1': Invalid IPv6 URL"),
         (["{photo}", "--url", "grpc://127.0.0.1:1/resnet"], "a gRPC address is grpc://HOST:PORT, no path"),
