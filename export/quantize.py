@@ -84,12 +84,24 @@ def image_files(folder: Path) -> list[Path]:
 
 def labelled_images(folder: Path, classes: list[str] | None = None) -> list[tuple[Path, int]]:
     """ImageFolder layout (`<class>/<image>`): labels are the model's class indices when the folder names are
-    the model's class names, else the sorted folder order (torchvision's ImageFolder rule)."""
+    the model's class names, else the sorted folder order (torchvision's ImageFolder rule: ImageNet's wnid folders
+    against its readable labels), which needs one folder per class. A mix of the two would measure accuracy
+    against wrong labels, so it is refused."""
     class_dirs = sorted(d.name for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []
     if not class_dirs:
         raise ExportError(f"{folder} is not an ImageFolder (<class>/<image> sub-folders)")
-    if classes and set(class_dirs) <= set(classes):
+    named = set(class_dirs) & set(classes or ())
+    if named:
+        unknown = sorted(set(class_dirs) - named)
+        if unknown:
+            raise ExportError(f"{folder} has classes the model does not know: {', '.join(unknown[:5])}")
         index = {name: classes.index(name) for name in class_dirs}
+    elif classes is not None and len(class_dirs) != len(classes):
+        raise ExportError(
+            f"{folder}: none of its {len(class_dirs)} class folders is one of the model's {len(classes)} class "
+            f"names, and read in sorted order they would need one folder per class; name them as the labels "
+            f"(e.g. {classes[0]!r})"
+        )
     else:
         index = {name: i for i, name in enumerate(class_dirs)}
     return [(path, index[name]) for name in class_dirs for path in image_files(folder / name)]

@@ -28,7 +28,13 @@ from cli.limits import MAX_BATCH_SIZE, MAX_INSTANCES
 from export import onnx as onnx_export
 from export import repository as repo
 from export.errors import ExportError
-from export.quantize import QuantizeOptions, check_accuracy_budget, image_files, quantize_int8
+from export.quantize import (
+    QuantizeOptions,
+    check_accuracy_budget,
+    image_files,
+    labelled_images,
+    quantize_int8,
+)
 from export.source import ModelSource
 from export.tensorrt import build_plan, tensorrt_available
 
@@ -113,6 +119,8 @@ def validate(options: ExportOptions, source: ModelSource) -> list[str]:
     labels = options.labels or source.classes or repo.class_index_labels(source.num_classes)
     if len(labels) != source.num_classes:
         raise ExportError(f"{len(labels)} labels given for a model with {source.num_classes} classes")
+    if options.eval_data:
+        labelled_images(options.eval_data, labels)  # its folders fit the labels, known before minutes of work
     return labels
 
 
@@ -176,7 +184,7 @@ def export_to_repository(
             )
             console.log(f"FP16 ONNX verified: relative error {report.relative_error:.1e}")
         if options.int8:
-            artifacts.append(_int8(source, options, fp32, scratch, base, console))
+            artifacts.append(_int8(source, options, labels, fp32, scratch, base, console))
         if options.tensorrt:
             artifacts.append(_tensorrt(options, fp32, scratch, base, console, artifacts))
         if options.measure_latency:
@@ -189,7 +197,7 @@ def export_to_repository(
     return artifacts
 
 
-def _int8(source, options, fp32, scratch, base, console) -> Artifact:
+def _int8(source, options, labels, fp32, scratch, base, console) -> Artifact:
     with _progress(console) as progress:
         int8 = quantize_int8(
             fp32, scratch / "int8.onnx", options.calib_data, source.spec, options.quantize, progress=progress
@@ -201,7 +209,7 @@ def _int8(source, options, fp32, scratch, base, console) -> Artifact:
                 int8,
                 options.eval_data,
                 source.spec,
-                classes=source.classes,
+                classes=labels,
                 max_drop=options.max_accuracy_drop,
                 progress=progress,
             )

@@ -144,8 +144,8 @@ def test_int8_calibrates_on_images_checks_accuracy_and_publishes(resnet18, resne
     calib = tmp_path / "calib"
     write_images(calib, 16)
     eval_dir = tmp_path / "eval"
-    for label in ("a", "b"):
-        write_images(eval_dir / label, 4, seed=ord(label))
+    for index in (0, 1):  # named as the labels a model without class names gets
+        write_images(eval_dir / f"class_{index}", 4, seed=index)
     options = workflow.ExportOptions(
         name="r18",
         repository=tmp_path / "repo",
@@ -164,6 +164,30 @@ def test_int8_calibrates_on_images_checks_accuracy_and_publishes(resnet18, resne
     assert read_config(tmp_path / "repo" / "r18_int8").parameters[PRECISION_KEY].string_value == "int8"
     assert (tmp_path / "repo" / "r18_int8_pipeline" / "config.pbtxt").is_file()
     assert " pt, n=8)" in artifacts[1].check
+
+
+@pytest.mark.parametrize(
+    ("folders", "message"),
+    [
+        # labelled by sorted folder order before: the INT8 check measured both models against wrong labels
+        (["cat", "zebra"], "has classes the model does not know: zebra"),
+        (["n01440764", "n01443537"], "none of its 2 class folders is one of the model's 10 class names"),
+    ],
+)
+def test_eval_data_that_cannot_be_labelled_is_refused_before_any_work(resnet20, tmp_path, folders, message):
+    for name in folders:
+        write_images(tmp_path / "eval" / name, 1)
+    options = workflow.ExportOptions(
+        name="r20",
+        repository=tmp_path / "repo",
+        int8=True,
+        calib_data=tmp_path / "eval" / folders[0],
+        eval_data=tmp_path / "eval",
+        labels=["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+    )
+    with pytest.raises(ExportError, match=message):
+        workflow.validate(options, resnet20)
+    assert not (tmp_path / "repo").exists()
 
 
 def test_int8_over_the_accuracy_budget_is_refused(resnet20, tmp_path, monkeypatch):
