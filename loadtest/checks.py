@@ -54,10 +54,24 @@ def kserve_models(base_url: str, api_key: str = "") -> list[str]:
         index = json.load(response)
     if not isinstance(index, list):
         raise ValueError(f"not a KServe repository index: {json.dumps(index)[:80]}")
-    names = [entry.get("name", "") for entry in index if isinstance(entry, dict)]
+    return pipeline_models([entry.get("name", "") for entry in index if isinstance(entry, dict)], base_url)
+
+
+def grpc_models(target: str, api_key: str = "", timeout_s: float = 10) -> list[str]:
+    """The classifiers a KServe v2 gRPC server (the gateway's, or Triton's) serves with a `_pipeline`, from its
+    repository index; at least one. Over gRPC, so a gRPC load test needs no HTTP port (Triton's included)."""
+    import tritonclient.grpc as grpcclient
+
+    headers = {API_KEY_HEADER.lower(): api_key} if api_key else None  # gRPC metadata keys are lower case
+    with grpcclient.InferenceServerClient(target) as client:
+        index = client.get_model_repository_index(headers=headers, client_timeout=timeout_s)
+    return pipeline_models([model.name for model in index.models], f"grpc://{target}")
+
+
+def pipeline_models(names: list[str], where: str) -> list[str]:
     pipelines = [name.removesuffix(PIPELINE_SUFFIX) for name in names if name.endswith(PIPELINE_SUFFIX)]
     if not pipelines:
-        raise RuntimeError(f"{base_url} serves no <model>{PIPELINE_SUFFIX} (encoded images in) to load-test")
+        raise RuntimeError(f"{where} serves no <model>{PIPELINE_SUFFIX} (encoded images in) to load-test")
     return pipelines
 
 
@@ -65,15 +79,6 @@ def grpc_target(http_host: str | None) -> str:
     """The gateway's gRPC host:port by default: the HTTP URL's host name, port 8081."""
     hostname = urllib.parse.urlsplit(http_host or "http://127.0.0.1").hostname or "127.0.0.1"
     return f"[{hostname}]:{DEFAULT_GRPC_PORT}" if ":" in hostname else f"{hostname}:{DEFAULT_GRPC_PORT}"
-
-
-def check_grpc_live(target: str, timeout_s: float = 10) -> None:
-    """Raise unless a server answers gRPC ServerLive at host:port (open without an API key)."""
-    import tritonclient.grpc as grpcclient
-
-    with grpcclient.InferenceServerClient(target) as client:
-        if not client.is_server_live(client_timeout=timeout_s):
-            raise RuntimeError("the server says it is not live")
 
 
 def discover_model(base_url: str, api_key: str = "") -> str:

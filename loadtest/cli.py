@@ -113,7 +113,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--grpc-url",
         type=grpc_address,
         default=_env("GRPC_URL", ""),
-        help="gateway gRPC host:port (RESNET_GRPC_URL; default: --url's host, port 8081)",
+        help="gRPC host:port of the gateway or Triton; --grpc lists its models there (RESNET_GRPC_URL; default: "
+        "--url's host, port 8081)",
     )
     parser.add_argument(
         "--model", default=_env("MODEL", ""), help="model name (default: the first the gateway lists)"
@@ -265,26 +266,40 @@ def listing_failure(error: Exception, kserve: bool) -> str:
 
 def served_model(args: argparse.Namespace) -> str:
     """The model to load-test, once the server has shown that it serves it (else every request would fail)."""
-    from tritonclient.utils import InferenceServerException
+    from loadtest.checks import gateway_models, grpc_target, kserve_models
 
-    from loadtest.checks import check_grpc_live, gateway_models, grpc_target, kserve_models
-
-    try:
-        served = (kserve_models if args.kserve else gateway_models)(args.url, args.api_key)
-    except (urllib.error.URLError, OSError, ValueError, RuntimeError, http.client.HTTPException) as error:
-        raise LoadTestError(
-            f"cannot list models at {args.url}: {listing_failure(error, args.kserve)}"
-        ) from error
+    if args.grpc:
+        where = f"grpc://{args.grpc_url or grpc_target(args.url)}"
+        served = grpc_served(where.removeprefix("grpc://"), args.api_key)
+    else:
+        where = args.url
+        try:
+            served = (kserve_models if args.kserve else gateway_models)(args.url, args.api_key)
+        except (urllib.error.URLError, OSError, ValueError, RuntimeError, http.client.HTTPException) as error:
+            raise LoadTestError(
+                f"cannot list models at {args.url}: {listing_failure(error, args.kserve)}"
+            ) from error
     model = args.model or served[0]
     if model not in served:
-        raise LoadTestError(f"model {model!r} is not served at {args.url}; served: {', '.join(served)}")
-    if args.grpc:
-        target = args.grpc_url or grpc_target(args.url)
-        try:
-            check_grpc_live(target)
-        except (InferenceServerException, RuntimeError) as error:
-            raise LoadTestError(f"no gRPC server answers at {target} (set --grpc-url): {error}") from error
+        raise LoadTestError(f"model {model!r} is not served at {where}; served: {', '.join(served)}")
     return model
+
+
+def grpc_served(target: str, api_key: str) -> list[str]:
+    """The models a gRPC load test can use, from the gRPC server's own index: the gateway's or Triton's alike."""
+    from tritonclient.utils import InferenceServerException
+
+    from loadtest.checks import grpc_models
+
+    try:
+        return grpc_models(target, api_key)
+    except InferenceServerException as error:
+        raise LoadTestError(
+            f"cannot list models at grpc://{target}: {error} (is --grpc-url the gRPC port of the gateway or "
+            "Triton?)"
+        ) from error
+    except RuntimeError as error:  # it answered, with no model that takes encoded images
+        raise LoadTestError(str(error)) from error
 
 
 def main(args: argparse.Namespace) -> int:

@@ -41,6 +41,7 @@ from loadtest.checks import (  # noqa: E402
     describe_error,
     discover_kserve_model,
     discover_model,
+    grpc_models,
     grpc_target,
     listed_names,
 )
@@ -191,7 +192,8 @@ class ClassifyUser(HttpUser):
 
 
 class GrpcUser(User):
-    """A tritonclient gRPC client of the gateway's KServe v2 endpoint (`<model>_pipeline`, encoded images in).
+    """A tritonclient gRPC client of a KServe v2 endpoint, the gateway's or Triton's (`<model>_pipeline`, encoded
+    images in); without --model, the first such model its gRPC repository index lists.
 
     Reports each call to Locust's statistics through the `request` event, like HttpUser does, so CSVs,
     percentiles and failure ratios cover gRPC the same way.
@@ -208,7 +210,7 @@ class GrpcUser(User):
         # gRPC metadata keys must be lower case.
         self.headers = {API_KEY_HEADER.lower(): api_key} if api_key else {}
         target = (options.grpc_host if options else "") or grpc_target(self.host)
-        model = (options.model if options else "") or discover_model(self.host, api_key)
+        model = (options.model if options else "") or grpc_models(target, api_key)[0]
         self.model = model if model.endswith(PIPELINE_SUFFIX) else model + PIPELINE_SUFFIX
         self.grpcclient = grpcclient
         self.client = grpcclient.InferenceServerClient(url=target)

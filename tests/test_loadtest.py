@@ -286,7 +286,7 @@ def test_missing_api_key_is_a_one_line_error(gateway, tmp_path):
         (["--images", "{empty}"], "holds no .bmp/.jpeg/.jpg/.png/.webp files"),
         (["--images", "{broken}"], "b.jpg cannot be decoded (every request that sends one would fail)"),
         (["--images", "{broken}/a.jpg"], "a.jpg is a file, not a folder"),
-        (["--grpc", "--grpc-url", "127.0.0.1:{dead}"], "no gRPC server answers at 127.0.0.1:"),
+        (["--grpc", "--grpc-url", "127.0.0.1:{dead}"], "cannot list models at grpc://127.0.0.1:"),
     ],
 )
 def test_a_run_that_could_only_fail_or_mislead_is_refused_before_it_starts(gateway, tmp_path, flags, message):
@@ -423,7 +423,7 @@ def test_kserve_http_user_records_successes_against_the_gateway(gateway, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.triton
-def test_kserve_http_user_loads_a_real_triton_too(tmp_path):
+def test_kserve_http_and_grpc_users_load_a_real_triton_too(tmp_path):
     pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
     from export.triton_server import TritonServer
     from tests.grpc_support import write_pipeline_repository
@@ -431,7 +431,14 @@ def test_kserve_http_user_loads_a_real_triton_too(tmp_path):
     repository = write_pipeline_repository(tmp_path / "repository")
     with TritonServer(repository, log_path=tmp_path / "triton.log") as triton:
         result = kserve_loadtest(triton.http_url, tmp_path / "kserve")
+        # the gRPC user finds its model in Triton's gRPC index: it used to ask an HTTP /v1 API Triton lacks
+        grpc_flags = ["--grpc", "--grpc-url", triton.grpc_url, "--users", "2", "--duration", "3s"]
+        over_grpc = run_loadtest(*grpc_flags, "--out", str(tmp_path / "grpc"), "--max-fail-ratio", "0")
     assert_kserve_run(result, tmp_path / "kserve")
+    assert over_grpc.returncode == 0, over_grpc.stderr[-2000:]
+    summary = json.loads((tmp_path / "grpc" / "summary.json").read_text())
+    assert summary["protocol"] == "gRPC" and summary["model"] == "colors"
+    assert summary["summary"]["requests"] > 5 and summary["summary"]["failures"] == 0
 
 
 def test_grpc_and_kserve_users_exclude_each_other(tmp_path):
