@@ -269,8 +269,8 @@ def served_model(args: argparse.Namespace) -> str:
     from loadtest.checks import gateway_models, grpc_target, kserve_models
 
     if args.grpc:
-        where = f"grpc://{args.grpc_url or grpc_target(args.url)}"
-        served = grpc_served(where.removeprefix("grpc://"), args.api_key)
+        target = args.grpc_url or grpc_target(args.url)
+        where, served = f"grpc://{target}", grpc_served(target, args.api_key)
     else:
         where = args.url
         try:
