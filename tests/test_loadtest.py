@@ -458,16 +458,16 @@ def test_locustfile_lists_users_and_shape():
     assert all(user in result.stdout for user in ("ClassifyUser", "GrpcUser", "KServeHttpUser"))
 
 
-@pytest.mark.parametrize("images", ["missing", "empty"])
-def test_locust_run_directly_refuses_a_bad_images_folder_in_one_line(tmp_path, images):
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [("missing", "is missing, not a folder"), ("empty", "holds no .bmp/.jpeg/.jpg/.png/.webp files")],
+)
+def test_locust_run_directly_refuses_a_bad_images_folder_in_one_line(tmp_path, images, message):
     # a traceback (missing) or a silent switch to generated photos (empty) before
     (tmp_path / "empty").mkdir()
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-t", "2s"]
     command += ["--host", "http://127.0.0.1:1", "--images", str(tmp_path / images), "ClassifyUser"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    message = {"missing": "is missing, not a folder", "empty": "holds no .bmp/.jpeg/.jpg/.png/.webp files"}[
-        images
-    ]
     assert result.returncode == 1 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
