@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from cli.errors import ResnetError
+from cli.help import HelpFormatter
 from cli.limits import MAX_THREADS
 from loadtest.bench_report import efficiency, plot_delay_sweep, write_markdown
-from loadtest.cli import HelpFormatter
 from loadtest.images import IMAGES_SENT, check_folder, load_images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from cli.addresses import host_and_port, split_base_url
 from cli.errors import ResnetError
+from cli.help import HelpFormatter
 from loadtest import report, shapes
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -49,16 +50,6 @@ def parse_duration(text: str) -> float:
     if total <= 0:
         raise argparse.ArgumentTypeError("duration must be positive")
     return total
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only when there is one and the help text does not already explain it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, "", []):
-            return text
-        return super()._get_help_string(action)
 
 
 def _env(name: str, default: str | None = None) -> str | None:

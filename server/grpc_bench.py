@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cli.help import HelpFormatter
+
 TOP_K = 5
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -183,10 +185,8 @@ def load_images(folder: Path) -> list[bytes]:
     return [p.read_bytes() for p in paths]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--http-url", default="http://127.0.0.1:8080")
     parser.add_argument("--grpc-url", default="127.0.0.1:8081")
     parser.add_argument("--model", required=True)
@@ -195,7 +195,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=400, help="requests per protocol and concurrency")
     parser.add_argument("--api-key")
-    args = parser.parse_args()
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
     images = load_images(args.images)[: args.limit]
     rows = compare(
         args.http_url, args.grpc_url, args.model, images, args.concurrency, args.requests, args.api_key
@@ -206,4 +209,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())

@@ -28,6 +28,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from cli.errors import ResnetError
+from cli.help import HelpFormatter
 from cli.limits import MAX_WORKERS
 from server.spec import PreprocessSpec
 from training.data import DataSplit
@@ -251,7 +252,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.benchmark",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N or auto"

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from cli.errors import ResnetError
+from cli.help import HelpFormatter
 from cli.limits import MAX_WORKERS
 from server.spec import PreprocessSpec
 from training.data import is_cifar_pickle, load_split
@@ -194,7 +195,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Top-1/top-5 accuracy of a checkpoint, or of an ONNX model with the checkpoint's "
         "preprocessing and classes, on a labelled folder (center crop or the paper's 10-crop).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--checkpoint",

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cli.errors import ResnetError
+from cli.help import HelpFormatter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESIDUAL = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
@@ -765,7 +766,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Reproduce the paper's CIFAR-10 results (Table 6, Fig. 6) with `resnet train --recipe "
         "cifar-paper`, then write the table (paper vs ours) to docs/reproduction.md and the figure "
         "to docs/img/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "action",

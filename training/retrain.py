@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from cli.help import HelpFormatter
 from training.data import count_images, discover_classes, is_cifar_pickle
 from training.errors import ClassMismatchError
 from training.recipes import TrainConfig
@@ -118,7 +119,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Fine-tune an existing checkpoint on a new data folder (offline batch retraining). "
         "The result (best.pt in --output-dir) records its parent, data and metrics, ready for export.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--checkpoint",
