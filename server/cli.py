@@ -50,6 +50,13 @@ FLAGS: list[tuple[str, str, type, str]] = [
         str,
         "API keys (comma-separated) for /v1, /v2 (not /v2/health), /metrics, gRPC (empty: no auth)",
     ),
+    (
+        "--ssl-certfile",
+        "ssl_certfile",
+        str,
+        "PEM certificate (chain) to serve HTTPS on --port and TLS on --grpc-port, with --ssl-keyfile",
+    ),
+    ("--ssl-keyfile", "ssl_keyfile", str, "PEM private key of --ssl-certfile (not encrypted)"),
     ("--log-level", "log_level", str, "critical, error, warning, info or debug"),
     (
         "--root-path",
@@ -67,13 +74,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Serve the classifiers of a Triton model repository over HTTP (FastAPI) and gRPC, with dynamic "
         "batching, on an embedded ONNX Runtime (default) or a Triton server. HTTP: the gateway's API at /v1 and "
         "Triton's KServe v2 API at /v2; gRPC: Triton's protocol, so tritonclient code runs unchanged. "
-        "Docs at http://HOST:PORT/docs, demo page at http://HOST:PORT/.",
+        "Docs at http://HOST:PORT/docs, demo page at http://HOST:PORT/ (https:// with --ssl-certfile).",
         epilog="Each flag defaults to its RESNET_<NAME> environment variable (e.g. RESNET_PORT), then to the default "
         "shown.",
     )
     for flag, field, kind, text in FLAGS:
         default = defaults[field].get_default(call_default_factory=True)
-        shown = ",".join(default) if isinstance(default, list) else default
+        shown = (",".join(default) if isinstance(default, list) else default) or "none"
         env = env_name(field)
         parser.add_argument(
             flag, dest=field, type=kind, default=None, help=f"{text} (env {env}; default: {shown})"
@@ -131,5 +138,7 @@ def main(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         root_path=settings.root_path,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
     )
     return 0

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import ssl
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -27,6 +28,8 @@ import numpy as np
 
 from cli.addresses import split_base_url
 from cli.errors import ResnetError
+from cli.help import HelpFormatter
+from cli.tls import client_context
 from server.errors import GRPC_AT_HTTP_PORT
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
@@ -56,8 +59,15 @@ GRPC_TOO_LARGE = "Received message larger than max"  # gRPC's own words; its sta
 # A wrong port's answers: an HTTP client at a gRPC port reads HTTP/2 frames (httpx: "illegal request line"), a gRPC
 # client at an HTTP port reads a status line (server.errors.GRPC_AT_HTTP_PORT), tritonclient.http a web page it
 # cannot decode.
-NOT_HTTP1_HINT = " (if that is a gRPC port, use grpc://HOST:PORT)"
-NOT_GRPC_HINT = " (if that is an HTTP port, use http://HOST:PORT)"
+NOT_HTTP1_HINT = " (if that is a gRPC port, use grpc://HOST:PORT; if it speaks TLS, https://HOST:PORT)"
+NOT_GRPC_HINT = " (if that is an HTTP port, use http://HOST:PORT; if it speaks TLS, grpcs://HOST:PORT)"
+# OpenSSL's words (Python's and gRPC's alike) for a failed TLS handshake -> what to do about it
+TLS_HINTS = {
+    "unable to get local issuer certificate": "to trust a private CA or a self-signed server, give its PEM with --ca-cert",
+    "self-signed certificate": "to trust a self-signed server, give its certificate with --ca-cert",
+    "self signed certificate": "to trust a self-signed server, give its certificate with --ca-cert",
+    "WRONG_VERSION_NUMBER": "that port does not speak TLS: use http:// or grpc://",
+}
 KSERVE_UNDECODABLE = "while decoding the response"
 NOT_GATEWAY_HINT = "is --url the resnet-serving gateway? (Triton's HTTP port: --server triton)"
 NOT_KSERVE_HINT = "is --url the HTTP port of Triton (8000 by default) or of the gateway?"
@@ -160,14 +170,13 @@ def parse_classification(item: bytes | str) -> tuple[float, int, str]:
 class GatewayHttp:
     """The gateway's JSON API."""
 
-    kind = "the gateway (http /v1)"
-
-    def __init__(self, url: str, api_key: str | None, timeout: float) -> None:
+    def __init__(self, url: str, api_key: str | None, timeout: float, tls: Tls | None) -> None:
         import httpx
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout, verify=verify(tls))
         self.url = url
+        self.kind = f"the gateway ({url.partition('://')[0]} /v1)"
 
     def _call(self, method: str, path: str, read: Callable[[Any], T], **kwargs) -> T:
         """`read` applied to the JSON answer; the gateway's error, or an answer it would not give, raised."""
@@ -238,20 +247,25 @@ class KServe:
     """Triton's protocol (gRPC or HTTP), spoken by Triton and by the gateway (gRPC, and HTTP at /v2):
     `<model>_pipeline`."""
 
-    def __init__(self, module, address: str, api_key: str | None, timeout: float, protocol: str) -> None:
+    def __init__(
+        self, module, address: str, api_key: str | None, timeout: float, scheme: str, tls: Tls | None
+    ) -> None:
         self.module = module
-        self.protocol = protocol
+        self.grpc = scheme.startswith("grpc")
         self.address = address
-        self.url = f"{protocol}://{address}"
+        self.url = f"{scheme}://{address}"
         self.timeout = timeout
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else None
         self._classes: dict[str, int] = {}
-        self.client = self._guard(lambda: module.InferenceServerClient(address))
+        # tritonclient.http waits 60 s by default for a connection and for each answer
+        options = {} if self.grpc else {"connection_timeout": timeout, "network_timeout": timeout}
+        options |= tls.tritonclient_options(scheme) if tls else {}
+        self.client = self._guard(lambda: module.InferenceServerClient(address, **options))
         name = self._guard(
             lambda: self.client.get_server_metadata(headers=self.headers),
             lambda metadata: metadata["name"] if isinstance(metadata, dict) else metadata.name,
         )
-        api = "grpc" if protocol == "grpc" else "http /v2"
+        api = scheme if self.grpc else f"{scheme} /v2"
         self.kind = f"{'the gateway' if name == GATEWAY_NAME else name} ({api})"
 
     def _guard(
@@ -278,13 +292,13 @@ class KServe:
             images_refused = error.status() in KSERVE_IMAGE_STATUSES or GRPC_TOO_LARGE in message
             kind = ImageRejected if sends_images and images_refused else ClientError
             hint = NOT_GRPC_HINT if any(sign in message for sign in GRPC_AT_HTTP_PORT) else ""
-            hint = f" ({NOT_KSERVE_HINT})" if KSERVE_UNDECODABLE in message else hint
+            hint = f" ({NOT_KSERVE_HINT})" if KSERVE_UNDECODABLE in message else hint or tls_hint(message)
             # tritonclient.http appends a body it cannot decode (a web server's HTML page) on the lines after
             raise kind(
                 f"{self.url}: {message.splitlines()[0] if message else error.status()}{hint}"
             ) from None
         except (ConnectionError, OSError) as error:
-            raise ClientError(f"cannot reach {self.url}: {error}") from None
+            raise ClientError(f"cannot reach {self.url}: {error}{tls_hint(str(error))}") from None
         except HTTPException as error:  # geventhttpclient's: an answer that is not HTTP/1.1
             raise ClientError(
                 f"cannot reach {self.url}: {error or type(error).__name__}{NOT_HTTP1_HINT}"
@@ -330,7 +344,7 @@ class KServe:
         tensor.set_data_from_numpy(data)
         # every class, so the client can turn raw scores into probabilities the way the gateway's HTTP API does
         wanted = [self.module.InferRequestedOutput(LOGITS_OUTPUT, class_count=num_classes)]
-        timeout = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+        timeout = {"client_timeout": self.timeout} if self.grpc else {}
 
         def predictions(result) -> list[list[Prediction]]:
             rows = result.as_numpy(LOGITS_OUTPUT).reshape(len(images), -1)
@@ -379,48 +393,80 @@ def only_model(names: list[str], url: str) -> str:
     raise ClientError(f"{url} serves several models ({', '.join(names)}); pick one with --model")
 
 
-def connect(url: str, server: str, api_key: str | None, timeout: float) -> GatewayHttp | KServe:
-    if url.startswith("https://"):
-        raise ClientError(
-            f"bad --url {url!r}: resnet client speaks plain HTTP and gRPC, not TLS; give the server's own "
-            "http://HOST:PORT or grpc://HOST:PORT"
-        )
+def connect(
+    url: str, server: str, api_key: str | None, timeout: float, ca_cert: Path | None = None
+) -> GatewayHttp | KServe:
     try:
-        parts = split_base_url(url, ("http", "grpc"))
+        parts = split_base_url(url, ("http", "https", "grpc", "grpcs"))
     except ValueError as error:
         raise ClientError(f"bad --url {error}") from None
     path = parts.path  # a server behind a reverse proxy under a path prefix
-    if parts.scheme == "grpc":
+    tls = trusted_authorities(ca_cert) if parts.scheme in ("https", "grpcs") else None
+    if parts.scheme.startswith("grpc"):
         if path or not parts.port:  # without a port gRPC dials 443, which no gateway or Triton listens on
-            raise ClientError(f"bad --url {url!r}: a gRPC address is grpc://HOST:PORT, no path")
+            raise ClientError(f"bad --url {url!r}: a gRPC address is {parts.scheme}://HOST:PORT, no path")
+        # gRPC's C core logs a failed TLS handshake to stderr at INFO unless told otherwise; the error says it
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         import tritonclient.grpc
 
-        return KServe(tritonclient.grpc, parts.netloc, api_key, timeout, "grpc")
-    address = parts.netloc + path
+        return KServe(tritonclient.grpc, parts.netloc, api_key, timeout, parts.scheme, tls)
+    base_url = f"{parts.scheme}://{parts.netloc}{path}"
     if server == "auto":
-        server = "triton" if speaks_kserve_http(f"http://{address}", timeout) else "gateway"
+        server = "triton" if speaks_kserve_http(base_url, timeout, tls) else "gateway"
     if server == "gateway":
-        return GatewayHttp(f"http://{address}", api_key, timeout)
+        return GatewayHttp(base_url, api_key, timeout, tls)
     import tritonclient.http
 
-    return KServe(tritonclient.http, address, api_key, timeout, "http")
+    return KServe(tritonclient.http, parts.netloc + path, api_key, timeout, parts.scheme, tls)
+
+
+@dataclass(frozen=True)
+class Tls:
+    """The certificate authorities a TLS connection trusts: `ca_cert` (PEM), else the system's."""
+
+    context: ssl.SSLContext
+    ca_cert: Path | None
+
+    def tritonclient_options(self, protocol: str) -> dict[str, Any]:
+        """tritonclient's own TLS arguments: it opens the CA file itself, and gevent wraps sockets in its own
+        SSLContext class."""
+        ca_cert = str(self.ca_cert) if self.ca_cert else None
+        if protocol == "grpcs":
+            return {"ssl": True, "root_certificates": ca_cert}
+        return {"ssl": True, "ssl_options": {"ca_certs": ca_cert} if ca_cert else {}}
+
+
+def trusted_authorities(ca_cert: Path | None) -> Tls:
+    try:
+        return Tls(client_context(ca_cert), ca_cert)
+    except ValueError as error:
+        raise ClientError(f"bad --ca-cert: {error}") from None
 
 
 def unreachable(url: str, error: Exception) -> ClientError:
     """httpx's error as one line; a server that answered with something other than HTTP/1.1 is likely gRPC."""
     import httpx
 
-    hint = NOT_HTTP1_HINT if isinstance(error, httpx.RemoteProtocolError) else ""
+    hint = NOT_HTTP1_HINT if isinstance(error, httpx.RemoteProtocolError) else tls_hint(str(error))
     return ClientError(f"cannot reach {url}: {error}{hint}")
 
 
-def speaks_kserve_http(url: str, timeout: float) -> bool:
+def verify(tls: Tls | None) -> ssl.SSLContext | bool:
+    """httpx's `verify` argument: the TLS context (unused for a plain http:// URL)."""
+    return tls.context if tls else True
+
+
+def tls_hint(message: str) -> str:
+    return next((f" ({hint})" for sign, hint in TLS_HINTS.items() if sign in message), "")
+
+
+def speaks_kserve_http(url: str, timeout: float, tls: Tls | None) -> bool:
     """Whether `url` is Triton (or another KServe v2 server): it answers `GET /v2` with its metadata. The gateway
     answers it too, by its own name (or 401 when it wants a key), and is then spoken to through its /v1 API."""
     import httpx
 
     try:
-        response = httpx.get(f"{url}/v2", timeout=timeout)
+        response = httpx.get(f"{url}/v2", timeout=timeout, verify=verify(tls))
     except httpx.HTTPError as error:
         raise unreachable(url, error) from None
     try:
@@ -468,13 +514,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Classify images with a served model: the gateway (HTTP or gRPC) or a Triton server (HTTP or gRPC).",
         epilog="Scores are softmax probabilities on every path. Over gRPC, and over HTTP to Triton, the client calls "
         "<model>_pipeline with Triton's classification extension.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="classify")
     classify = actions.add_parser(
         "classify",
         help="classify image files or directories of images",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Classify images (files, or directories of .jpg/.png/... files), sent in batches. An image that "
         "cannot be read or that the server refuses is named on stderr and the others are still classified; the exit "
         "status is then 1.",
@@ -490,7 +536,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--url",
         default=env("RESNET_CLIENT_URL", "http://127.0.0.1:8080"),
         help="http://HOST:PORT (gateway or Triton HTTP) or grpc://HOST:PORT (gateway or Triton "
-        "gRPC) (env RESNET_CLIENT_URL)",
+        "gRPC); https:// and grpcs:// for TLS (env RESNET_CLIENT_URL)",
+    )
+    classify.add_argument(
+        "--ca-cert",
+        type=Path,
+        default=env("RESNET_CA_CERT") or None,
+        help="PEM file of the certificate authorities to trust for https:// and grpcs:// (a private CA or a "
+        "self-signed server; env RESNET_CA_CERT; default: the system's)",
     )
     classify.add_argument(
         "--model",
@@ -529,7 +582,7 @@ def run(args: argparse.Namespace) -> Classified:
             f"--timeout must be more than 0 and at most {MAX_TIMEOUT_S} seconds, got {args.timeout}"
         )
     images = collect_images(args.images)
-    client = connect(args.url, args.server, args.api_key, args.timeout)
+    client = connect(args.url, args.server, args.api_key, args.timeout, args.ca_cert)
     try:
         model = client.pick_model(args.model)
         size = min(args.batch_size, client.batch_limit(model))

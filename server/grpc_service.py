@@ -699,6 +699,13 @@ def package_version() -> str:
         return "0.0.0"
 
 
+def tls_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """The HTTP port's certificate and key (Settings has checked that they load together)."""
+    return grpc.ssl_server_credentials(
+        [(settings.ssl_keyfile.read_bytes(), settings.ssl_certfile.read_bytes())]
+    )
+
+
 async def start(app, settings: Settings) -> GrpcHandle:
     """Bind the gRPC port on `settings.host` and serve the app's registry; raises OSError if the port is taken."""
     registry: ModelRegistry = app.state.registry
@@ -716,7 +723,11 @@ async def start(app, settings: Settings) -> GrpcHandle:
         else f"{settings.host}:{settings.grpc_port}"
     )
     try:
-        port = server.add_insecure_port(address)
+        port = (
+            server.add_secure_port(address, tls_credentials(settings))
+            if settings.ssl_certfile
+            else server.add_insecure_port(address)
+        )
     except RuntimeError:
         port = 0
     if not port:
@@ -727,7 +738,11 @@ async def start(app, settings: Settings) -> GrpcHandle:
     await _set_health(health, ready)  # before the first call can ask
     await server.start()
     health_task = asyncio.create_task(_follow_readiness(registry, health, ready), name="grpc-health")
-    log.info("gRPC (KServe v2 / Triton protocol + grpc.health.v1) on %s", address)
+    log.info(
+        "gRPC%s (KServe v2 / Triton protocol + grpc.health.v1) on %s",
+        " over TLS" if settings.ssl_certfile else "",
+        address,
+    )
     return GrpcHandle(server, health, health_task, port)
 
 

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cli.addresses import host_and_port
 from cli.limits import MAX_BATCH_SIZE, MAX_THREADS
+from cli.tls import check_server_files
 from server.preprocessing import DEFAULT_MAX_PIXELS, PILLOW_PIXEL_LIMIT
 
 ENV_PREFIX = "RESNET_"
@@ -77,6 +78,16 @@ class Settings(BaseSettings):
         description="path prefix a reverse proxy serves the gateway under, e.g. /resnet (for /docs and OpenAPI)",
     )
 
+    ssl_certfile: Path | None = Field(
+        None, description="PEM certificate chain: serve HTTPS and gRPC over TLS (with ssl_keyfile)"
+    )
+    ssl_keyfile: Path | None = Field(None, description="PEM private key of ssl_certfile")
+
+    @field_validator("ssl_certfile", "ssl_keyfile", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -128,6 +139,10 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.grpc_port and self.grpc_port == self.port:
             raise ValueError(f"grpc_port and port must differ (both {self.port})")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together: give both to serve TLS, or neither")
+        if self.ssl_certfile is not None:
+            check_server_files(self.ssl_certfile, self.ssl_keyfile)
         return self
 
 

@@ -3,6 +3,7 @@ model and `_pipeline` ensemble, written with the exporter's code), and a gateway
 
 from __future__ import annotations
 
+import ssl
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,15 +49,19 @@ def write_pipeline_repository(root: Path, name: str = "colors") -> Path:
 class Gateway:
     http_url: str
     grpc_address: str  # host:port, as tritonclient.grpc takes it
+    tls: bool = False
 
     @property
     def grpc_url(self) -> str:
-        return f"grpc://{self.grpc_address}"
+        return f"{'grpcs' if self.tls else 'grpc'}://{self.grpc_address}"
 
 
 @contextmanager
-def gateway_process(log_dir: Path, *flags: str, ready_path: str = "/readyz"):
-    """`resnet serve` on loopback with free HTTP and gRPC ports; yields once `ready_path` answers 2xx."""
+def gateway_process(
+    log_dir: Path, *flags: str, ready_path: str = "/readyz", tls: ssl.SSLContext | None = None
+):
+    """`resnet serve` on loopback with free HTTP and gRPC ports; yields once `ready_path` answers 2xx (over
+    HTTPS trusting `tls`, for a gateway given its certificate in `flags`)."""
     port, grpc_port = free_port(), free_port()
     command = [
         sys.executable,
@@ -74,7 +79,6 @@ def gateway_process(log_dir: Path, *flags: str, ready_path: str = "/readyz"):
         *flags,
     ]
     log_path = log_dir / f"gateway-{port}.log"
-    with running_process(
-        command, ready_url=f"http://127.0.0.1:{port}{ready_path}", timeout=90, log_path=log_path
-    ):
-        yield Gateway(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}")
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    with running_process(command, ready_url=f"{url}{ready_path}", timeout=90, log_path=log_path, tls=tls):
+        yield Gateway(url, f"127.0.0.1:{grpc_port}", tls is not None)

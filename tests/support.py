@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -51,9 +52,9 @@ def metric(text: str, name: str, default: float | None = None) -> float:
     return float(match.group(1))
 
 
-def http_ok(url: str) -> bool:
+def http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:
             return 200 <= response.status < 300
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False
@@ -66,8 +67,10 @@ def running_process(
     timeout: float = 60,
     env: dict[str, str] | None = None,
     log_path: Path | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Iterator[subprocess.Popen]:
-    """Start `cmd`, wait until `ready_url` answers 2xx, yield the process, then SIGTERM (SIGKILL after 10 s)."""
+    """Start `cmd`, wait until `ready_url` answers 2xx (an https:// one trusting `tls`), yield the process, then
+    SIGTERM (SIGKILL after 10 s)."""
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
     process = subprocess.Popen(
         cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -78,7 +81,7 @@ def running_process(
             def ready() -> bool:
                 if process.poll() is not None:
                     raise RuntimeError(f"{cmd[0]} exited with {process.returncode} before it was ready")
-                return http_ok(ready_url)
+                return http_ok(ready_url, tls)
 
             wait_until(ready, timeout, what=f"{ready_url} ready")
         yield process

@@ -291,7 +291,6 @@ def test_a_folder_of_class_folders_names_the_way_in(tmp_path):
     [
         (["missing.jpg"], "image not found: missing.jpg"),
         (["{photo}", "--url", "ftp://host:1"], "bad --url"),
-        (["{photo}", "--url", "https://host"], "resnet client speaks plain HTTP and gRPC, not TLS; give the"),
         (["{photo}", "--url", "grpc://127.0.0.1:{wrapped}"], "Port out of range 0-65535"),  # not port - 65536
         (["{photo}", "--url", "http://[::1"], "bad --url 'http://[::1': Invalid IPv6 URL"),
         (["{photo}", "--url", "grpc://127.0.0.1:1/resnet"], "a gRPC address is grpc://HOST:PORT, no path"),
@@ -307,10 +306,10 @@ def test_a_folder_of_class_folders_names_the_way_in(tmp_path):
         (["{photo}", "--url", "grpc://127.0.0.1:{dead}"], "grpc://127.0.0.1:"),
         (["{photo}", "--url", "http://127.0.0.1:{dead}"], "cannot reach"),
         # a port of the other protocol: each client reads the other's bytes, and the hint names the fix
-        (["{photo}", "--url", "{grpc_as_http}"], "(if that is a gRPC port, use grpc://HOST:PORT)"),
+        (["{photo}", "--url", "{grpc_as_http}"], "(if that is a gRPC port, use grpc://HOST:PORT;"),
         (["{photo}", "--url", "{grpc_as_http}", "--server", "gateway"], "use grpc://HOST:PORT"),
         (["{photo}", "--url", "{grpc_as_http}", "--server", "triton"], "use grpc://HOST:PORT"),
-        (["{photo}", "--url", "{http_as_grpc}"], "(if that is an HTTP port, use http://HOST:PORT)"),
+        (["{photo}", "--url", "{http_as_grpc}"], "(if that is an HTTP port, use http://HOST:PORT;"),
     ],
 )
 def test_errors_are_one_line_and_exit_non_zero(gateway, photos, capsys, args, message):

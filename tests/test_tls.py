@@ -1,0 +1,202 @@
+"""TLS: `resnet serve --ssl-certfile/--ssl-keyfile` serves HTTPS and gRPC over TLS from one certificate, and
+`resnet client` reaches it at https:// and grpcs:// trusting a private CA (--ca-cert); a certificate, key or URL
+that cannot work is one line naming the fix. The CA is trustme's, made fresh for the module."""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trustme
+from pydantic import ValidationError
+
+from cli.main import main as resnet
+from server.settings import Settings
+from tests.gateway_models import color_image
+from tests.grpc_support import gateway_process
+from tests.support import REPO_ROOT, other_web_server
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory) -> dict[str, Path]:
+    """A CA, the gateway's certificate and key (for 127.0.0.1 and localhost), and an encrypted copy of the key."""
+    folder = tmp_path_factory.mktemp("tls")
+    authority = trustme.CA()
+    server = authority.issue_cert("127.0.0.1", "localhost")
+    files = {name: folder / f"{name}.pem" for name in ("ca", "cert", "key", "encrypted_key", "other_key")}
+    authority.cert_pem.write_to_path(str(files["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    server.private_key_pem.write_to_path(str(files["key"]))
+    authority.issue_cert("elsewhere").private_key_pem.write_to_path(str(files["other_key"]))
+    subprocess.run(
+        [
+            "openssl",
+            "pkey",
+            "-in",
+            files["key"],
+            "-aes256",
+            "-passout",
+            "pass:secret",
+            "-out",
+            files["encrypted_key"],
+        ],
+        check=True,
+    )
+    return files
+
+
+@pytest.fixture(scope="module")
+def tls_gateway(pipeline_repository, certificates, tmp_path_factory):
+    trusted = ssl.create_default_context(cafile=certificates["ca"])
+    flags = ["--repository", str(pipeline_repository)]
+    flags += ["--ssl-certfile", str(certificates["cert"]), "--ssl-keyfile", str(certificates["key"])]
+    with gateway_process(tmp_path_factory.mktemp("tls-logs"), *flags, tls=trusted) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("tls-photos")
+    expected = {}
+    for color in ("red", "green", "blue"):
+        path = folder / f"{color}.jpg"
+        path.write_bytes(color_image(color))
+        expected[str(path)] = color
+    return expected
+
+
+def classify(capsys, url: str, images, *flags: str) -> tuple[int, str, str]:
+    status = resnet(["client", "classify", *images, "--url", url, "--timeout", "10", *flags])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err.strip()
+
+
+@pytest.mark.parametrize(("port", "server"), [("http", "auto"), ("http", "triton"), ("grpc", "auto")])
+def test_the_client_classifies_over_https_and_grpcs_trusting_a_private_ca(
+    tls_gateway, certificates, photos, capsys, port, server
+):
+    url = tls_gateway.http_url if port == "http" else tls_gateway.grpc_url
+    assert url.startswith(("https://", "grpcs://"))
+    status, out, err = classify(
+        capsys, url, list(photos), "--ca-cert", str(certificates["ca"]), "--server", server, "--json"
+    )
+    assert status == 0, err
+    assert {r["image"]: r["predictions"][0]["label"] for r in json.loads(out)} == photos
+
+
+def test_the_ca_can_come_from_the_environment(tls_gateway, certificates, photos, monkeypatch, capsys):
+    monkeypatch.setenv("RESNET_CA_CERT", str(certificates["ca"]))
+    status, out, err = classify(capsys, tls_gateway.grpc_url, list(photos)[:1], "--json")
+    assert status == 0, err
+    assert json.loads(out)[0]["predictions"][0]["label"] == "red"
+
+
+def test_the_http_api_metrics_and_demo_page_answer_over_https(tls_gateway, certificates):
+    with httpx.Client(
+        base_url=tls_gateway.http_url, verify=ssl.create_default_context(cafile=certificates["ca"])
+    ) as web:
+        assert web.get("/v2/health/ready").status_code == 200
+        assert web.get("/v1/models").json()["models"]
+        assert "resnet_requests_total" in web.get("/metrics").text
+        assert web.get("/").headers["content-type"].startswith("text/html")
+
+
+@pytest.mark.parametrize(
+    ("url", "flags", "message"),
+    [
+        ("{https}", [], "(to trust a private CA or a self-signed server, give its PEM with --ca-cert)"),
+        ("{grpcs}", [], "(to trust a private CA or a self-signed server, give its PEM with --ca-cert)"),
+        ("{https}", ["--server", "triton"], "give its PEM with --ca-cert"),
+        # the other scheme at a TLS port reads a handshake it cannot parse; the hint names the TLS scheme
+        ("{http}", [], "if it speaks TLS, https://HOST:PORT)"),
+        ("{grpc}", [], "if it speaks TLS, grpcs://HOST:PORT)"),
+        ("{https}", ["--ca-cert", "{key}"], "bad --ca-cert: {key} holds no PEM certificate"),
+        ("{https}", ["--ca-cert", "{missing}"], "bad --ca-cert: {missing} is not a file"),
+        ("grpcs://127.0.0.1", [], "a gRPC address is grpcs://HOST:PORT, no path"),
+    ],
+)
+def test_a_connection_that_cannot_be_trusted_is_one_line_naming_the_fix(
+    tls_gateway, certificates, photos, capsys, tmp_path, url, flags, message
+):
+    values = {
+        "https": tls_gateway.http_url,
+        "grpcs": tls_gateway.grpc_url,
+        "http": tls_gateway.http_url.replace("https://", "http://"),
+        "grpc": tls_gateway.grpc_url.replace("grpcs://", "grpc://"),
+        "key": str(certificates["key"]),
+        "missing": str(tmp_path / "missing.pem"),
+    }
+    flags = [flag.format(**values) for flag in flags]
+    status, _, err = classify(capsys, url.format(**values), list(photos)[:1], *flags)
+    assert status == 1 and err.startswith("resnet: error: ") and "\n" not in err, err
+    assert message.format(**values) in err, err
+    # the refused handshakes cost the gateway nothing
+    trusted = ["--ca-cert", str(certificates["ca"])]
+    assert classify(capsys, tls_gateway.grpc_url, list(photos)[:1], *trusted)[0] == 0
+
+
+@pytest.mark.parametrize("scheme", ["https", "grpcs"])
+def test_tls_to_a_port_without_it_says_so(photos, capsys, scheme):
+    with other_web_server(200, "text/plain", b"plain HTTP") as url:
+        status, _, err = classify(capsys, url.replace("http", scheme, 1), list(photos)[:1])
+    assert status == 1 and "\n" not in err, err
+    assert err.endswith("(that port does not speak TLS: use http:// or grpc://)"), err
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        (
+            {"ssl_certfile": "cert"},
+            "ssl_certfile and ssl_keyfile go together: give both to serve TLS, or neither",
+        ),
+        ({"ssl_keyfile": "key"}, "ssl_certfile and ssl_keyfile go together"),
+        ({"ssl_certfile": "missing", "ssl_keyfile": "key"}, "{missing} is not a file"),
+        ({"ssl_certfile": "key", "ssl_keyfile": "key"}, "{key} holds no PEM certificate"),
+        ({"ssl_certfile": "cert", "ssl_keyfile": "cert"}, "{cert} holds no PEM private key"),
+        (
+            {"ssl_certfile": "cert", "ssl_keyfile": "other_key"},
+            "{other_key} is not the private key of {cert}'s",
+        ),
+        # OpenSSL would otherwise ask the terminal for the passphrase, or fail in uvicorn's start-up
+        (
+            {"ssl_certfile": "cert", "ssl_keyfile": "encrypted_key"},
+            "{encrypted_key} is encrypted; give the key",
+        ),
+    ],
+)
+def test_certificate_files_that_cannot_serve_are_refused_at_start_up(certificates, tmp_path, files, message):
+    paths = {
+        **{name: str(path) for name, path in certificates.items()},
+        "missing": str(tmp_path / "missing.pem"),
+    }
+    with pytest.raises(ValidationError, match=f"(?s)Value error, {re.escape(message.format(**paths))}"):
+        Settings(**{field: paths[name] for field, name in files.items()})
+
+
+def test_empty_certificate_variables_mean_no_tls(monkeypatch):
+    monkeypatch.setenv("RESNET_SSL_CERTFILE", "")
+    monkeypatch.setenv("RESNET_SSL_KEYFILE", " ")
+    assert Settings().ssl_certfile is None and Settings().ssl_keyfile is None
+
+
+def test_serve_with_an_encrypted_key_is_one_line_not_a_passphrase_prompt(certificates, pipeline_repository):
+    command = [sys.executable, "-m", "cli.main", "serve", "--repository", str(pipeline_repository)]
+    command += [
+        "--ssl-certfile",
+        str(certificates["cert"]),
+        "--ssl-keyfile",
+        str(certificates["encrypted_key"]),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("resnet: error: invalid settings: ") and "is encrypted" in result.stderr
+    assert result.stderr.count("\n") == 1
