@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -394,3 +396,18 @@ def test_triton_which_does_not_say_which_image_is_bad_gets_halves_of_the_batch(
     for url in (f"grpc://{pipeline_triton.grpc_url}", pipeline_triton.http_url):
         args = ["client", "classify", str(tmp_path / "mixed"), "--url", url, "--batch-size", "4"]
         assert_bad_named_and_rest_classified(capsys, args, photos, good, bad)
+
+
+@pytest.mark.parametrize("server", ["auto", "gateway", "triton"])
+def test_a_server_that_never_answers_is_given_up_after_timeout(photos, capsys, server):
+    # tritonclient.http waited its own 60 s whatever --timeout said
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # connections complete in the backlog; nothing ever reads or answers them
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        args = [str(photos[0] / "0-red.jpeg"), "--url", url, "--server", server, "--timeout", "1"]
+        assert resnet(["client", "classify", *args]) == 1
+        waited = time.monotonic() - started
+    assert capsys.readouterr().err.strip() == f"resnet: error: cannot reach {url}: timed out"
+    assert waited < 30, f"gave up after {waited:.0f} s, not --timeout's 1 s"
