@@ -36,8 +36,8 @@ COPY --from=build /opt/venv /opt/venv
 COPY model_repository /models
 USER 10001:10001
 EXPOSE 8080 8081
-# slim has no curl; the venv's Python is enough to probe liveness.
+# slim has no curl; the probe reads the gateway's own RESNET_* settings (its port, HTTPS when it serves TLS).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('RESNET_PORT', '8080'), timeout=2)"]
+    CMD ["python", "-m", "server.healthcheck"]
 ENTRYPOINT ["resnet", "serve"]
 CMD []

@@ -3,6 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
 
 from tests.grpc_support import write_pipeline_repository
 from tests.support import SHARED_DATA
@@ -39,3 +41,25 @@ def pipeline_triton(pipeline_repository, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("triton-logs") / "triton.log"
     with TritonServer(pipeline_repository, log_path=log_path) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory) -> dict[str, Path]:
+    """A CA, the gateway's certificate and key (for 127.0.0.1 and localhost), and an encrypted copy of the key."""
+    folder = tmp_path_factory.mktemp("tls")
+    authority = trustme.CA()
+    server = authority.issue_cert("127.0.0.1", "localhost")
+    files = {name: folder / f"{name}.pem" for name in ("ca", "cert", "key", "encrypted_key", "other_key")}
+    authority.cert_pem.write_to_path(str(files["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    server.private_key_pem.write_to_path(str(files["key"]))
+    authority.issue_cert("elsewhere").private_key_pem.write_to_path(str(files["other_key"]))
+    key = serialization.load_pem_private_key(server.private_key_pem.bytes(), password=None)
+    files["encrypted_key"].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    return files

@@ -23,6 +23,7 @@ import posixpath
 import re
 import shlex
 import shutil
+import ssl
 import subprocess
 import sys
 import tomllib
@@ -772,7 +773,8 @@ def gateway_healthcheck() -> list[str]:
 
 
 @pytest.mark.slow
-def test_gateway_healthcheck_command_probes_a_running_gateway(tmp_path: Path):
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_gateway_healthcheck_command_probes_a_running_gateway(tmp_path: Path, certificates, tls):
     port, grpc_port = free_port(), free_port()
     # the repository the image bakes in at /models
     env = {
@@ -781,19 +783,24 @@ def test_gateway_healthcheck_command_probes_a_running_gateway(tmp_path: Path):
         "RESNET_GRPC_PORT": str(grpc_port),
         "RESNET_MODEL_REPOSITORY": str(REPO_ROOT / "model_repository"),
     }
-    probe_env = {**os.environ, "RESNET_PORT": str(port)}
-    command = [str(VENV_BIN / "resnet"), "serve"]
+    if tls:
+        env |= {
+            "RESNET_SSL_CERTFILE": str(certificates["cert"]),
+            "RESNET_SSL_KEYFILE": str(certificates["key"]),
+        }
+    probe_env = {**os.environ, **env}  # the container's environment: the gateway's and its probe's are one
     with running_process(
-        command,
-        ready_url=f"http://127.0.0.1:{port}/healthz",
+        [str(VENV_BIN / "resnet"), "serve"],
+        ready_url=f"{'https' if tls else 'http'}://127.0.0.1:{port}/healthz",
         timeout=90,
         env=env,
         log_path=tmp_path / "gateway.log",
+        tls=ssl.create_default_context(cafile=certificates["ca"]),
     ):
         assert subprocess.run(gateway_healthcheck(), env=probe_env, timeout=10).returncode == 0
-    assert (
-        subprocess.run(gateway_healthcheck(), env=probe_env, capture_output=True, timeout=10).returncode != 0
-    )
+    gone = subprocess.run(gateway_healthcheck(), env=probe_env, capture_output=True, text=True, timeout=10)
+    assert gone.returncode == 1
+    assert gone.stderr.startswith(f"{'https' if tls else 'http'}://127.0.0.1:{port}/healthz: ")
 
 
 # ---------------------------------------------------------------- the deployment guide's commands are real

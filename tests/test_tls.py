@@ -1,6 +1,6 @@
 """TLS: `resnet serve --ssl-certfile/--ssl-keyfile` serves HTTPS and gRPC over TLS from one certificate, and
 `resnet client` reaches it at https:// and grpcs:// trusting a private CA (--ca-cert); a certificate, key or URL
-that cannot work is one line naming the fix. The CA is trustme's, made fresh for the module."""
+that cannot work is one line naming the fix. The CA is trustme's (the `certificates` fixture)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import re
 import ssl
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
-import trustme
 from pydantic import ValidationError
 
 from cli.main import main as resnet
@@ -21,34 +19,6 @@ from server.settings import Settings
 from tests.gateway_models import color_image
 from tests.grpc_support import gateway_process
 from tests.support import REPO_ROOT, other_web_server
-
-
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory) -> dict[str, Path]:
-    """A CA, the gateway's certificate and key (for 127.0.0.1 and localhost), and an encrypted copy of the key."""
-    folder = tmp_path_factory.mktemp("tls")
-    authority = trustme.CA()
-    server = authority.issue_cert("127.0.0.1", "localhost")
-    files = {name: folder / f"{name}.pem" for name in ("ca", "cert", "key", "encrypted_key", "other_key")}
-    authority.cert_pem.write_to_path(str(files["ca"]))
-    server.cert_chain_pems[0].write_to_path(str(files["cert"]))
-    server.private_key_pem.write_to_path(str(files["key"]))
-    authority.issue_cert("elsewhere").private_key_pem.write_to_path(str(files["other_key"]))
-    subprocess.run(
-        [
-            "openssl",
-            "pkey",
-            "-in",
-            files["key"],
-            "-aes256",
-            "-passout",
-            "pass:secret",
-            "-out",
-            files["encrypted_key"],
-        ],
-        check=True,
-    )
-    return files
 
 
 @pytest.fixture(scope="module")
