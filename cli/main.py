@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import NoReturn
 
@@ -77,6 +78,8 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # gRPC's C core logs a failed TLS handshake to stderr at INFO otherwise; the one-line error says it already
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         return run(argv)
     except ResnetError as error:

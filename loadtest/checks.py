@@ -6,10 +6,15 @@ A wrong or empty prediction is a failure, not only a non-2xx status.
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.parse
 import urllib.request
 
 import numpy as np
+
+# Nothing from the `cli` package: Locust puts loadtest/ first on sys.path while it imports the locustfile, and
+# there loadtest/cli.py is `cli`.
+GRPC_TLS_SCHEME = "grpcs://"  # a gRPC target written with it is dialled over TLS
 
 API_KEY_HEADER = "X-API-Key"
 PIPELINE_SUFFIX = "_pipeline"  # Triton's protocol: the name of a classifier that takes encoded images
@@ -32,17 +37,17 @@ def listed_names(listing: object) -> list[str]:
     return names
 
 
-def gateway_models(base_url: str, api_key: str = "") -> list[str]:
+def gateway_models(base_url: str, api_key: str = "", ca_cert: str = "") -> list[str]:
     """The models the gateway lists (GET /v1/models), in its order; at least one."""
     request = urllib.request.Request(base_url.rstrip("/") + "/v1/models", headers=auth_headers(api_key))
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=10, context=https_context(ca_cert)) as response:
         names = listed_names(json.load(response))
     if not names:
         raise RuntimeError(f"{base_url} lists no models")
     return names
 
 
-def kserve_models(base_url: str, api_key: str = "") -> list[str]:
+def kserve_models(base_url: str, api_key: str = "", ca_cert: str = "") -> list[str]:
     """The classifiers a KServe v2 server (the gateway's /v2, or Triton) serves with a `_pipeline`; at least one."""
     request = urllib.request.Request(
         base_url.rstrip("/") + "/v2/repository/index",
@@ -50,22 +55,40 @@ def kserve_models(base_url: str, api_key: str = "") -> list[str]:
         headers=auth_headers(api_key),
         method="POST",
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=10, context=https_context(ca_cert)) as response:
         index = json.load(response)
     if not isinstance(index, list):
         raise ValueError(f"not a KServe repository index: {json.dumps(index)[:80]}")
     return pipeline_models([entry.get("name", "") for entry in index if isinstance(entry, dict)], base_url)
 
 
-def grpc_models(target: str, api_key: str = "", timeout_s: float = 10) -> list[str]:
+def grpc_models(target: str, api_key: str = "", ca_cert: str = "", timeout_s: float = 10) -> list[str]:
     """The classifiers a KServe v2 gRPC server (the gateway's, or Triton's) serves with a `_pipeline`, from its
     repository index; at least one. Over gRPC, so a gRPC load test needs no HTTP port (Triton's included)."""
+    headers = {API_KEY_HEADER.lower(): api_key} if api_key else None  # gRPC metadata keys are lower case
+    with grpc_client(target, ca_cert) as client:
+        index = client.get_model_repository_index(headers=headers, client_timeout=timeout_s)
+    return pipeline_models([model.name for model in index.models], grpc_url(target))
+
+
+def grpc_client(target: str, ca_cert: str = ""):
+    """tritonclient.grpc's client of `target`: host:port, or grpcs://host:port for TLS (trusting `ca_cert`, a PEM
+    file, else gRPC's own roots)."""
     import tritonclient.grpc as grpcclient
 
-    headers = {API_KEY_HEADER.lower(): api_key} if api_key else None  # gRPC metadata keys are lower case
-    with grpcclient.InferenceServerClient(target) as client:
-        index = client.get_model_repository_index(headers=headers, client_timeout=timeout_s)
-    return pipeline_models([model.name for model in index.models], f"grpc://{target}")
+    if target.startswith(GRPC_TLS_SCHEME):
+        address = target.removeprefix(GRPC_TLS_SCHEME)
+        return grpcclient.InferenceServerClient(address, ssl=True, root_certificates=ca_cert or None)
+    return grpcclient.InferenceServerClient(target)
+
+
+def grpc_url(target: str) -> str:
+    return target if target.startswith(GRPC_TLS_SCHEME) else f"grpc://{target}"
+
+
+def https_context(ca_cert: str) -> ssl.SSLContext | None:
+    """urllib's context for an https:// URL: trusting `ca_cert` (a PEM file), else the system's authorities."""
+    return ssl.create_default_context(cafile=ca_cert) if ca_cert else None
 
 
 def pipeline_models(names: list[str], where: str) -> list[str]:
@@ -76,19 +99,22 @@ def pipeline_models(names: list[str], where: str) -> list[str]:
 
 
 def grpc_target(http_host: str | None) -> str:
-    """The gateway's gRPC host:port by default: the HTTP URL's host name, port 8081."""
-    hostname = urllib.parse.urlsplit(http_host or "http://127.0.0.1").hostname or "127.0.0.1"
-    return f"[{hostname}]:{DEFAULT_GRPC_PORT}" if ":" in hostname else f"{hostname}:{DEFAULT_GRPC_PORT}"
+    """The gateway's gRPC host:port by default: the HTTP URL's host name, port 8081; over TLS (grpcs://) when the
+    URL is https://, as the gateway serves both ports with one certificate."""
+    parts = urllib.parse.urlsplit(http_host or "http://127.0.0.1")
+    hostname = parts.hostname or "127.0.0.1"
+    address = f"[{hostname}]:{DEFAULT_GRPC_PORT}" if ":" in hostname else f"{hostname}:{DEFAULT_GRPC_PORT}"
+    return GRPC_TLS_SCHEME + address if parts.scheme == "https" else address
 
 
-def discover_model(base_url: str, api_key: str = "") -> str:
+def discover_model(base_url: str, api_key: str = "", ca_cert: str = "") -> str:
     """The first model the gateway lists."""
-    return gateway_models(base_url, api_key)[0]
+    return gateway_models(base_url, api_key, ca_cert)[0]
 
 
-def discover_kserve_model(base_url: str, api_key: str = "") -> str:
+def discover_kserve_model(base_url: str, api_key: str = "", ca_cert: str = "") -> str:
     """The first classifier a KServe v2 server serves with a `_pipeline`."""
-    return kserve_models(base_url, api_key)[0]
+    return kserve_models(base_url, api_key, ca_cert)[0]
 
 
 def check_prediction(body: object, model: str, top_k: int) -> str | None:

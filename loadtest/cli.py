@@ -24,7 +24,16 @@ from pathlib import Path
 from cli.addresses import host_and_port, split_base_url
 from cli.errors import ResnetError
 from cli.help import HelpFormatter
+from cli.tls import client_context, tls_hint
 from loadtest import report, shapes
+from loadtest.checks import (
+    GRPC_TLS_SCHEME,
+    gateway_models,
+    grpc_models,
+    grpc_target,
+    grpc_url,
+    kserve_models,
+)
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s?)?$")
@@ -104,8 +113,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--grpc-url",
         type=grpc_address,
         default=_env("GRPC_URL", ""),
-        help="gRPC host:port of the gateway or Triton; --grpc lists its models there (RESNET_GRPC_URL; default: "
-        "--url's host, port 8081)",
+        help="gRPC host:port of the gateway or Triton, grpcs://host:port for TLS; --grpc lists its models there "
+        "(RESNET_GRPC_URL; default: --url's host, port 8081, over TLS when --url is https://)",
     )
     parser.add_argument(
         "--model", default=_env("MODEL", ""), help="model name (default: the first the gateway lists)"
@@ -116,6 +125,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="folder of photos to send (default: ../shared/data/imagenet-samples, else generated)",
     )
     parser.add_argument("--api-key", default=_env("API_KEY", ""), help="API key, if the gateway requires one")
+    parser.add_argument(
+        "--ca-cert",
+        default=_env("CA_CERT", ""),
+        help="PEM file of the certificate authorities to trust for https:// and grpcs:// (a private CA or a "
+        "self-signed server; RESNET_CA_CERT; default: the system's)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -166,7 +181,11 @@ def locust_command(args: argparse.Namespace, model: str, csv_prefix: Path, html:
         "--model",
         model,
     ]
-    for flag, value in (("--grpc-host", args.grpc_url), ("--images", args.images)):
+    for flag, value in (
+        ("--grpc-host", args.grpc_url),
+        ("--images", args.images),
+        ("--ca-cert", args.ca_cert),
+    ):
         if value:
             command += [flag, value]
     command.append(user_class(args))
@@ -213,13 +232,16 @@ def base_url(value: str) -> str:
 
 
 def grpc_address(value: str) -> str:
-    """--grpc-url as host:port ("grpc://" before it is allowed); empty: derived from --url."""
+    """--grpc-url as host:port ("grpc://" before it is allowed), or grpcs://host:port for TLS; empty: derived from
+    --url."""
     if not value:
         return value
+    tls = value.startswith(GRPC_TLS_SCHEME)
     try:
-        return host_and_port(value.removeprefix("grpc://"))
+        address = host_and_port(value.removeprefix(GRPC_TLS_SCHEME).removeprefix("grpc://"))
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+    return GRPC_TLS_SCHEME + address if tls else address
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -239,6 +261,11 @@ def check_flags(args: argparse.Namespace) -> None:
         from loadtest.images import check_folder
 
         check_folder(Path(args.images), LoadTestError)
+    if args.ca_cert:
+        try:
+            client_context(Path(args.ca_cert))
+        except ValueError as error:
+            raise LoadTestError(f"bad --ca-cert: {error}") from None
 
 
 def listing_failure(error: Exception, kserve: bool) -> str:
@@ -252,20 +279,18 @@ def listing_failure(error: Exception, kserve: bool) -> str:
             f"the answer is not JSON ({error})" if isinstance(error, json.JSONDecodeError) else str(error)
         )
         return f"{answer} (is --url the gateway's HTTP port{' or Triton' if kserve else ''}?)"
-    return str(error)
+    return f"{error}{tls_hint(str(error))}"
 
 
 def served_model(args: argparse.Namespace) -> str:
     """The model to load-test, once the server has shown that it serves it (else every request would fail)."""
-    from loadtest.checks import gateway_models, grpc_target, kserve_models
-
     if args.grpc:
         target = args.grpc_url or grpc_target(args.url)
-        where, served = f"grpc://{target}", grpc_served(target, args.api_key)
+        where, served = grpc_url(target), grpc_served(target, args.api_key, args.ca_cert)
     else:
         where = args.url
         try:
-            served = (kserve_models if args.kserve else gateway_models)(args.url, args.api_key)
+            served = (kserve_models if args.kserve else gateway_models)(args.url, args.api_key, args.ca_cert)
         except (urllib.error.URLError, OSError, ValueError, RuntimeError, http.client.HTTPException) as error:
             raise LoadTestError(
                 f"cannot list models at {args.url}: {listing_failure(error, args.kserve)}"
@@ -276,19 +301,15 @@ def served_model(args: argparse.Namespace) -> str:
     return model
 
 
-def grpc_served(target: str, api_key: str) -> list[str]:
+def grpc_served(target: str, api_key: str, ca_cert: str = "") -> list[str]:
     """The models a gRPC load test can use, from the gRPC server's own index: the gateway's or Triton's alike."""
     from tritonclient.utils import InferenceServerException
 
-    from loadtest.checks import grpc_models
-
     try:
-        return grpc_models(target, api_key)
+        return grpc_models(target, api_key, ca_cert)
     except InferenceServerException as error:
-        raise LoadTestError(
-            f"cannot list models at grpc://{target}: {error} (is --grpc-url the gRPC port of the gateway or "
-            "Triton?)"
-        ) from error
+        hint = tls_hint(str(error)) or " (is --grpc-url the gRPC port of the gateway or Triton?)"
+        raise LoadTestError(f"cannot list models at {grpc_url(target)}: {error}{hint}") from error
     except RuntimeError as error:  # it answered, with no model that takes encoded images
         raise LoadTestError(str(error)) from error
 

@@ -41,6 +41,7 @@ from loadtest.checks import (  # noqa: E402
     describe_error,
     discover_kserve_model,
     discover_model,
+    grpc_client,
     grpc_models,
     grpc_target,
     listed_names,
@@ -81,7 +82,14 @@ def _add_options(parser) -> None:
         "--grpc-host",
         default="",
         env_var="RESNET_GRPC_URL",
-        help=f"gateway gRPC host:port for GrpcUser (default: --host's hostname, port {DEFAULT_GRPC_PORT})",
+        help=f"gateway gRPC host:port for GrpcUser, grpcs://host:port for TLS (default: --host's hostname, port "
+        f"{DEFAULT_GRPC_PORT}, over TLS when --host is https://)",
+    )
+    group.add_argument(
+        "--ca-cert",
+        default="",
+        env_var="RESNET_CA_CERT",
+        help="PEM file of the certificate authorities to trust for https:// and grpcs:// (default: the system's)",
     )
     group.add_argument("--api-key", default="", env_var="RESNET_API_KEY", help="sent as the X-API-Key header")
 
@@ -106,9 +114,15 @@ def _options(user: User):
     return user.environment.parsed_options
 
 
-def _join_paths_once(user: HttpUser) -> None:
-    """Locust prefixes each request's path with --host as given: `http://host:8080/` would ask for //v1/... (404)."""
+def _prepare_http_client(user: HttpUser) -> str:
+    """The user's Locust client made ready; the --ca-cert it trusts ("" for the system's).
+
+    Locust prefixes each request's path with --host as given: `http://host:8080/` would ask for //v1/... (404)."""
     user.client.base_url = user.client.base_url.rstrip("/")
+    ca_cert = _options(user).ca_cert if _options(user) else ""
+    if ca_cert:
+        user.client.verify = ca_cert  # requests' own setting; the system's authorities otherwise
+    return ca_cert
 
 
 class ClassifyUser(HttpUser):
@@ -117,12 +131,12 @@ class ClassifyUser(HttpUser):
     wait_time = constant(0)
 
     def on_start(self) -> None:
-        _join_paths_once(self)
+        ca_cert = _prepare_http_client(self)
         options = _options(self)
         self.top_k = options.top_k if options else 5
         self.headers = auth_headers(options.api_key if options else "")
         self.model = (options.model if options else "") or discover_model(
-            self.host, self.headers.get(API_KEY_HEADER, "")
+            self.host, self.headers.get(API_KEY_HEADER, ""), ca_cert
         )
         self.path = f"/v1/models/{urllib.parse.quote(self.model)}/classify?top_k={self.top_k}"
         self.photos = itertools.cycle(random.sample(_images, len(_images)))
@@ -207,13 +221,15 @@ class GrpcUser(User):
         options = _options(self)
         self.top_k = options.top_k if options else 5
         api_key = options.api_key if options else ""
+        ca_cert = options.ca_cert if options else ""
         # gRPC metadata keys must be lower case.
         self.headers = {API_KEY_HEADER.lower(): api_key} if api_key else {}
         target = (options.grpc_host if options else "") or grpc_target(self.host)
-        model = (options.model if options else "") or grpc_models(target, api_key)[0]
+        target = target.removeprefix("grpc://")
+        model = (options.model if options else "") or grpc_models(target, api_key, ca_cert)[0]
         self.model = model if model.endswith(PIPELINE_SUFFIX) else model + PIPELINE_SUFFIX
         self.grpcclient = grpcclient
-        self.client = grpcclient.InferenceServerClient(url=target)
+        self.client = grpc_client(target, ca_cert)
         self.photos = itertools.cycle(random.sample(_images, len(_images)))
 
     def on_stop(self) -> None:
@@ -255,12 +271,12 @@ class KServeHttpUser(HttpUser):
     def on_start(self) -> None:
         import tritonclient.http as httpclient
 
-        _join_paths_once(self)
+        ca_cert = _prepare_http_client(self)
         options = _options(self)
         self.top_k = options.top_k if options else 5
         self.headers = auth_headers(options.api_key if options else "")
         model = (options.model if options else "") or discover_kserve_model(
-            self.host, self.headers.get(API_KEY_HEADER, "")
+            self.host, self.headers.get(API_KEY_HEADER, ""), ca_cert
         )
         model = model if model.endswith(PIPELINE_SUFFIX) else model + PIPELINE_SUFFIX
         self.path = f"/v2/models/{urllib.parse.quote(model)}/infer"

@@ -29,7 +29,7 @@ import numpy as np
 from cli.addresses import split_base_url
 from cli.errors import ResnetError
 from cli.help import HelpFormatter
-from cli.tls import client_context
+from cli.tls import client_context, tls_hint
 from server.errors import GRPC_AT_HTTP_PORT
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
@@ -61,13 +61,6 @@ GRPC_TOO_LARGE = "Received message larger than max"  # gRPC's own words; its sta
 # cannot decode.
 NOT_HTTP1_HINT = " (if that is a gRPC port, use grpc://HOST:PORT; if it speaks TLS, https://HOST:PORT)"
 NOT_GRPC_HINT = " (if that is an HTTP port, use http://HOST:PORT; if it speaks TLS, grpcs://HOST:PORT)"
-# OpenSSL's words (Python's and gRPC's alike) for a failed TLS handshake -> what to do about it
-TLS_HINTS = {
-    "unable to get local issuer certificate": "to trust a private CA or a self-signed server, give its PEM with --ca-cert",
-    "self-signed certificate": "to trust a self-signed server, give its certificate with --ca-cert",
-    "self signed certificate": "to trust a self-signed server, give its certificate with --ca-cert",
-    "WRONG_VERSION_NUMBER": "that port does not speak TLS: use http:// or grpc://",
-}
 KSERVE_UNDECODABLE = "while decoding the response"
 NOT_GATEWAY_HINT = "is --url the resnet-serving gateway? (Triton's HTTP port: --server triton)"
 NOT_KSERVE_HINT = "is --url the HTTP port of Triton (8000 by default) or of the gateway?"
@@ -405,8 +398,6 @@ def connect(
     if parts.scheme.startswith("grpc"):
         if path or not parts.port:  # without a port gRPC dials 443, which no gateway or Triton listens on
             raise ClientError(f"bad --url {url!r}: a gRPC address is {parts.scheme}://HOST:PORT, no path")
-        # gRPC's C core logs a failed TLS handshake to stderr at INFO unless told otherwise; the error says it
-        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         import tritonclient.grpc
 
         return KServe(tritonclient.grpc, parts.netloc, api_key, timeout, parts.scheme, tls)
@@ -454,10 +445,6 @@ def unreachable(url: str, error: Exception) -> ClientError:
 def verify(tls: Tls | None) -> ssl.SSLContext | bool:
     """httpx's `verify` argument: the TLS context (unused for a plain http:// URL)."""
     return tls.context if tls else True
-
-
-def tls_hint(message: str) -> str:
-    return next((f" ({hint})" for sign, hint in TLS_HINTS.items() if sign in message), "")
 
 
 def speaks_kserve_http(url: str, timeout: float, tls: Tls | None) -> bool:

@@ -74,6 +74,8 @@ def test_bad_durations_are_refused(text):
         (["--max-p95-ms", "-5"], "--max-p95-ms must be more than 0 ms, got -5.0"),
         (["--max-p99-ms", "0"], "--max-p99-ms must be more than 0 ms, got 0.0"),
         (["--out", __file__], f"--out {__file__} is a file; give a folder"),
+        (["--ca-cert", __file__], f"bad --ca-cert: {__file__} holds no PEM certificate"),
+        (["--ca-cert", "/nonexistent/ca.pem"], "bad --ca-cert: /nonexistent/ca.pem is not a file"),
     ],
 )
 def test_flags_that_cannot_make_a_meaningful_run_are_refused(flags, message):
@@ -84,9 +86,14 @@ def test_flags_that_cannot_make_a_meaningful_run_are_refused(flags, message):
 
 def test_grpc_url_is_host_and_port_with_or_without_its_scheme(capsys):
     assert get_args_parser().parse_args(["--grpc-url", "grpc://gateway:8081"]).grpc_url == "gateway:8081"
+    assert get_args_parser().parse_args(["--grpc-url", "grpcs://gw:8081"]).grpc_url == "grpcs://gw:8081"
     assert get_args_parser().parse_args([]).grpc_url == ""  # --url's host, port 8081
     # tritonclient.grpc would dial port 443 for the first and 34463 for the second
-    for bad, message in (("gateway", "is not host:port"), ("gateway:99999", "Port out of range")):
+    for bad, message in (
+        ("gateway", "is not host:port"),
+        ("gateway:99999", "Port out of range"),
+        ("grpcs://gateway", "is not host:port"),
+    ):
         with pytest.raises(SystemExit):
             get_args_parser().parse_args(["--grpc-url", bad])
         assert message in capsys.readouterr().err
@@ -487,6 +494,7 @@ def test_cli_process_never_imports_locust():
         (None, "127.0.0.1:8081"),
         ("http://gw.example:8080", "gw.example:8081"),
         ("http://[::1]:8080", "[::1]:8081"),
+        ("https://gw.example/resnet", "grpcs://gw.example:8081"),  # the gateway's TLS covers both ports
     ],
 )
 def test_the_default_grpc_target_is_the_urls_host_on_port_8081(url, target):

@@ -5,10 +5,12 @@ that cannot work is one line naming the fix. The CA is trustme's (the `certifica
 from __future__ import annotations
 
 import json
+import os
 import re
 import ssl
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -170,3 +172,38 @@ def test_serve_with_an_encrypted_key_is_one_line_not_a_passphrase_prompt(certifi
     assert result.returncode == 1
     assert result.stderr.startswith("resnet: error: invalid settings: ") and "is encrypted" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("user", ["http", "kserve", "grpc"])
+def test_the_load_test_runs_over_tls(tls_gateway, certificates, tmp_path, user):
+    flags = {"http": [], "kserve": ["--kserve"], "grpc": ["--grpc", "--grpc-url", tls_gateway.grpc_url]}[user]
+    out = tmp_path / user
+    result = loadtest(tls_gateway, out, *flags, "--ca-cert", str(certificates["ca"]))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert summary["requests"] > 5 and summary["failures"] == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ([], "(to trust a private CA or a self-signed server, give its PEM with --ca-cert)"),
+        (["--grpc", "--grpc-url", "{grpcs}"], "give its PEM with --ca-cert)"),
+        (["--grpc", "--grpc-url", "{grpc}"], "(is --grpc-url the gRPC port of the gateway or Triton?)"),
+    ],
+)
+def test_a_load_test_that_cannot_trust_the_server_stops_before_it_starts(
+    tls_gateway, tmp_path, flags, message
+):
+    values = {"grpcs": tls_gateway.grpc_url, "grpc": tls_gateway.grpc_url.replace("grpcs://", "grpc://")}
+    result = loadtest(tls_gateway, tmp_path, *(flag.format(**values) for flag in flags))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("resnet: error: cannot list models at ") and message in result.stderr
+
+
+def loadtest(gateway, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "cli", "loadtest", "--url", gateway.http_url, "--users", "2"]
+    command += ["--duration", "3s", "--max-fail-ratio", "0", "--out", str(out), *flags]
+    env = {key: value for key, value in os.environ.items() if key != "RESNET_CA_CERT"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=env)
