@@ -14,6 +14,7 @@ Tools that are missing make their tests skip with the reason.
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import importlib.metadata
 import importlib.util
@@ -39,6 +40,7 @@ yaml = pytest.importorskip("yaml")
 
 DOCKER_DIR = REPO_ROOT / "docker"
 COMPOSE_FILE = DOCKER_DIR / "compose.yaml"
+TLS_OVERRIDE = DOCKER_DIR / "compose.tls.yaml"  # layered on COMPOSE_FILE: the gateway serves TLS
 DOCKERFILES = sorted(DOCKER_DIR.glob("*.Dockerfile"))
 # Host paths the compose file mounts that the user (or a run) creates, not the repository.
 RUNTIME_HOST_DIRS = {"../runs", "../data"}
@@ -132,7 +134,9 @@ def env_of(stage: Stage) -> dict[str, str]:
 
 
 def interpolate(text: str) -> str:
-    """Compose's ${VAR:-default} with every variable unset: the defaults a plain `docker compose up` uses."""
+    """Compose's ${VAR:-default} with every variable unset: the defaults a plain `docker compose up` uses (a
+    required ${VAR:?message} becomes VAR)."""
+    text = re.sub(r"\$\{(\w+):?\?[^}]*\}", lambda m: m.group(1), text)
     return re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: m.group(2) or "", text)
 
 
@@ -143,6 +147,11 @@ def compose() -> dict:
 
 def services() -> dict[str, dict]:
     return compose()["services"]
+
+
+@cache
+def tls_services() -> dict[str, dict]:
+    return yaml.safe_load(interpolate(TLS_OVERRIDE.read_text()))["services"]
 
 
 def service_dockerfile(service: dict) -> Path | None:
@@ -203,8 +212,9 @@ def check_compose_schema(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True)
 
 
-def test_compose_file_matches_the_compose_spec_schema():
-    result = check_compose_schema(COMPOSE_FILE)
+@pytest.mark.parametrize("path", [COMPOSE_FILE, TLS_OVERRIDE], ids=lambda path: path.name)
+def test_compose_file_matches_the_compose_spec_schema(path):
+    result = check_compose_schema(path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -215,14 +225,17 @@ def test_compose_schema_check_catches_a_misspelled_key(tmp_path: Path):
     assert result.returncode != 0 and "shm_sise" in result.stdout
 
 
-def test_docker_compose_config_accepts_the_file():
+@pytest.mark.parametrize("overrides", [[], [TLS_OVERRIDE]], ids=["compose.yaml", "with compose.tls.yaml"])
+def test_docker_compose_config_accepts_the_file(overrides, tmp_path):
     docker = shutil.which("docker")
     if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
         pytest.skip("the docker compose plugin is not installed")
+    files = [arg for path in [COMPOSE_FILE, *overrides] for arg in ("-f", str(path))]
     result = subprocess.run(
-        [docker, "compose", "-f", str(COMPOSE_FILE), "--profile", "*", "config", "--quiet"],
+        [docker, "compose", *files, "--profile", "*", "config", "--quiet"],
         capture_output=True,
         text=True,
+        env={**os.environ, "GATEWAY_TLS_DIR": str(tmp_path)},
     )
     assert result.returncode == 0, result.stderr
 
@@ -527,7 +540,7 @@ def test_resnet_env_vars_are_read_by_the_code():
     for dockerfile in DOCKERFILES:
         for stage in dockerfile_stages(dockerfile):
             used.update({name: dockerfile.name for name in env_of(stage) if name.startswith("RESNET_")})
-    for name, service in services().items():
+    for name, service in [*services().items(), *tls_services().items()]:
         environment = service.get("environment") or {}
         used.update({key: f"compose {name}" for key in environment if key.startswith("RESNET_")})
     known = settings_env_names()
@@ -567,6 +580,42 @@ def test_ports_agree_across_image_compose_prometheus_and_locust():
 
     master = services()["locust-master"]["command"]
     assert master[master.index("--host") + 1] == f"http://gateway:{http}"
+
+
+def test_the_tls_override_serves_and_trusts_the_same_files():
+    """compose.tls.yaml: the gateway's certificate and key, the CA the Locust users and Prometheus trust, all in
+    the one mounted folder; the services it names exist in compose.yaml and it adds none."""
+    tls = tls_services()
+    assert set(tls) <= set(services()), f"the override adds services: {set(tls) - set(services())}"
+    gateway = tls["gateway"]
+    mount = "GATEWAY_TLS_DIR:/tls:ro"
+    assert gateway["volumes"] == [mount]
+    assert {gateway["environment"][key] for key in ("RESNET_SSL_CERTFILE", "RESNET_SSL_KEYFILE")} == {
+        "/tls/server.crt",
+        "/tls/server.key",
+    }
+    http = int(gateway_env()["RESNET_PORT"])
+    master = tls["locust-master"]["command"]
+    assert master == [*services()["locust-master"]["command"][:-1], f"https://gateway:{http}"]
+    for locust in ("locust-master", "locust-worker"):
+        assert tls[locust]["environment"]["RESNET_CA_CERT"] == "/tls/ca.crt" and tls[locust]["volumes"] == [
+            mount
+        ]
+    prometheus_mounts = dict(volume.split(":")[:2] for volume in tls["prometheus"]["volumes"])
+    assert prometheus_mounts["./prometheus-tls.yml"] == "/etc/prometheus/prometheus.yml"
+    assert prometheus_mounts["GATEWAY_TLS_DIR/ca.crt"] == "/etc/prometheus/gateway-ca.crt"
+
+
+def test_the_tls_prometheus_config_differs_only_in_how_it_reaches_the_gateway():
+    plain = yaml.safe_load((DOCKER_DIR / "prometheus.yml").read_text())
+    tls = yaml.safe_load((DOCKER_DIR / "prometheus-tls.yml").read_text())
+    gateway = next(job for job in tls["scrape_configs"] if job["job_name"] == "gateway")
+    assert gateway.pop("scheme") == "https"
+    assert gateway.pop("tls_config") == {
+        "ca_file": "/etc/prometheus/gateway-ca.crt",
+        "server_name": "gateway",
+    }
+    assert tls == plain
 
 
 def test_only_the_gateway_is_published_beyond_loopback():
@@ -837,6 +886,37 @@ def test_documented_export_commands_use_real_options():
     assert documented, "the guide shows no export command"
     for argv in documented:
         assert not unknown_options(argv, known), f"resnet export has no {unknown_options(argv, known)}"
+
+
+def resnet_parser(argv: list[str]):
+    """The parser `resnet <command> [<subcommand>]` in `argv` uses, and the arguments it gets."""
+    from cli.main import COMMANDS
+
+    command_at = argv.index("resnet") + 1
+    parser = importlib.import_module(COMMANDS[argv[command_at]][0]).get_args_parser()
+    rest = argv[command_at + 1 :]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and rest and rest[0] in action.choices:
+            return action.choices[rest[0]], rest[1:]
+    return parser, rest
+
+
+def test_documented_resnet_commands_use_real_options():
+    from cli.main import COMMANDS
+
+    documented = [
+        argv
+        for argv in documented_commands()
+        if "resnet" in argv
+        and argv.index("resnet") + 1 < len(argv)
+        and argv[argv.index("resnet") + 1] in COMMANDS
+    ]
+    assert len(documented) > 20, "the docs show few resnet commands: is the parsing broken?"
+    for argv in documented:
+        parser, rest = resnet_parser(argv)
+        assert not unknown_options(rest, options_of(parser)), (
+            f"{' '.join(argv)}: no {unknown_options(rest, options_of(parser))}"
+        )
 
 
 def test_documented_torchrun_and_train_commands_use_real_options():
