@@ -119,7 +119,8 @@ def _prepare_http_client(user: HttpUser) -> str:
 
     Locust prefixes each request's path with --host as given: `http://host:8080/` would ask for //v1/... (404)."""
     user.client.base_url = user.client.base_url.rstrip("/")
-    ca_cert = _options(user).ca_cert if _options(user) else ""
+    options = _options(user)
+    ca_cert = options.ca_cert if options else ""
     if ca_cert:
         user.client.verify = ca_cert  # requests' own setting; the system's authorities otherwise
     return ca_cert

@@ -418,13 +418,14 @@ class Tls:
     context: ssl.SSLContext
     ca_cert: Path | None
 
-    def tritonclient_options(self, protocol: str) -> dict[str, Any]:
+    def tritonclient_options(self, scheme: str) -> dict[str, Any]:
         """tritonclient's own TLS arguments: it opens the CA file itself, and gevent wraps sockets in its own
-        SSLContext class."""
+        SSLContext class. Without `ca_cert` HTTP trusts the system's authorities, as httpx here does; gRPC its
+        bundled roots."""
         ca_cert = str(self.ca_cert) if self.ca_cert else None
-        if protocol == "grpcs":
+        if scheme == "grpcs":
             return {"ssl": True, "root_certificates": ca_cert}
-        return {"ssl": True, "ssl_options": {"ca_certs": ca_cert} if ca_cert else {}}
+        return {"ssl": True, "ssl_options": {"ca_certs": ca_cert}}
 
 
 def trusted_authorities(ca_cert: Path | None) -> Tls:
