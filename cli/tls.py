@@ -9,16 +9,18 @@ from pathlib import Path
 
 # OpenSSL's words (Python's and gRPC's alike) for a failed TLS handshake -> what to do about it
 TLS_HINTS = {
-    "unable to get local issuer certificate": "to trust a private CA or a self-signed server, give its PEM with --ca-cert",
-    "self-signed certificate": "to trust a self-signed server, give its certificate with --ca-cert",
-    "self signed certificate": "to trust a self-signed server, give its certificate with --ca-cert",
-    "WRONG_VERSION_NUMBER": "that port does not speak TLS: use http:// or grpc://",
+    "unable to get local issuer certificate": "to trust a private CA or a self-signed server, give its PEM with "
+    "{ca_flag}",
+    "self-signed certificate": "to trust a self-signed server, give its certificate with {ca_flag}",
+    "self signed certificate": "to trust a self-signed server, give its certificate with {ca_flag}",
+    "WRONG_VERSION_NUMBER": "that port does not speak TLS: use {plain}",
 }
 
 
-def tls_hint(message: str) -> str:
+def tls_hint(message: str, ca_flag: str = "--ca-cert", plain: str = "http:// or grpc://") -> str:
     """What to do about the failed TLS handshake an error message describes, as " (...)"; "" for other errors."""
-    return next((f" ({hint})" for sign, hint in TLS_HINTS.items() if sign in message), "")
+    hint = next((hint for sign, hint in TLS_HINTS.items() if sign in message), None)
+    return f" ({hint.format(ca_flag=ca_flag, plain=plain)})" if hint else ""
 
 
 class _EncryptedKey(Exception):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli.ports import check_port_free
+from cli.tls import check_server_files
 from export.errors import TritonError
 from export.repository import versions
 
@@ -135,6 +136,7 @@ class TritonServer:
         log_verbose: int = 0,
         stream_log: bool = False,
         grpc_host: str | None = None,
+        grpc_tls: tuple[Path, Path] | None = None,
     ):
         self.repository = Path(repository).resolve()
         self.host = host
@@ -143,6 +145,9 @@ class TritonServer:
         self.grpc_port = grpc_port or _free_port(host)
         self.metrics_port = metrics_port or _free_port(host)
         self.models = models
+        self.grpc_tls = (
+            grpc_tls  # (certificate chain, key): gRPC over TLS; Triton's HTTP has no TLS of its own
+        )
         self.startup_timeout = startup_timeout
         self.log_verbose = log_verbose
         self.stream_log = stream_log
@@ -182,6 +187,9 @@ class TritonServer:
         ]
         if install.backend_dir:
             cmd.append(f"--backend-directory={install.backend_dir}")
+        if self.grpc_tls:
+            certfile, keyfile = self.grpc_tls
+            cmd += ["--grpc-use-ssl=true", f"--grpc-server-cert={certfile}", f"--grpc-server-key={keyfile}"]
         if self.models is not None:
             cmd += ["--model-control-mode=explicit", *(f"--load-model={name}" for name in self.models)]
         return cmd
@@ -214,6 +222,11 @@ class TritonServer:
             raise TritonError(
                 f"{self.repository} holds no models (no <model>/config.pbtxt or <model>/<version>/)"
             )
+        if self.grpc_tls:  # tritonserver would fail only after loading every model, or serve gRPC without TLS
+            try:
+                check_server_files(*self.grpc_tls)
+            except ValueError as error:
+                raise TritonError(f"cannot serve gRPC over TLS: {error}") from None
         missing = [name for name in self.models or [] if name not in held]
         if missing:
             raise TritonError(
@@ -343,6 +356,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="load only this model (repeatable; default: every model in the repository)",
     )
     serve.add_argument(
+        "--ssl-certfile",
+        type=Path,
+        default=env("RESNET_TRITON_SSL_CERTFILE") or None,
+        help="PEM certificate (chain) to serve gRPC over TLS, with --ssl-keyfile; Triton's HTTP port stays plain "
+        "(keep --http-address on loopback) (env RESNET_TRITON_SSL_CERTFILE)",
+    )
+    serve.add_argument(
+        "--ssl-keyfile",
+        type=Path,
+        default=env("RESNET_TRITON_SSL_KEYFILE") or None,
+        help="PEM private key of --ssl-certfile, not encrypted (env RESNET_TRITON_SSL_KEYFILE)",
+    )
+    serve.add_argument(
         "--startup-timeout",
         type=positive_seconds,
         default=180,
@@ -382,6 +408,8 @@ def positive_seconds(text: str) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        raise TritonError("--ssl-certfile and --ssl-keyfile go together: give both to serve gRPC over TLS")
     server = TritonServer(
         args.repository,
         host=args.http_address,
@@ -393,14 +421,15 @@ def main(args: argparse.Namespace) -> int:
         log_verbose=args.log_verbose,
         stream_log=True,
         grpc_host=args.grpc_address,
+        grpc_tls=(args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None,
     )
     # SIGTERM (docker stop, systemd) is a normal shutdown, at any moment: unwind through TritonServer.stop().
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         with server:
+            grpc = f"grpcs://{server.grpc_url}" if server.grpc_tls else server.grpc_url
             print(
-                f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}",
-                flush=True,
+                f"Triton ready: HTTP {server.http_url}  gRPC {grpc}  metrics {server.metrics_url}", flush=True
             )
             try:
                 status = server.process.wait()

@@ -18,6 +18,7 @@ import numpy as np
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from cli.tls import client_context, tls_hint
 from server.errors import GRPC_AT_HTTP_PORT, BackendUnavailable, DeadlineExceeded, InvalidInput, Overloaded
 from server.settings import Settings
 from server.spec import INPUT_NAME, LABELS_FILENAME, OUTPUT_NAME, ROLE_KEY, PreprocessSpec, Role, SpecError
@@ -209,16 +210,35 @@ def triton_problem(error: Exception, protocol: str) -> str:
     """A failed call to Triton as one line; where the port speaks the other protocol, the setting that fixes it."""
     text = str(error).strip()
     if protocol == "grpc" and any(sign in text for sign in GRPC_AT_HTTP_PORT):
-        return f"{one_line(error)} (if that is Triton's HTTP port, set --triton-protocol http)"
+        return (
+            f"{one_line(error)} (if that is Triton's HTTP port, set --triton-protocol http; if it speaks TLS, "
+            "give --triton-url as grpcs://HOST:PORT)"
+        )
     # aiohttp, reading HTTP/2 frames as a status line (its text holds those bytes)
     if protocol == "http" and "Bad status line" in text:
         return "its answer is not HTTP/1.1 (if that is Triton's gRPC port, set --triton-protocol grpc)"
-    return one_line(error)
+    plain = f"--triton-url {protocol}://HOST:PORT"
+    return one_line(error) + tls_hint(text, ca_flag="--triton-ca-cert", plain=plain)
 
 
 def one_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def grpc_tls(settings: Settings) -> dict:
+    """tritonclient.grpc.aio's TLS arguments (it reads the CA file itself; without one, gRPC's bundled roots)."""
+    if not settings.triton_tls:
+        return {}
+    ca_cert = str(settings.triton_ca_cert) if settings.triton_ca_cert else None
+    return {"ssl": True, "root_certificates": ca_cert}
+
+
+def http_tls(settings: Settings) -> dict:
+    """tritonclient.http.aio's (aiohttp's) TLS arguments: an SSLContext."""
+    return (
+        {"ssl": True, "ssl_context": client_context(settings.triton_ca_cert)} if settings.triton_tls else {}
+    )
 
 
 class TritonBackend(Backend):
@@ -245,11 +265,15 @@ class TritonBackend(Backend):
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.keepalive_timeout_ms", 5_000),
             ]
-            self.client = client_module.InferenceServerClient(settings.triton_url, channel_args=channel_args)
+            self.client = client_module.InferenceServerClient(
+                settings.triton_url, channel_args=channel_args, **grpc_tls(settings)
+            )
         else:
             import tritonclient.http.aio as client_module
 
-            self.client = client_module.InferenceServerClient(settings.triton_url, conn_timeout=5.0)
+            self.client = client_module.InferenceServerClient(
+                settings.triton_url, conn_timeout=5.0, **http_tls(settings)
+            )
         self.module = client_module
         from tritonclient.utils import InferenceServerException
 

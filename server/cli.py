@@ -27,9 +27,15 @@ FLAGS: list[tuple[str, str, type, str]] = [
         "triton_url",
         str,
         "Triton host:port (its gRPC port, or HTTP port with --triton-protocol http; http:// or grpc:// before "
-        "it sets the protocol)",
+        "it sets the protocol, grpcs:// or https:// TLS too)",
     ),
     ("--triton-protocol", "triton_protocol", str, "grpc or http"),
+    (
+        "--triton-ca-cert",
+        "triton_ca_cert",
+        str,
+        "PEM authorities to trust for a Triton reached over TLS (--triton-url grpcs://HOST:PORT)",
+    ),
     ("--max-batch-size", "max_batch_size", int, "largest batch the gateway assembles"),
     ("--max-delay-ms", "max_delay_ms", float, "longest wait for a batch to fill, in ms"),
     ("--queue-size", "queue_size", int, "images queued per model before requests get 503 + Retry-After"),

@@ -234,7 +234,8 @@ class ModelRegistry:
 
     def describe_backend(self) -> str:
         if self.backend.name == "triton":
-            return f"Triton at {self.settings.triton_url} ({self.settings.triton_protocol})"
+            tls = " over TLS" if self.settings.triton_tls else ""
+            return f"Triton at {self.settings.triton_url} ({self.settings.triton_protocol}{tls})"
         return "the embedded ONNX Runtime backend"
 
     def ready(self) -> bool:

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cli.addresses import host_and_port
 from cli.limits import MAX_BATCH_SIZE, MAX_THREADS
-from cli.tls import check_server_files
+from cli.tls import check_server_files, client_context
 from server.preprocessing import DEFAULT_MAX_PIXELS, PILLOW_PIXEL_LIMIT
 
 ENV_PREFIX = "RESNET_"
@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         description="Triton address host:port (gRPC or HTTP port per protocol; http:// or grpc:// names the protocol)",
     )
     triton_protocol: Literal["grpc", "http"] = Field("grpc", description="protocol to Triton")
+    triton_tls: bool = Field(
+        False, description="reach Triton over TLS (grpcs:// or https:// before triton_url says so too)"
+    )
+    triton_ca_cert: Path | None = Field(
+        None, description="PEM authorities to trust for Triton's TLS certificate (default: the system's)"
+    )
     batching: bool = Field(
         True,
         description="batch requests in the gateway (off: one backend call per request, "
@@ -83,7 +89,7 @@ class Settings(BaseSettings):
     )
     ssl_keyfile: Path | None = Field(None, description="PEM private key of ssl_certfile")
 
-    @field_validator("ssl_certfile", "ssl_keyfile", mode="before")
+    @field_validator("ssl_certfile", "ssl_keyfile", "triton_ca_cert", mode="before")
     @classmethod
     def _unset_when_empty(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -101,21 +107,24 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _triton_scheme(cls, data: object) -> object:
-        """`http://host:8000` as triton_url names the protocol too (people write URLs with schemes); a scheme that
-        contradicts triton_protocol is refused rather than one of them silently winning."""
+        """`http://host:8000` as triton_url names the protocol too (people write URLs with schemes), `grpcs://`
+        and `https://` TLS as well; a scheme that contradicts triton_protocol is refused rather than one of them
+        silently winning."""
         url = data.get("triton_url") if isinstance(data, dict) else None
         if not (isinstance(url, str) and "://" in url):
             return data
         scheme, _, address = url.partition("://")
         scheme = scheme.lower()
-        if scheme not in ("http", "grpc"):
+        if scheme not in ("http", "grpc", "https", "grpcs"):
             raise ValueError(
-                f"triton_url {url!r}: give host:port, with http:// or grpc:// before it or nothing"
+                f"triton_url {url!r}: give host:port, with http://, grpc://, https:// or grpcs:// before it, or "
+                "nothing"
             )
         protocol = data.get("triton_protocol")
-        if protocol is not None and str(protocol).lower() != scheme:
+        if protocol is not None and str(protocol).lower() != scheme.removesuffix("s"):
             raise ValueError(f"triton_url {url!r} is {scheme} but triton_protocol is {protocol!r}")
-        return {**data, "triton_url": address, "triton_protocol": scheme}
+        tls = {"triton_tls": True} if scheme.endswith("s") else {}
+        return {**data, "triton_url": address, "triton_protocol": scheme.removesuffix("s"), **tls}
 
     @field_validator("triton_url")
     @classmethod
@@ -143,6 +152,12 @@ class Settings(BaseSettings):
             raise ValueError("ssl_certfile and ssl_keyfile go together: give both to serve TLS, or neither")
         if self.ssl_certfile is not None:
             check_server_files(self.ssl_certfile, self.ssl_keyfile)
+        if self.triton_ca_cert is not None:
+            if not self.triton_tls:  # trust set up for a connection that would then go out in plain text
+                raise ValueError(
+                    "triton_ca_cert is for a Triton reached over TLS: give triton_url as grpcs:// or https://"
+                )
+            client_context(self.triton_ca_cert)
         return self
 
 

@@ -357,7 +357,11 @@ def test_api_keys_of_only_commas_are_refused_not_read_as_no_auth(monkeypatch):
         ("127.0.0.1:99999", None, "Port out of range"),  # gRPC would dial port 34463 (modulo 65536)
         ("127.0.0.1:0", None, "is not host:port"),
         ("127.0.0.1:8001/triton", None, "is not host:port"),
-        ("https://127.0.0.1:8000", None, "give host:port, with http:// or grpc:// before it or nothing"),
+        (
+            "ftp://127.0.0.1:8000",
+            None,
+            "give host:port, with http://, grpc://, https:// or grpcs:// before it",
+        ),
         ("http://127.0.0.1:8000", "grpc", "'http://127.0.0.1:8000' is http but triton_protocol is 'grpc'"),
     ],
 )

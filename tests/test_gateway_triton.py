@@ -113,7 +113,7 @@ def not_ready_reason(url: str, expected: str) -> str:
 def test_a_wrong_triton_port_is_named_in_readiness_and_logged_once(triton_server, repository, tmp_path):
     with triton_server(repository, log_path=tmp_path / "triton.log") as triton:
         wrong_ports = [
-            (triton.http_address, "grpc", "(if that is Triton's HTTP port, set --triton-protocol http)"),
+            (triton.http_address, "grpc", "(if that is Triton's HTTP port, set --triton-protocol http;"),
             (triton.grpc_url, "http", "(if that is Triton's gRPC port, set --triton-protocol grpc)"),
             (f"{triton.host}:{triton.metrics_port}", "http", "cannot read its models: [405]"),
         ]

@@ -207,3 +207,124 @@ def loadtest(gateway, out: Path, *flags: str) -> subprocess.CompletedProcess:
     command += ["--duration", "3s", "--max-fail-ratio", "0", "--out", str(out), *flags]
     env = {key: value for key, value in os.environ.items() if key != "RESNET_CA_CERT"}
     return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=env)
+
+
+# --- Triton's gRPC over TLS, and the gateway reaching it ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_triton(pipeline_repository, certificates, tmp_path_factory):
+    """A real Triton serving gRPC over TLS (its HTTP port stays plain: Triton has no TLS there)."""
+    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
+    from export.triton_server import TritonServer
+
+    log_path = tmp_path_factory.mktemp("triton-tls-logs") / "triton.log"
+    tls = (certificates["cert"], certificates["key"])
+    with TritonServer(pipeline_repository, log_path=log_path, grpc_tls=tls) as server:
+        yield server
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_the_client_reaches_triton_over_tls(tls_triton, certificates, photos, capsys):
+    url = f"grpcs://{tls_triton.grpc_url}"
+    status, out, err = classify(capsys, url, list(photos), "--ca-cert", str(certificates["ca"]), "--json")
+    assert status == 0, err
+    assert {r["image"]: r["predictions"][0]["label"] for r in json.loads(out)} == photos
+    status, _, err = classify(capsys, f"grpc://{tls_triton.grpc_url}", list(photos)[:1])
+    assert status == 1 and "if it speaks TLS, grpcs://HOST:PORT" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    ("scheme", "trust", "ready", "message"),
+    [
+        ("grpcs", True, True, ""),
+        (
+            "grpcs",
+            False,
+            False,
+            "(to trust a private CA or a self-signed server, give its PEM with --triton-ca-cert)",
+        ),
+        ("grpc", False, False, "if it speaks TLS, give --triton-url as grpcs://HOST:PORT)"),
+    ],
+)
+def test_the_gateway_reaches_triton_over_tls(
+    tls_triton, certificates, photos, tmp_path, capsys, scheme, trust, ready, message
+):
+    flags = ["--backend", "triton", "--triton-url", f"{scheme}://{tls_triton.grpc_url}"]
+    flags += ["--triton-ca-cert", str(certificates["ca"])] if trust else []
+    with gateway_process(tmp_path, *flags, ready_path="/healthz") as gateway:
+        readiness = httpx.get(f"{gateway.http_url}/readyz", timeout=10)
+        if not ready:
+            assert readiness.status_code == 503 and message in readiness.json()["error"]["message"]
+            return
+        assert readiness.status_code == 200, readiness.text
+        status, out, err = classify(capsys, gateway.http_url, list(photos), "--json")
+    assert status == 0, err
+    assert {r["image"]: r["predictions"][0]["label"] for r in json.loads(out)} == photos
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"triton_url": "grpc://triton:8001", "triton_ca_cert": "ca"},
+            "triton_ca_cert is for a Triton reached over",
+        ),
+        ({"triton_url": "triton:8001", "triton_ca_cert": "ca"}, "give triton_url as grpcs:// or https://"),
+        ({"triton_url": "grpcs://triton:8001", "triton_ca_cert": "key"}, "{key} holds no PEM certificate"),
+        (
+            {"triton_url": "grpcs://triton:8001", "triton_protocol": "http"},
+            "is grpcs but triton_protocol is 'http'",
+        ),
+    ],
+)
+def test_triton_tls_settings_that_cannot_work_are_refused(certificates, settings, message):
+    paths = {name: str(path) for name, path in certificates.items()}
+    given = {key: paths.get(value, value) for key, value in settings.items()}
+    with pytest.raises(ValidationError, match=re.escape(message.format(**paths))):
+        Settings(**given)
+
+
+def test_a_tls_scheme_on_the_triton_url_turns_tls_on(monkeypatch, certificates):
+    over_grpc = Settings(triton_url="grpcs://triton:8001", triton_ca_cert=str(certificates["ca"]))
+    assert (over_grpc.triton_url, over_grpc.triton_protocol, over_grpc.triton_tls) == (
+        "triton:8001",
+        "grpc",
+        True,
+    )
+    monkeypatch.setenv("RESNET_TRITON_URL", "https://triton:8443")
+    assert (Settings().triton_protocol, Settings().triton_tls) == ("http", True)
+    assert Settings(triton_url="triton:8001").triton_tls is False
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--ssl-certfile", "{cert}"], "--ssl-certfile and --ssl-keyfile go together"),
+        (
+            ["--ssl-certfile", "{cert}", "--ssl-keyfile", "{encrypted_key}"],
+            "cannot serve gRPC over TLS: {encrypted_key} is",
+        ),
+        (
+            ["--ssl-certfile", "{cert}", "--ssl-keyfile", "{other_key}"],
+            "{other_key} is not the private key of",
+        ),
+    ],
+)
+def test_triton_serve_with_tls_files_that_cannot_work_is_one_line(
+    certificates, pipeline_repository, capsys, flags, message
+):
+    paths = {name: str(path) for name, path in certificates.items()}
+    args = [
+        "triton",
+        "serve",
+        "--repository",
+        str(pipeline_repository),
+        *(flag.format(**paths) for flag in flags),
+    ]
+    assert resnet(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("resnet: error: ") and "\n" not in err and message.format(**paths) in err, err
