@@ -129,13 +129,17 @@ def torchrun_train_command(processes: int = 2) -> list[str]:
 
 
 @contextlib.contextmanager
-def threaded_http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
-    """`handler` serving on a free loopback port in a thread; its URL."""
+def threaded_http_server(
+    handler: type[BaseHTTPRequestHandler], tls: ssl.SSLContext | None = None
+) -> Iterator[str]:
+    """`handler` serving on a free loopback port in a thread (over TLS with `tls`, a server context); its URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
@@ -174,8 +178,8 @@ OTHER_SERVERS = {
 
 
 @contextlib.contextmanager
-def path_prefix_proxy(target: str, prefix: str) -> Iterator[str]:
-    """A reverse proxy that serves `target` under `prefix`, as an ingress does; its URL."""
+def path_prefix_proxy(target: str, prefix: str, tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """A reverse proxy that serves `target` under `prefix` (over TLS with `tls`), as an ingress does; its URL."""
     hop_by_hop = {"host", "content-length", "transfer-encoding", "connection", "content-encoding"}
 
     class Proxy(QuietHandler):
@@ -200,5 +204,5 @@ def path_prefix_proxy(target: str, prefix: str) -> Iterator[str]:
 
         do_POST = do_GET
 
-    with threaded_http_server(Proxy) as url:
+    with threaded_http_server(Proxy, tls) as url:
         yield url

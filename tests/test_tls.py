@@ -20,7 +20,7 @@ from cli.main import main as resnet
 from server.settings import Settings
 from tests.gateway_models import color_image
 from tests.grpc_support import gateway_process
-from tests.support import REPO_ROOT, other_web_server
+from tests.support import REPO_ROOT, other_web_server, path_prefix_proxy
 
 
 @pytest.fixture(scope="module")
@@ -328,3 +328,19 @@ def test_triton_serve_with_tls_files_that_cannot_work_is_one_line(
     assert resnet(args) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("resnet: error: ") and "\n" not in err and message.format(**paths) in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_the_gateway_reaches_triton_http_behind_a_tls_proxy(
+    tls_triton, certificates, photos, tmp_path, capsys
+):
+    # Triton's HTTP port has no TLS of its own: an ingress in front of it gives it one
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(certificates["cert"], certificates["key"])
+    with path_prefix_proxy(tls_triton.http_url, "", tls=server_side) as proxy:
+        flags = ["--backend", "triton", "--triton-url", proxy, "--triton-ca-cert", str(certificates["ca"])]
+        with gateway_process(tmp_path, *flags) as gateway:
+            status, out, err = classify(capsys, gateway.http_url, list(photos), "--json")
+    assert status == 0, err
+    assert {r["image"]: r["predictions"][0]["label"] for r in json.loads(out)} == photos
