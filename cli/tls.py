@@ -34,8 +34,7 @@ def _no_password() -> bytes:
 def check_server_files(certfile: Path, keyfile: Path) -> None:
     """ValueError saying why when the PEM certificate chain and its key cannot serve TLS together."""
     for path in (certfile, keyfile):
-        if not path.is_file():
-            raise ValueError(f"{path} is not a file")
+        _check_readable(path)
     _check_certificates(certfile)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
@@ -54,6 +53,15 @@ def check_server_files(certfile: Path, keyfile: Path) -> None:
         raise ValueError(f"{keyfile} {problem}") from None
 
 
+def _check_readable(path: Path) -> None:
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
+    try:
+        path.read_bytes()
+    except OSError as error:  # e.g. a key mounted 0600 for root into an image that runs as another user
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+
+
 def _check_certificates(path: Path) -> None:
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
@@ -66,7 +74,6 @@ def client_context(ca_file: Path | None) -> ssl.SSLContext:
     saying why when the file holds none."""
     if ca_file is None:
         return ssl.create_default_context()
-    if not ca_file.is_file():
-        raise ValueError(f"{ca_file} is not a file")
+    _check_readable(ca_file)
     _check_certificates(ca_file)
     return ssl.create_default_context(cafile=ca_file)

@@ -152,6 +152,22 @@ def test_certificate_files_that_cannot_serve_are_refused_at_start_up(certificate
         Settings(**{field: paths[name] for field, name in files.items()})
 
 
+def test_an_unreadable_key_is_named_not_a_traceback(certificates, monkeypatch):
+    # as root (CI) every file is readable: stand in for a key mounted 0600 for root into the gateway's image
+    read_bytes = Path.read_bytes
+
+    def refuse_the_key(path: Path) -> bytes:
+        if path == certificates["key"]:
+            raise PermissionError(13, "Permission denied")
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse_the_key)
+    with pytest.raises(
+        ValidationError, match=f"cannot read {re.escape(str(certificates['key']))}: Permission denied"
+    ):
+        Settings(ssl_certfile=str(certificates["cert"]), ssl_keyfile=str(certificates["key"]))
+
+
 def test_empty_certificate_variables_mean_no_tls(monkeypatch):
     monkeypatch.setenv("RESNET_SSL_CERTFILE", "")
     monkeypatch.setenv("RESNET_SSL_KEYFILE", " ")
