@@ -2,8 +2,9 @@
 
 Routes: `GET /v1/models`, `GET /v1/models/{name}`, `POST /v1/models/{name}/classify`, `GET /healthz`, `/readyz`,
 `/metrics`, the OpenAPI docs at `/docs`, the demo page at `/`, and Triton's KServe v2 HTTP API under `/v2`
-(server/kserve_http.py). Every error, ours or FastAPI's, leaves as `{"error": {"code", "message"}}` with a 4xx/5xx
-status that says what happened; under `/v2` as KServe's `{"error": "<message>"}`, so Triton clients read it.
+(server/kserve_http.py). Every error, ours or FastAPI's, leaves as `{"error": {"code", "message", "request_id"}}`
+with a 4xx/5xx status that says what happened; under `/v2` as KServe's `{"error": "<message>"}`, so Triton clients
+read it. Every answer carries `X-Request-ID`: the client's own when it sent a plausible one, else a new one.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -76,6 +79,7 @@ class ModelList(BaseModel):
 class ErrorBody(BaseModel):
     code: str
     message: str
+    request_id: str | None = None  # also the X-Request-ID header: quote it when reporting a 5xx
 
 
 class ErrorOut(BaseModel):
@@ -101,11 +105,34 @@ def route_path(scope: Scope) -> str:
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None, scope: Scope | None = None
 ) -> JSONResponse:
-    """The gateway's error shape, or KServe's for a request to /v2 (`scope`: the request's)."""
+    """The gateway's error shape with the request's ID, or KServe's for a request to /v2 (`scope`: the request's)."""
     if scope is not None and is_kserve_path(route_path(scope)):
         # KServe v2 / Triton: a bare message, and 400 for a request the server cannot use.
         return JSONResponse({"error": message}, status_code=400 if status == 422 else status, headers=headers)
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    error = {"code": code, "message": message}
+    if scope is not None and request_id_of(scope):
+        error["request_id"] = request_id_of(scope)
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+# --- request IDs: the client's X-Request-ID (a proxy's, or its own) or a new one, on every answer and error line ---
+
+
+REQUEST_ID_HEADER = b"x-request-id"
+# what an ID may hold: UUIDs, W3C trace IDs, AWS/nginx request IDs; nothing that could break a log line or header
+REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def assign_request_id(scope: Scope) -> str:
+    """The request's ID: the one it came with when that is a plausible ID, else a new one; kept in its state."""
+    offered = dict(scope["headers"]).get(REQUEST_ID_HEADER, b"")
+    request_id = offered.decode() if REQUEST_ID_PATTERN.fullmatch(offered) else uuid.uuid4().hex
+    scope.setdefault("state", {})["request_id"] = request_id
+    return request_id
+
+
+def request_id_of(scope: Scope) -> str | None:
+    return scope.get("state", {}).get("request_id")
 
 
 # --- middleware: metrics and the body limit, in plain ASGI (no per-request task like BaseHTTPMiddleware) ---------
@@ -123,11 +150,13 @@ class GatewayMiddleware:
             return
         started = time.perf_counter()
         status = 500
+        request_id = assign_request_id(scope).encode()
 
         async def send_with_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, request_id)]
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -195,7 +224,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception(
+            "unhandled error on %s %s (request %s)",
+            request.method,
+            request.url.path,
+            request_id_of(request.scope),
+        )
         message = f"internal error ({type(error).__name__}); see the gateway log"
         return error_response(500, "internal", message, scope=request.scope)
 
@@ -347,7 +381,8 @@ def health_router() -> APIRouter:
         """Readiness: models loaded and the backend reachable."""
         registry = registry_of(request)
         if not registry.ready():
-            return error_response(503, "not_ready", registry.not_ready_reason(), {"Retry-After": "1"})
+            reason = registry.not_ready_reason()
+            return error_response(503, "not_ready", reason, {"Retry-After": "1"}, request.scope)
         return JSONResponse({"status": "ready", "models": registry.names(), "backend": registry.backend.name})
 
     @router.get("/", include_in_schema=False)

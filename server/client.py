@@ -188,7 +188,13 @@ class GatewayHttp:
             if not (isinstance(error, dict) and "message" in error):
                 raise self._not_gateway(response, response.text)
             kind = ImageRejected if error.get("code") in GATEWAY_IMAGE_ERRORS else ClientError
-            raise kind(f"{self.url} answered {response.status_code}: {error['message']}")
+            # a server fault: the ID finds the gateway's log line
+            request = (
+                f" (request {error['request_id']})"
+                if response.status_code >= 500 and "request_id" in error
+                else ""
+            )
+            raise kind(f"{self.url} answered {response.status_code}: {error['message']}{request}")
         try:
             return read(body)
         except (KeyError, IndexError, TypeError, ValueError):

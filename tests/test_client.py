@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -411,3 +412,15 @@ def test_a_server_that_never_answers_is_given_up_after_timeout(photos, capsys, s
         waited = time.monotonic() - started
     assert capsys.readouterr().err.strip() == f"resnet: error: cannot reach {url}: timed out"
     assert waited < 30, f"gave up after {waited:.0f} s, not --timeout's 1 s"
+
+
+def test_a_server_fault_names_the_request_id_to_quote(photos, capsys, tmp_path):
+    # a gateway whose Triton is gone answers 503 backend_unavailable: a fault to report, with its request's ID
+    flags = ["--backend", "triton", "--triton-url", f"127.0.0.1:{free_port()}"]
+    with gateway_process(tmp_path, *flags, ready_path="/healthz") as broken:
+        args = [str(photos[0] / "0-red.jpeg"), "--url", broken.http_url, "--model", "colors"]
+        assert resnet(["client", "classify", *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(
+        rf"resnet: error: {broken.http_url} answered 503: .* \(request [0-9a-f]{{32}}\)", err
+    ), err

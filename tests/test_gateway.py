@@ -438,3 +438,55 @@ def test_serve_help_lists_flags_and_env_vars():
     names = ("--backend", "--max-batch-size", "RESNET_MAX_DELAY_MS", "--no-batching", "RESNET_API_KEYS")
     for text in (*names, "env RESNET_MODEL_REPOSITORY"):
         assert text in " ".join(result.stdout.split())
+
+
+# --- request IDs -------------------------------------------------------------------------------------------
+
+
+def test_every_answer_carries_a_request_id_and_errors_repeat_it(client):
+    answers = [
+        client.get("/healthz"),
+        client.post("/v1/models/colors/classify", content=color_image("red"), headers=JPEG),
+        client.get("/v1/models/nope"),
+    ]
+    ids = [answer.headers["x-request-id"] for answer in answers]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", request_id) for request_id in ids) and len(set(ids)) == 3
+    assert assert_error(answers[2], 404, "model_not_found")["error"]["request_id"] == ids[2]
+
+
+@pytest.mark.parametrize(
+    ("offered", "kept"),
+    [
+        ("4bf92f3577b34da6a3ce929d0e0e4736", True),  # a W3C trace ID
+        ("Root=1-67891233-abcdef012345678912345678", True),  # AWS's X-Amzn-Trace-Id form
+        ("req/2026-12-07:42", True),
+        ("x" * 129, False),  # too long for a log line
+        ("two words", False),
+        ("", False),
+    ],
+)
+def test_a_plausible_request_id_from_the_client_is_kept_and_others_replaced(client, offered, kept):
+    answer = client.get("/v1/models/nope", headers={"X-Request-ID": offered})
+    request_id = answer.headers["x-request-id"]
+    assert (request_id == offered) is kept and answer.json()["error"]["request_id"] == request_id
+    if not kept:
+        assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+
+
+def test_kserve_errors_keep_their_shape_and_carry_the_id_in_the_header(client):
+    answer = client.get("/v2/models/nope", headers={"X-Request-ID": "trace-7"})
+    assert answer.status_code == 404 and set(answer.json()) == {"error"}
+    assert isinstance(answer.json()["error"], str) and answer.headers["x-request-id"] == "trace-7"
+
+
+def test_an_unexpected_error_is_logged_with_its_request_id(repository, monkeypatch, caplog):
+    def broken(self, name):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ModelRegistry, "get", broken)
+    app = create_app(Settings(repository=repository, grpc_port=0))
+    with TestClient(app, raise_server_exceptions=False) as bug_client:
+        answer = bug_client.get("/v1/models/colors", headers={"X-Request-ID": "support-ticket-9"})
+    body = assert_error(answer, 500, "internal", "RuntimeError")
+    assert body["error"]["request_id"] == "support-ticket-9"
+    assert "unhandled error on GET /v1/models/colors (request support-ticket-9)" in caplog.text
