@@ -1,6 +1,8 @@
-"""TLS: `resnet serve --ssl-certfile/--ssl-keyfile` serves HTTPS and gRPC over TLS from one certificate, and
-`resnet client` reaches it at https:// and grpcs:// trusting a private CA (--ca-cert); a certificate, key or URL
-that cannot work is one line naming the fix. The CA is trustme's (the `certificates` fixture)."""
+"""TLS, with real processes on loopback: `resnet serve --ssl-certfile/--ssl-keyfile` serves HTTPS and gRPC over TLS
+from one certificate; `resnet client` and `resnet loadtest` reach it at https:// and grpcs:// trusting a private CA
+(--ca-cert); `resnet triton serve --ssl-*` serves Triton's gRPC over TLS and the gateway reaches it (grpcs://, or
+https:// through a TLS proxy, with --triton-ca-cert). A certificate, key or URL that cannot work is one line naming
+the fix. The CA is trustme's (the `certificates` fixture)."""
 
 from __future__ import annotations
 
