@@ -39,6 +39,7 @@ from server.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from server.logs import CURRENT_REQUEST_ID, log_access
 from server.metrics import Metrics
 from server.registry import ModelRegistry, Prediction
 from server.settings import Settings
@@ -139,10 +140,11 @@ def request_id_of(scope: Scope) -> str | None:
 
 
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, access_log: bool = False) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -150,13 +152,14 @@ class GatewayMiddleware:
             return
         started = time.perf_counter()
         status = 500
-        request_id = assign_request_id(scope).encode()
+        request_id = assign_request_id(scope)
+        current = CURRENT_REQUEST_ID.set(request_id)
 
         async def send_with_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, request_id)]
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, request_id.encode())]
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -174,8 +177,12 @@ class GatewayMiddleware:
             self.metrics.in_flight.dec()
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
+            elapsed = time.perf_counter() - started
             self.metrics.requests.labels(label, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+            self.metrics.latency.labels(label).observe(elapsed)
+            if self.access_log:
+                log_access(scope["method"], scope["path"], status, elapsed, scope.get("client"), request_id)
+            CURRENT_REQUEST_ID.reset(current)
 
     def _limited(self, receive: Receive) -> Receive:
         received = 0
@@ -224,14 +231,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        # Starlette answers this one outside every middleware: the ID comes from the request's state
+        request_id = request_id_of(request.scope)
         log.exception(
             "unhandled error on %s %s (request %s)",
             request.method,
             request.url.path,
-            request_id_of(request.scope),
+            request_id,
+            extra={"request_id": request_id},
         )
         message = f"internal error ({type(error).__name__}); see the gateway log"
-        return error_response(500, "internal", message, scope=request.scope)
+        headers = {"X-Request-ID": request_id} if request_id else None
+        return error_response(500, "internal", message, headers, request.scope)
 
 
 # --- routes ------------------------------------------------------------------------------------------------
@@ -437,5 +448,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(kserve_http.health_router())
     app.include_router(kserve_http.api_router(require_api_key))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(GatewayMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        GatewayMiddleware,
+        metrics=app.state.metrics,
+        max_body_bytes=settings.max_body_bytes,
+        access_log=settings.access_log,
+    )
     return app

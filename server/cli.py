@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.config
 
 from pydantic import ValidationError
 
 from cli.errors import ResnetError
 from cli.ports import check_port_free
+from server.logs import logging_config
 from server.preprocessing import PILLOW_PIXEL_LIMIT
 from server.settings import Settings, env_name
 
@@ -65,6 +67,12 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--ssl-keyfile", "ssl_keyfile", str, "PEM private key of --ssl-certfile (not encrypted)"),
     ("--log-level", "log_level", str, "critical, error, warning, info or debug"),
     (
+        "--log-format",
+        "log_format",
+        str,
+        "text, or json: one object per line with request_id and other fields",
+    ),
+    (
         "--root-path",
         "root_path",
         str,
@@ -99,7 +107,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="batch requests in the gateway; --no-batching sends each request on its own and leaves "
         "batching to Triton (env RESNET_BATCHING; default: on)",
     )
-    parser.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        default=None,
+        help="log every request with its ID, status and duration (costs throughput; env RESNET_ACCESS_LOG)",
+    )
     return parser
 
 
@@ -107,8 +120,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     overrides = {
         field: getattr(args, field) for _, field, _, _ in FLAGS if getattr(args, field, None) is not None
     }
-    if getattr(args, "batching", None) is not None:
-        overrides["batching"] = args.batching
+    for flag in ("batching", "access_log"):
+        if getattr(args, flag, None) is not None:
+            overrides[flag] = getattr(args, flag)
     try:
         return Settings(**overrides)
     except ValidationError as error:
@@ -130,9 +144,7 @@ def main(args: argparse.Namespace) -> int:
         )
     check_port_free(settings.host, settings.port, "HTTP", "--port")
     check_port_free(settings.host, settings.grpc_port, "gRPC", "--grpc-port (0 disables gRPC)")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
     app = create_app(settings)
     # uvicorn stops accepting on SIGTERM/Ctrl-C, finishes in-flight requests (up to the grace period), then runs
     # the lifespan shutdown, which answers whatever is still queued before the backends close.
@@ -141,7 +153,8 @@ def main(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        access_log=args.access_log,
+        log_config=None,  # configured above, uvicorn's loggers included
+        access_log=False,  # the gateway writes its own (settings.access_log), with request IDs
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         root_path=settings.root_path,
         ssl_certfile=settings.ssl_certfile,

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level"
     )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text lines, or one JSON object per line (for a log service)"
+    )
+    access_log: bool = Field(False, description="log every request with its ID, status and duration")
     root_path: str = Field(
         "",
         description="path prefix a reverse proxy serves the gateway under, e.g. /resnet (for /docs and OpenAPI)",
@@ -139,7 +143,7 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a path prefix like /resnet")
         return prefix
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

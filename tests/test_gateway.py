@@ -488,5 +488,5 @@ def test_an_unexpected_error_is_logged_with_its_request_id(repository, monkeypat
     with TestClient(app, raise_server_exceptions=False) as bug_client:
         answer = bug_client.get("/v1/models/colors", headers={"X-Request-ID": "support-ticket-9"})
     body = assert_error(answer, 500, "internal", "RuntimeError")
-    assert body["error"]["request_id"] == "support-ticket-9"
+    assert body["error"]["request_id"] == answer.headers["x-request-id"] == "support-ticket-9"
     assert "unhandled error on GET /v1/models/colors (request support-ticket-9)" in caplog.text

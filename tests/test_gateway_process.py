@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import signal
 import socket
 import time
@@ -220,3 +222,31 @@ def test_bundled_repository_serves_real_photos(imagenet_samples, tmp_path):
                 scores = [p["score"] for p in result["predictions"]]
                 assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
                 assert all(p["label"] == labels[p["index"]] for p in result["predictions"])
+
+
+def test_json_logs_and_the_access_log_carry_request_ids(repository, tmp_path):
+    with gateway(repository, tmp_path, "--log-format", "json", "--access-log") as (url, _):
+        traced = {**JPEG, "X-Request-ID": "trace-1"}
+        assert httpx.post(
+            f"{url}/v1/models/colors/classify", content=color_image("red"), headers=traced
+        ).is_success
+        untraced = httpx.get(f"{url}/v1/models/nope").headers["x-request-id"]
+    records = [
+        json.loads(line) for line in (tmp_path / "gateway.log").read_text().splitlines() if line.strip()
+    ]
+    assert any("Uvicorn running on" in record["message"] for record in records)  # uvicorn's lines too
+    access = {record["request_id"]: record for record in records if record["logger"] == "resnet.access"}
+    assert access["trace-1"]["path"] == "/v1/models/colors/classify" and access["trace-1"]["status"] == 200
+    assert access["trace-1"]["duration_ms"] > 0 and access["trace-1"]["client"].startswith("127.0.0.1:")
+    assert access[untraced]["status"] == 404 and access[untraced]["method"] == "GET"
+    assert all(record["time"].endswith("+00:00") for record in records)  # ISO 8601, UTC
+
+
+def test_the_text_access_log_names_the_request(repository, tmp_path):
+    with gateway(repository, tmp_path, "--access-log") as (url, _):
+        httpx.get(f"{url}/v1/models/nope", headers={"X-Request-ID": "trace-2"})
+    log = (tmp_path / "gateway.log").read_text()
+    assert re.search(
+        r" INFO resnet\.access: GET /v1/models/nope 404 [0-9.]+ ms \(request trace-2, client 127\.0\.0\.1:",
+        log,
+    )
