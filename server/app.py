@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -39,7 +37,7 @@ from server.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from server.logs import CURRENT_REQUEST_ID, log_access
+from server.logs import CURRENT_REQUEST_ID, REQUEST_ID_HEADER, log_access, request_id_from
 from server.metrics import Metrics
 from server.registry import ModelRegistry, Prediction
 from server.settings import Settings
@@ -119,15 +117,10 @@ def error_response(
 # --- request IDs: the client's X-Request-ID (a proxy's, or its own) or a new one, on every answer and error line ---
 
 
-REQUEST_ID_HEADER = b"x-request-id"
-# what an ID may hold: UUIDs, W3C trace IDs, AWS/nginx request IDs; nothing that could break a log line or header
-REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
-
-
 def assign_request_id(scope: Scope) -> str:
-    """The request's ID: the one it came with when that is a plausible ID, else a new one; kept in its state."""
-    offered = dict(scope["headers"]).get(REQUEST_ID_HEADER, b"")
-    request_id = offered.decode() if REQUEST_ID_PATTERN.fullmatch(offered) else uuid.uuid4().hex
+    """The request's ID (`request_id_from` its X-Request-ID), kept in its state for the error handlers."""
+    offered = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode(), b"")
+    request_id = request_id_from(offered.decode("latin-1"))
     scope.setdefault("state", {})["request_id"] = request_id
     return request_id
 
@@ -159,7 +152,10 @@ class GatewayMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, request_id.encode())]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (REQUEST_ID_HEADER.encode(), request_id.encode()),
+                ]
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -181,7 +177,8 @@ class GatewayMiddleware:
             self.metrics.requests.labels(label, scope["method"], str(status)).inc()
             self.metrics.latency.labels(label).observe(elapsed)
             if self.access_log:
-                log_access(scope["method"], scope["path"], status, elapsed, scope.get("client"), request_id)
+                client = ":".join(map(str, scope["client"])) if scope.get("client") else "-"
+                log_access(scope["method"], scope["path"], status, elapsed, client, request_id)
             CURRENT_REQUEST_ID.reset(current)
 
     def _limited(self, receive: Receive) -> Receive:

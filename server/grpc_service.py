@@ -33,6 +33,7 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from server import errors
+from server.logs import CURRENT_REQUEST_ID, REQUEST_ID_HEADER, log_access, request_id_from
 from server.metrics import Metrics
 from server.registry import ModelRegistry, ServedModel
 from server.settings import Settings
@@ -598,11 +599,13 @@ def _checked(behavior, handler: grpc.RpcMethodHandler, message: str):
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every call by method and final status code, with its latency, into the gateway's /metrics.
+    """Counts every call by method and final status code, with its latency, into the gateway's /metrics, and
+    gives it a request ID (its `x-request-id` metadata when plausible) for the logs and the access log.
     Installed first, so calls the API-key check refuses are counted too (UNAUTHENTICATED)."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, access_log: bool = False) -> None:
         self.metrics = metrics
+        self.access_log = access_log
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -615,6 +618,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     @contextlib.contextmanager
     def _measured(self, method: str, context: grpc.aio.ServicerContext):
         started = time.perf_counter()
+        offered = dict(context.invocation_metadata() or ()).get(REQUEST_ID_HEADER)
+        request_id = request_id_from(offered if isinstance(offered, str) else None)
+        current = CURRENT_REQUEST_ID.set(request_id)
         self.metrics.grpc_in_flight.inc()
         code = grpc.StatusCode.UNKNOWN  # what gRPC answers for an exception nothing turned into a status
         try:
@@ -627,9 +633,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
+            elapsed = time.perf_counter() - started
             self.metrics.grpc_in_flight.dec()
             self.metrics.grpc_requests.labels(method, _code_name(code)).inc()
-            self.metrics.grpc_latency.labels(method).observe(time.perf_counter() - started)
+            self.metrics.grpc_latency.labels(method).observe(elapsed)
+            if self.access_log:
+                log_access("gRPC", method, _code_name(code), elapsed, context.peer() or "-", request_id)
+            CURRENT_REQUEST_ID.reset(current)
 
     def _unary(self, behavior, method: str):
         async def measured(request, context):
@@ -709,7 +719,7 @@ def tls_credentials(settings: Settings) -> grpc.ServerCredentials:
 async def start(app, settings: Settings) -> GrpcHandle:
     """Bind the gRPC port on `settings.host` and serve the app's registry; raises OSError if the port is taken."""
     registry: ModelRegistry = app.state.registry
-    interceptors = [MetricsInterceptor(app.state.metrics)]
+    interceptors = [MetricsInterceptor(app.state.metrics, settings.access_log)]
     if settings.api_keys:
         interceptors.append(ApiKeyInterceptor(settings.api_keys))
     interceptors.append(UndecodableRequestInterceptor())

@@ -6,12 +6,22 @@ the ID or the time a request took."""
 from __future__ import annotations
 
 import logging
+import re
+import uuid
 from contextvars import ContextVar
 
 # The ID of the request being answered in this task (set by the gateway's middleware).
 CURRENT_REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 ACCESS_LOG = logging.getLogger("resnet.access")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+REQUEST_ID_HEADER = "x-request-id"  # HTTP header and gRPC metadata key
+# what an ID may hold: UUIDs, W3C trace IDs, AWS/nginx request IDs; nothing that could break a log line or header
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def request_id_from(offered: str | None) -> str:
+    """The ID a request came with when that is a plausible ID, else a new one."""
+    return offered if offered and REQUEST_ID_PATTERN.fullmatch(offered) else uuid.uuid4().hex
 
 
 class RequestIdFilter(logging.Filter):
@@ -60,24 +70,24 @@ def json_formatter() -> dict:
 
 
 def log_access(
-    method: str, path: str, status: int, seconds: float, client: tuple | None, request_id: str
+    method: str, path: str, status: int | str, seconds: float, client: str, request_id: str
 ) -> None:
-    """One line per answered request: the text says it, the fields (JSON) let a log service filter on them."""
-    address = f"{client[0]}:{client[1]}" if client else "-"
+    """One line per answered request (HTTP: its status; gRPC: its code's name): the text says it, the fields (JSON)
+    let a log service filter on them."""
     ACCESS_LOG.info(
-        "%s %s %d %.1f ms (request %s, client %s)",
+        "%s %s %s %.1f ms (request %s, client %s)",
         method,
         path,
         status,
         seconds * 1000,
         request_id,
-        address,
+        client,
         extra={
             "method": method,
             "path": path,
             "status": status,
             "duration_ms": round(seconds * 1000, 2),
-            "client": address,
+            "client": client,
             "request_id": request_id,
         },
     )

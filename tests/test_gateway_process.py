@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.gateway_models import LABELS, color_image, write_colors_model
-from tests.support import REPO_ROOT, metric, path_prefix_proxy, running_gateway, wait_until
+from tests.support import REPO_ROOT, free_port, metric, path_prefix_proxy, running_gateway, wait_until
 
 pytestmark = pytest.mark.slow
 JPEG = {"content-type": "image/jpeg"}
@@ -250,3 +250,24 @@ def test_the_text_access_log_names_the_request(repository, tmp_path):
         r" INFO resnet\.access: GET /v1/models/nope 404 [0-9.]+ ms \(request trace-2, client 127\.0\.0\.1:",
         log,
     )
+
+
+def test_grpc_calls_are_in_the_access_log_with_their_request_id(repository, tmp_path):
+    import tritonclient.grpc as grpcclient
+
+    grpc_port = free_port()
+    flags = ("--grpc-port", str(grpc_port), "--log-format", "json", "--access-log")
+    with (
+        gateway(repository, tmp_path, *flags),
+        grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client,
+    ):
+        assert client.is_model_ready("colors", headers={"x-request-id": "grpc-trace-1"})
+        client.is_model_ready("colors", headers={"x-request-id": "not an id"})
+    records = [
+        json.loads(line) for line in (tmp_path / "gateway.log").read_text().splitlines() if line.strip()
+    ]
+    calls = [
+        record for record in records if record["logger"] == "resnet.access" and record["method"] == "gRPC"
+    ]
+    assert [(call["path"], call["status"]) for call in calls] == [("ModelReady", "OK")] * 2
+    assert calls[0]["request_id"] == "grpc-trace-1" and re.fullmatch(r"[0-9a-f]{32}", calls[1]["request_id"])
