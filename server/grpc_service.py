@@ -639,7 +639,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             self.metrics.grpc_latency.labels(method).observe(elapsed)
             if self.access_log:
                 log_access("gRPC", method, _code_name(code), elapsed, context.peer() or "-", request_id)
-            CURRENT_REQUEST_ID.reset(current)
+            # a stream closed from another context (GeneratorExit) cannot reset it; that must not fail the call
+            with contextlib.suppress(ValueError):
+                CURRENT_REQUEST_ID.reset(current)
 
     def _unary(self, behavior, method: str):
         async def measured(request, context):

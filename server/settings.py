@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     )
     triton_url: str = Field(
         "127.0.0.1:8001",
-        description="Triton address host:port (gRPC or HTTP port per protocol; http:// or grpc:// names the protocol)",
+        description="Triton address host:port (gRPC or HTTP port per protocol; http:// or grpc:// names the protocol, "
+        "https:// or grpcs:// TLS as well)",
     )
     triton_protocol: Literal["grpc", "http"] = Field("grpc", description="protocol to Triton")
     triton_tls: bool = Field(
