@@ -117,6 +117,18 @@ def discover_kserve_model(base_url: str, api_key: str = "", ca_cert: str = "") -
     return kserve_models(base_url, api_key, ca_cert)[0]
 
 
+def http_failure(status: int, text: str) -> str:
+    """A failed answer as Locust's failure table shows it, which counts identical strings as one row: the gateway's
+    error code (its messages hold request IDs and queue counts: one row per request), else the body's start."""
+    try:
+        error = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("code"), str):
+        return f"HTTP {status} {error['code']}"
+    return f"HTTP {status}: {(error if isinstance(error, str) else text)[:200]}"  # KServe's: the message
+
+
 def check_prediction(body: object, model: str, top_k: int) -> str | None:
     """Why a classification body is wrong, or None when it is a valid top-k answer from `model`."""
     if not isinstance(body, dict):

@@ -44,6 +44,7 @@ from loadtest.checks import (  # noqa: E402
     grpc_client,
     grpc_models,
     grpc_target,
+    http_failure,
     listed_names,
 )
 from loadtest.images import IMAGES_SENT, check_folder, load_images  # noqa: E402
@@ -176,7 +177,7 @@ class ClassifyUser(HttpUser):
             "/v1/models", headers=self.headers, name="list models", catch_response=True
         ) as response:
             if response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                response.failure(http_failure(response.status_code, response.text))
                 return
             try:
                 missing = self.model not in listed_names(response.json())
@@ -188,7 +189,7 @@ class ClassifyUser(HttpUser):
 
     def _validate(self, response, expected: int) -> None:
         if response.status_code != 200:
-            response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+            response.failure(http_failure(response.status_code, response.text))
             return
         try:
             body = response.json()
@@ -301,7 +302,7 @@ class KServeHttpUser(HttpUser):
             self.path, data=body, headers=headers, name="infer 1 image (/v2)", catch_response=True
         ) as response:
             if response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                response.failure(http_failure(response.status_code, response.text))
                 return
             length = response.headers.get("Inference-Header-Content-Length")
             result = self.httpclient.InferenceServerClient.parse_response_body(

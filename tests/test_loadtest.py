@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import report, shapes
-from loadtest.checks import check_classification, check_prediction, grpc_target
+from loadtest.checks import check_classification, check_prediction, grpc_target, http_failure
 from loadtest.cli import LOCUSTFILE, LoadTestError, check_flags, get_args_parser, parse_duration
 from loadtest.images import generate, load_images
 from tests.gateway_models import write_colors_model
@@ -146,6 +146,22 @@ def test_history_gives_exact_throughput_and_per_step_medians(tmp_path):
     steps = report.steps_by_users(history, settle_s=2)
     assert [(s["users"], s["rps"], s["p50"], s["p99"]) for s in steps] == [(2, 10, 20, 60), (4, 16, 40, 120)]
     assert report.plot_run(history, tmp_path, "t")[-1].name == "latency_vs_throughput.png"
+
+
+def test_failures_group_by_the_gateways_error_code_not_by_request():
+    def overloaded(request_id: str, held: int) -> str:
+        message = f"model 'colors' holds {held} images (limit 4); retry later"
+        return json.dumps({"error": {"code": "overloaded", "message": message, "request_id": request_id}})
+
+    assert (
+        http_failure(503, overloaded("a1", 3))
+        == http_failure(503, overloaded("b2", 4))
+        == "HTTP 503 overloaded"
+    )
+    assert http_failure(400, json.dumps({"error": "unexpected inference input 'x'"})) == (
+        "HTTP 400: unexpected inference input 'x'"  # KServe's shape: the message is the error
+    )
+    assert http_failure(502, "<html>Bad Gateway</html>") == "HTTP 502: <html>Bad Gateway</html>"
 
 
 def test_wrong_or_empty_predictions_are_failures():
