@@ -482,6 +482,10 @@ def gateway_command(
         "RESNET_LOG_LEVEL": "warning",
         "RESNET_API_KEYS": "",
         "RESNET_QUEUE_SIZE": "4096",
+        # plain HTTP, no per-request log line, whatever the shell that runs the bench has set
+        "RESNET_SSL_CERTFILE": "",
+        "RESNET_SSL_KEYFILE": "",
+        "RESNET_ACCESS_LOG": "false",
     }
     return command, env
 
