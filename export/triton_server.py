@@ -120,6 +120,7 @@ class TritonServer:
     Attributes after start: `http_url` ("http://host:port"), `http_address` ("host:port", what
     tritonclient.http takes), `grpc_url` ("host:port", what tritonclient.grpc takes), `metrics_url`.
     `models` limits loading to those names (explicit model control); None loads the whole repository.
+    `grpc_tls` (certificate chain, key) serves gRPC over TLS; `grpc_url` stays host:port.
     """
 
     def __init__(
@@ -145,9 +146,8 @@ class TritonServer:
         self.grpc_port = grpc_port or _free_port(host)
         self.metrics_port = metrics_port or _free_port(host)
         self.models = models
-        self.grpc_tls = (
-            grpc_tls  # (certificate chain, key): gRPC over TLS; Triton's HTTP has no TLS of its own
-        )
+        # (certificate chain, key): gRPC over TLS; Triton's HTTP has no TLS of its own
+        self.grpc_tls = grpc_tls
         self.startup_timeout = startup_timeout
         self.log_verbose = log_verbose
         self.stream_log = stream_log
