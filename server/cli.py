@@ -94,7 +94,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     for flag, field, kind, text in FLAGS:
         default = defaults[field].get_default(call_default_factory=True)
-        shown = (",".join(default) if isinstance(default, list) else default) or "none"
+        shown = ",".join(default) if isinstance(default, list) else default
+        shown = "none" if shown in (None, "") else shown  # not 0: --intra-op-threads 0 means all cores
         env = env_name(field)
         parser.add_argument(
             flag, dest=field, type=kind, default=None, help=f"{text} (env {env}; default: {shown})"

@@ -34,3 +34,10 @@ def test_help_shows_no_empty_defaults(module, monkeypatch):
         assert empty not in text, (
             f"{module} --help: {text[max(0, text.find(empty) - 160) : text.find(empty) + 20]}"
         )
+
+
+def test_serve_help_shows_a_zero_default_as_zero():
+    from server.cli import get_args_parser
+
+    text = " ".join(get_args_parser().format_help().split())
+    assert "RESNET_INTRA_OP_THREADS; default: 0)" in text and "RESNET_SSL_CERTFILE; default: none)" in text
