@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import shlex
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -328,7 +329,13 @@ def adjacent_raw(plan: BenchPlan, raw: RawRuntime, best_batch: int, measure):
 
 
 async def _load(
-    url: str, images: list[bytes], concurrency: int, seconds: float, warmup_s: float, headers: dict[str, str]
+    url: str,
+    images: list[bytes],
+    concurrency: int,
+    seconds: float,
+    warmup_s: float,
+    headers: dict[str, str],
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[list[float], int, float]:
     """Keep `concurrency` single-image requests in flight; latencies (s) of those that completed in the window."""
     import aiohttp
@@ -360,7 +367,7 @@ async def _load(
                 else:
                     errors += 1
 
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency, ssl=tls or True)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*(worker(i, session) for i in range(concurrency)))
@@ -375,11 +382,12 @@ def http_load(
     concurrency: int,
     seconds: float,
     warmup_s: float,
+    tls: ssl.SSLContext | None = None,
 ) -> LoadResult:
     url = f"{base_url}/v1/models/{model_name}/classify?top_k=5"
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     latencies, errors, window = asyncio.run(
-        _load(url, images, concurrency, seconds, warmup_s, {"Content-Type": "image/jpeg"})
+        _load(url, images, concurrency, seconds, warmup_s, {"Content-Type": "image/jpeg"}, tls)
     )
     # The client shares the cores with the server: how much of them it took is part of the result.
     client_cores = (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
@@ -403,7 +411,9 @@ def http_load(
     )
 
 
-def _wait_http(url: str, process: subprocess.Popen, timeout: float, log: Path) -> None:
+def _wait_http(
+    url: str, process: subprocess.Popen, timeout: float, log: Path, tls: ssl.SSLContext | None = None
+) -> None:
     import urllib.error
     import urllib.request
 
@@ -413,7 +423,7 @@ def _wait_http(url: str, process: subprocess.Popen, timeout: float, log: Path) -
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
             raise BenchError(f"server exited with {process.returncode}: {tail[0]} (log: {log})")
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2, context=tls) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):

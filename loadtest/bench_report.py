@@ -256,6 +256,19 @@ def split_sections(text: str) -> tuple[str, list[tuple[str, str]]]:
     return parts[0], [(parts[i].strip(), parts[i + 1].strip("\n")) for i in range(1, len(parts), 2)]
 
 
+def replace_section(path: Path, title: str, body: str) -> None:
+    """`path` with its `## title` section replaced by `body` (added at the end when it has none); the rest kept."""
+    head, sections = split_sections(path.read_text()) if path.is_file() else ("# Benchmarks\n\n", [])
+    sections = [(name, body if name == title else text) for name, text in sections]
+    if title not in [name for name, _ in sections]:
+        sections.append((title, body))
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(
+        head.rstrip("\n") + "\n\n" + "\n".join(f"## {name}\n\n{text.strip()}\n" for name, text in sections)
+    )
+    os.replace(tmp, path)
+
+
 def write_markdown(results: dict, path: Path, img_prefix: str) -> None:
     _, existing = split_sections(path.read_text()) if path.is_file() else ("", [])
     machine = results["machine"]

@@ -124,3 +124,40 @@ def test_a_load_with_no_completed_request_says_why(delay_s, status, message):
         pytest.raises(BenchError, match=f"^gateway: {re.escape(message)}"),
     ):
         http_load("gateway", url, "m", [b"jpeg"], concurrency=2, seconds=0.5, warmup_s=0)
+
+
+@pytest.mark.slow
+def test_tls_cost_measures_both_transports_and_writes_its_section(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n" + FOREIGN)
+    command = [
+        sys.executable,
+        "-m",
+        "loadtest.tls_cost",
+        "--seconds",
+        "1",
+        "--rounds",
+        "1",
+        "--concurrency",
+        "2",
+    ]
+    result = subprocess.run(
+        [*command, "--doc", str(doc)], capture_output=True, text=True, timeout=180, cwd=REPO_ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, sections = split_sections(doc.read_text())
+    assert [title for title, _ in sections] == ["Export: runtimes on this CPU", "TLS cost (gateway)"]
+    text = dict(sections)["TLS cost (gateway)"]
+    assert re.search(r"\| 1 \| HTTP \| [0-9.]+ \|", text) and re.search(r"\| 1 \| HTTPS \| [0-9.]+ \|", text)
+    assert re.search(r"HTTPS / HTTP: gateway CPU per image x[0-9.]+, throughput x[0-9.]+", text)
+
+
+def test_tls_cost_refuses_flags_that_cannot_measure(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest.tls_cost", "--rounds", "0"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == "python -m loadtest.tls_cost: error: --rounds must be at least 1, got 0"
