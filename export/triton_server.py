@@ -108,10 +108,15 @@ def triton_environment(install: TritonInstall) -> dict[str, str]:
     return env
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+def _free_ports(host: str, count: int) -> list[int]:
+    """`count` distinct free ports on `host`, bound together (one at a time the kernel may repeat one)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)
+        ]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 class TritonServer:
@@ -142,9 +147,15 @@ class TritonServer:
         self.repository = Path(repository).resolve()
         self.host = host
         self.grpc_host = grpc_host or host
-        self.http_port = http_port or _free_port(host)
-        self.grpc_port = grpc_port or _free_port(host)
-        self.metrics_port = metrics_port or _free_port(host)
+        given = (http_port, grpc_port, metrics_port)
+        missing = given.count(None) + given.count(0)
+        # 3 more than needed: enough left whatever was given
+        spare = iter(
+            [port for port in _free_ports(host, missing + 3) if port not in given] if missing else []
+        )
+        self.http_port = http_port or next(spare)
+        self.grpc_port = grpc_port or next(spare)
+        self.metrics_port = metrics_port or next(spare)
         self.models = models
         # (certificate chain, key): gRPC over TLS; Triton's HTTP has no TLS of its own
         self.grpc_tls = grpc_tls

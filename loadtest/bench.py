@@ -411,9 +411,10 @@ def http_load(
     )
 
 
-def _wait_http(
+def wait_http(
     url: str, process: subprocess.Popen, timeout: float, log: Path, tls: ssl.SSLContext | None = None
 ) -> None:
+    """Until `url` answers 200 (over TLS trusting `tls`); BenchError when the process exits or time runs out."""
     import urllib.error
     import urllib.request
 
@@ -455,7 +456,7 @@ def serving(
         )
         try:
             base = f"http://127.0.0.1:{port}"
-            _wait_http(base + ready_path, process, timeout, log)
+            wait_http(base + ready_path, process, timeout, log)
             yield base
         finally:
             with contextlib.suppress(ProcessLookupError):
@@ -467,12 +468,19 @@ def serving(
                 process.wait()
 
 
-def _free_port() -> int:
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports, bound together (one at a time the kernel may repeat one)."""
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def gateway_command(
@@ -514,7 +522,7 @@ def bench_gateway(
     ]
     results = []
     for label, batching, delay in points:
-        port = _free_port()
+        port = free_port()
         command, env = gateway_command(model, port, plan.threads, batching, delay)
         with serving(command, port, scratch / f"gateway-{batching}-{delay:g}.log", env) as base:
             result, raw_beside = adjacent_raw(
@@ -537,7 +545,7 @@ def bench_grpc(plan: BenchPlan, model: ModelUnderTest, images: list[bytes], scra
     """HTTP then gRPC against one gateway process (batching on, the sweep's first delay), same photos."""
     from server.grpc_bench import compare
 
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_ports(2)
     command, env = gateway_command(model, port, plan.threads, True, plan.delays_ms[0])
     env["RESNET_GRPC_PORT"] = str(grpc_port)
     concurrencies = (1, 8) if plan.quick else (1, 8, 32)
@@ -555,7 +563,7 @@ def bench_naive(
     raw: RawRuntime,
     best_batch: int,
 ) -> LoadResult:
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable,
         "-m",
@@ -595,7 +603,7 @@ def bench_loadtest(plan: BenchPlan, model: ModelUnderTest, scratch: Path, img_di
     from loadtest import cli as loadtest_cli
     from loadtest import report
 
-    port = _free_port()
+    port = free_port()
     command, env = gateway_command(
         model, port, plan.threads, True, plan.delays_ms[min(1, len(plan.delays_ms) - 1)]
     )

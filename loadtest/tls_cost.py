@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli.help import HelpFormatter
-from loadtest.bench import REPO_ROOT, BenchError, _free_port, _wait_http, http_load
+from loadtest.bench import REPO_ROOT, BenchError, free_port, http_load, wait_http
 from loadtest.bench_report import replace_section
 from loadtest.images import IMAGES_SENT, check_folder, load_images
 
@@ -75,7 +75,7 @@ def images_counted(base_url: str, context: ssl.SSLContext | None) -> float:
 @contextlib.contextmanager
 def gateway(args: argparse.Namespace, tls: tuple[Path, Path] | None, log: Path):
     """`resnet serve` on a free loopback port (HTTPS with `tls`); yields (base URL, process)."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "RESNET_HOST": "127.0.0.1",
@@ -113,7 +113,7 @@ def measure(
 ) -> Run:
     transport = "HTTPS" if client else "HTTP"
     with gateway(args, tls_files if client else None, log) as (base, process):
-        _wait_http(f"{base}/readyz", process, 120, log, client)
+        wait_http(f"{base}/readyz", process, 120, log, client)
         counted, cpu = images_counted(base, client), cpu_seconds(process.pid)
         load = http_load(transport, base, args.model, images, args.concurrency, args.seconds, 1.0, client)
         served = images_counted(base, client) - counted

@@ -19,7 +19,7 @@ from export.repository import (
     write_model,
 )
 from tests.gateway_models import LABELS, TINY_SPEC, write_colors_model
-from tests.support import free_port, running_process
+from tests.support import free_ports, running_process
 
 API_KEY = "grpc-test-key"
 
@@ -62,7 +62,7 @@ def gateway_process(
 ):
     """`resnet serve` on loopback with free HTTP and gRPC ports; yields once `ready_path` answers 2xx (over
     HTTPS trusting `tls`, for a gateway given its certificate in `flags`)."""
-    port, grpc_port = free_port(), free_port()
+    port, grpc_port = free_ports(2)
     command = [
         sys.executable,
         "-m",

@@ -26,10 +26,20 @@ SHARED_DATA = Path(os.environ.get("RESNET_SHARED_DATA", REPO_ROOT.parent / "shar
 VENV_BIN = Path(sys.executable).parent
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports: bound together, since one at a time the kernel may hand out the same
+    port twice (it did: a gateway given one port for HTTP and gRPC refused to start)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)
+        ]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_until(
@@ -109,7 +119,8 @@ def running_gateway(
     *flags: str, log_path: Path | None = None, timeout: float = 120, env: dict[str, str] | None = None
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """A real `resnet serve` on a free loopback port (gRPC off unless `flags` set it); yields (base URL, process)."""
-    port = free_port()
+    taken = int(flags[flags.index("--grpc-port") + 1]) if "--grpc-port" in flags else None
+    port = next(port for port in free_ports(2) if port != taken)
     command = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)]
     if "--grpc-port" not in flags:
         command += ["--grpc-port", "0"]

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO_ROOT, VENV_BIN, free_port, running_process
+from tests.support import REPO_ROOT, VENV_BIN, free_ports, running_process
 
 yaml = pytest.importorskip("yaml")
 
@@ -824,7 +824,7 @@ def gateway_healthcheck() -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
 def test_gateway_healthcheck_command_probes_a_running_gateway(tmp_path: Path, certificates, tls):
-    port, grpc_port = free_port(), free_port()
+    port, grpc_port = free_ports(2)
     # the repository the image bakes in at /models
     env = {
         "RESNET_HOST": "127.0.0.1",

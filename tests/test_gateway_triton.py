@@ -13,7 +13,7 @@ import pytest
 from server.registry import HEALTH_INTERVAL_S
 from tests.gateway_models import LABELS, color_image, write_colors_model
 from tests.grpc_support import gateway_process
-from tests.support import free_port, metric, running_gateway, wait_until
+from tests.support import free_ports, metric, running_gateway, wait_until
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 JPEG = {"content-type": "image/jpeg"}
@@ -62,7 +62,7 @@ def kserve_classify(url: str, color: str) -> httpx.Response:
 
 
 def test_kill_triton_mid_run_then_recover(triton_server, repository, tmp_path):
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+    ports = dict(zip(("http_port", "grpc_port", "metrics_port"), free_ports(3), strict=True))
     triton = triton_server(repository, log_path=tmp_path / "triton.log", **ports).start()
     try:
         with gateway(tmp_path, triton.grpc_url) as url:

@@ -21,6 +21,7 @@ from tests.support import (
     OTHER_SERVERS,
     REPO_ROOT,
     free_port,
+    free_ports,
     other_web_server,
     path_prefix_proxy,
     running_process,
@@ -205,7 +206,7 @@ API_KEY = "loadtest-key"  # the gateway under test requires it, so the users' au
 def gateway(tmp_path_factory):
     repository = tmp_path_factory.mktemp("repository")
     write_colors_model(repository)
-    port, grpc_port = free_port(), free_port()
+    port, grpc_port = free_ports(2)
     env = {
         "RESNET_MODEL_REPOSITORY": str(repository),
         "RESNET_PORT": str(port),

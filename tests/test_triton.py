@@ -27,7 +27,7 @@ from export.source import from_arch
 from export.triton_server import TritonServer, find_tritonserver
 from server.preprocessing import preprocess_image
 from server.spec import IMAGE_INPUT_NAME, INPUT_NAME, OUTPUT_NAME
-from tests.support import VENV_BIN, free_port, http_ok, wait_until
+from tests.support import VENV_BIN, free_ports, http_ok, wait_until
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -184,7 +184,7 @@ def test_metrics_endpoint_counts_inferences(triton):
 
 
 def test_cli_serves_until_sigterm_then_exits_cleanly(repository):
-    ports = [str(free_port()) for _ in range(3)]
+    ports = [str(port) for port in free_ports(3)]
     command = [
         str(VENV_BIN / "resnet"),
         "triton",
@@ -261,7 +261,7 @@ def test_a_port_in_use_is_refused_before_tritonserver_starts(tmp_path, port):
 @pytest.mark.parametrize("address", ["host", "grpc_host"])
 def test_an_address_not_of_this_machine_names_its_own_flag(tmp_path, address):
     (tmp_path / "r20" / "1").mkdir(parents=True)
-    ports = dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    ports = dict(zip(("http_port", "grpc_port", "metrics_port"), free_ports(3), strict=True))
     server = TritonServer(tmp_path, **{address: "192.0.2.1"}, **ports)  # TEST-NET-1: never this machine's
     flag = {"host": "--http-address", "grpc_host": "--grpc-address"}[address]
     with pytest.raises(TritonError, match=re.escape(f"(Cannot assign requested address); {flag} must be an")):
