@@ -1,8 +1,9 @@
 """A port the server about to start cannot bind, as one line before it starts (uvicorn, gRPC and tritonserver
-report it only from inside their start-up: a traceback, or after loading every model)."""
+report it only from inside their start-up: a traceback, or after loading every model); free ports to start on."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 
@@ -38,3 +39,19 @@ def check_port_free(
             raise error_type(
                 f"cannot bind the {what} port {host}:{port} ({error.strerror}); {remedy}"
             ) from None
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports free on `host` now: bound together, since one at a time the kernel may hand out the
+    same port twice (it did: a gateway given one port for HTTP and gRPC refused to start)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)
+        ]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_ports(1, host)[0]

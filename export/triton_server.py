@@ -18,7 +18,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -29,7 +28,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli.ports import check_port_free
+from cli.ports import check_port_free, free_ports
 from cli.tls import check_server_files
 from export.errors import TritonError
 from export.repository import versions
@@ -108,17 +107,6 @@ def triton_environment(install: TritonInstall) -> dict[str, str]:
     return env
 
 
-def _free_ports(host: str, count: int) -> list[int]:
-    """`count` distinct free ports on `host`, bound together (one at a time the kernel may repeat one)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [
-            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)
-        ]
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-
-
 class TritonServer:
     """A tritonserver process on `repository`; ports default to free ones. Use as a context manager.
 
@@ -150,9 +138,7 @@ class TritonServer:
         given = (http_port, grpc_port, metrics_port)
         missing = given.count(None) + given.count(0)
         # 3 more than needed: enough left whatever was given
-        spare = iter(
-            [port for port in _free_ports(host, missing + 3) if port not in given] if missing else []
-        )
+        spare = iter([port for port in free_ports(missing + 3, host) if port not in given] if missing else [])
         self.http_port = http_port or next(spare)
         self.grpc_port = grpc_port or next(spare)
         self.metrics_port = metrics_port or next(spare)

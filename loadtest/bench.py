@@ -40,6 +40,7 @@ import numpy as np
 from cli.errors import ResnetError
 from cli.help import HelpFormatter
 from cli.limits import MAX_THREADS
+from cli.ports import free_port, free_ports
 from loadtest.bench_report import efficiency, plot_delay_sweep, write_markdown
 from loadtest.images import IMAGES_SENT, check_folder, load_images
 
@@ -466,21 +467,6 @@ def serving(
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free loopback ports, bound together (one at a time the kernel may repeat one)."""
-    import socket
-
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 def gateway_command(

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli.help import HelpFormatter
-from loadtest.bench import REPO_ROOT, BenchError, free_port, http_load, wait_http
+from cli.ports import free_port
+from loadtest.bench import REPO_ROOT, BenchError, http_load, wait_http
 from loadtest.bench_report import replace_section
 from loadtest.images import IMAGES_SENT, check_folder, load_images
 

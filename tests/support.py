@@ -7,7 +7,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -21,25 +20,11 @@ from pathlib import Path
 
 import httpx
 
+from cli.ports import free_port, free_ports
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RESNET_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free loopback ports: bound together, since one at a time the kernel may hand out the same
-    port twice (it did: a gateway given one port for HTTP and gRPC refused to start)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [
-            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)
-        ]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 def wait_until(
