@@ -442,8 +442,10 @@ def serving(
     env: dict[str, str] | None = None,
     ready_path: str = "/readyz",
     timeout: float = 120,
-) -> Iterator[str]:
-    """Run a server process on loopback until the block ends; yields its base URL."""
+    tls: ssl.SSLContext | None = None,
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run a server process on loopback until the block ends (HTTPS trusting `tls`); yields its base URL and
+    the process."""
     import signal
 
     with open(log, "wb") as output:
@@ -456,9 +458,9 @@ def serving(
             cwd=REPO_ROOT,
         )
         try:
-            base = f"http://127.0.0.1:{port}"
-            wait_http(base + ready_path, process, timeout, log)
-            yield base
+            base = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+            wait_http(base + ready_path, process, timeout, log, tls)
+            yield base, process
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
@@ -470,7 +472,7 @@ def serving(
 
 
 def gateway_command(
-    model: ModelUnderTest, port: int, threads: int, batching: bool, delay_ms: float
+    repository: Path, port: int, threads: int, batching: bool, delay_ms: float
 ) -> tuple[list[str], dict]:
     """`resnet serve` on the embedded ONNX Runtime backend, configured through its RESNET_* settings."""
     command = [sys.executable, "-m", "cli", "serve"]
@@ -478,7 +480,7 @@ def gateway_command(
         "RESNET_HOST": "127.0.0.1",
         "RESNET_PORT": str(port),
         "RESNET_GRPC_PORT": "0",
-        "RESNET_MODEL_REPOSITORY": str(model.repository),
+        "RESNET_MODEL_REPOSITORY": str(repository),
         "RESNET_BACKEND": "embedded",
         "RESNET_BATCHING": str(batching).lower(),
         "RESNET_MAX_DELAY_MS": f"{delay_ms:g}",
@@ -509,8 +511,8 @@ def bench_gateway(
     results = []
     for label, batching, delay in points:
         port = free_port()
-        command, env = gateway_command(model, port, plan.threads, batching, delay)
-        with serving(command, port, scratch / f"gateway-{batching}-{delay:g}.log", env) as base:
+        command, env = gateway_command(model.repository, port, plan.threads, batching, delay)
+        with serving(command, port, scratch / f"gateway-{batching}-{delay:g}.log", env) as (base, _):
             result, raw_beside = adjacent_raw(
                 plan,
                 raw,
@@ -532,11 +534,11 @@ def bench_grpc(plan: BenchPlan, model: ModelUnderTest, images: list[bytes], scra
     from server.grpc_bench import compare
 
     port, grpc_port = free_ports(2)
-    command, env = gateway_command(model, port, plan.threads, True, plan.delays_ms[0])
+    command, env = gateway_command(model.repository, port, plan.threads, True, plan.delays_ms[0])
     env["RESNET_GRPC_PORT"] = str(grpc_port)
     concurrencies = (1, 8) if plan.quick else (1, 8, 32)
     requests = 60 if plan.quick else 400
-    with serving(command, port, scratch / "gateway-grpc.log", env) as base:
+    with serving(command, port, scratch / "gateway-grpc.log", env) as (base, _):
         rows = compare(base, f"127.0.0.1:{grpc_port}", model.name, images, concurrencies, requests)
     return [asdict(row) for row in rows]
 
@@ -565,7 +567,7 @@ def bench_naive(
     ]
     if model.checkpoint:
         command += ["--checkpoint", str(model.checkpoint)]
-    with serving(command, port, scratch / "naive.log", ready_path="/healthz") as base:
+    with serving(command, port, scratch / "naive.log", ready_path="/healthz") as (base, _):
         result, raw_beside = adjacent_raw(
             plan,
             raw,
@@ -591,10 +593,10 @@ def bench_loadtest(plan: BenchPlan, model: ModelUnderTest, scratch: Path, img_di
 
     port = free_port()
     command, env = gateway_command(
-        model, port, plan.threads, True, plan.delays_ms[min(1, len(plan.delays_ms) - 1)]
+        model.repository, port, plan.threads, True, plan.delays_ms[min(1, len(plan.delays_ms) - 1)]
     )
     out = scratch / "loadtest"
-    with serving(command, port, scratch / "gateway-loadtest.log", env) as base:
+    with serving(command, port, scratch / "gateway-loadtest.log", env) as (base, _):
         args = loadtest_cli.get_args_parser().parse_args(
             [
                 "--url",

@@ -10,13 +10,11 @@ the figure that holds on a shared machine. Writes the "TLS cost" section of docs
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import re
 import shlex
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,11 +24,12 @@ from pathlib import Path
 
 from cli.help import HelpFormatter
 from cli.ports import free_port
-from loadtest.bench import REPO_ROOT, BenchError, http_load, wait_http
+from loadtest.bench import BenchError, gateway_command, http_load, serving
 from loadtest.bench_report import replace_section
 from loadtest.images import IMAGES_SENT, check_folder, load_images
 
 SECTION = "TLS cost (gateway)"
+DEFAULT_DELAY_MS = 2.0  # the gateway's own default batching delay
 
 
 @dataclass
@@ -73,48 +72,15 @@ def images_counted(base_url: str, context: ssl.SSLContext | None) -> float:
     )
 
 
-@contextlib.contextmanager
-def gateway(args: argparse.Namespace, tls: tuple[Path, Path] | None, log: Path):
-    """`resnet serve` on a free loopback port (HTTPS with `tls`); yields (base URL, process)."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "RESNET_HOST": "127.0.0.1",
-        "RESNET_PORT": str(port),
-        "RESNET_GRPC_PORT": "0",
-        "RESNET_MODEL_REPOSITORY": str(args.repository),
-        "RESNET_INTRA_OP_THREADS": str(args.threads),
-        "RESNET_LOG_LEVEL": "warning",
-        "RESNET_API_KEYS": "",
-        "RESNET_ACCESS_LOG": "false",
-        "RESNET_SSL_CERTFILE": str(tls[0]) if tls else "",
-        "RESNET_SSL_KEYFILE": str(tls[1]) if tls else "",
-    }
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cli", "serve"],
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-        )
-        try:
-            yield f"{'https' if tls else 'http'}://127.0.0.1:{port}", process
-        finally:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 def measure(
     args: argparse.Namespace, images: list[bytes], tls_files, client: ssl.SSLContext | None, log: Path
 ) -> Run:
     transport = "HTTPS" if client else "HTTP"
-    with gateway(args, tls_files if client else None, log) as (base, process):
-        wait_http(f"{base}/readyz", process, 120, log, client)
+    port = free_port()
+    command, env = gateway_command(args.repository, port, args.threads, True, DEFAULT_DELAY_MS)
+    if client:
+        env |= {"RESNET_SSL_CERTFILE": str(tls_files[0]), "RESNET_SSL_KEYFILE": str(tls_files[1])}
+    with serving(command, port, log, env, tls=client) as (base, process):
         counted, cpu = images_counted(base, client), cpu_seconds(process.pid)
         load = http_load(transport, base, args.model, images, args.concurrency, args.seconds, 1.0, client)
         served = images_counted(base, client) - counted
@@ -218,10 +184,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from cli.errors import ResnetError
+    from cli.main import run_script
 
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except ResnetError as error:
-        print(f"python -m loadtest.tls_cost: error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_script(get_args_parser, main, "python -m loadtest.tls_cost")
