@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from cli.errors import ResnetError
@@ -91,6 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # the file system said no (a missing folder, no space, no permission): fixable
         print(f"resnet: error: {error}", file=sys.stderr)
         return 1
+
+
+def run_script(
+    get_args_parser: Callable[[], argparse.ArgumentParser], script_main, prefix: str = "resnet"
+) -> NoReturn:
+    """`python -m <module>` for a module outside `resnet <command>` (the benchmarks, the reproduction): its
+    `main(args)`, and a ResnetError as one line and its exit code, as `resnet` does."""
+    try:
+        status = script_main(get_args_parser().parse_args())
+    except ResnetError as error:
+        print(f"{prefix}: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    sys.exit(status if isinstance(status, int) else 0)  # some return their results for callers in Python
 
 
 if __name__ == "__main__":

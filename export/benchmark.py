@@ -8,7 +8,6 @@ calibration on random batches gives the same kernels as calibration on photos.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli.errors import ResnetError
 from cli.limits import MAX_THREADS
 from export.onnx import export_onnx, session
 from export.quantize import ArrayCalibrationReader, quantize_with_reader
@@ -144,8 +142,6 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except ResnetError as error:
-        print(f"resnet: error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+    from cli.main import run_script
+
+    run_script(get_args_parser, main)

@@ -27,7 +27,6 @@ import torchvision
 import torchvision.transforms as T
 from PIL import Image
 
-from cli.errors import ResnetError
 from cli.help import HelpFormatter
 from cli.limits import MAX_WORKERS
 from server.spec import PreprocessSpec
@@ -390,8 +389,6 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except ResnetError as error:
-        print(f"resnet: error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+    from cli.main import run_script
+
+    run_script(get_args_parser, main)

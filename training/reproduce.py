@@ -915,8 +915,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except ResnetError as error:
-        print(f"resnet: error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+    from cli.main import run_script
+
+    run_script(get_args_parser, main)
