@@ -14,13 +14,42 @@ TLS_HINTS = {
     "self-signed certificate": "to trust a self-signed server, give its certificate with {ca_flag}",
     "self signed certificate": "to trust a self-signed server, give its certificate with {ca_flag}",
     "WRONG_VERSION_NUMBER": "that port does not speak TLS: use {plain}",
+    # gRPC over TLS at a TLS port that speaks HTTP/1.1 only (an HTTPS server) or nothing gRPC knows
+    "missing selected ALPN property": "that TLS port does not speak gRPC; for an HTTPS port use https://",
 }
+
+# A server that refuses a client certificate, or misses one it requires, closes the connection without a TLS alert
+# (uvicorn's asyncio and gRPC alike, measured): the client sees only a connection closed before any answer.
+CLOSED_SIGNS = (
+    "Server disconnected without sending a response",  # httpx
+    "Remote end closed connection without response",  # urllib
+    "Socket closed",  # gRPC
+    "UNEXPECTED_EOF_WHILE_READING",  # OpenSSL under TLS 1.2
+)
 
 
 def tls_hint(message: str, ca_flag: str = "--ca-cert", plain: str = "http:// or grpc://") -> str:
     """What to do about the failed TLS handshake an error message describes, as " (...)"; "" for other errors."""
     hint = next((hint for sign, hint in TLS_HINTS.items() if sign in message), None)
     return f" ({hint.format(ca_flag=ca_flag, plain=plain)})" if hint else ""
+
+
+def closed_before_answer(message: str) -> bool:
+    return any(sign in message for sign in CLOSED_SIGNS)
+
+
+def client_certificate_hint(
+    message: str, presented: bool, cert_flag: str = "--client-cert", other_port: str = ""
+) -> str:
+    """What to try when a TLS server closed the connection before answering: it may want a client certificate
+    (mutual TLS), or not accept the one presented; `other_port` names another cause to try. "" for other errors."""
+    if not closed_before_answer(message):
+        return ""
+    if presented:
+        hint = "if it requires client certificates, it did not accept yours: is yours issued for client use by a CA it trusts?"
+    else:
+        hint = f"if it requires client certificates, give yours with {cert_flag}"
+    return f" (the server closed the connection: {hint}{'; ' + other_port if other_port else ''})"
 
 
 class _EncryptedKey(Exception):
@@ -31,12 +60,17 @@ def _no_password() -> bytes:
     raise _EncryptedKey
 
 
-def check_server_files(certfile: Path, keyfile: Path) -> None:
-    """ValueError saying why when the PEM certificate chain and its key cannot serve TLS together."""
+def check_key_pair(certfile: Path, keyfile: Path) -> None:
+    """ValueError saying why when the PEM certificate chain and its key cannot serve together, as a server's or a
+    client's."""
+    load_key_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), certfile, keyfile)
+
+
+def load_key_pair(context: ssl.SSLContext, certfile: Path, keyfile: Path) -> None:
+    """`context` presenting the certificate chain in `certfile` with its key; ValueError saying why it cannot."""
     for path in (certfile, keyfile):
         _check_readable(path)
     _check_certificates(certfile)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         # A password callback instead of None: without one OpenSSL prompts on the terminal for an encrypted key.
         context.load_cert_chain(certfile, keyfile, password=_no_password)
@@ -62,6 +96,12 @@ def _check_readable(path: Path) -> None:
         raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
 
 
+def check_authorities(path: Path) -> None:
+    """ValueError saying why when `path` is not a readable PEM file of certificates to trust."""
+    _check_readable(path)
+    _check_certificates(path)
+
+
 def _check_certificates(path: Path) -> None:
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
@@ -69,11 +109,13 @@ def _check_certificates(path: Path) -> None:
         raise ValueError(f"{path} holds no PEM certificate ({error.reason or error})") from None
 
 
-def client_context(ca_file: Path | None) -> ssl.SSLContext:
-    """A client's TLS context trusting `ca_file` (PEM), else the system's certificate authorities; ValueError
-    saying why when the file holds none."""
-    if ca_file is None:
-        return ssl.create_default_context()
-    _check_readable(ca_file)
-    _check_certificates(ca_file)
-    return ssl.create_default_context(cafile=ca_file)
+def client_context(ca_file: Path | None, key_pair: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+    """A client's TLS context trusting `ca_file` (PEM), else the system's certificate authorities, and presenting
+    `key_pair` (certificate chain, key) to a server that asks for a client certificate; ValueError saying why when
+    a file cannot serve."""
+    if ca_file is not None:
+        check_authorities(ca_file)
+    context = ssl.create_default_context(cafile=ca_file)
+    if key_pair is not None:
+        load_key_pair(context, *key_pair)
+    return context

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli.ports import check_port_free, free_ports
-from cli.tls import check_server_files
+from cli.tls import check_key_pair
 from export.errors import TritonError
 from export.repository import versions
 
@@ -221,7 +221,7 @@ class TritonServer:
             )
         if self.grpc_tls:  # tritonserver would fail only after loading every model, or serve gRPC without TLS
             try:
-                check_server_files(*self.grpc_tls)
+                check_key_pair(*self.grpc_tls)
             except ValueError as error:
                 raise TritonError(f"cannot serve gRPC over TLS: {error}") from None
         missing = [name for name in self.models or [] if name not in held]

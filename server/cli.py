@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import logging.config
+import ssl
 
 from pydantic import ValidationError
 
@@ -15,7 +16,7 @@ from cli.errors import ResnetError
 from cli.ports import check_port_free
 from server.logs import logging_config
 from server.preprocessing import PILLOW_PIXEL_LIMIT
-from server.settings import Settings, env_name
+from server.settings import Settings, env_name, settings_problems
 
 # flag -> (Settings field, type, help)
 FLAGS: list[tuple[str, str, type, str]] = [
@@ -65,6 +66,13 @@ FLAGS: list[tuple[str, str, type, str]] = [
         "PEM certificate (chain) to serve HTTPS on --port and TLS on --grpc-port, with --ssl-keyfile",
     ),
     ("--ssl-keyfile", "ssl_keyfile", str, "PEM private key of --ssl-certfile (not encrypted)"),
+    (
+        "--ssl-client-ca",
+        "ssl_client_ca",
+        str,
+        "PEM authorities to accept client certificates from: every HTTPS and gRPC client must then present one "
+        "(mutual TLS; with --ssl-certfile)",
+    ),
     ("--log-level", "log_level", str, "critical, error, warning, info or debug"),
     (
         "--log-format",
@@ -127,10 +135,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()
-        )
-        raise ResnetError(f"invalid settings: {problems}") from None
+        raise ResnetError(f"invalid settings: {settings_problems(error)}") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -160,5 +165,7 @@ def main(args: argparse.Namespace) -> int:
         root_path=settings.root_path,
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
+        ssl_ca_certs=settings.ssl_client_ca,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if settings.ssl_client_ca else ssl.CERT_NONE,
     )
     return 0

@@ -29,7 +29,7 @@ import numpy as np
 from cli.addresses import split_base_url
 from cli.errors import ResnetError
 from cli.help import HelpFormatter
-from cli.tls import client_context, tls_hint
+from cli.tls import check_authorities, client_certificate_hint, client_context, tls_hint
 from server.errors import GRPC_AT_HTTP_PORT
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
@@ -169,6 +169,7 @@ class GatewayHttp:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout, verify=verify(tls))
         self.url = url
+        self.tls = tls
         self.kind = f"the gateway ({url.partition('://')[0]} /v1)"
 
     def _call(self, method: str, path: str, read: Callable[[Any], T], **kwargs) -> T:
@@ -178,7 +179,7 @@ class GatewayHttp:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as error:
-            raise unreachable(self.url, error) from None
+            raise unreachable(self.url, error, self.tls) from None
         try:
             body = response.json()
         except ValueError:
@@ -254,6 +255,7 @@ class KServe:
         self.address = address
         self.url = f"{scheme}://{address}"
         self.timeout = timeout
+        self.tls = tls
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else None
         self._classes: dict[str, int] = {}
         # tritonclient.http waits 60 s by default for a connection and for each answer
@@ -290,14 +292,18 @@ class KServe:
             message = (error.message() or str(error)).strip()
             images_refused = error.status() in KSERVE_IMAGE_STATUSES or GRPC_TOO_LARGE in message
             kind = ImageRejected if sends_images and images_refused else ClientError
-            hint = NOT_GRPC_HINT if any(sign in message for sign in GRPC_AT_HTTP_PORT) else ""
-            hint = f" ({NOT_KSERVE_HINT})" if KSERVE_UNDECODABLE in message else hint or tls_hint(message)
+            hint = handshake_hint(message, self.tls)
+            if not hint and any(sign in message for sign in GRPC_AT_HTTP_PORT):
+                hint = NOT_GRPC_HINT
+            hint = f" ({NOT_KSERVE_HINT})" if KSERVE_UNDECODABLE in message else hint
             # tritonclient.http appends a body it cannot decode (a web server's HTML page) on the lines after
             raise kind(
                 f"{self.url}: {message.splitlines()[0] if message else error.status()}{hint}"
             ) from None
         except (ConnectionError, OSError) as error:
-            raise ClientError(f"cannot reach {self.url}: {error}{tls_hint(str(error))}") from None
+            raise ClientError(
+                f"cannot reach {self.url}: {error}{handshake_hint(str(error), self.tls)}"
+            ) from None
         except HTTPException as error:  # geventhttpclient's: an answer that is not HTTP/1.1
             raise ClientError(
                 f"cannot reach {self.url}: {error or type(error).__name__}{NOT_HTTP1_HINT}"
@@ -393,14 +399,21 @@ def only_model(names: list[str], url: str) -> str:
 
 
 def connect(
-    url: str, server: str, api_key: str | None, timeout: float, ca_cert: Path | None = None
+    url: str,
+    server: str,
+    api_key: str | None,
+    timeout: float,
+    ca_cert: Path | None = None,
+    key_pair: tuple[Path, Path] | None = None,
 ) -> GatewayHttp | KServe:
+    """A client of the server at `url`; over TLS it trusts `ca_cert` and presents `key_pair` (certificate, key)
+    when given."""
     try:
         parts = split_base_url(url, ("http", "https", "grpc", "grpcs"))
     except ValueError as error:
         raise ClientError(f"bad --url {error}") from None
     path = parts.path  # a server behind a reverse proxy under a path prefix
-    tls = trusted_authorities(ca_cert) if parts.scheme in ("https", "grpcs") else None
+    tls = trusted_authorities(ca_cert, key_pair) if parts.scheme in ("https", "grpcs") else None
     if parts.scheme.startswith("grpc"):
         if path or not parts.port:  # without a port gRPC dials 443, which no gateway or Triton listens on
             raise ClientError(f"bad --url {url!r}: a gRPC address is {parts.scheme}://HOST:PORT, no path")
@@ -419,33 +432,53 @@ def connect(
 
 @dataclass(frozen=True)
 class Tls:
-    """The certificate authorities a TLS connection trusts: `ca_cert` (PEM), else the system's."""
+    """The certificate authorities a TLS connection trusts: `ca_cert` (PEM), else the system's; and the client
+    certificate it presents, if any."""
 
     context: ssl.SSLContext
     ca_cert: Path | None
+    key_pair: tuple[Path, Path] | None = None
 
     def tritonclient_options(self, scheme: str) -> dict[str, Any]:
         """tritonclient's own TLS arguments: it opens the CA file itself, and gevent wraps sockets in its own
         SSLContext class. Without `ca_cert` HTTP trusts the system's authorities, as httpx here does; gRPC its
         bundled roots."""
         ca_cert = str(self.ca_cert) if self.ca_cert else None
+        cert, key = (str(path) for path in self.key_pair) if self.key_pair else (None, None)
         if scheme == "grpcs":
-            return {"ssl": True, "root_certificates": ca_cert}
-        return {"ssl": True, "ssl_options": {"ca_certs": ca_cert}}
+            return {"ssl": True, "root_certificates": ca_cert, "certificate_chain": cert, "private_key": key}
+        client_pair = {"certfile": cert, "keyfile": key} if self.key_pair else {}
+        return {"ssl": True, "ssl_options": {"ca_certs": ca_cert, **client_pair}}
 
 
-def trusted_authorities(ca_cert: Path | None) -> Tls:
+def trusted_authorities(ca_cert: Path | None, key_pair: tuple[Path, Path] | None = None) -> Tls:
+    if ca_cert is not None:
+        try:
+            check_authorities(ca_cert)
+        except ValueError as error:
+            raise ClientError(f"bad --ca-cert: {error}") from None
     try:
-        return Tls(client_context(ca_cert), ca_cert)
+        return Tls(client_context(ca_cert, key_pair), ca_cert, key_pair)
     except ValueError as error:
-        raise ClientError(f"bad --ca-cert: {error}") from None
+        raise ClientError(f"bad --client-cert/--client-key: {error}") from None
 
 
-def unreachable(url: str, error: Exception) -> ClientError:
+def handshake_hint(message: str, tls: Tls | None, other_port: str = "") -> str:
+    """What to do about a connection that failed over TLS; "" for other errors."""
+    if tls is None:
+        return tls_hint(message)
+    presented = tls.key_pair is not None
+    return tls_hint(message) or client_certificate_hint(message, presented, other_port=other_port)
+
+
+def unreachable(url: str, error: Exception, tls: Tls | None) -> ClientError:
     """httpx's error as one line; a server that answered with something other than HTTP/1.1 is likely gRPC."""
     import httpx
 
-    hint = NOT_HTTP1_HINT if isinstance(error, httpx.RemoteProtocolError) else tls_hint(str(error))
+    # over TLS a gRPC port closes an HTTP/1.1 connection just as a server refusing a client certificate does
+    hint = handshake_hint(str(error), tls, other_port="if that is a gRPC port, use grpcs://HOST:PORT")
+    if not hint and tls is None and isinstance(error, httpx.RemoteProtocolError):
+        hint = NOT_HTTP1_HINT
     return ClientError(f"cannot reach {url}: {error}{hint}")
 
 
@@ -462,7 +495,7 @@ def speaks_kserve_http(url: str, timeout: float, tls: Tls | None) -> bool:
     try:
         response = httpx.get(f"{url}/v2", timeout=timeout, verify=verify(tls))
     except httpx.HTTPError as error:
-        raise unreachable(url, error) from None
+        raise unreachable(url, error, tls) from None
     try:
         metadata = response.json()
     except ValueError:
@@ -540,6 +573,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         "self-signed server; env RESNET_CA_CERT; default: the system's)",
     )
     classify.add_argument(
+        "--client-cert",
+        type=Path,
+        default=env("RESNET_CLIENT_CERT") or None,
+        help="PEM certificate (chain) to present to a server that requires client certificates (mutual TLS), "
+        "with --client-key (env RESNET_CLIENT_CERT)",
+    )
+    classify.add_argument(
+        "--client-key",
+        type=Path,
+        default=env("RESNET_CLIENT_KEY") or None,
+        help="PEM private key of --client-cert, not encrypted (env RESNET_CLIENT_KEY)",
+    )
+    classify.add_argument(
         "--model",
         default=env("RESNET_CLIENT_MODEL"),
         help="model name (env RESNET_CLIENT_MODEL; default: the only model served)",
@@ -576,7 +622,10 @@ def run(args: argparse.Namespace) -> Classified:
             f"--timeout must be more than 0 and at most {MAX_TIMEOUT_S} seconds, got {args.timeout}"
         )
     images = collect_images(args.images)
-    client = connect(args.url, args.server, args.api_key, args.timeout, args.ca_cert)
+    if (args.client_cert is None) != (args.client_key is None):
+        raise ClientError("--client-cert and --client-key go together: give both, or neither")
+    key_pair = (args.client_cert, args.client_key) if args.client_cert else None
+    client = connect(args.url, args.server, args.api_key, args.timeout, args.ca_cert, key_pair)
     try:
         model = client.pick_model(args.model)
         size = min(args.batch_size, client.batch_limit(model))

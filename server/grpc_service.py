@@ -712,9 +712,13 @@ def package_version() -> str:
 
 
 def tls_credentials(settings: Settings) -> grpc.ServerCredentials:
-    """The HTTP port's certificate and key (Settings has checked that they load together)."""
+    """The HTTP port's certificate and key (Settings has checked that they load together), and its client
+    certificate check."""
+    client_ca = settings.ssl_client_ca
     return grpc.ssl_server_credentials(
-        [(settings.ssl_keyfile.read_bytes(), settings.ssl_certfile.read_bytes())]
+        [(settings.ssl_keyfile.read_bytes(), settings.ssl_certfile.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca else None,
+        require_client_auth=client_ca is not None,
     )
 
 

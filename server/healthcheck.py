@@ -10,9 +10,14 @@ import urllib.request
 
 from pydantic import ValidationError
 
-from server.settings import Settings
+from cli.tls import closed_before_answer
+from server.settings import Settings, settings_problems
 
 TIMEOUT_S = 2
+OWN_CERTIFICATE_REFUSED = (
+    " (the gateway requires client certificates and closed the connection on its own: have the --ssl-client-ca "
+    "authority issue the gateway's certificate for client use too, or give the container a health check of its own)"
+)
 
 
 def liveness_url(settings: Settings) -> str:
@@ -24,13 +29,16 @@ def liveness_url(settings: Settings) -> str:
 
 
 def probe_context(settings: Settings) -> ssl.SSLContext | None:
-    """No certificate check: the certificate names the public host, not loopback, and the gateway loaded it at
-    start-up; this asks only whether the process answers."""
+    """No check of the server's certificate: it names the public host, not loopback, and the gateway loaded it at
+    start-up; this asks only whether the process answers. A gateway that requires client certificates is shown its
+    own, which it accepts when its client CA issued it for client use as well (docs/deployment.md)."""
     if not settings.ssl_certfile:
         return None
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    if settings.ssl_client_ca:
+        context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
     return context
 
 
@@ -38,14 +46,15 @@ def main() -> int:
     try:
         settings = Settings()
     except ValidationError as error:  # the gateway would not have started either
-        print(f"invalid settings: {error.errors()[0]['msg']}", file=sys.stderr)
+        print(f"invalid settings: {settings_problems(error)}", file=sys.stderr)
         return 1
     url = liveness_url(settings)
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S, context=probe_context(settings)):
             return 0
     except OSError as error:  # URLError, HTTPError (a 5xx), a refused or timed-out connection
-        print(f"{url}: {error}", file=sys.stderr)
+        refused = settings.ssl_client_ca and closed_before_answer(str(error))
+        print(f"{url}: {error}{OWN_CERTIFICATE_REFUSED if refused else ''}", file=sys.stderr)
         return 1
 
 

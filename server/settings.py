@@ -9,12 +9,12 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cli.addresses import host_and_port
 from cli.limits import MAX_BATCH_SIZE, MAX_THREADS
-from cli.tls import check_server_files, client_context
+from cli.tls import check_authorities, check_key_pair, client_context
 from server.preprocessing import DEFAULT_MAX_PIXELS, PILLOW_PIXEL_LIMIT
 
 ENV_PREFIX = "RESNET_"
@@ -93,8 +93,13 @@ class Settings(BaseSettings):
         None, description="PEM certificate chain: serve HTTPS and gRPC over TLS (with ssl_keyfile)"
     )
     ssl_keyfile: Path | None = Field(None, description="PEM private key of ssl_certfile")
+    ssl_client_ca: Path | None = Field(
+        None,
+        description="PEM authorities whose client certificates the gateway accepts: every HTTPS and gRPC client must "
+        "then present one (mutual TLS; needs ssl_certfile)",
+    )
 
-    @field_validator("ssl_certfile", "ssl_keyfile", "triton_ca_cert", mode="before")
+    @field_validator("ssl_certfile", "ssl_keyfile", "ssl_client_ca", "triton_ca_cert", mode="before")
     @classmethod
     def _unset_when_empty(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -156,7 +161,13 @@ class Settings(BaseSettings):
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together: give both to serve TLS, or neither")
         if self.ssl_certfile is not None:
-            check_server_files(self.ssl_certfile, self.ssl_keyfile)
+            check_key_pair(self.ssl_certfile, self.ssl_keyfile)
+        if self.ssl_client_ca is not None:
+            if self.ssl_certfile is None:  # client certificates are asked for only in a TLS handshake
+                raise ValueError(
+                    "ssl_client_ca asks clients for certificates over TLS: give ssl_certfile and ssl_keyfile too"
+                )
+            check_authorities(self.ssl_client_ca)
         if self.triton_ca_cert is not None:
             if not self.triton_tls:  # trust set up for a connection that would then go out in plain text
                 raise ValueError(
@@ -164,6 +175,16 @@ class Settings(BaseSettings):
                 )
             client_context(self.triton_ca_cert)
         return self
+
+
+def settings_problems(error: ValidationError) -> str:
+    """pydantic's errors as "field: what; ...", "what" alone for one about several fields."""
+    problems = []
+    for problem in error.errors():
+        message = problem["msg"].removeprefix("Value error, ")
+        field = ".".join(map(str, problem["loc"]))
+        problems.append(f"{field}: {message}" if field else message)
+    return "; ".join(problems)
 
 
 def env_name(field: str) -> str:

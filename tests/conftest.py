@@ -45,14 +45,25 @@ def pipeline_triton(pipeline_repository, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def certificates(tmp_path_factory) -> dict[str, Path]:
-    """A CA, the gateway's certificate and key (for 127.0.0.1 and localhost), and an encrypted copy of the key."""
+    """A CA, the gateway's certificate and key (for 127.0.0.1 and localhost), an encrypted copy of the key, a
+    client's certificate and key from the same CA, and a stranger's from another CA (`stranger_ca`). trustme issues
+    every certificate for server and client use."""
     folder = tmp_path_factory.mktemp("tls")
-    authority = trustme.CA()
-    server = authority.issue_cert("127.0.0.1", "localhost")
-    files = {name: folder / f"{name}.pem" for name in ("ca", "cert", "key", "encrypted_key", "other_key")}
+    authority, stranger_authority = trustme.CA(), trustme.CA()
+    names = (
+        "ca cert key encrypted_key other_key client_cert client_key stranger_ca stranger_cert stranger_key"
+    )
+    files = {name: folder / f"{name}.pem" for name in names.split()}
     authority.cert_pem.write_to_path(str(files["ca"]))
-    server.cert_chain_pems[0].write_to_path(str(files["cert"]))
-    server.private_key_pem.write_to_path(str(files["key"]))
+    stranger_authority.cert_pem.write_to_path(str(files["stranger_ca"]))
+    server = authority.issue_cert("127.0.0.1", "localhost")
+    for prefix, issued in [
+        ("", server),
+        ("client_", authority.issue_cert("client.example")),
+        ("stranger_", stranger_authority.issue_cert("stranger.example")),
+    ]:
+        issued.cert_chain_pems[0].write_to_path(str(files[f"{prefix}cert"]))
+        issued.private_key_pem.write_to_path(str(files[f"{prefix}key"]))
     authority.issue_cert("elsewhere").private_key_pem.write_to_path(str(files["other_key"]))
     key = serialization.load_pem_private_key(server.private_key_pem.bytes(), password=None)
     files["encrypted_key"].write_bytes(

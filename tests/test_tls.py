@@ -90,6 +90,13 @@ def test_the_http_api_metrics_and_demo_page_answer_over_https(tls_gateway, certi
         # the other scheme at a TLS port reads a handshake it cannot parse; the hint names the TLS scheme
         ("{http}", [], "if it speaks TLS, https://HOST:PORT)"),
         ("{grpc}", [], "if it speaks TLS, grpcs://HOST:PORT)"),
+        # each TLS scheme at the other TLS port
+        (
+            "{grpcs_at_https}",
+            ["--ca-cert", "{ca}"],
+            "(that TLS port does not speak gRPC; for an HTTPS port use https://)",
+        ),
+        ("{https_at_grpcs}", ["--ca-cert", "{ca}"], "; if that is a gRPC port, use grpcs://HOST:PORT)"),
         ("{https}", ["--ca-cert", "{key}"], "bad --ca-cert: {key} holds no PEM certificate"),
         ("{https}", ["--ca-cert", "{missing}"], "bad --ca-cert: {missing} is not a file"),
         ("grpcs://127.0.0.1", [], "a gRPC address is grpcs://HOST:PORT, no path"),
@@ -103,7 +110,10 @@ def test_a_connection_that_cannot_be_trusted_is_one_line_naming_the_fix(
         "grpcs": tls_gateway.grpc_url,
         "http": tls_gateway.http_url.replace("https://", "http://"),
         "grpc": tls_gateway.grpc_url.replace("grpcs://", "grpc://"),
+        "grpcs_at_https": tls_gateway.http_url.replace("https://", "grpcs://"),
+        "https_at_grpcs": tls_gateway.grpc_url.replace("grpcs://", "https://"),
         "key": str(certificates["key"]),
+        "ca": str(certificates["ca"]),
         "missing": str(tmp_path / "missing.pem"),
     }
     flags = [flag.format(**values) for flag in flags]

@@ -1,0 +1,222 @@
+"""Mutual TLS, with real processes on loopback: `resnet serve --ssl-client-ca` asks every HTTPS and gRPC client for a
+certificate from that CA; `resnet client --client-cert/--client-key` presents one; a client without one, or with a
+stranger's, is refused and told what to try; the image's health check shows the gateway its own certificate. The
+CAs and certificates are trustme's (the `certificates` fixture)."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from cli.main import main as resnet
+from server.healthcheck import OWN_CERTIFICATE_REFUSED
+from server.settings import Settings
+from tests.gateway_models import color_image
+from tests.grpc_support import gateway_process
+from tests.support import REPO_ROOT
+
+
+def client_context(certificates: dict[str, Path], owner: str = "client") -> ssl.SSLContext:
+    """Trusting the gateway's CA, presenting `owner`'s certificate."""
+    context = ssl.create_default_context(cafile=certificates["ca"])
+    context.load_cert_chain(certificates[f"{owner}_cert"], certificates[f"{owner}_key"])
+    return context
+
+
+def serve_flags(certificates: dict[str, Path], client_ca: str) -> list[str]:
+    flags = ["--ssl-certfile", str(certificates["cert"]), "--ssl-keyfile", str(certificates["key"])]
+    return [*flags, "--ssl-client-ca", str(certificates[client_ca])]
+
+
+@pytest.fixture(scope="module")
+def mtls_gateway(pipeline_repository, certificates, tmp_path_factory):
+    flags = ["--repository", str(pipeline_repository), *serve_flags(certificates, "ca")]
+    logs = tmp_path_factory.mktemp("mtls-logs")
+    with gateway_process(logs, *flags, tls=client_context(certificates)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("mtls-photos") / "red.jpg"
+    path.write_bytes(color_image("red"))
+    return str(path)
+
+
+def classify(capsys, url: str, photo: str, *flags: str) -> tuple[int, str, str]:
+    status = resnet(["client", "classify", photo, "--url", url, "--timeout", "10", "--json", *flags])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err.strip()
+
+
+def tls_flags(certificates: dict[str, Path], owner: str | None = "client") -> list[str]:
+    flags = ["--ca-cert", str(certificates["ca"])]
+    if owner:
+        flags += ["--client-cert", str(certificates[f"{owner}_cert"])]
+        flags += ["--client-key", str(certificates[f"{owner}_key"])]
+    return flags
+
+
+@pytest.mark.parametrize(("port", "server"), [("http", "auto"), ("http", "triton"), ("grpc", "auto")])
+def test_a_client_with_a_certificate_from_the_client_ca_classifies(
+    mtls_gateway, certificates, photo, capsys, port, server
+):
+    url = mtls_gateway.http_url if port == "http" else mtls_gateway.grpc_url
+    status, out, err = classify(capsys, url, photo, *tls_flags(certificates), "--server", server)
+    assert status == 0, err
+    assert json.loads(out)[0]["predictions"][0]["label"] == "red"
+
+
+def test_the_client_certificate_can_come_from_the_environment(
+    mtls_gateway, certificates, photo, capsys, monkeypatch
+):
+    monkeypatch.setenv("RESNET_CA_CERT", str(certificates["ca"]))
+    monkeypatch.setenv("RESNET_CLIENT_CERT", str(certificates["client_cert"]))
+    monkeypatch.setenv("RESNET_CLIENT_KEY", str(certificates["client_key"]))
+    status, out, err = classify(capsys, mtls_gateway.grpc_url, photo)
+    assert status == 0, err
+
+
+@pytest.mark.parametrize("port", ["http", "grpc"])
+@pytest.mark.parametrize(
+    ("owner", "hint"),
+    [
+        (
+            None,
+            "(the server closed the connection: if it requires client certificates, give yours with --client-cert",
+        ),
+        (
+            "stranger",
+            "(the server closed the connection: if it requires client certificates, it did not accept yours",
+        ),
+    ],
+    ids=["no-certificate", "stranger"],
+)
+def test_a_client_the_gateway_refuses_is_one_line_naming_what_to_try(
+    mtls_gateway, certificates, photo, capsys, port, owner, hint
+):
+    url = mtls_gateway.http_url if port == "http" else mtls_gateway.grpc_url
+    status, _, err = classify(capsys, url, photo, *tls_flags(certificates, owner))
+    assert status == 1 and err.startswith("resnet: error: ") and "\n" not in err, err
+    assert hint in err, err
+    if port == "http":  # a gRPC port closes an HTTP/1.1 connection over TLS the same way
+        assert err.endswith("; if that is a gRPC port, use grpcs://HOST:PORT)"), err
+    # refused handshakes cost the gateway nothing
+    assert classify(capsys, url, photo, *tls_flags(certificates))[0] == 0
+
+
+def test_every_http_path_wants_the_client_certificate(mtls_gateway, certificates):
+    refused = ssl.create_default_context(cafile=certificates["ca"])
+    for path in ("/healthz", "/metrics", "/v1/models", "/"):
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(mtls_gateway.http_url + path, verify=refused)
+    with httpx.Client(base_url=mtls_gateway.http_url, verify=client_context(certificates)) as web:
+        assert web.get("/v1/models").json()["models"]
+        assert "resnet_requests_total" in web.get("/metrics").text
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--client-cert", "{client_cert}"],
+            "--client-cert and --client-key go together: give both, or neither",
+        ),
+        (
+            ["--client-cert", "{client_cert}", "--client-key", "{ca}"],
+            "bad --client-cert/--client-key: {ca} holds no PEM private key",
+        ),
+        (
+            ["--client-cert", "{client_cert}", "--client-key", "{stranger_key}"],
+            "{stranger_key} is not the private key of {client_cert}'s certificate",
+        ),
+        (["--client-cert", "{missing}", "--client-key", "{client_key}"], "{missing} is not a file"),
+    ],
+)
+def test_client_certificate_files_that_cannot_work_are_one_line(
+    certificates, photo, capsys, tmp_path, flags, message
+):
+    paths = {name: str(path) for name, path in certificates.items()} | {"missing": str(tmp_path / "gone.pem")}
+    flags = [flag.format(**paths) for flag in flags]
+    # checked before any connection: nothing listens at this URL
+    status, _, err = classify(capsys, "https://127.0.0.1:9", photo, *flags)
+    assert status == 1 and "\n" not in err, err
+    assert message.format(**paths) in err, err
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"ssl_client_ca": "ca"}, "ssl_client_ca asks clients for certificates over TLS: give ssl_certfile"),
+        (
+            {"ssl_certfile": "cert", "ssl_keyfile": "key", "ssl_client_ca": "key"},
+            "{key} holds no PEM certificate",
+        ),
+        (
+            {"ssl_certfile": "cert", "ssl_keyfile": "key", "ssl_client_ca": "missing"},
+            "{missing} is not a file",
+        ),
+    ],
+)
+def test_client_ca_settings_that_cannot_work_are_refused_at_start_up(
+    certificates, tmp_path, settings, message
+):
+    paths = {name: str(path) for name, path in certificates.items()} | {"missing": str(tmp_path / "gone.pem")}
+    with pytest.raises(ValidationError, match=message.format(**paths).replace("(", r"\(")):
+        Settings(**{field: paths[name] for field, name in settings.items()})
+
+
+def test_serve_refuses_a_client_ca_without_its_own_certificate(certificates, pipeline_repository):
+    command = ["serve", "--repository", str(pipeline_repository), "--ssl-client-ca", str(certificates["ca"])]
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "resnet: error: invalid settings: ssl_client_ca asks clients for certificates over TLS: give ssl_certfile "
+        "and ssl_keyfile too"
+    ]
+
+
+def health_check(gateway, certificates: dict[str, Path], client_ca: str) -> subprocess.CompletedProcess:
+    """`python -m server.healthcheck` in the gateway's environment."""
+    port = gateway.http_url.rpartition(":")[2]
+    env = {
+        **os.environ,
+        "RESNET_HOST": "127.0.0.1",
+        "RESNET_PORT": port,
+        "RESNET_SSL_CERTFILE": str(certificates["cert"]),
+        "RESNET_SSL_KEYFILE": str(certificates["key"]),
+        "RESNET_SSL_CLIENT_CA": str(certificates[client_ca]),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "server.healthcheck"], env=env, capture_output=True, text=True, timeout=10
+    )
+
+
+def test_the_health_check_shows_the_gateway_its_own_certificate(mtls_gateway, certificates):
+    done = health_check(mtls_gateway, certificates, "ca")
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_health_check_the_gateway_refuses_says_why(pipeline_repository, certificates, tmp_path):
+    # the gateway accepts only the stranger CA's clients: its own certificate is not one of them
+    flags = ["--repository", str(pipeline_repository), *serve_flags(certificates, "stranger_ca")]
+    stranger = ssl.create_default_context(cafile=certificates["ca"])
+    stranger.load_cert_chain(certificates["stranger_cert"], certificates["stranger_key"])
+    with gateway_process(tmp_path, *flags, ready_path="/healthz", tls=stranger) as gateway:
+        done = health_check(gateway, certificates, "stranger_ca")
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith(OWN_CERTIFICATE_REFUSED), done.stderr
