@@ -52,6 +52,15 @@ def client_certificate_hint(
     return f" (the server closed the connection: {hint}{'; ' + other_port if other_port else ''})"
 
 
+def handshake_hint(message: str, client_cert: bool | None, other_port: str = "") -> str:
+    """What to do about a failed connection: `client_cert` says whether it presented a client certificate, None
+    for a plain connection (where a closed socket means something else)."""
+    hint = tls_hint(message)
+    if hint or client_cert is None:
+        return hint
+    return client_certificate_hint(message, client_cert, other_port=other_port)
+
+
 class _EncryptedKey(Exception):
     pass
 

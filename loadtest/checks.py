@@ -9,6 +9,7 @@ import json
 import ssl
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,6 +20,41 @@ GRPC_TLS_SCHEME = "grpcs://"  # a gRPC target written with it is dialled over TL
 API_KEY_HEADER = "X-API-Key"
 PIPELINE_SUFFIX = "_pipeline"  # Triton's protocol: the name of a classifier that takes encoded images
 DEFAULT_GRPC_PORT = 8081
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a load test's TLS connections: the authorities to trust (`ca_cert`; "" for the system's) and
+    the client certificate to present to a server that requires one (`client_cert` with `client_key`; "" for
+    none)."""
+
+    ca_cert: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+
+    @classmethod
+    def of(cls, options) -> TlsFiles:
+        """From the CLI's arguments or Locust's parsed options (None when Locust runs without its parser)."""
+        if options is None:
+            return cls()
+        return cls(options.ca_cert, options.client_cert, options.client_key)
+
+    def https_context(self) -> ssl.SSLContext | None:
+        """urllib's context for an https:// URL; None for the system's authorities and no client certificate."""
+        if not (self.ca_cert or self.client_cert):
+            return None
+        context = ssl.create_default_context(cafile=self.ca_cert or None)
+        if self.client_cert:
+            context.load_cert_chain(self.client_cert, self.client_key)
+        return context
+
+    def grpc_options(self) -> dict[str, str | None]:
+        """tritonclient.grpc's TLS arguments (file paths; it reads them)."""
+        return {
+            "root_certificates": self.ca_cert or None,
+            "certificate_chain": self.client_cert or None,
+            "private_key": self.client_key or None,
+        }
 
 
 def auth_headers(api_key: str) -> dict[str, str]:
@@ -37,17 +73,17 @@ def listed_names(listing: object) -> list[str]:
     return names
 
 
-def gateway_models(base_url: str, api_key: str = "", ca_cert: str = "") -> list[str]:
+def gateway_models(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles()) -> list[str]:
     """The models the gateway lists (GET /v1/models), in its order; at least one."""
     request = urllib.request.Request(base_url.rstrip("/") + "/v1/models", headers=auth_headers(api_key))
-    with urllib.request.urlopen(request, timeout=10, context=https_context(ca_cert)) as response:
+    with urllib.request.urlopen(request, timeout=10, context=tls.https_context()) as response:
         names = listed_names(json.load(response))
     if not names:
         raise RuntimeError(f"{base_url} lists no models")
     return names
 
 
-def kserve_models(base_url: str, api_key: str = "", ca_cert: str = "") -> list[str]:
+def kserve_models(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles()) -> list[str]:
     """The classifiers a KServe v2 server (the gateway's /v2, or Triton) serves with a `_pipeline`; at least one."""
     request = urllib.request.Request(
         base_url.rstrip("/") + "/v2/repository/index",
@@ -55,40 +91,37 @@ def kserve_models(base_url: str, api_key: str = "", ca_cert: str = "") -> list[s
         headers=auth_headers(api_key),
         method="POST",
     )
-    with urllib.request.urlopen(request, timeout=10, context=https_context(ca_cert)) as response:
+    with urllib.request.urlopen(request, timeout=10, context=tls.https_context()) as response:
         index = json.load(response)
     if not isinstance(index, list):
         raise ValueError(f"not a KServe repository index: {json.dumps(index)[:80]}")
     return pipeline_models([entry.get("name", "") for entry in index if isinstance(entry, dict)], base_url)
 
 
-def grpc_models(target: str, api_key: str = "", ca_cert: str = "", timeout_s: float = 10) -> list[str]:
+def grpc_models(
+    target: str, api_key: str = "", tls: TlsFiles = TlsFiles(), timeout_s: float = 10
+) -> list[str]:
     """The classifiers a KServe v2 gRPC server (the gateway's, or Triton's) serves with a `_pipeline`, from its
     repository index; at least one. Over gRPC, so a gRPC load test needs no HTTP port (Triton's included)."""
     headers = {API_KEY_HEADER.lower(): api_key} if api_key else None  # gRPC metadata keys are lower case
-    with grpc_client(target, ca_cert) as client:
+    with grpc_client(target, tls) as client:
         index = client.get_model_repository_index(headers=headers, client_timeout=timeout_s)
     return pipeline_models([model.name for model in index.models], grpc_url(target))
 
 
-def grpc_client(target: str, ca_cert: str = ""):
-    """tritonclient.grpc's client of `target`: host:port, or grpcs://host:port for TLS (trusting `ca_cert`, a PEM
-    file, else gRPC's own roots)."""
+def grpc_client(target: str, tls: TlsFiles = TlsFiles()):
+    """tritonclient.grpc's client of `target`: host:port, or grpcs://host:port for TLS (trusting `tls.ca_cert`,
+    else gRPC's own roots)."""
     import tritonclient.grpc as grpcclient
 
     if target.startswith(GRPC_TLS_SCHEME):
         address = target.removeprefix(GRPC_TLS_SCHEME)
-        return grpcclient.InferenceServerClient(address, ssl=True, root_certificates=ca_cert or None)
+        return grpcclient.InferenceServerClient(address, ssl=True, **tls.grpc_options())
     return grpcclient.InferenceServerClient(target)
 
 
 def grpc_url(target: str) -> str:
     return target if target.startswith(GRPC_TLS_SCHEME) else f"grpc://{target}"
-
-
-def https_context(ca_cert: str) -> ssl.SSLContext | None:
-    """urllib's context for an https:// URL: trusting `ca_cert` (a PEM file), else the system's authorities."""
-    return ssl.create_default_context(cafile=ca_cert) if ca_cert else None
 
 
 def pipeline_models(names: list[str], where: str) -> list[str]:
@@ -107,14 +140,14 @@ def grpc_target(http_host: str | None) -> str:
     return GRPC_TLS_SCHEME + address if parts.scheme == "https" else address
 
 
-def discover_model(base_url: str, api_key: str = "", ca_cert: str = "") -> str:
+def discover_model(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles()) -> str:
     """The first model the gateway lists."""
-    return gateway_models(base_url, api_key, ca_cert)[0]
+    return gateway_models(base_url, api_key, tls)[0]
 
 
-def discover_kserve_model(base_url: str, api_key: str = "", ca_cert: str = "") -> str:
+def discover_kserve_model(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles()) -> str:
     """The first classifier a KServe v2 server serves with a `_pipeline`."""
-    return kserve_models(base_url, api_key, ca_cert)[0]
+    return kserve_models(base_url, api_key, tls)[0]
 
 
 def http_failure(status: int, text: str) -> str:

@@ -24,10 +24,11 @@ from pathlib import Path
 from cli.addresses import host_and_port, split_base_url
 from cli.errors import ResnetError
 from cli.help import HelpFormatter
-from cli.tls import client_context, tls_hint
+from cli.tls import check_authorities, check_key_pair, handshake_hint
 from loadtest import report, shapes
 from loadtest.checks import (
     GRPC_TLS_SCHEME,
+    TlsFiles,
     gateway_models,
     grpc_models,
     grpc_target,
@@ -132,6 +133,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         "self-signed server; RESNET_CA_CERT; default: the system's)",
     )
     parser.add_argument(
+        "--client-cert",
+        default=_env("CLIENT_CERT", ""),
+        help="PEM certificate (chain) to present to a server that requires client certificates (mutual TLS), "
+        "with --client-key (RESNET_CLIENT_CERT)",
+    )
+    parser.add_argument(
+        "--client-key",
+        default=_env("CLIENT_KEY", ""),
+        help="PEM private key of --client-cert, not encrypted (RESNET_CLIENT_KEY)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path(_env("LOADTEST_OUT", "loadtest-results")),
@@ -185,6 +197,8 @@ def locust_command(args: argparse.Namespace, model: str, csv_prefix: Path, html:
         ("--grpc-host", args.grpc_url),
         ("--images", args.images),
         ("--ca-cert", args.ca_cert),
+        ("--client-cert", args.client_cert),
+        ("--client-key", args.client_key),
     ):
         if value:
             command += [flag, value]
@@ -261,15 +275,30 @@ def check_flags(args: argparse.Namespace) -> None:
         from loadtest.images import check_folder
 
         check_folder(Path(args.images), LoadTestError)
+    check_tls_files(args)
+
+
+def check_tls_files(args: argparse.Namespace) -> None:
     if args.ca_cert:
         try:
-            client_context(Path(args.ca_cert))
+            check_authorities(Path(args.ca_cert))
         except ValueError as error:
             raise LoadTestError(f"bad --ca-cert: {error}") from None
+    if bool(args.client_cert) != bool(args.client_key):
+        raise LoadTestError("--client-cert and --client-key go together: give both, or neither")
+    if args.client_cert:
+        try:
+            check_key_pair(Path(args.client_cert), Path(args.client_key))
+        except ValueError as error:
+            raise LoadTestError(f"bad --client-cert/--client-key: {error}") from None
 
 
-def listing_failure(error: Exception, kserve: bool) -> str:
-    """Why the listing failed, with the likely fix where a wrong port or the wrong API explains it."""
+def listing_failure(error: Exception, kserve: bool, tls: TlsFiles | None) -> str:
+    """Why the listing failed, with the likely fix where a wrong port, the wrong API or TLS (`tls`, None for a
+    plain connection) explains it."""
+    # before BadStatusLine: a TLS client the server refuses reads a closed socket
+    if hint := handshake_hint(str(error), None if tls is None else bool(tls.client_cert)):
+        return f"{error}{hint}"
     if isinstance(error, urllib.error.HTTPError) and error.code == 404 and not kserve:
         return f"{error} (no /v1 API there: for Triton's HTTP port add --kserve)"
     if isinstance(error, http.client.BadStatusLine):  # its text is the bytes that came back
@@ -279,36 +308,41 @@ def listing_failure(error: Exception, kserve: bool) -> str:
             f"the answer is not JSON ({error})" if isinstance(error, json.JSONDecodeError) else str(error)
         )
         return f"{answer} (is --url the gateway's HTTP port{' or Triton' if kserve else ''}?)"
-    return f"{error}{tls_hint(str(error))}"
+    return str(error)
 
 
 def served_model(args: argparse.Namespace) -> str:
     """The model to load-test, once the server has shown that it serves it (else every request would fail)."""
     if args.grpc:
         target = args.grpc_url or grpc_target(args.url)
-        where, served = grpc_url(target), grpc_served(target, args.api_key, args.ca_cert)
+        where, served = grpc_url(target), grpc_served(target, args.api_key, TlsFiles.of(args))
     else:
         where = args.url
+        list_models = kserve_models if args.kserve else gateway_models
+        tls = TlsFiles.of(args) if args.url.startswith("https://") else None
         try:
-            served = (kserve_models if args.kserve else gateway_models)(args.url, args.api_key, args.ca_cert)
+            served = list_models(args.url, args.api_key, tls or TlsFiles())
         except (urllib.error.URLError, OSError, ValueError, RuntimeError, http.client.HTTPException) as error:
-            raise LoadTestError(
-                f"cannot list models at {args.url}: {listing_failure(error, args.kserve)}"
-            ) from error
+            failure = listing_failure(error, args.kserve, tls)
+            raise LoadTestError(f"cannot list models at {args.url}: {failure}") from error
     model = args.model or served[0]
     if model not in served:
         raise LoadTestError(f"model {model!r} is not served at {where}; served: {', '.join(served)}")
     return model
 
 
-def grpc_served(target: str, api_key: str, ca_cert: str = "") -> list[str]:
+def grpc_served(target: str, api_key: str, tls: TlsFiles) -> list[str]:
     """The models a gRPC load test can use, from the gRPC server's own index: the gateway's or Triton's alike."""
     from tritonclient.utils import InferenceServerException
 
     try:
-        return grpc_models(target, api_key, ca_cert)
+        return grpc_models(target, api_key, tls)
     except InferenceServerException as error:
-        hint = tls_hint(str(error)) or " (is --grpc-url the gRPC port of the gateway or Triton?)"
+        client_cert = bool(tls.client_cert) if target.startswith(GRPC_TLS_SCHEME) else None
+        hint = (
+            handshake_hint(str(error), client_cert)
+            or " (is --grpc-url the gRPC port of the gateway or Triton?)"
+        )
         raise LoadTestError(f"cannot list models at {grpc_url(target)}: {error}{hint}") from error
     except RuntimeError as error:  # it answered, with no model that takes encoded images
         raise LoadTestError(str(error)) from error

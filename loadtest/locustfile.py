@@ -35,6 +35,7 @@ from loadtest.checks import (  # noqa: E402
     API_KEY_HEADER,
     DEFAULT_GRPC_PORT,
     PIPELINE_SUFFIX,
+    TlsFiles,
     auth_headers,
     check_classification,
     check_prediction,
@@ -92,6 +93,15 @@ def _add_options(parser) -> None:
         env_var="RESNET_CA_CERT",
         help="PEM file of the certificate authorities to trust for https:// and grpcs:// (default: the system's)",
     )
+    group.add_argument(
+        "--client-cert",
+        default="",
+        env_var="RESNET_CLIENT_CERT",
+        help="PEM certificate to present to a server that requires client certificates (with --client-key)",
+    )
+    group.add_argument(
+        "--client-key", default="", env_var="RESNET_CLIENT_KEY", help="PEM private key of --client-cert"
+    )
     group.add_argument("--api-key", default="", env_var="RESNET_API_KEY", help="sent as the X-API-Key header")
 
 
@@ -115,16 +125,17 @@ def _options(user: User):
     return user.environment.parsed_options
 
 
-def _prepare_http_client(user: HttpUser) -> str:
-    """The user's Locust client made ready; the --ca-cert it trusts ("" for the system's).
+def _prepare_http_client(user: HttpUser) -> TlsFiles:
+    """The user's Locust client made ready; the TLS files it uses.
 
     Locust prefixes each request's path with --host as given: `http://host:8080/` would ask for //v1/... (404)."""
     user.client.base_url = user.client.base_url.rstrip("/")
-    options = _options(user)
-    ca_cert = options.ca_cert if options else ""
-    if ca_cert:
-        user.client.verify = ca_cert  # requests' own setting; the system's authorities otherwise
-    return ca_cert
+    tls = TlsFiles.of(_options(user))
+    if tls.ca_cert:
+        user.client.verify = tls.ca_cert  # requests' own setting; the system's authorities otherwise
+    if tls.client_cert:
+        user.client.cert = (tls.client_cert, tls.client_key)
+    return tls
 
 
 class ClassifyUser(HttpUser):
@@ -133,12 +144,12 @@ class ClassifyUser(HttpUser):
     wait_time = constant(0)
 
     def on_start(self) -> None:
-        ca_cert = _prepare_http_client(self)
+        tls = _prepare_http_client(self)
         options = _options(self)
         self.top_k = options.top_k if options else 5
         self.headers = auth_headers(options.api_key if options else "")
         self.model = (options.model if options else "") or discover_model(
-            self.host, self.headers.get(API_KEY_HEADER, ""), ca_cert
+            self.host, self.headers.get(API_KEY_HEADER, ""), tls
         )
         self.path = f"/v1/models/{urllib.parse.quote(self.model)}/classify?top_k={self.top_k}"
         self.photos = itertools.cycle(random.sample(_images, len(_images)))
@@ -223,15 +234,15 @@ class GrpcUser(User):
         options = _options(self)
         self.top_k = options.top_k if options else 5
         api_key = options.api_key if options else ""
-        ca_cert = options.ca_cert if options else ""
+        tls = TlsFiles.of(options)
         # gRPC metadata keys must be lower case.
         self.headers = {API_KEY_HEADER.lower(): api_key} if api_key else {}
         target = (options.grpc_host if options else "") or grpc_target(self.host)
         target = target.removeprefix("grpc://")
-        model = (options.model if options else "") or grpc_models(target, api_key, ca_cert)[0]
+        model = (options.model if options else "") or grpc_models(target, api_key, tls)[0]
         self.model = model if model.endswith(PIPELINE_SUFFIX) else model + PIPELINE_SUFFIX
         self.grpcclient = grpcclient
-        self.client = grpc_client(target, ca_cert)
+        self.client = grpc_client(target, tls)
         self.photos = itertools.cycle(random.sample(_images, len(_images)))
 
     def on_stop(self) -> None:
@@ -273,12 +284,12 @@ class KServeHttpUser(HttpUser):
     def on_start(self) -> None:
         import tritonclient.http as httpclient
 
-        ca_cert = _prepare_http_client(self)
+        tls = _prepare_http_client(self)
         options = _options(self)
         self.top_k = options.top_k if options else 5
         self.headers = auth_headers(options.api_key if options else "")
         model = (options.model if options else "") or discover_kserve_model(
-            self.host, self.headers.get(API_KEY_HEADER, ""), ca_cert
+            self.host, self.headers.get(API_KEY_HEADER, ""), tls
         )
         model = model if model.endswith(PIPELINE_SUFFIX) else model + PIPELINE_SUFFIX
         self.path = f"/v2/models/{urllib.parse.quote(model)}/infer"

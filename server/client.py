@@ -29,7 +29,7 @@ import numpy as np
 from cli.addresses import split_base_url
 from cli.errors import ResnetError
 from cli.help import HelpFormatter
-from cli.tls import check_authorities, client_certificate_hint, client_context, tls_hint
+from cli.tls import check_authorities, client_context, handshake_hint
 from server.errors import GRPC_AT_HTTP_PORT
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
@@ -292,7 +292,7 @@ class KServe:
             message = (error.message() or str(error)).strip()
             images_refused = error.status() in KSERVE_IMAGE_STATUSES or GRPC_TOO_LARGE in message
             kind = ImageRejected if sends_images and images_refused else ClientError
-            hint = handshake_hint(message, self.tls)
+            hint = handshake_hint(message, presents_certificate(self.tls))
             if not hint and any(sign in message for sign in GRPC_AT_HTTP_PORT):
                 hint = NOT_GRPC_HINT
             hint = f" ({NOT_KSERVE_HINT})" if KSERVE_UNDECODABLE in message else hint
@@ -302,7 +302,7 @@ class KServe:
             ) from None
         except (ConnectionError, OSError) as error:
             raise ClientError(
-                f"cannot reach {self.url}: {error}{handshake_hint(str(error), self.tls)}"
+                f"cannot reach {self.url}: {error}{handshake_hint(str(error), presents_certificate(self.tls))}"
             ) from None
         except HTTPException as error:  # geventhttpclient's: an answer that is not HTTP/1.1
             raise ClientError(
@@ -463,12 +463,9 @@ def trusted_authorities(ca_cert: Path | None, key_pair: tuple[Path, Path] | None
         raise ClientError(f"bad --client-cert/--client-key: {error}") from None
 
 
-def handshake_hint(message: str, tls: Tls | None, other_port: str = "") -> str:
-    """What to do about a connection that failed over TLS; "" for other errors."""
-    if tls is None:
-        return tls_hint(message)
-    presented = tls.key_pair is not None
-    return tls_hint(message) or client_certificate_hint(message, presented, other_port=other_port)
+def presents_certificate(tls: Tls | None) -> bool | None:
+    """handshake_hint's `client_cert`: None for a plain connection."""
+    return None if tls is None else tls.key_pair is not None
 
 
 def unreachable(url: str, error: Exception, tls: Tls | None) -> ClientError:
@@ -476,7 +473,8 @@ def unreachable(url: str, error: Exception, tls: Tls | None) -> ClientError:
     import httpx
 
     # over TLS a gRPC port closes an HTTP/1.1 connection just as a server refusing a client certificate does
-    hint = handshake_hint(str(error), tls, other_port="if that is a gRPC port, use grpcs://HOST:PORT")
+    other_port = "if that is a gRPC port, use grpcs://HOST:PORT"
+    hint = handshake_hint(str(error), presents_certificate(tls), other_port)
     if not hint and tls is None and isinstance(error, httpx.RemoteProtocolError):
         hint = NOT_HTTP1_HINT
     return ClientError(f"cannot reach {url}: {error}{hint}")

@@ -202,3 +202,13 @@ def path_prefix_proxy(target: str, prefix: str, tls: ssl.SSLContext | None = Non
 
     with threaded_http_server(Proxy, tls) as url:
         yield url
+
+
+def tls_loadtest(url: str, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    """A 3-second `resnet loadtest` of the gateway at `url` that fails on any failed request, with only the TLS
+    files `flags` name (none from this shell's RESNET_* variables)."""
+    command = [sys.executable, "-m", "cli", "loadtest", "--url", url, "--users", "2"]
+    command += ["--duration", "3s", "--max-fail-ratio", "0", "--out", str(out), *flags]
+    tls_variables = ("RESNET_CA_CERT", "RESNET_CLIENT_CERT", "RESNET_CLIENT_KEY")
+    env = {key: value for key, value in os.environ.items() if key not in tls_variables}
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=env)

@@ -21,7 +21,7 @@ from server.healthcheck import OWN_CERTIFICATE_REFUSED
 from server.settings import Settings
 from tests.gateway_models import color_image
 from tests.grpc_support import gateway_process
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, tls_loadtest
 
 
 def client_context(certificates: dict[str, Path], owner: str = "client") -> ssl.SSLContext:
@@ -220,3 +220,49 @@ def test_a_health_check_the_gateway_refuses_says_why(pipeline_repository, certif
         done = health_check(gateway, certificates, "stranger_ca")
     assert done.returncode == 1
     assert done.stderr.strip().endswith(OWN_CERTIFICATE_REFUSED), done.stderr
+
+
+# --- the load test ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("user", ["http", "kserve", "grpc"])
+def test_the_load_test_presents_its_client_certificate(mtls_gateway, certificates, tmp_path, user):
+    flags = {"http": [], "kserve": ["--kserve"], "grpc": ["--grpc", "--grpc-url", mtls_gateway.grpc_url]}[
+        user
+    ]
+    result = tls_loadtest(mtls_gateway.http_url, tmp_path, *flags, *tls_flags(certificates))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())["summary"]
+    assert summary["requests"] > 5 and summary["failures"] == 0
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize(
+    ("owner", "hint"),
+    [(None, "give yours with --client-cert)"), ("stranger", "it did not accept yours: is yours issued")],
+    ids=["no-certificate", "stranger"],
+)
+def test_a_load_test_the_gateway_refuses_stops_before_it_starts(
+    mtls_gateway, certificates, tmp_path, protocol, owner, hint
+):
+    flags = ["--grpc", "--grpc-url", mtls_gateway.grpc_url] if protocol == "grpc" else []
+    result = tls_loadtest(mtls_gateway.http_url, tmp_path, *flags, *tls_flags(certificates, owner))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("resnet: error: cannot list models at ") and hint in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--client-key", "{client_key}"], "--client-cert and --client-key go together"),
+        (["--client-cert", "{ca}", "--client-key", "{client_key}"], "bad --client-cert/--client-key: "),
+    ],
+)
+def test_load_test_client_certificate_files_that_cannot_work_are_one_line(
+    certificates, tmp_path, flags, message
+):
+    paths = {name: str(path) for name, path in certificates.items()}
+    result = tls_loadtest("https://127.0.0.1:9", tmp_path, *(flag.format(**paths) for flag in flags))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"resnet: error: {message.format(**paths)}"), result.stderr

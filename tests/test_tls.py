@@ -7,7 +7,6 @@ the fix. The CA is trustme's (the `certificates` fixture)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import ssl
 import subprocess
@@ -22,7 +21,7 @@ from cli.main import main as resnet
 from server.settings import Settings
 from tests.gateway_models import color_image
 from tests.grpc_support import gateway_process
-from tests.support import REPO_ROOT, other_web_server, path_prefix_proxy
+from tests.support import REPO_ROOT, other_web_server, path_prefix_proxy, tls_loadtest
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +206,7 @@ def test_serve_with_an_encrypted_key_is_one_line_not_a_passphrase_prompt(certifi
 def test_the_load_test_runs_over_tls(tls_gateway, certificates, tmp_path, user):
     flags = {"http": [], "kserve": ["--kserve"], "grpc": ["--grpc", "--grpc-url", tls_gateway.grpc_url]}[user]
     out = tmp_path / user
-    result = loadtest(tls_gateway, out, *flags, "--ca-cert", str(certificates["ca"]))
+    result = tls_loadtest(tls_gateway.http_url, out, *flags, "--ca-cert", str(certificates["ca"]))
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())["summary"]
     assert summary["requests"] > 5 and summary["failures"] == 0
@@ -225,16 +224,9 @@ def test_a_load_test_that_cannot_trust_the_server_stops_before_it_starts(
     tls_gateway, tmp_path, flags, message
 ):
     values = {"grpcs": tls_gateway.grpc_url, "grpc": tls_gateway.grpc_url.replace("grpcs://", "grpc://")}
-    result = loadtest(tls_gateway, tmp_path, *(flag.format(**values) for flag in flags))
+    result = tls_loadtest(tls_gateway.http_url, tmp_path, *(flag.format(**values) for flag in flags))
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("resnet: error: cannot list models at ") and message in result.stderr
-
-
-def loadtest(gateway, out: Path, *flags: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "cli", "loadtest", "--url", gateway.http_url, "--users", "2"]
-    command += ["--duration", "3s", "--max-fail-ratio", "0", "--out", str(out), *flags]
-    env = {key: value for key, value in os.environ.items() if key != "RESNET_CA_CERT"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=env)
 
 
 # --- Triton's gRPC over TLS, and the gateway reaching it ------------------------------------------------------
