@@ -52,13 +52,21 @@ def client_certificate_hint(
     return f" (the server closed the connection: {hint}{'; ' + other_port if other_port else ''})"
 
 
-def handshake_hint(message: str, client_cert: bool | None, other_port: str = "") -> str:
+def handshake_hint(
+    message: str,
+    client_cert: bool | None,
+    other_port: str = "",
+    *,
+    ca_flag: str = "--ca-cert",
+    cert_flag: str = "--client-cert",
+    plain: str = "http:// or grpc://",
+) -> str:
     """What to do about a failed connection: `client_cert` says whether it presented a client certificate, None
     for a plain connection (where a closed socket means something else)."""
-    hint = tls_hint(message)
+    hint = tls_hint(message, ca_flag, plain)
     if hint or client_cert is None:
         return hint
-    return client_certificate_hint(message, client_cert, other_port=other_port)
+    return client_certificate_hint(message, client_cert, cert_flag, other_port)
 
 
 class _EncryptedKey(Exception):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli.ports import check_port_free, free_ports
-from cli.tls import check_key_pair
+from cli.tls import check_authorities, check_key_pair
 from export.errors import TritonError
 from export.repository import versions
 
@@ -113,7 +113,8 @@ class TritonServer:
     Attributes after start: `http_url` ("http://host:port"), `http_address` ("host:port", what
     tritonclient.http takes), `grpc_url` ("host:port", what tritonclient.grpc takes), `metrics_url`.
     `models` limits loading to those names (explicit model control); None loads the whole repository.
-    `grpc_tls` (certificate chain, key) serves gRPC over TLS; `grpc_url` stays host:port.
+    `grpc_tls` (certificate chain, key) serves gRPC over TLS; `grpc_url` stays host:port. `grpc_client_ca` (PEM
+    authorities) asks every gRPC client for a certificate from them (mutual TLS).
     """
 
     def __init__(
@@ -131,6 +132,7 @@ class TritonServer:
         stream_log: bool = False,
         grpc_host: str | None = None,
         grpc_tls: tuple[Path, Path] | None = None,
+        grpc_client_ca: Path | None = None,
     ):
         self.repository = Path(repository).resolve()
         self.host = host
@@ -145,6 +147,7 @@ class TritonServer:
         self.models = models
         # (certificate chain, key): gRPC over TLS; Triton's HTTP has no TLS of its own
         self.grpc_tls = grpc_tls
+        self.grpc_client_ca = grpc_client_ca
         self.startup_timeout = startup_timeout
         self.log_verbose = log_verbose
         self.stream_log = stream_log
@@ -187,6 +190,8 @@ class TritonServer:
         if self.grpc_tls:
             certfile, keyfile = self.grpc_tls
             cmd += ["--grpc-use-ssl=true", f"--grpc-server-cert={certfile}", f"--grpc-server-key={keyfile}"]
+        if self.grpc_client_ca:  # preempts --grpc-use-ssl, with the same certificate and key
+            cmd += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.grpc_client_ca}"]
         if self.models is not None:
             cmd += ["--model-control-mode=explicit", *(f"--load-model={name}" for name in self.models)]
         return cmd
@@ -210,6 +215,17 @@ class TritonServer:
             raise
         return self
 
+    def _check_client_ca(self) -> None:
+        if not self.grpc_tls:  # client certificates are asked for only in a TLS handshake
+            raise TritonError(
+                "a client CA (--ssl-client-ca) asks gRPC clients for certificates over TLS: give the server's own "
+                "certificate and key too (--ssl-certfile, --ssl-keyfile)"
+            )
+        try:
+            check_authorities(self.grpc_client_ca)
+        except ValueError as error:
+            raise TritonError(f"cannot check client certificates: {error}") from None
+
     def _check_before_start(self) -> None:
         """What tritonserver would refuse only after loading (or with its whole usage text), in one line."""
         if not self.repository.is_dir():
@@ -224,6 +240,8 @@ class TritonServer:
                 check_key_pair(*self.grpc_tls)
             except ValueError as error:
                 raise TritonError(f"cannot serve gRPC over TLS: {error}") from None
+        if self.grpc_client_ca:
+            self._check_client_ca()
         missing = [name for name in self.models or [] if name not in held]
         if missing:
             raise TritonError(
@@ -366,6 +384,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="PEM private key of --ssl-certfile, not encrypted (env RESNET_TRITON_SSL_KEYFILE)",
     )
     serve.add_argument(
+        "--ssl-client-ca",
+        type=Path,
+        default=env("RESNET_TRITON_SSL_CLIENT_CA") or None,
+        help="PEM authorities to accept gRPC client certificates from: every gRPC client must then present one "
+        "(mutual TLS; with --ssl-certfile; env RESNET_TRITON_SSL_CLIENT_CA)",
+    )
+    serve.add_argument(
         "--startup-timeout",
         type=positive_seconds,
         default=180,
@@ -419,6 +444,7 @@ def main(args: argparse.Namespace) -> int:
         stream_log=True,
         grpc_host=args.grpc_address,
         grpc_tls=(args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None,
+        grpc_client_ca=args.ssl_client_ca,
     )
     # SIGTERM (docker stop, systemd) is a normal shutdown, at any moment: unwind through TritonServer.stop().
     signal.signal(signal.SIGTERM, _raise_terminated)

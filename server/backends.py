@@ -18,7 +18,7 @@ import numpy as np
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from cli.tls import client_context, tls_hint
+from cli.tls import client_context, handshake_hint
 from server.errors import GRPC_AT_HTTP_PORT, BackendUnavailable, DeadlineExceeded, InvalidInput, Overloaded
 from server.settings import Settings
 from server.spec import INPUT_NAME, LABELS_FILENAME, OUTPUT_NAME, ROLE_KEY, PreprocessSpec, Role, SpecError
@@ -206,9 +206,14 @@ class EmbeddedBackend(Backend):
 # --- Triton ------------------------------------------------------------------------------------------------
 
 
-def triton_problem(error: Exception, protocol: str) -> str:
-    """A failed call to Triton as one line; where the port speaks the other protocol, the setting that fixes it."""
-    text = str(error).strip()
+def triton_problem(error: Exception, settings: Settings) -> str:
+    """A failed call to Triton as one line; where the port speaks the other protocol, or TLS explains it, the
+    setting that fixes it."""
+    text, protocol = str(error).strip(), settings.triton_protocol
+    client_cert = settings.triton_key_pair is not None if settings.triton_tls else None
+    flags = {"ca_flag": "--triton-ca-cert", "cert_flag": "--triton-client-cert"}
+    if hint := handshake_hint(text, client_cert, plain=f"--triton-url {protocol}://HOST:PORT", **flags):
+        return one_line(error) + hint
     if protocol == "grpc" and any(sign in text for sign in GRPC_AT_HTTP_PORT):
         return (
             f"{one_line(error)} (if that is Triton's HTTP port, set --triton-protocol http; if it speaks TLS, "
@@ -217,8 +222,7 @@ def triton_problem(error: Exception, protocol: str) -> str:
     # aiohttp, reading HTTP/2 frames as a status line (its text holds those bytes)
     if protocol == "http" and "Bad status line" in text:
         return "its answer is not HTTP/1.1 (if that is Triton's gRPC port, set --triton-protocol grpc)"
-    plain = f"--triton-url {protocol}://HOST:PORT"
-    return one_line(error) + tls_hint(text, ca_flag="--triton-ca-cert", plain=plain)
+    return one_line(error)
 
 
 def one_line(error: Exception) -> str:
@@ -231,14 +235,15 @@ def grpc_tls(settings: Settings) -> dict:
     if not settings.triton_tls:
         return {}
     ca_cert = str(settings.triton_ca_cert) if settings.triton_ca_cert else None
-    return {"ssl": True, "root_certificates": ca_cert}
+    cert, key = (str(path) for path in settings.triton_key_pair) if settings.triton_key_pair else (None, None)
+    return {"ssl": True, "root_certificates": ca_cert, "certificate_chain": cert, "private_key": key}
 
 
 def http_tls(settings: Settings) -> dict:
     """tritonclient.http.aio's (aiohttp's) TLS arguments: an SSLContext."""
-    return (
-        {"ssl": True, "ssl_context": client_context(settings.triton_ca_cert)} if settings.triton_tls else {}
-    )
+    if not settings.triton_tls:
+        return {}
+    return {"ssl": True, "ssl_context": client_context(settings.triton_ca_cert, settings.triton_key_pair)}
 
 
 class TritonBackend(Backend):
@@ -342,7 +347,7 @@ class TritonBackend(Backend):
             else:
                 ready = bool(await self.client.is_server_ready())
         except Exception as error:  # noqa: BLE001 - any failure to answer means not ready
-            self.problem = triton_problem(error, self.protocol)
+            self.problem = triton_problem(error, self.settings)
             return False
         if not ready:
             self.problem = "its /v2/health/ready answers not ready (models still loading?)"

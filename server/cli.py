@@ -39,6 +39,18 @@ FLAGS: list[tuple[str, str, type, str]] = [
         str,
         "PEM authorities to trust for a Triton reached over TLS (--triton-url grpcs://HOST:PORT)",
     ),
+    (
+        "--triton-client-cert",
+        "triton_client_cert",
+        str,
+        "PEM certificate (chain) to present to a Triton that requires client certificates, with --triton-client-key",
+    ),
+    (
+        "--triton-client-key",
+        "triton_client_key",
+        str,
+        "PEM private key of --triton-client-cert (not encrypted)",
+    ),
     ("--max-batch-size", "max_batch_size", int, "largest batch the gateway assembles"),
     ("--max-delay-ms", "max_delay_ms", float, "longest wait for a batch to fill, in ms"),
     ("--queue-size", "queue_size", int, "images queued per model before requests get 503 + Retry-After"),

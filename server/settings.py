@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     triton_ca_cert: Path | None = Field(
         None, description="PEM authorities to trust for Triton's TLS certificate (default: the system's)"
     )
+    triton_client_cert: Path | None = Field(
+        None,
+        description="PEM certificate (chain) the gateway presents to a Triton that requires client certificates "
+        "(with triton_client_key)",
+    )
+    triton_client_key: Path | None = Field(None, description="PEM private key of triton_client_cert")
     batching: bool = Field(
         True,
         description="batch requests in the gateway (off: one backend call per request, "
@@ -99,7 +105,15 @@ class Settings(BaseSettings):
         "then present one (mutual TLS; needs ssl_certfile)",
     )
 
-    @field_validator("ssl_certfile", "ssl_keyfile", "ssl_client_ca", "triton_ca_cert", mode="before")
+    @field_validator(
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_client_ca",
+        "triton_ca_cert",
+        "triton_client_cert",
+        "triton_client_key",
+        mode="before",
+    )
     @classmethod
     def _unset_when_empty(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -158,6 +172,11 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.grpc_port and self.grpc_port == self.port:
             raise ValueError(f"grpc_port and port must differ (both {self.port})")
+        self._check_serving_tls()
+        self._check_triton_tls()
+        return self
+
+    def _check_serving_tls(self) -> None:
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together: give both to serve TLS, or neither")
         if self.ssl_certfile is not None:
@@ -168,13 +187,21 @@ class Settings(BaseSettings):
                     "ssl_client_ca asks clients for certificates over TLS: give ssl_certfile and ssl_keyfile too"
                 )
             check_authorities(self.ssl_client_ca)
-        if self.triton_ca_cert is not None:
-            if not self.triton_tls:  # trust set up for a connection that would then go out in plain text
-                raise ValueError(
-                    "triton_ca_cert is for a Triton reached over TLS: give triton_url as grpcs:// or https://"
-                )
-            client_context(self.triton_ca_cert)
-        return self
+
+    def _check_triton_tls(self) -> None:
+        if (self.triton_client_cert is None) != (self.triton_client_key is None):
+            raise ValueError("triton_client_cert and triton_client_key go together: give both, or neither")
+        given = [name for name in ("triton_ca_cert", "triton_client_cert") if getattr(self, name) is not None]
+        if given and not self.triton_tls:  # TLS files for a connection that would then go out in plain text
+            raise ValueError(
+                f"{given[0]} is for a Triton reached over TLS: give triton_url as grpcs:// or https://"
+            )
+        client_context(self.triton_ca_cert, self.triton_key_pair)
+
+    @property
+    def triton_key_pair(self) -> tuple[Path, Path] | None:
+        """The client certificate and key presented to Triton, if any."""
+        return (self.triton_client_cert, self.triton_client_key) if self.triton_client_cert else None
 
 
 def settings_problems(error: ValidationError) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -266,3 +267,127 @@ def test_load_test_client_certificate_files_that_cannot_work_are_one_line(
     result = tls_loadtest("https://127.0.0.1:9", tmp_path, *(flag.format(**paths) for flag in flags))
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"resnet: error: {message.format(**paths)}"), result.stderr
+
+
+# --- Triton asking the gateway (and other gRPC clients) for certificates --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mtls_triton(pipeline_repository, certificates, tmp_path_factory):
+    """A real Triton serving gRPC over mutual TLS (--grpc-use-ssl-mutual)."""
+    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
+    from export.triton_server import TritonServer
+
+    log_path = tmp_path_factory.mktemp("triton-mtls-logs") / "triton.log"
+    tls = (certificates["cert"], certificates["key"])
+    with TritonServer(
+        pipeline_repository, log_path=log_path, grpc_tls=tls, grpc_client_ca=certificates["ca"]
+    ) as server:
+        yield server
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_the_client_reaches_triton_with_its_certificate(mtls_triton, certificates, photo, capsys):
+    url = f"grpcs://{mtls_triton.grpc_url}"
+    status, out, err = classify(capsys, url, photo, *tls_flags(certificates))
+    assert status == 0, err
+    assert json.loads(out)[0]["predictions"][0]["label"] == "red"
+    status, _, err = classify(capsys, url, photo, *tls_flags(certificates, None))
+    assert status == 1 and "give yours with --client-cert)" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    ("owner", "message"),
+    [
+        ("client", ""),
+        (
+            None,
+            "(the server closed the connection: if it requires client certificates, give yours with --triton-client-cert)",
+        ),
+        ("stranger", "it did not accept yours"),
+    ],
+    ids=["client", "no-certificate", "stranger"],
+)
+def test_the_gateway_presents_its_certificate_to_triton(
+    mtls_triton, certificates, photo, tmp_path, capsys, owner, message
+):
+    flags = ["--backend", "triton", "--triton-url", f"grpcs://{mtls_triton.grpc_url}"]
+    flags += ["--triton-ca-cert", str(certificates["ca"])]
+    if owner:
+        flags += ["--triton-client-cert", str(certificates[f"{owner}_cert"])]
+        flags += ["--triton-client-key", str(certificates[f"{owner}_key"])]
+    with gateway_process(tmp_path, *flags, ready_path="/healthz") as gateway:
+        readiness = httpx.get(f"{gateway.http_url}/readyz", timeout=10)
+        if message:
+            assert readiness.status_code == 503 and message in readiness.json()["error"]["message"], (
+                readiness.text
+            )
+            return
+        assert readiness.status_code == 200, readiness.text
+        status, out, err = classify(capsys, gateway.http_url, photo)
+    assert status == 0, err
+    assert json.loads(out)[0]["predictions"][0]["label"] == "red"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"triton_url": "grpcs://triton:8001", "triton_client_cert": "client_cert"},
+            "triton_client_cert and triton_client_key go together",
+        ),
+        (
+            {
+                "triton_url": "grpc://triton:8001",
+                "triton_client_cert": "client_cert",
+                "triton_client_key": "client_key",
+            },
+            "triton_client_cert is for a Triton reached over TLS: give triton_url as grpcs:// or https://",
+        ),
+        (
+            {
+                "triton_url": "grpcs://triton:8001",
+                "triton_client_cert": "client_cert",
+                "triton_client_key": "stranger_key",
+            },
+            "{stranger_key} is not the private key of {client_cert}'s certificate",
+        ),
+    ],
+)
+def test_triton_client_certificate_settings_that_cannot_work_are_refused(certificates, settings, message):
+    paths = {name: str(path) for name, path in certificates.items()}
+    given = {key: paths.get(value, value) for key, value in settings.items()}
+    with pytest.raises(ValidationError, match=re.escape(message.format(**paths))):
+        Settings(**given)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--ssl-client-ca", "{ca}"],
+            "a client CA (--ssl-client-ca) asks gRPC clients for certificates over TLS",
+        ),
+        (
+            ["--ssl-certfile", "{cert}", "--ssl-keyfile", "{key}", "--ssl-client-ca", "{key}"],
+            "cannot check client certificates: {key} holds no PEM certificate",
+        ),
+    ],
+)
+def test_triton_serve_with_a_client_ca_that_cannot_work_is_one_line(
+    certificates, pipeline_repository, capsys, flags, message
+):
+    paths = {name: str(path) for name, path in certificates.items()}
+    args = [
+        "triton",
+        "serve",
+        "--repository",
+        str(pipeline_repository),
+        *(flag.format(**paths) for flag in flags),
+    ]
+    assert resnet(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("resnet: error: ") and "\n" not in err and message.format(**paths) in err, err
