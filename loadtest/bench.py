@@ -491,6 +491,7 @@ def gateway_command(
         # plain HTTP, no per-request log line, whatever the shell that runs the bench has set
         "RESNET_SSL_CERTFILE": "",
         "RESNET_SSL_KEYFILE": "",
+        "RESNET_SSL_CLIENT_CA": "",
         "RESNET_ACCESS_LOG": "false",
     }
     return command, env

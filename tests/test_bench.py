@@ -53,7 +53,12 @@ def test_quick_bench_runs_end_to_end_and_keeps_foreign_sections(tmp_path):
         timeout=240,
         cwd=REPO_ROOT,
         # the gateways it starts serve plain HTTP without a per-request log line whatever the shell says
-        env={**os.environ, "RESNET_SSL_CERTFILE": "/nonexistent.pem", "RESNET_ACCESS_LOG": "true"},
+        env={
+            **os.environ,
+            "RESNET_SSL_CERTFILE": "/nonexistent.pem",
+            "RESNET_SSL_CLIENT_CA": "/nonexistent.pem",
+            "RESNET_ACCESS_LOG": "true",
+        },
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
