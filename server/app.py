@@ -9,6 +9,7 @@ read it. Every answer carries `X-Request-ID`: the client's own when it sent a pl
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -28,6 +29,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import grpc_service, kserve_http
+from server.certificates import ServingCertificates
 from server.disconnect import unless_disconnected
 from server.errors import (
     ClientClosedRequest,
@@ -419,13 +421,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         except BaseException:
             await registry.close()
             raise
+    watching = watch_certificates(app.state.certificates)
     try:
         yield
     finally:
+        if watching is not None:
+            watching.cancel()
         if grpc_server is not None:
             await grpc_service.stop(grpc_server)
         # uvicorn has finished the in-flight HTTP requests by now; answer anything still queued, then release.
         await registry.close()
+
+
+def watch_certificates(certificates: ServingCertificates | None) -> asyncio.Task | None:
+    """The task that serves renewed TLS files to new connections, on the event loop that makes the handshakes."""
+    if certificates is None or not certificates.interval_s:
+        return None
+    return asyncio.create_task(certificates.watch(), name="tls-reload")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -439,6 +451,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.certificates = (
+        ServingCertificates(settings, app.state.metrics.tls_reloads) if settings.ssl_certfile else None
+    )
     install_error_handlers(app)
     app.include_router(health_router())
     app.include_router(api_router())

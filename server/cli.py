@@ -85,6 +85,13 @@ FLAGS: list[tuple[str, str, type, str]] = [
         "PEM authorities to accept client certificates from: every HTTPS and gRPC client must then present one "
         "(mutual TLS; with --ssl-certfile)",
     ),
+    (
+        "--ssl-reload-s",
+        "ssl_reload_s",
+        float,
+        "seconds between looks at the TLS files: a renewed certificate is served to new connections without a "
+        "restart (0: read once)",
+    ),
     ("--log-level", "log_level", str, "critical, error, warning, info or debug"),
     (
         "--log-format",
@@ -179,5 +186,7 @@ def main(args: argparse.Namespace) -> int:
         ssl_keyfile=settings.ssl_keyfile,
         ssl_ca_certs=settings.ssl_client_ca,
         ssl_cert_reqs=ssl.CERT_REQUIRED if settings.ssl_client_ca else ssl.CERT_NONE,
+        # the gateway's own, so that renewed files reach new connections (server/certificates.py)
+        ssl_context_factory=app.state.certificates.uvicorn_context if app.state.certificates else None,
     )
     return 0

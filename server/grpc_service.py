@@ -711,17 +711,6 @@ def package_version() -> str:
         return "0.0.0"
 
 
-def tls_credentials(settings: Settings) -> grpc.ServerCredentials:
-    """The HTTP port's certificate and key (Settings has checked that they load together), and its client
-    certificate check."""
-    client_ca = settings.ssl_client_ca
-    return grpc.ssl_server_credentials(
-        [(settings.ssl_keyfile.read_bytes(), settings.ssl_certfile.read_bytes())],
-        root_certificates=client_ca.read_bytes() if client_ca else None,
-        require_client_auth=client_ca is not None,
-    )
-
-
 async def start(app, settings: Settings) -> GrpcHandle:
     """Bind the gRPC port on `settings.host` and serve the app's registry; raises OSError if the port is taken."""
     registry: ModelRegistry = app.state.registry
@@ -740,8 +729,8 @@ async def start(app, settings: Settings) -> GrpcHandle:
     )
     try:
         port = (
-            server.add_secure_port(address, tls_credentials(settings))
-            if settings.ssl_certfile
+            server.add_secure_port(address, app.state.certificates.grpc_credentials())
+            if app.state.certificates
             else server.add_insecure_port(address)
         )
     except RuntimeError:
@@ -756,7 +745,7 @@ async def start(app, settings: Settings) -> GrpcHandle:
     health_task = asyncio.create_task(_follow_readiness(registry, health, ready), name="grpc-health")
     log.info(
         "gRPC%s (KServe v2 / Triton protocol + grpc.health.v1) on %s",
-        " over TLS" if settings.ssl_certfile else "",
+        " over TLS" if app.state.certificates else "",
         address,
     )
     return GrpcHandle(server, health, health_task, port)

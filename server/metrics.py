@@ -26,6 +26,12 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("resnet_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.tls_reloads = Counter(
+            "resnet_tls_reloads",
+            "changes of the TLS files seen: reloaded, or refused (they do not load; the files in use are kept)",
+            ["outcome"],
+            registry=r,
+        )
         self.queue_seconds = Histogram(
             "resnet_queue_seconds",
             "time an image waits in the batch queue",

@@ -104,6 +104,13 @@ class Settings(BaseSettings):
         description="PEM authorities whose client certificates the gateway accepts: every HTTPS and gRPC client must "
         "then present one (mutual TLS; needs ssl_certfile)",
     )
+    ssl_reload_s: float = Field(
+        60,
+        ge=0,
+        le=86400,
+        description="seconds between looks at the TLS files: changed ones (a renewed certificate) are loaded for new "
+        "connections without a restart; 0: read once at start-up",
+    )
 
     @field_validator(
         "ssl_certfile",

@@ -1,0 +1,123 @@
+"""The gateway's TLS files, read again when they change on disk (a certificate renewed by cert-manager or certbot, a
+Kubernetes secret updated in place): new connections on the HTTPS and the gRPC port get the new certificate, key
+and client CA, open connections keep theirs, nothing restarts. A pair that does not load (a renewal half written, a
+key that is not the certificate's) is logged and the files in use are kept."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from prometheus_client import Counter
+
+from cli.tls import check_authorities, check_key_pair
+from server.settings import Settings
+
+log = logging.getLogger("resnet.tls")
+
+Stamp = tuple[tuple[int, int, int], ...]
+
+
+class ServingCertificates:
+    """The certificate, key and client CA both ports serve, and what watches them.
+
+    HTTPS: `uvicorn_context` is uvicorn's `ssl_context_factory`; it gives uvicorn's SSLContext a server-name
+    callback, which OpenSSL calls on every ClientHello (with or without SNI), and which hands the new connection the
+    current context (a new SSLContext replaces certificate, key and trusted client CAs alike; loading into the old one
+    could add CAs but not drop them). gRPC: dynamic credentials, whose fetcher gRPC calls before each handshake."""
+
+    def __init__(self, settings: Settings, reloads: Counter | None = None) -> None:
+        self.certfile, self.keyfile = settings.ssl_certfile, settings.ssl_keyfile
+        self.client_ca = settings.ssl_client_ca
+        self.files = [path for path in (self.certfile, self.keyfile, self.client_ca) if path]
+        self.interval_s = settings.ssl_reload_s
+        self.reloads = reloads
+        self.make_https_context: Callable[[], ssl.SSLContext] | None = None
+        self.https_context: ssl.SSLContext | None = None
+        self._lock = threading.Lock()
+        self._stamp = self._files_stamp()
+        self._material = self._read()
+        self.generation = 0
+
+    def uvicorn_context(self, _config, default_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        """uvicorn's context, built by uvicorn from its settings; `default_factory` builds the next ones."""
+        self.make_https_context = default_factory
+        self.https_context = default_factory()
+        self.https_context.sni_callback = self._current_https
+        return self.https_context
+
+    def _current_https(
+        self, connection: ssl.SSLObject, _server_name: str | None, _context: ssl.SSLContext
+    ) -> None:
+        connection.context = self.https_context
+
+    def grpc_credentials(self) -> grpc.ServerCredentials:
+        served = -1
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            nonlocal served
+            with self._lock:
+                if served == self.generation:
+                    return None  # keep the one in use
+                served = self.generation
+                key, chain, client_ca = self._material
+            return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=client_ca)
+
+        return grpc.dynamic_ssl_server_credentials(
+            fetch(), fetch, require_client_authentication=self.client_ca is not None
+        )
+
+    def reload_if_changed(self) -> bool:
+        """Load the files again if they changed since the last look; True when new connections now get them."""
+        stamp = self._files_stamp()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp  # a refused change is tried again at the next change, not at every look
+        try:
+            check_key_pair(self.certfile, self.keyfile)
+            if self.client_ca:
+                check_authorities(self.client_ca)
+            material = self._read()
+            https_context = self.make_https_context() if self.make_https_context else None
+        except (ValueError, OSError, ssl.SSLError) as error:
+            log.warning("TLS files changed but do not load, the ones in use are kept: %s", error)
+            self._count("refused")
+            return False
+        with self._lock:
+            self._material = material
+            self.https_context = https_context
+            self.generation += 1
+        log.info("TLS files reloaded (%s): new connections get them", ", ".join(map(str, self.files)))
+        self._count("reloaded")
+        return True
+
+    def _count(self, outcome: str) -> None:
+        if self.reloads is not None:
+            self.reloads.labels(outcome=outcome).inc()
+
+    async def watch(self) -> None:
+        """Look every `interval_s` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            self.reload_if_changed()
+
+    def _files_stamp(self) -> Stamp:
+        # os.stat follows symbolic links: a Kubernetes secret swaps its ..data link, which changes the inode
+        stamps = []
+        for path in self.files:
+            try:
+                found = os.stat(path)
+                stamps.append((found.st_ino, found.st_mtime_ns, found.st_size))
+            except OSError:  # gone for the moment (a renewal in progress): a change like any other
+                stamps.append((0, 0, 0))
+        return tuple(stamps)
+
+    def _read(self) -> tuple[bytes, bytes, bytes | None]:
+        client_ca = Path(self.client_ca).read_bytes() if self.client_ca else None
+        return Path(self.keyfile).read_bytes(), Path(self.certfile).read_bytes(), client_ca
