@@ -24,6 +24,7 @@ CLOSED_SIGNS = (
     "Server disconnected without sending a response",  # httpx
     "Remote end closed connection without response",  # urllib
     "Socket closed",  # gRPC
+    "connection closed",  # geventhttpclient (tritonclient.http)
     "UNEXPECTED_EOF_WHILE_READING",  # OpenSSL under TLS 1.2
 )
 
@@ -46,7 +47,10 @@ def client_certificate_hint(
     if not closed_before_answer(message):
         return ""
     if presented:
-        hint = "if it requires client certificates, it did not accept yours: is yours issued for client use by a CA it trusts?"
+        hint = (
+            "if it requires client certificates, it did not accept yours: is yours issued for client use by a CA "
+            "it trusts?"
+        )
     else:
         hint = f"if it requires client certificates, give yours with {cert_flag}"
     return f" (the server closed the connection: {hint}{'; ' + other_port if other_port else ''})"

@@ -29,7 +29,7 @@ import numpy as np
 from cli.addresses import split_base_url
 from cli.errors import ResnetError
 from cli.help import HelpFormatter
-from cli.tls import check_authorities, client_context, handshake_hint
+from cli.tls import check_authorities, client_context, handshake_hint, tls_hint
 from server.errors import GRPC_AT_HTTP_PORT
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
@@ -304,10 +304,9 @@ class KServe:
             raise ClientError(
                 f"cannot reach {self.url}: {error}{handshake_hint(str(error), presents_certificate(self.tls))}"
             ) from None
-        except HTTPException as error:  # geventhttpclient's: an answer that is not HTTP/1.1
-            raise ClientError(
-                f"cannot reach {self.url}: {error or type(error).__name__}{NOT_HTTP1_HINT}"
-            ) from None
+        except HTTPException as error:  # geventhttpclient's: an answer that is not HTTP/1.1, or none
+            hint = NOT_HTTP1_HINT if self.tls is None else closed_over_tls_hint(str(error), self.tls)
+            raise ClientError(f"cannot reach {self.url}: {error or type(error).__name__}{hint}") from None
         except ValueError as error:  # rapidjson's: not JSON (Triton's metrics port)
             raise ClientError(
                 f"{self.url} answered what is not KServe v2 JSON ({error}): {NOT_KSERVE_HINT}"
@@ -468,15 +467,23 @@ def presents_certificate(tls: Tls | None) -> bool | None:
     return None if tls is None else tls.key_pair is not None
 
 
+def closed_over_tls_hint(message: str, tls: Tls) -> str:
+    """What to try when an https:// connection failed: over TLS a gRPC port closes an HTTP/1.1 connection just as
+    a server refusing a client certificate does."""
+    other_port = "if that is a gRPC port, use grpcs://HOST:PORT"
+    return handshake_hint(message, tls.key_pair is not None, other_port)
+
+
 def unreachable(url: str, error: Exception, tls: Tls | None) -> ClientError:
     """httpx's error as one line; a server that answered with something other than HTTP/1.1 is likely gRPC."""
     import httpx
 
-    # over TLS a gRPC port closes an HTTP/1.1 connection just as a server refusing a client certificate does
-    other_port = "if that is a gRPC port, use grpcs://HOST:PORT"
-    hint = handshake_hint(str(error), presents_certificate(tls), other_port)
-    if not hint and tls is None and isinstance(error, httpx.RemoteProtocolError):
-        hint = NOT_HTTP1_HINT
+    if tls is not None:
+        hint = closed_over_tls_hint(str(error), tls)
+    else:
+        hint = tls_hint(str(error)) or (
+            NOT_HTTP1_HINT if isinstance(error, httpx.RemoteProtocolError) else ""
+        )
     return ClientError(f"cannot reach {url}: {error}{hint}")
 
 

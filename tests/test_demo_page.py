@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 from pathlib import Path
 
@@ -99,7 +100,10 @@ def test_pick_an_image_and_see_the_top_classes(browser, gateway_url, tmp_path):
     junk.write_bytes(b"this is not a picture")
     choose(browser, junk)
     wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "invalid_image"))
-    assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
+    status = browser.find_element(By.ID, "status")
+    assert "error" in status.get_attribute("class")
+    # quoted for the operator, who finds the request in the gateway's logs by it
+    assert re.search(r"\(request ID [0-9a-f]{32}\)$", status.text), status.text
 
 
 def test_the_page_works_behind_a_reverse_proxy_under_a_path_prefix(browser, gateway_url, tmp_path):

@@ -86,7 +86,7 @@ def test_the_client_certificate_can_come_from_the_environment(
     assert status == 0, err
 
 
-@pytest.mark.parametrize("port", ["http", "grpc"])
+@pytest.mark.parametrize(("port", "server"), [("http", "auto"), ("http", "triton"), ("grpc", "auto")])
 @pytest.mark.parametrize(
     ("owner", "hint"),
     [
@@ -102,10 +102,10 @@ def test_the_client_certificate_can_come_from_the_environment(
     ids=["no-certificate", "stranger"],
 )
 def test_a_client_the_gateway_refuses_is_one_line_naming_what_to_try(
-    mtls_gateway, certificates, photo, capsys, port, owner, hint
+    mtls_gateway, certificates, photo, capsys, port, server, owner, hint
 ):
     url = mtls_gateway.http_url if port == "http" else mtls_gateway.grpc_url
-    status, _, err = classify(capsys, url, photo, *tls_flags(certificates, owner))
+    status, _, err = classify(capsys, url, photo, *tls_flags(certificates, owner), "--server", server)
     assert status == 1 and err.startswith("resnet: error: ") and "\n" not in err, err
     assert hint in err, err
     if port == "http":  # a gRPC port closes an HTTP/1.1 connection over TLS the same way

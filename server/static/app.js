@@ -12,12 +12,15 @@ function showStatus(text, isError = false) {
   $("status").classList.toggle("error", isError);
 }
 
+// The request ID is what an operator finds the request by in the gateway's logs.
 async function errorText(response) {
+  const id = response.headers.get("X-Request-ID");
+  const quoted = id ? ` (request ID ${id})` : "";
   try {
     const body = await response.json();
-    return body.error ? `${body.error.code}: ${body.error.message}` : response.statusText;
+    return (body.error ? `${body.error.code}: ${body.error.message}` : response.statusText) + quoted;
   } catch {
-    return `${response.status} ${response.statusText}`;
+    return `${response.status} ${response.statusText}${quoted}`;
   }
 }
 
