@@ -452,7 +452,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.certificates = (
-        ServingCertificates(settings, app.state.metrics.tls_reloads) if settings.ssl_certfile else None
+        ServingCertificates(settings, app.state.metrics) if settings.ssl_certfile else None
     )
     install_error_handlers(app)
     app.include_router(health_router())

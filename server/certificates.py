@@ -11,15 +11,18 @@ import os
 import ssl
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
-from prometheus_client import Counter
+from cryptography import x509
 
 from cli.tls import check_authorities, check_key_pair
+from server.metrics import Metrics
 from server.settings import Settings
 
 log = logging.getLogger("resnet.tls")
+EXPIRY_WARNING = timedelta(days=14)
 
 Stamp = tuple[tuple[int, int, int], ...]
 
@@ -32,18 +35,19 @@ class ServingCertificates:
     current context (a new SSLContext replaces certificate, key and trusted client CAs alike; loading into the old one
     could add CAs but not drop them). gRPC: dynamic credentials, whose fetcher gRPC calls before each handshake."""
 
-    def __init__(self, settings: Settings, reloads: Counter | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.certfile, self.keyfile = settings.ssl_certfile, settings.ssl_keyfile
         self.client_ca = settings.ssl_client_ca
         self.files = [path for path in (self.certfile, self.keyfile, self.client_ca) if path]
         self.interval_s = settings.ssl_reload_s
-        self.reloads = reloads
+        self.metrics = metrics
         self.make_https_context: Callable[[], ssl.SSLContext] | None = None
         self.https_context: ssl.SSLContext | None = None
         self._lock = threading.Lock()
         self._stamp = self._files_stamp()
         self._material = self._read()
         self.generation = 0
+        self._note_expiry()
 
     def uvicorn_context(self, _config, default_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         """uvicorn's context, built by uvicorn from its settings; `default_factory` builds the next ones."""
@@ -95,11 +99,31 @@ class ServingCertificates:
             self.generation += 1
         log.info("TLS files reloaded (%s): new connections get them", ", ".join(map(str, self.files)))
         self._count("reloaded")
+        self._note_expiry()
         return True
 
     def _count(self, outcome: str) -> None:
-        if self.reloads is not None:
-            self.reloads.labels(outcome=outcome).inc()
+        if self.metrics is not None:
+            self.metrics.tls_reloads.labels(outcome=outcome).inc()
+
+    def _note_expiry(self) -> None:
+        """The served certificate's end of validity, as a metric to alert on, and a warning when it is near: OpenSSL
+        serves an expired certificate without a word, and only the clients refuse it."""
+        expires = x509.load_pem_x509_certificate(self._material[1]).not_valid_after_utc
+        if self.metrics is not None:
+            self.metrics.tls_expiry.set(expires.timestamp())
+        left = expires - datetime.now(UTC)
+        if left < EXPIRY_WARNING:
+            state = (
+                f"expired on {expires:%Y-%m-%d %H:%M} UTC"
+                if left.total_seconds() < 0
+                else f"expires in {left.days} days"
+            )
+            log.warning(
+                "TLS certificate %s %s: renew it (a renewal in place is picked up)", self.certfile, state
+            )
+        else:
+            log.info("TLS certificate %s valid until %s UTC", self.certfile, f"{expires:%Y-%m-%d %H:%M}")
 
     async def watch(self) -> None:
         """Look every `interval_s` seconds until cancelled."""

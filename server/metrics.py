@@ -26,6 +26,11 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("resnet_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.tls_expiry = Gauge(
+            "resnet_tls_certificate_expiry_timestamp_seconds",
+            "when the certificate the gateway serves expires, in Unix time (alert well before it)",
+            registry=r,
+        )
         self.tls_reloads = Counter(
             "resnet_tls_reloads",
             "changes of the TLS files seen: reloaded, or refused (they do not load; the files in use are kept)",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import pytest
@@ -43,15 +44,21 @@ def pipeline_triton(pipeline_repository, tmp_path_factory):
         yield server
 
 
+def in_days(days: int) -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=days)
+
+
 @pytest.fixture(scope="session")
 def certificates(tmp_path_factory) -> dict[str, Path]:
     """A CA, the gateway's certificate and key (for 127.0.0.1 and localhost), an encrypted copy of the key, a
-    client's certificate and key from the same CA, a stranger's from another CA (`stranger_ca`), and a renewal of
-    the gateway's (`renewed_cert`, `renewed_key`). trustme issues every certificate for server and client use."""
+    client's certificate and key from the same CA, a stranger's from another CA (`stranger_ca`), and renewals of
+    the gateway's: one valid 400 days (`renewed_cert`, `renewed_key`), one 5 (`expiring_*`). trustme issues every
+    certificate for server and client use."""
     folder = tmp_path_factory.mktemp("tls")
     authority, stranger_authority = trustme.CA(), trustme.CA()
     names = ["ca", "cert", "key", "encrypted_key", "other_key", "stranger_ca"]
-    names += [f"{owner}_{part}" for owner in ("client", "stranger", "renewed") for part in ("cert", "key")]
+    owners = ("client", "stranger", "renewed", "expiring")
+    names += [f"{owner}_{part}" for owner in owners for part in ("cert", "key")]
     files = {name: folder / f"{name}.pem" for name in names}
     authority.cert_pem.write_to_path(str(files["ca"]))
     stranger_authority.cert_pem.write_to_path(str(files["stranger_ca"]))
@@ -60,7 +67,8 @@ def certificates(tmp_path_factory) -> dict[str, Path]:
         ("", server),
         ("client_", authority.issue_cert("client.example")),
         ("stranger_", stranger_authority.issue_cert("stranger.example")),
-        ("renewed_", authority.issue_cert("127.0.0.1", "localhost")),
+        ("renewed_", authority.issue_cert("127.0.0.1", "localhost", not_after=in_days(400))),
+        ("expiring_", authority.issue_cert("127.0.0.1", "localhost", not_after=in_days(5))),
     ]:
         issued.cert_chain_pems[0].write_to_path(str(files[f"{prefix}cert"]))
         issued.private_key_pem.write_to_path(str(files[f"{prefix}key"]))

@@ -5,6 +5,7 @@ one in use kept (a log line, a metric), and a replaced client CA stops trusting 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
 from pydantic import ValidationError
 
 from cli.main import main as resnet
@@ -57,6 +59,16 @@ def served_certificate(port: int, certificates, client: str | None = None) -> by
             return connection.getpeercert(binary_form=True)
 
 
+def expiry(path: Path) -> float:
+    return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc.timestamp()
+
+
+def expiry_metric(metrics: str) -> float:
+    found = re.search(r"^resnet_tls_certificate_expiry_timestamp_seconds (\S+)$", metrics, re.MULTILINE)
+    assert found, "no expiry metric"
+    return float(found[1])
+
+
 def der(path: Path) -> bytes:
     return ssl.PEM_cert_to_DER_cert(path.read_text())
 
@@ -90,6 +102,27 @@ def test_a_renewed_certificate_reaches_new_connections_on_both_ports(
             assert kept_open.get("/healthz").status_code == 200  # an open connection keeps its own
             metrics = kept_open.get("/metrics").text
     assert 'resnet_tls_reloads_total{outcome="reloaded"} 1.0' in metrics
+    assert expiry_metric(metrics) == expiry(renewal["cert"])
+
+
+def test_a_certificate_near_its_end_is_a_warning_and_its_date_a_metric(
+    pipeline_repository, certificates, served, tmp_path
+):
+    trusted = ssl.create_default_context(cafile=certificates["ca"])
+    with gateway_process(tmp_path, *serve_flags(pipeline_repository, served), tls=trusted) as gateway:
+
+        def served_expiry() -> float:
+            return expiry_metric(httpx.get(f"{gateway.http_url}/metrics", verify=trusted).text)
+
+        assert served_expiry() == expiry(certificates["cert"])
+        renew(served["key"], certificates["expiring_key"])
+        renew(served["cert"], certificates["expiring_cert"])
+        wait_until(
+            lambda: served_expiry() == expiry(certificates["expiring_cert"]), 10, what="the new expiry"
+        )
+    log = next(tmp_path.glob("gateway-*.log")).read_text()
+    assert f"TLS certificate {served['cert']} valid until " in log
+    assert f"TLS certificate {served['cert']} expires in 4 days: renew it" in log
 
 
 def test_files_that_do_not_load_are_refused_and_the_ones_in_use_kept(
