@@ -119,9 +119,10 @@ class ServingCertificates:
                 if left.total_seconds() < 0
                 else f"expires in {left.days} days"
             )
-            log.warning(
-                "TLS certificate %s %s: renew it (a renewal in place is picked up)", self.certfile, state
+            then = (
+                "the gateway picks a renewal in place up" if self.interval_s else "then restart the gateway"
             )
+            log.warning("TLS certificate %s %s: renew it (%s)", self.certfile, state, then)
         else:
             log.info("TLS certificate %s valid until %s UTC", self.certfile, f"{expires:%Y-%m-%d %H:%M}")
 
