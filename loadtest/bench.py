@@ -337,8 +337,11 @@ async def _load(
     warmup_s: float,
     headers: dict[str, str],
     tls: ssl.SSLContext | None = None,
-) -> tuple[list[float], int, float]:
-    """Keep `concurrency` single-image requests in flight; latencies (s) of those that completed in the window."""
+    new_connections: bool = False,
+) -> tuple[list[float], int, float, int]:
+    """Keep `concurrency` single-image requests in flight: latencies (s) of those that completed in the window,
+    failures in it, the window, and the connections opened (one per request with `new_connections`, each with its
+    own TLS handshake; else kept alive)."""
     import aiohttp
 
     latencies: list[float] = []
@@ -368,11 +371,21 @@ async def _load(
                 else:
                     errors += 1
 
-    connector = aiohttp.TCPConnector(limit=concurrency, ssl=tls or True)
+    connections = 0
+
+    async def opened(*_) -> None:
+        nonlocal connections
+        connections += 1
+
+    tracing = aiohttp.TraceConfig()
+    tracing.on_connection_create_end.append(opened)
+    connector = aiohttp.TCPConnector(limit=concurrency, ssl=tls or True, force_close=new_connections)
     timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, trace_configs=[tracing]
+    ) as session:
         await asyncio.gather(*(worker(i, session) for i in range(concurrency)))
-    return latencies, errors, seconds
+    return latencies, errors, seconds, connections
 
 
 def http_load(
@@ -384,11 +397,13 @@ def http_load(
     seconds: float,
     warmup_s: float,
     tls: ssl.SSLContext | None = None,
+    new_connections: bool = False,
 ) -> LoadResult:
     url = f"{base_url}/v1/models/{model_name}/classify?top_k=5"
     cpu_start, wall_start = time.process_time(), time.perf_counter()
-    latencies, errors, window = asyncio.run(
-        _load(url, images, concurrency, seconds, warmup_s, {"Content-Type": "image/jpeg"}, tls)
+    headers = {"Content-Type": "image/jpeg"}
+    latencies, errors, window, connections = asyncio.run(
+        _load(url, images, concurrency, seconds, warmup_s, headers, tls, new_connections)
     )
     # The client shares the cores with the server: how much of them it took is part of the result.
     client_cores = (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
@@ -409,6 +424,7 @@ def http_load(
         float(np.percentile(milliseconds, 50)),
         float(np.percentile(milliseconds, 99)),
         client_cores=client_cores,
+        extra={"connections": connections},
     )
 
 

@@ -2,9 +2,12 @@
 photos at the same concurrency over HTTP and over HTTPS (a throwaway certificate from trustme), alternating
 plain, TLS, plain, TLS so that the machine's changing load falls on both; per run it reports throughput, latency
 and the gateway's CPU time per image (its user + system time from /proc over the images its /metrics counted),
-the figure that holds on a shared machine. Writes the "TLS cost" section of docs/benchmarks.md.
+the figure that holds on a shared machine. Writes the "TLS cost" section of docs/benchmarks.md. With
+--new-connections every request opens its own connection, so HTTPS pays a full handshake per request (clients
+without keep-alive, or a load balancer that does not pool): its own section.
 
     python -m loadtest.tls_cost --rounds 3 --seconds 15
+    python -m loadtest.tls_cost --rounds 3 --seconds 15 --new-connections --key-type rsa
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from loadtest.bench_report import replace_section
 from loadtest.images import IMAGES_SENT, check_folder, load_images
 
 SECTION = "TLS cost (gateway)"
+NEW_CONNECTIONS_SECTION = "TLS cost (gateway, a new connection per request)"
 DEFAULT_DELAY_MS = 2.0  # the gateway's own default batching delay
 
 
@@ -39,16 +43,20 @@ class Run:
     p50_ms: float
     p99_ms: float
     cpu_ms_per_image: float
+    requests: int
+    connections: int
 
 
-def throwaway_certificate(folder: Path) -> tuple[Path, Path, ssl.SSLContext]:
-    """A certificate for 127.0.0.1 from a CA made here (trustme), its key, and a client context trusting it."""
+def throwaway_certificate(folder: Path, key_type: str) -> tuple[Path, Path, ssl.SSLContext]:
+    """A certificate for 127.0.0.1 from a CA made here (trustme; an `rsa` or `ecdsa` key), its key, and a client
+    context trusting it."""
     try:
         import trustme
     except ImportError:
         raise BenchError("needs trustme for a throwaway certificate: pip install trustme") from None
-    authority = trustme.CA()
-    issued = authority.issue_cert("127.0.0.1")
+    key = trustme.KeyType.RSA if key_type == "rsa" else trustme.KeyType.ECDSA
+    authority = trustme.CA(key_type=key)
+    issued = authority.issue_cert("127.0.0.1", key_type=key)
     certfile, keyfile = folder / "cert.pem", folder / "key.pem"
     issued.cert_chain_pems[0].write_to_path(str(certfile))
     issued.private_key_pem.write_to_path(str(keyfile))
@@ -82,10 +90,24 @@ def measure(
         env |= {"RESNET_SSL_CERTFILE": str(tls_files[0]), "RESNET_SSL_KEYFILE": str(tls_files[1])}
     with serving(command, port, log, env, tls=client) as (base, process):
         counted, cpu = images_counted(base, client), cpu_seconds(process.pid)
-        load = http_load(transport, base, args.model, images, args.concurrency, args.seconds, 1.0, client)
+        load = http_load(
+            transport,
+            base,
+            args.model,
+            images,
+            args.concurrency,
+            args.seconds,
+            1.0,
+            client,
+            args.new_connections,
+        )
         served = images_counted(base, client) - counted
         spent = cpu_seconds(process.pid) - cpu
-    return Run(transport, load.images_per_s, load.p50_ms, load.p99_ms, spent / served * 1000)
+    per_image_ms = spent / served * 1000
+    connections = load.extra["connections"]
+    return Run(
+        transport, load.images_per_s, load.p50_ms, load.p99_ms, per_image_ms, load.requests, connections
+    )
 
 
 def report(runs: list[Run], args: argparse.Namespace, command: str, photos: str) -> str:
@@ -95,8 +117,13 @@ def report(runs: list[Run], args: argparse.Namespace, command: str, photos: str)
 
     rows = "\n".join(
         f"| {index // 2 + 1} | {run.transport} | {run.images_per_s:.1f} | {run.p50_ms:.1f} | {run.p99_ms:.1f} | "
-        f"{run.cpu_ms_per_image:.2f} |"
+        f"{run.cpu_ms_per_image:.2f} | {run.requests} | {run.connections} |"
         for index, run in enumerate(runs)
+    )
+    connections = (
+        "each request on a connection of its own, so every HTTPS request pays a full TLS handshake"
+        if args.new_connections
+        else "over keep-alive connections, so a handshake is paid once per connection"
     )
     cpu_ratio = mean("HTTPS", "cpu_ms_per_image") / mean("HTTP", "cpu_ms_per_image")
     rate_ratio = mean("HTTPS", "images_per_s") / mean("HTTP", "images_per_s")
@@ -109,12 +136,12 @@ def report(runs: list[Run], args: argparse.Namespace, command: str, photos: str)
         f"{os.cpu_count()} cores; Python {platform.python_version()}, uvicorn {uvicorn.__version__}, onnxruntime "
         f"{onnxruntime.__version__}, {ssl.OPENSSL_VERSION}. One gateway (`resnet serve`, embedded ONNX Runtime, "
         f"batching on) serves `{args.model}` to {args.concurrency} aiohttp clients on the same machine ({photos}, one "
-        f"per request, over keep-alive connections, so a handshake is paid once per connection), for {args.seconds:g} "
-        f"s per run, runs alternating HTTP and HTTPS. CPU ms/image is the gateway process's user + system time over the "
-        f"images its /metrics counted, which holds while other jobs share the cores; img/s and latency move with "
-        f"them.\n\n"
-        "| round | transport | img/s | p50 ms | p99 ms | gateway CPU ms/image |\n"
-        "| --- | --- | --- | --- | --- | --- |\n"
+        f"per request, {connections}; an {args.key_type.upper()} certificate), for {args.seconds:g} s per run, runs "
+        f"alternating HTTP and HTTPS. CPU ms/image is the gateway process's user + system time over the images its "
+        f"/metrics counted, which holds while other jobs share the cores; img/s and latency move with them. "
+        f"Connections: those the clients opened in the run.\n\n"
+        "| round | transport | img/s | p50 ms | p99 ms | gateway CPU ms/image | requests | connections |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |\n"
         f"{rows}\n\n"
         f"**HTTPS / HTTP: gateway CPU per image x{cpu_ratio:.2f}, throughput x{rate_ratio:.2f}** (means over "
         f"{len(runs) // 2} rounds)."
@@ -137,6 +164,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=15.0, help="measurement window per run")
     parser.add_argument("--rounds", type=int, default=3, help="HTTP + HTTPS pairs")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores)")
+    parser.add_argument(
+        "--new-connections",
+        action="store_true",
+        help="a connection (and so a TLS handshake) per request instead of keep-alive; its own section",
+    )
+    parser.add_argument(
+        "--key-type",
+        choices=("ecdsa", "rsa"),
+        default="ecdsa",
+        help="the throwaway certificate's key: ECDSA P-256, or RSA 2048 (slower handshakes)",
+    )
     parser.add_argument(
         "--doc", type=Path, default=Path("docs/benchmarks.md"), help="page to write the section to"
     )
@@ -164,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
     runs = []
     with tempfile.TemporaryDirectory(prefix="resnet-tls-cost-") as scratch_dir:
         scratch = Path(scratch_dir)
-        certfile, keyfile, client = throwaway_certificate(scratch)
+        certfile, keyfile, client = throwaway_certificate(scratch, args.key_type)
         for round_number in range(args.rounds):
             for context in (None, client):
                 run = measure(
@@ -178,8 +216,9 @@ def main(args: argparse.Namespace) -> int:
                 runs.append(run)
     section = report(runs, args, shlex.join(["python", "-m", "loadtest.tls_cost", *sys.argv[1:]]), described)
     print(section)
-    replace_section(args.doc, SECTION, section)
-    print(f"wrote the '{SECTION}' section of {args.doc}", file=sys.stderr)
+    title = NEW_CONNECTIONS_SECTION if args.new_connections else SECTION
+    replace_section(args.doc, title, section)
+    print(f"wrote the '{title}' section of {args.doc}", file=sys.stderr)
     return 0
 
 

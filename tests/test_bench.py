@@ -132,7 +132,14 @@ def test_a_load_with_no_completed_request_says_why(delay_s, status, message):
 
 
 @pytest.mark.slow
-def test_tls_cost_measures_both_transports_and_writes_its_section(tmp_path):
+@pytest.mark.parametrize(
+    ("flags", "title"),
+    [
+        ([], "TLS cost (gateway)"),
+        (["--new-connections", "--key-type", "rsa"], "TLS cost (gateway, a new connection per request)"),
+    ],
+)
+def test_tls_cost_measures_both_transports_and_writes_its_section(tmp_path, flags, title):
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\n" + FOREIGN)
     command = [
@@ -147,14 +154,19 @@ def test_tls_cost_measures_both_transports_and_writes_its_section(tmp_path):
         "2",
     ]
     result = subprocess.run(
-        [*command, "--doc", str(doc)], capture_output=True, text=True, timeout=180, cwd=REPO_ROOT
+        [*command, *flags, "--doc", str(doc)], capture_output=True, text=True, timeout=180, cwd=REPO_ROOT
     )
     assert result.returncode == 0, result.stderr[-3000:]
     _, sections = split_sections(doc.read_text())
-    assert [title for title, _ in sections] == ["Export: runtimes on this CPU", "TLS cost (gateway)"]
-    text = dict(sections)["TLS cost (gateway)"]
-    assert re.search(r"\| 1 \| HTTP \| [0-9.]+ \|", text) and re.search(r"\| 1 \| HTTPS \| [0-9.]+ \|", text)
+    assert [title for title, _ in sections] == ["Export: runtimes on this CPU", title]
+    text = dict(sections)[title]
     assert re.search(r"HTTPS / HTTP: gateway CPU per image x[0-9.]+, throughput x[0-9.]+", text)
+    runs = re.findall(r"^\| 1 \| (HTTPS?) \| [0-9.]+ \|.* \| (\d+) \| (\d+) \|$", text, re.MULTILINE)
+    assert [transport for transport, _, _ in runs] == ["HTTP", "HTTPS"], text
+    for _, requests, connections in runs:
+        # kept alive: a connection per client; else one per request (those sent in the warm-up too)
+        assert int(connections) >= int(requests) if flags else int(connections) <= 2, text
+    assert ("RSA certificate" if flags else "ECDSA certificate") in text
 
 
 def test_tls_cost_refuses_flags_that_cannot_measure(tmp_path):
