@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +47,33 @@ class QuantizeOptions:
     keep_first_last_fp32: bool = False
 
 
+@dataclass
+class Unreadable:
+    """Images skipped because they do not decode or break a limit, with why: one corrupt file among thousands
+    should not cost an export the minutes of work before it. Both models read the same files, so a dict."""
+
+    found: dict[Path, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.found)
+
+    def summary(self) -> str:
+        """ "" when none, else "N unreadable images skipped (e.g. PATH: reason)"."""
+        if not self.found:
+            return ""
+        path, reason = next(iter(self.found.items()))
+        return (
+            f"{len(self.found)} unreadable image{'s' * (len(self.found) > 1)} skipped (e.g. {path}: {reason})"
+        )
+
+
 @dataclass(frozen=True)
 class AccuracyReport:
-    images: int
+    images: int  # those read; `unreadable` were skipped
     fp32_top1: float
     int8_top1: float
     max_drop: float  # in top-1 points (percent)
+    unreadable: int = 0
 
     @property
     def drop(self) -> float:
@@ -64,6 +85,7 @@ class AccuracyReport:
 
 
 def preprocess_file(path: Path, spec: PreprocessSpec) -> np.ndarray:
+    """The model's input tensor for one image file; ExportError naming the file when it cannot be read."""
     from server.errors import GatewayError
     from server.preprocessing import preprocess_image
 
@@ -71,6 +93,8 @@ def preprocess_file(path: Path, spec: PreprocessSpec) -> np.ndarray:
         return preprocess_image(path.read_bytes(), spec)
     except GatewayError as error:
         raise ExportError(f"{path}: {error.message}") from error
+    except OSError as error:  # unreadable on disk (permissions, a broken link)
+        raise ExportError(f"{path}: {error.strerror or error}") from error
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -108,20 +132,40 @@ def labelled_images(folder: Path, classes: list[str] | None = None) -> list[tupl
 
 
 def batches(
-    paths: list[Path], spec: PreprocessSpec, batch_size: int, advance: Advance | None = None
+    paths: list[Path],
+    spec: PreprocessSpec,
+    batch_size: int,
+    unreadable: Unreadable,
+    advance: Advance | None = None,
 ) -> Iterator[np.ndarray]:
+    """The images as input batches, in order, those that cannot be read skipped into `unreadable`; ExportError
+    when none can."""
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        yield np.stack([preprocess_file(p, spec) for p in chunk])
+        tensors = []
+        for path in chunk:
+            try:
+                tensors.append(preprocess_file(path, spec))
+            except ExportError as error:
+                unreadable.found[path] = str(error).removeprefix(f"{path}: ")
+        if tensors:
+            yield np.stack(tensors)
         if advance:
             advance(len(chunk))
+    if paths and all(path in unreadable.found for path in paths):
+        raise ExportError(f"none of the {len(paths)} images can be read: {unreadable.summary()}")
 
 
 class ImageCalibrationReader(CalibrationDataReader):
     def __init__(
-        self, paths: list[Path], spec: PreprocessSpec, batch_size: int = 8, advance: Advance | None = None
+        self,
+        paths: list[Path],
+        spec: PreprocessSpec,
+        unreadable: Unreadable,
+        batch_size: int = 8,
+        advance: Advance | None = None,
     ):
-        self._batches = batches(paths, spec, batch_size, advance)
+        self._batches = batches(paths, spec, batch_size, unreadable, advance)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._batches, None)
@@ -135,17 +179,18 @@ def quantize_int8(
     spec: PreprocessSpec,
     options: QuantizeOptions | None = None,
     progress: ProgressFactory | None = None,
+    unreadable: Unreadable | None = None,
 ) -> Path:
-    """Static INT8 QDQ model from `fp32_path`, calibrated on (up to N, evenly spread) images under `calib_dir`."""
+    """Static INT8 QDQ model from `fp32_path`, calibrated on (up to N, evenly spread) images under `calib_dir`;
+    those that cannot be read are skipped into `unreadable`."""
     options = options or QuantizeOptions()
     paths = image_files(calib_dir)
     if len(paths) > options.max_calibration_images:
         step = len(paths) / options.max_calibration_images
         paths = [paths[int(i * step)] for i in range(options.max_calibration_images)]
     advance = progress("calibrating INT8", len(paths)) if progress else None
-    return quantize_with_reader(
-        fp32_path, int8_path, ImageCalibrationReader(paths, spec, advance=advance), options
-    )
+    reader = ImageCalibrationReader(paths, spec, unreadable or Unreadable(), advance=advance)
+    return quantize_with_reader(fp32_path, int8_path, reader, options)
 
 
 def quantize_with_reader(
@@ -194,13 +239,17 @@ def top1(
     spec: PreprocessSpec,
     batch_size: int = 32,
     advance: Advance | None = None,
+    unreadable: Unreadable | None = None,
 ) -> float:
+    """Top-1 accuracy over the samples that can be read (the others skipped into `unreadable`)."""
+    unreadable = Unreadable() if unreadable is None else unreadable
     runtime = session(onnx_path)
-    paths, labels = [p for p, _ in samples], np.array([label for _, label in samples])
+    paths = [path for path, _ in samples]
     predictions = [
         runtime.run([OUTPUT_NAME], {INPUT_NAME: batch})[0].argmax(1)
-        for batch in batches(paths, spec, batch_size, advance)
+        for batch in batches(paths, spec, batch_size, unreadable, advance)
     ]
+    labels = np.array([label for path, label in samples if path not in unreadable.found])
     return float((np.concatenate(predictions) == labels).mean())
 
 
@@ -214,13 +263,21 @@ def check_accuracy_budget(
     max_drop: float = 1.0,
     progress: ProgressFactory | None = None,
 ) -> AccuracyReport:
-    """Top-1 of both models on held-out labelled images; raises AccuracyBudgetError above `max_drop` points."""
+    """Top-1 of both models on held-out labelled images (those that cannot be read skipped and counted); raises
+    AccuracyBudgetError above `max_drop` points."""
     samples = labelled_images(eval_dir, classes)
+    unreadable = Unreadable()
     accuracies = [
-        top1(path, samples, spec, advance=progress(f"top-1 of {label}", len(samples)) if progress else None)
+        top1(
+            path,
+            samples,
+            spec,
+            advance=progress(f"top-1 of {label}", len(samples)) if progress else None,
+            unreadable=unreadable,
+        )
         for path, label in ((fp32_path, "FP32"), (int8_path, "INT8"))
     ]
-    report = AccuracyReport(len(samples), *accuracies, max_drop)
+    report = AccuracyReport(len(samples) - len(unreadable), *accuracies, max_drop, len(unreadable))
     if not report.ok:
         raise AccuracyBudgetError(
             f"INT8 top-1 {report.int8_top1:.2%} vs FP32 {report.fp32_top1:.2%} on {report.images} images: "

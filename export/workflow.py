@@ -30,6 +30,7 @@ from export import repository as repo
 from export.errors import ExportError
 from export.quantize import (
     QuantizeOptions,
+    Unreadable,
     check_accuracy_budget,
     image_files,
     labelled_images,
@@ -198,10 +199,19 @@ def export_to_repository(
 
 
 def _int8(source, options, labels, fp32, scratch, base, console) -> Artifact:
+    skipped = Unreadable()
     with _progress(console) as progress:
         int8 = quantize_int8(
-            fp32, scratch / "int8.onnx", options.calib_data, source.spec, options.quantize, progress=progress
+            fp32,
+            scratch / "int8.onnx",
+            options.calib_data,
+            source.spec,
+            options.quantize,
+            progress=progress,
+            unreadable=skipped,
         )
+    if skipped:
+        console.log(f"[yellow]calibration: {skipped.summary()}[/yellow]")
     if options.eval_data:
         with _progress(console) as progress:
             accuracy = check_accuracy_budget(
@@ -213,9 +223,13 @@ def _int8(source, options, labels, fp32, scratch, base, console) -> Artifact:
                 max_drop=options.max_accuracy_drop,
                 progress=progress,
             )
-        check = f"top-1 {accuracy.int8_top1:.2%} ({-accuracy.drop:+.2f} pt, n={accuracy.images})"
+        skipped_note = f", {accuracy.unreadable} unreadable skipped" if accuracy.unreadable else ""
+        check = (
+            f"top-1 {accuracy.int8_top1:.2%} ({-accuracy.drop:+.2f} pt, n={accuracy.images}{skipped_note})"
+        )
         console.log(
             f"INT8 accuracy: FP32 {accuracy.fp32_top1:.2%} -> INT8 {accuracy.int8_top1:.2%} on {accuracy.images} images"
+            f"{skipped_note}"
         )
     else:
         # No labels: agreement with FP32 on the calibration images is the best evidence available.
@@ -259,7 +273,9 @@ def _agreement(fp32: Path, int8: Path, samples, spec) -> float:
 
     a, b = onnx_export.session(fp32), onnx_export.session(int8)
     same = total = 0
-    for batch in batches([p for p, _ in samples], spec, 16):
+    for batch in batches(
+        [p for p, _ in samples], spec, 16, Unreadable()
+    ):  # agreement of those that can be read
         left = a.run([onnx_export.OUTPUT_NAME], {onnx_export.INPUT_NAME: batch})[0].argmax(1)
         right = b.run([onnx_export.OUTPUT_NAME], {onnx_export.INPUT_NAME: batch})[0].argmax(1)
         same, total = same + int(np.sum(left == right)), total + len(batch)

@@ -18,7 +18,7 @@ from export import benchmark as runtime_benchmark
 from export import onnx as onnx_export
 from export import workflow
 from export.errors import AccuracyBudgetError, ExportError, VerificationError, WeightsUnavailableError
-from export.quantize import QuantizeOptions, preprocess_file, quantize_int8, top1
+from export.quantize import QuantizeOptions, Unreadable, preprocess_file, quantize_int8, top1
 from export.repository import BatchingPolicy, read_config, versions
 from export.source import from_arch, from_checkpoint, load_state_dict_from_url
 from server.spec import INPUT_NAME, OUTPUT_NAME, PRECISION_KEY, PreprocessSpec
@@ -146,6 +146,9 @@ def test_int8_calibrates_on_images_checks_accuracy_and_publishes(resnet18, resne
     eval_dir = tmp_path / "eval"
     for index in (0, 1):  # named as the labels a model without class names gets
         write_images(eval_dir / f"class_{index}", 4, seed=index)
+    # a corrupt file in each folder is skipped and counted, not the end of the export
+    (calib / "0000_broken.jpg").write_bytes(b"not a jpeg")
+    (eval_dir / "class_1" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     options = workflow.ExportOptions(
         name="r18",
         repository=tmp_path / "repo",
@@ -163,7 +166,7 @@ def test_int8_calibrates_on_images_checks_accuracy_and_publishes(resnet18, resne
     assert int8.stat().st_size < 0.4 * resnet18_onnx.stat().st_size
     assert read_config(tmp_path / "repo" / "r18_int8").parameters[PRECISION_KEY].string_value == "int8"
     assert (tmp_path / "repo" / "r18_int8_pipeline" / "config.pbtxt").is_file()
-    assert " pt, n=8)" in artifacts[1].check
+    assert " pt, n=8, 1 unreadable skipped)" in artifacts[1].check
 
 
 @pytest.mark.parametrize(
@@ -483,6 +486,28 @@ def test_resnet50_fp32_and_int8_export(tmp_path):
     assert all(a.latency_ms and a.latency_ms > 0 for a in artifacts)
     assert "agrees with FP32" in artifacts[1].check
     assert artifacts[1].size_bytes < 0.4 * artifacts[0].size_bytes
+
+
+def test_images_that_cannot_be_read_are_skipped_and_named_and_none_readable_is_an_error(resnet20, tmp_path):
+    spec = PreprocessSpec.cifar10()
+    fp32 = onnx_export.export_onnx(resnet20.model, tmp_path / "fp32.onnx", 32)
+    good = write_images(tmp_path / "good", 3)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    runtime = onnx_export.session(fp32)
+    labels = [
+        int(runtime.run([OUTPUT_NAME], {INPUT_NAME: preprocess_file(p, spec)[None]})[0].argmax())
+        for p in good
+    ]
+    unreadable = Unreadable()
+    samples = [(good[0], labels[0]), (broken, 0), *zip(good[1:], labels[1:], strict=True)]
+    assert (
+        top1(fp32, samples, spec, batch_size=2, unreadable=unreadable) == 1.0
+    )  # over the three it could read
+    assert list(unreadable.found) == [broken]
+    assert unreadable.summary().startswith(f"1 unreadable image skipped (e.g. {broken}: ")
+    with pytest.raises(ExportError, match=r"none of the 1 images can be read: 1 unreadable image skipped"):
+        top1(fp32, [(broken, 0)], spec)
 
 
 def test_bad_calibration_image_names_the_file(tmp_path):
