@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import grpc_service, kserve_http
-from server.certificates import ServingCertificates
+from server.certificates import ServingCertificates, watch
 from server.disconnect import unless_disconnected
 from server.errors import (
     ClientClosedRequest,
@@ -437,7 +437,9 @@ def watch_certificates(certificates: ServingCertificates | None) -> asyncio.Task
     """The task that serves renewed TLS files to new connections, on the event loop that makes the handshakes."""
     if certificates is None or not certificates.interval_s:
         return None
-    return asyncio.create_task(certificates.watch(), name="tls-reload")
+    return asyncio.create_task(
+        watch(certificates.reload_if_changed, certificates.interval_s), name="tls-reload"
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -19,6 +19,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from cli.tls import client_context, handshake_hint
+from server.certificates import WatchedFiles
 from server.errors import GRPC_AT_HTTP_PORT, BackendUnavailable, DeadlineExceeded, InvalidInput, Overloaded
 from server.settings import Settings
 from server.spec import INPUT_NAME, LABELS_FILENAME, OUTPUT_NAME, ROLE_KEY, PreprocessSpec, Role, SpecError
@@ -250,7 +251,9 @@ class TritonBackend(Backend):
     """One shared asyncio client (gRPC or HTTP) to Triton; model configs come from Triton's config API.
 
     gRPC reconnects on its own after Triton restarts; the short reconnect backoff below keeps that within a
-    second or two instead of gRPC's default of up to two minutes.
+    second or two instead of gRPC's default of up to two minutes. Over TLS, renewed CA, certificate or key files
+    (`--triton-ca-cert`, `--triton-client-cert`, `--triton-client-key`) are picked up every `ssl_reload_s`, at a
+    health check: a new client takes the next calls, the old one closes once its calls are past their deadline.
     """
 
     name = "triton"
@@ -260,7 +263,20 @@ class TritonBackend(Backend):
         self.protocol = settings.triton_protocol
         if self.protocol == "grpc":
             import tritonclient.grpc.aio as client_module
+        else:
+            import tritonclient.http.aio as client_module
+        self.module = client_module
+        self.client = self._new_client()
+        from tritonclient.utils import InferenceServerException
 
+        self.exception = InferenceServerException
+        tls_files = [settings.triton_ca_cert, *(settings.triton_key_pair or ())]
+        self.tls_files = WatchedFiles([path for path in tls_files if path])
+        self._next_look = time.monotonic() + settings.ssl_reload_s
+        self._retiring: dict[asyncio.Task, object] = {}  # closing later -> the client it closes
+
+    def _new_client(self):
+        if self.protocol == "grpc":
             channel_args = [
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
                 ("grpc.max_receive_message_length", 256 * 1024 * 1024),
@@ -270,19 +286,43 @@ class TritonBackend(Backend):
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.keepalive_timeout_ms", 5_000),
             ]
-            self.client = client_module.InferenceServerClient(
-                settings.triton_url, channel_args=channel_args, **grpc_tls(settings)
+            return self.module.InferenceServerClient(
+                self.settings.triton_url, channel_args=channel_args, **grpc_tls(self.settings)
             )
-        else:
-            import tritonclient.http.aio as client_module
+        return self.module.InferenceServerClient(
+            self.settings.triton_url, conn_timeout=5.0, **http_tls(self.settings)
+        )
 
-            self.client = client_module.InferenceServerClient(
-                settings.triton_url, conn_timeout=5.0, **http_tls(settings)
-            )
-        self.module = client_module
-        from tritonclient.utils import InferenceServerException
+    def _look_at_tls_files(self) -> None:
+        if (
+            not (self.settings.triton_tls and self.settings.ssl_reload_s)
+            or time.monotonic() < self._next_look
+        ):
+            return
+        self._next_look = time.monotonic() + self.settings.ssl_reload_s
+        self.reload_if_changed()
 
-        self.exception = InferenceServerException
+    def reload_if_changed(self) -> bool:
+        """A new client when the TLS files changed and load; True when the next calls use it."""
+        if not self.tls_files.changed():
+            return False
+        try:
+            client_context(self.settings.triton_ca_cert, self.settings.triton_key_pair)
+        except ValueError as error:
+            log.warning("Triton's TLS files changed but do not load, the ones in use are kept: %s", error)
+            return False
+        retired, self.client = self.client, self._new_client()
+        retiring = asyncio.create_task(self._close_later(retired))
+        self._retiring[retiring] = retired
+        retiring.add_done_callback(lambda done: self._retiring.pop(done, None))
+        files = ", ".join(map(str, self.tls_files.paths))
+        log.info("Triton's TLS files reloaded (%s): new calls use them", files)
+        return True
+
+    async def _close_later(self, client) -> None:
+        """Close a replaced client once the calls it carries are past their deadline."""
+        await asyncio.sleep(self.settings.request_timeout_s + 1)
+        await client.close()
 
     async def _config(self, name: str) -> mc.ModelConfig:
         if self.protocol == "grpc":
@@ -341,6 +381,7 @@ class TritonBackend(Backend):
         return labels
 
     async def ready(self) -> bool:
+        self._look_at_tls_files()
         try:
             if self.protocol == "grpc":
                 ready = bool(await self.client.is_server_ready(client_timeout=2))
@@ -381,6 +422,9 @@ class TritonBackend(Backend):
         return logits
 
     async def close(self) -> None:
+        for retiring, retired in list(self._retiring.items()):
+            retiring.cancel()
+            await retired.close()
         await self.client.close()
 
 

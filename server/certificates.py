@@ -24,7 +24,38 @@ from server.settings import Settings
 log = logging.getLogger("resnet.tls")
 EXPIRY_WARNING = timedelta(days=14)
 
-Stamp = tuple[tuple[int, int, int], ...]
+
+class WatchedFiles:
+    """Files looked at now and then: `changed()` says whether any of them changed since the last look."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self._stamp = self._now()
+
+    def changed(self) -> bool:
+        stamp = self._now()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp  # a refused change is tried again at the next change, not at every look
+        return True
+
+    def _now(self) -> tuple[tuple[int, int, int], ...]:
+        # os.stat follows symbolic links: a Kubernetes secret swaps its ..data link, which changes the inode
+        stamps = []
+        for path in self.paths:
+            try:
+                found = os.stat(path)
+                stamps.append((found.st_ino, found.st_mtime_ns, found.st_size))
+            except OSError:  # gone for the moment (a renewal in progress): a change like any other
+                stamps.append((0, 0, 0))
+        return tuple(stamps)
+
+
+async def watch(reload_if_changed: Callable[[], object], interval_s: float) -> None:
+    """Call `reload_if_changed` every `interval_s` seconds until cancelled."""
+    while True:
+        await asyncio.sleep(interval_s)
+        reload_if_changed()
 
 
 class ServingCertificates:
@@ -38,13 +69,12 @@ class ServingCertificates:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.certfile, self.keyfile = settings.ssl_certfile, settings.ssl_keyfile
         self.client_ca = settings.ssl_client_ca
-        self.files = [path for path in (self.certfile, self.keyfile, self.client_ca) if path]
+        self.files = WatchedFiles([path for path in (self.certfile, self.keyfile, self.client_ca) if path])
         self.interval_s = settings.ssl_reload_s
         self.metrics = metrics
         self.make_https_context: Callable[[], ssl.SSLContext] | None = None
         self.https_context: ssl.SSLContext | None = None
         self._lock = threading.Lock()
-        self._stamp = self._files_stamp()
         self._material = self._read()
         self.generation = 0
         self._note_expiry()
@@ -79,10 +109,8 @@ class ServingCertificates:
 
     def reload_if_changed(self) -> bool:
         """Load the files again if they changed since the last look; True when new connections now get them."""
-        stamp = self._files_stamp()
-        if stamp == self._stamp:
+        if not self.files.changed():
             return False
-        self._stamp = stamp  # a refused change is tried again at the next change, not at every look
         try:
             check_key_pair(self.certfile, self.keyfile)
             if self.client_ca:
@@ -97,7 +125,7 @@ class ServingCertificates:
             self._material = material
             self.https_context = https_context
             self.generation += 1
-        log.info("TLS files reloaded (%s): new connections get them", ", ".join(map(str, self.files)))
+        log.info("TLS files reloaded (%s): new connections get them", ", ".join(map(str, self.files.paths)))
         self._count("reloaded")
         self._note_expiry()
         return True
@@ -125,23 +153,6 @@ class ServingCertificates:
             log.warning("TLS certificate %s %s: renew it (%s)", self.certfile, state, then)
         else:
             log.info("TLS certificate %s valid until %s UTC", self.certfile, f"{expires:%Y-%m-%d %H:%M}")
-
-    async def watch(self) -> None:
-        """Look every `interval_s` seconds until cancelled."""
-        while True:
-            await asyncio.sleep(self.interval_s)
-            self.reload_if_changed()
-
-    def _files_stamp(self) -> Stamp:
-        # os.stat follows symbolic links: a Kubernetes secret swaps its ..data link, which changes the inode
-        stamps = []
-        for path in self.files:
-            try:
-                found = os.stat(path)
-                stamps.append((found.st_ino, found.st_mtime_ns, found.st_size))
-            except OSError:  # gone for the moment (a renewal in progress): a change like any other
-                stamps.append((0, 0, 0))
-        return tuple(stamps)
 
     def _read(self) -> tuple[bytes, bytes, bytes | None]:
         client_ca = Path(self.client_ca).read_bytes() if self.client_ca else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -212,3 +213,11 @@ def tls_loadtest(url: str, out: Path, *flags: str) -> subprocess.CompletedProces
     tls_variables = ("RESNET_CA_CERT", "RESNET_CLIENT_CERT", "RESNET_CLIENT_KEY")
     env = {key: value for key, value in os.environ.items() if key not in tls_variables}
     return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=env)
+
+
+def renew(target: Path, source: Path) -> None:
+    """Replace `target` with a copy of `source` in one step, as cert-manager and certbot do (write aside, rename
+    over)."""
+    aside = target.with_suffix(".new")
+    shutil.copy(source, aside)
+    os.replace(aside, target)

@@ -4,7 +4,6 @@ one in use kept (a log line, a metric), and a replaced client CA stops trusting 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
@@ -20,7 +19,7 @@ from cli.main import main as resnet
 from server.settings import Settings
 from tests.gateway_models import color_image
 from tests.grpc_support import gateway_process
-from tests.support import wait_until
+from tests.support import renew, wait_until
 
 RELOAD_S = "0.2"
 
@@ -40,13 +39,6 @@ def served(tmp_path, certificates) -> dict[str, Path]:
 @pytest.fixture
 def renewal(certificates) -> dict[str, Path]:
     return {"cert": certificates["renewed_cert"], "key": certificates["renewed_key"]}
-
-
-def renew(target: Path, source: Path) -> None:
-    """Replace `target` in one step, as cert-manager and certbot do (write aside, rename over)."""
-    aside = target.with_suffix(".new")
-    shutil.copy(source, aside)
-    os.replace(aside, target)
 
 
 def served_certificate(port: int, certificates, client: str | None = None) -> bytes:

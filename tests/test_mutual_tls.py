@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import ssl
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from server.healthcheck import OWN_CERTIFICATE_REFUSED
 from server.settings import Settings
 from tests.gateway_models import color_image
 from tests.grpc_support import gateway_process
-from tests.support import REPO_ROOT, tls_loadtest
+from tests.support import REPO_ROOT, renew, tls_loadtest, wait_until
 
 
 def client_context(certificates: dict[str, Path], owner: str = "client") -> ssl.SSLContext:
@@ -330,6 +331,40 @@ def test_the_gateway_presents_its_certificate_to_triton(
         status, out, err = classify(capsys, gateway.http_url, photo)
     assert status == 0, err
     assert json.loads(out)[0]["predictions"][0]["label"] == "red"
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_the_gateway_picks_up_renewed_client_files_for_triton(mtls_triton, certificates, tmp_path):
+    files = {"cert": tmp_path / "client.pem", "key": tmp_path / "client-key.pem"}
+    for part, path in files.items():
+        shutil.copy(certificates[f"client_{part}"], path)
+    flags = [
+        "--backend",
+        "triton",
+        "--triton-url",
+        f"grpcs://{mtls_triton.grpc_url}",
+        "--ssl-reload-s",
+        "0.2",
+    ]
+    flags += ["--triton-ca-cert", str(certificates["ca"])]
+    flags += ["--triton-client-cert", str(files["cert"]), "--triton-client-key", str(files["key"])]
+
+    def readiness(gateway) -> tuple[int, str]:
+        answer = httpx.get(f"{gateway.http_url}/readyz", timeout=10)
+        return answer.status_code, answer.text
+
+    with gateway_process(tmp_path, *flags, ready_path="/readyz") as gateway:
+        # a certificate from an authority Triton does not trust: the new client is refused, so it is in use
+        for part in ("key", "cert"):
+            renew(files[part], certificates[f"stranger_{part}"])
+        wait_until(lambda: readiness(gateway)[0] == 503, 15, what="the stranger's certificate in use")
+        assert "it did not accept yours" in readiness(gateway)[1]
+        for part in ("key", "cert"):
+            renew(files[part], certificates[f"client_{part}"])
+        wait_until(lambda: readiness(gateway)[0] == 200, 15, what="the client certificate back in use")
+    log = next(tmp_path.glob("gateway-*.log")).read_text()
+    assert log.count("Triton's TLS files reloaded") >= 2
 
 
 @pytest.mark.parametrize(
