@@ -117,7 +117,7 @@ class ServingCertificates:
                 check_authorities(self.client_ca)
             material = self._read()
             https_context = self.make_https_context() if self.make_https_context else None
-        except (ValueError, OSError, ssl.SSLError) as error:
+        except (ValueError, OSError) as error:  # ssl.SSLError is an OSError
             log.warning("TLS files changed but do not load, the ones in use are kept: %s", error)
             self._count("refused")
             return False
@@ -137,7 +137,11 @@ class ServingCertificates:
     def _note_expiry(self) -> None:
         """The served certificate's end of validity, as a metric to alert on, and a warning when it is near: OpenSSL
         serves an expired certificate without a word, and only the clients refuse it."""
-        expires = x509.load_pem_x509_certificate(self._material[1]).not_valid_after_utc
+        try:
+            expires = x509.load_pem_x509_certificate(self._material[1]).not_valid_after_utc
+        except ValueError as error:  # OpenSSL took it; cryptography is stricter about some encodings
+            log.warning("TLS certificate %s: cannot read its expiry date: %s", self.certfile, error)
+            return
         if self.metrics is not None:
             self.metrics.tls_expiry.set(expires.timestamp())
         left = expires - datetime.now(UTC)

@@ -89,8 +89,8 @@ FLAGS: list[tuple[str, str, type, str]] = [
         "--ssl-reload-s",
         "ssl_reload_s",
         float,
-        "seconds between looks at the TLS files: a renewed certificate is served to new connections without a "
-        "restart (0: read once)",
+        "seconds between looks at the TLS files (--ssl-* and --triton-*): renewed ones are used for new "
+        "connections without a restart (0: read once)",
     ),
     ("--log-level", "log_level", str, "critical, error, warning, info or debug"),
     (

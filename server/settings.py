@@ -108,8 +108,8 @@ class Settings(BaseSettings):
         60,
         ge=0,
         le=86400,
-        description="seconds between looks at the TLS files: changed ones (a renewed certificate) are loaded for new "
-        "connections without a restart; 0: read once at start-up",
+        description="seconds between looks at the TLS files (the gateway's and the triton_* ones): changed ones (a "
+        "renewed certificate) are used for new connections without a restart; 0: read once at start-up",
     )
 
     @field_validator(
@@ -203,7 +203,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{given[0]} is for a Triton reached over TLS: give triton_url as grpcs:// or https://"
             )
-        client_context(self.triton_ca_cert, self.triton_key_pair)
+        if given:
+            client_context(self.triton_ca_cert, self.triton_key_pair)
 
     @property
     def triton_key_pair(self) -> tuple[Path, Path] | None:
