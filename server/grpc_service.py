@@ -711,6 +711,12 @@ def package_version() -> str:
         return "0.0.0"
 
 
+def transport(settings: Settings) -> str:
+    if settings.ssl_client_ca:
+        return " over TLS, client certificates required"
+    return " over TLS" if settings.ssl_certfile else ""
+
+
 async def start(app, settings: Settings) -> GrpcHandle:
     """Bind the gRPC port on `settings.host` and serve the app's registry; raises OSError if the port is taken."""
     registry: ModelRegistry = app.state.registry
@@ -743,11 +749,7 @@ async def start(app, settings: Settings) -> GrpcHandle:
     await _set_health(health, ready)  # before the first call can ask
     await server.start()
     health_task = asyncio.create_task(_follow_readiness(registry, health, ready), name="grpc-health")
-    log.info(
-        "gRPC%s (KServe v2 / Triton protocol + grpc.health.v1) on %s",
-        " over TLS" if app.state.certificates else "",
-        address,
-    )
+    log.info("gRPC%s (KServe v2 / Triton protocol + grpc.health.v1) on %s", transport(settings), address)
     return GrpcHandle(server, health, health_task, port)
 
 

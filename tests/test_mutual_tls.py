@@ -222,6 +222,8 @@ def test_a_health_check_the_gateway_refuses_says_why(pipeline_repository, certif
         done = health_check(gateway, certificates, "stranger_ca")
     assert done.returncode == 1
     assert done.stderr.strip().endswith(OWN_CERTIFICATE_REFUSED), done.stderr
+    log = next(tmp_path.glob("gateway-*.log")).read_text()
+    assert "gRPC over TLS, client certificates required (KServe v2" in log
 
 
 # --- the load test ------------------------------------------------------------------------------------------
