@@ -26,7 +26,7 @@ RELOAD_S = "0.2"
 
 @pytest.fixture
 def served(tmp_path, certificates) -> dict[str, Path]:
-    """The files the gateway serves, in a folder of their own (the test renews them), and a renewal from the CA."""
+    """Copies of the gateway's certificate, key and client CA in a folder of their own, which the test renews."""
     folder = tmp_path / "tls"
     folder.mkdir()
     files = {name: folder / f"{name}.pem" for name in ("cert", "key", "client_ca")}
@@ -38,6 +38,7 @@ def served(tmp_path, certificates) -> dict[str, Path]:
 
 @pytest.fixture
 def renewal(certificates) -> dict[str, Path]:
+    """Another certificate for 127.0.0.1 from the same CA, and its key."""
     return {"cert": certificates["renewed_cert"], "key": certificates["renewed_key"]}
 
 
