@@ -1,7 +1,9 @@
 """Mutual TLS, with real processes on loopback: `resnet serve --ssl-client-ca` asks every HTTPS and gRPC client for a
-certificate from that CA; `resnet client --client-cert/--client-key` presents one; a client without one, or with a
-stranger's, is refused and told what to try; the image's health check shows the gateway its own certificate. The
-CAs and certificates are trustme's (the `certificates` fixture)."""
+certificate from that CA; `resnet client` and `resnet loadtest --client-cert/--client-key` present one; a client
+without one, or with a stranger's, is refused and told what to try; the image's health check shows the gateway its
+own certificate. `resnet triton serve --ssl-client-ca` does the same for Triton's gRPC, and the gateway presents
+`--triton-client-cert`, renewed files included. The CAs and certificates are trustme's (the `certificates`
+fixture)."""
 
 from __future__ import annotations
 
