@@ -4,6 +4,8 @@ the terminal for the passphrase of an encrypted key."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import ssl
 from pathlib import Path
 
@@ -27,6 +29,32 @@ CLOSED_SIGNS = (
     "connection closed",  # geventhttpclient (tritonclient.http)
     "UNEXPECTED_EOF_WHILE_READING",  # OpenSSL under TLS 1.2
 )
+
+
+CLIENT_FLAGS = (
+    (
+        "--ca-cert",
+        "RESNET_CA_CERT",
+        "PEM file of the certificate authorities to trust for https:// and grpcs:// (a private CA or a self-signed "
+        "server; default: the system's)",
+    ),
+    (
+        "--client-cert",
+        "RESNET_CLIENT_CERT",
+        "PEM certificate (chain) to present to a server that requires client certificates (mutual TLS), with "
+        "--client-key",
+    ),
+    ("--client-key", "RESNET_CLIENT_KEY", "PEM private key of --client-cert, not encrypted"),
+)
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """--ca-cert, --client-cert and --client-key, for a command that dials https:// or grpcs://: files, None when
+    neither the flag nor its RESNET_* variable gives one."""
+    for flag, variable, text in CLIENT_FLAGS:
+        parser.add_argument(
+            flag, type=Path, default=os.environ.get(variable) or None, help=f"{text} (env {variable})"
+        )
 
 
 def tls_hint(message: str, ca_flag: str = "--ca-cert", plain: str = "http:// or grpc://") -> str:

@@ -34,10 +34,11 @@ class TlsFiles:
 
     @classmethod
     def of(cls, options) -> TlsFiles:
-        """From the CLI's arguments or Locust's parsed options (None when Locust runs without its parser)."""
+        """From the CLI's arguments (paths or None) or Locust's parsed options (strings; None when Locust runs
+        without its parser)."""
         if options is None:
             return cls()
-        return cls(options.ca_cert, options.client_cert, options.client_key)
+        return cls(*(str(getattr(options, name) or "") for name in ("ca_cert", "client_cert", "client_key")))
 
     def https_context(self) -> ssl.SSLContext | None:
         """urllib's context for an https:// URL; None for the system's authorities and no client certificate."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from cli.addresses import host_and_port, split_base_url
 from cli.errors import ResnetError
 from cli.help import HelpFormatter
-from cli.tls import check_authorities, check_key_pair, handshake_hint
+from cli.tls import add_client_arguments, check_authorities, check_key_pair, handshake_hint
 from loadtest import report, shapes
 from loadtest.checks import (
     GRPC_TLS_SCHEME,
@@ -126,23 +126,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="folder of photos to send (default: ../shared/data/imagenet-samples, else generated)",
     )
     parser.add_argument("--api-key", default=_env("API_KEY", ""), help="API key, if the gateway requires one")
-    parser.add_argument(
-        "--ca-cert",
-        default=_env("CA_CERT", ""),
-        help="PEM file of the certificate authorities to trust for https:// and grpcs:// (a private CA or a "
-        "self-signed server; RESNET_CA_CERT; default: the system's)",
-    )
-    parser.add_argument(
-        "--client-cert",
-        default=_env("CLIENT_CERT", ""),
-        help="PEM certificate (chain) to present to a server that requires client certificates (mutual TLS), "
-        "with --client-key (RESNET_CLIENT_CERT)",
-    )
-    parser.add_argument(
-        "--client-key",
-        default=_env("CLIENT_KEY", ""),
-        help="PEM private key of --client-cert, not encrypted (RESNET_CLIENT_KEY)",
-    )
+    add_client_arguments(parser)
     parser.add_argument(
         "--out",
         type=Path,
@@ -201,7 +185,7 @@ def locust_command(args: argparse.Namespace, model: str, csv_prefix: Path, html:
         ("--client-key", args.client_key),
     ):
         if value:
-            command += [flag, value]
+            command += [flag, str(value)]
     command.append(user_class(args))
     return command
 
@@ -281,14 +265,14 @@ def check_flags(args: argparse.Namespace) -> None:
 def check_tls_files(args: argparse.Namespace) -> None:
     if args.ca_cert:
         try:
-            check_authorities(Path(args.ca_cert))
+            check_authorities(args.ca_cert)
         except ValueError as error:
             raise LoadTestError(f"bad --ca-cert: {error}") from None
     if bool(args.client_cert) != bool(args.client_key):
         raise LoadTestError("--client-cert and --client-key go together: give both, or neither")
     if args.client_cert:
         try:
-            check_key_pair(Path(args.client_cert), Path(args.client_key))
+            check_key_pair(args.client_cert, args.client_key)
         except ValueError as error:
             raise LoadTestError(f"bad --client-cert/--client-key: {error}") from None
 

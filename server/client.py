@@ -29,7 +29,7 @@ import numpy as np
 from cli.addresses import split_base_url
 from cli.errors import ResnetError
 from cli.help import HelpFormatter
-from cli.tls import check_authorities, client_context, handshake_hint, tls_hint
+from cli.tls import add_client_arguments, client_context, handshake_hint, load_key_pair, tls_hint
 from server.errors import GRPC_AT_HTTP_PORT
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
@@ -451,15 +451,16 @@ class Tls:
 
 
 def trusted_authorities(ca_cert: Path | None, key_pair: tuple[Path, Path] | None = None) -> Tls:
-    if ca_cert is not None:
-        try:
-            check_authorities(ca_cert)
-        except ValueError as error:
-            raise ClientError(f"bad --ca-cert: {error}") from None
     try:
-        return Tls(client_context(ca_cert, key_pair), ca_cert, key_pair)
+        context = client_context(ca_cert)
     except ValueError as error:
-        raise ClientError(f"bad --client-cert/--client-key: {error}") from None
+        raise ClientError(f"bad --ca-cert: {error}") from None
+    if key_pair is not None:
+        try:
+            load_key_pair(context, *key_pair)
+        except ValueError as error:
+            raise ClientError(f"bad --client-cert/--client-key: {error}") from None
+    return Tls(context, ca_cert, key_pair)
 
 
 def presents_certificate(tls: Tls | None) -> bool | None:
@@ -570,26 +571,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="http://HOST:PORT (gateway or Triton HTTP) or grpc://HOST:PORT (gateway or Triton "
         "gRPC); https:// and grpcs:// for TLS (env RESNET_CLIENT_URL)",
     )
-    classify.add_argument(
-        "--ca-cert",
-        type=Path,
-        default=env("RESNET_CA_CERT") or None,
-        help="PEM file of the certificate authorities to trust for https:// and grpcs:// (a private CA or a "
-        "self-signed server; env RESNET_CA_CERT; default: the system's)",
-    )
-    classify.add_argument(
-        "--client-cert",
-        type=Path,
-        default=env("RESNET_CLIENT_CERT") or None,
-        help="PEM certificate (chain) to present to a server that requires client certificates (mutual TLS), "
-        "with --client-key (env RESNET_CLIENT_CERT)",
-    )
-    classify.add_argument(
-        "--client-key",
-        type=Path,
-        default=env("RESNET_CLIENT_KEY") or None,
-        help="PEM private key of --client-cert, not encrypted (env RESNET_CLIENT_KEY)",
-    )
+    add_client_arguments(classify)
     classify.add_argument(
         "--model",
         default=env("RESNET_CLIENT_MODEL"),

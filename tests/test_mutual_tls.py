@@ -2,14 +2,13 @@
 certificate from that CA; `resnet client` and `resnet loadtest --client-cert/--client-key` present one; a client
 without one, or with a stranger's, is refused and told what to try; the image's health check shows the gateway its
 own certificate. `resnet triton serve --ssl-client-ca` does the same for Triton's gRPC, and the gateway presents
-`--triton-client-cert`, renewed files included. The CAs and certificates are trustme's (the `certificates`
-fixture)."""
+`--triton-client-cert`, renewed files included (the refusals of files and settings that cannot work for Triton are
+in test_tls.py's tables). The CAs and certificates are trustme's (the `certificates` fixture)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import ssl
 import subprocess
@@ -369,64 +368,3 @@ def test_the_gateway_picks_up_renewed_client_files_for_triton(mtls_triton, certi
         wait_until(lambda: readiness(gateway)[0] == 200, 15, what="the client certificate back in use")
     log = next(tmp_path.glob("gateway-*.log")).read_text()
     assert log.count("Triton's TLS files reloaded") >= 2
-
-
-@pytest.mark.parametrize(
-    ("settings", "message"),
-    [
-        (
-            {"triton_url": "grpcs://triton:8001", "triton_client_cert": "client_cert"},
-            "triton_client_cert and triton_client_key go together",
-        ),
-        (
-            {
-                "triton_url": "grpc://triton:8001",
-                "triton_client_cert": "client_cert",
-                "triton_client_key": "client_key",
-            },
-            "triton_client_cert is for a Triton reached over TLS: give triton_url as grpcs:// or https://",
-        ),
-        (
-            {
-                "triton_url": "grpcs://triton:8001",
-                "triton_client_cert": "client_cert",
-                "triton_client_key": "stranger_key",
-            },
-            "{stranger_key} is not the private key of {client_cert}'s certificate",
-        ),
-    ],
-)
-def test_triton_client_certificate_settings_that_cannot_work_are_refused(certificates, settings, message):
-    paths = {name: str(path) for name, path in certificates.items()}
-    given = {key: paths.get(value, value) for key, value in settings.items()}
-    with pytest.raises(ValidationError, match=re.escape(message.format(**paths))):
-        Settings(**given)
-
-
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (
-            ["--ssl-client-ca", "{ca}"],
-            "a client CA (--ssl-client-ca) asks gRPC clients for certificates over TLS",
-        ),
-        (
-            ["--ssl-certfile", "{cert}", "--ssl-keyfile", "{key}", "--ssl-client-ca", "{key}"],
-            "cannot check client certificates: {key} holds no PEM certificate",
-        ),
-    ],
-)
-def test_triton_serve_with_a_client_ca_that_cannot_work_is_one_line(
-    certificates, pipeline_repository, capsys, flags, message
-):
-    paths = {name: str(path) for name, path in certificates.items()}
-    args = [
-        "triton",
-        "serve",
-        "--repository",
-        str(pipeline_repository),
-        *(flag.format(**paths) for flag in flags),
-    ]
-    assert resnet(args) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("resnet: error: ") and "\n" not in err and message.format(**paths) in err, err

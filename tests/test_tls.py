@@ -299,6 +299,27 @@ def test_the_gateway_reaches_triton_over_tls(
             {"triton_url": "grpcs://triton:8001", "triton_protocol": "http"},
             "is grpcs but triton_protocol is 'http'",
         ),
+        # the gateway's client certificate for a Triton with mutual TLS (tests/test_mutual_tls.py)
+        (
+            {"triton_url": "grpcs://triton:8001", "triton_client_cert": "client_cert"},
+            "triton_client_cert and triton_client_key go together",
+        ),
+        (
+            {
+                "triton_url": "grpc://triton:8001",
+                "triton_client_cert": "client_cert",
+                "triton_client_key": "client_key",
+            },
+            "triton_client_cert is for a Triton reached over TLS: give triton_url as grpcs:// or https://",
+        ),
+        (
+            {
+                "triton_url": "grpcs://triton:8001",
+                "triton_client_cert": "client_cert",
+                "triton_client_key": "stranger_key",
+            },
+            "{stranger_key} is not the private key of {client_cert}'s certificate",
+        ),
     ],
 )
 def test_triton_tls_settings_that_cannot_work_are_refused(certificates, settings, message):
@@ -331,6 +352,15 @@ def test_a_tls_scheme_on_the_triton_url_turns_tls_on(monkeypatch, certificates):
         (
             ["--ssl-certfile", "{cert}", "--ssl-keyfile", "{other_key}"],
             "{other_key} is not the private key of",
+        ),
+        # mutual TLS (tests/test_mutual_tls.py)
+        (
+            ["--ssl-client-ca", "{ca}"],
+            "a client CA (--ssl-client-ca) asks gRPC clients for certificates over TLS",
+        ),
+        (
+            ["--ssl-certfile", "{cert}", "--ssl-keyfile", "{key}", "--ssl-client-ca", "{key}"],
+            "cannot check client certificates: {key} holds no PEM certificate",
         ),
     ],
 )
