@@ -85,10 +85,12 @@ def gateway_models(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles())
 
 
 def kserve_models(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles()) -> list[str]:
-    """The classifiers a KServe v2 server (the gateway's /v2, or Triton) serves with a `_pipeline`; at least one."""
+    """The classifiers a KServe v2 server (the gateway's /v2, or Triton) serves with a `_pipeline` ready; at least
+    one."""
     request = urllib.request.Request(
         base_url.rstrip("/") + "/v2/repository/index",
-        data=b"{}",
+        # Only the READY ones: Triton lists every model of its repository, also those it has not loaded.
+        data=b'{"ready": true}',
         headers=auth_headers(api_key),
         method="POST",
     )
@@ -102,12 +104,14 @@ def kserve_models(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles()) 
 def grpc_models(
     target: str, api_key: str = "", tls: TlsFiles = TlsFiles(), timeout_s: float = 10
 ) -> list[str]:
-    """The classifiers a KServe v2 gRPC server (the gateway's, or Triton's) serves with a `_pipeline`, from its
-    repository index; at least one. Over gRPC, so a gRPC load test needs no HTTP port (Triton's included)."""
+    """The classifiers a KServe v2 gRPC server (the gateway's, or Triton's) serves with a `_pipeline` ready, from
+    its repository index; at least one. Over gRPC, so a gRPC load test needs no HTTP port (Triton's included)."""
     headers = {API_KEY_HEADER.lower(): api_key} if api_key else None  # gRPC metadata keys are lower case
     with grpc_client(target, tls) as client:
+        # tritonclient.grpc cannot ask for the READY ones only (the request's `ready`), as kserve_models does
         index = client.get_model_repository_index(headers=headers, client_timeout=timeout_s)
-    return pipeline_models([model.name for model in index.models], grpc_url(target))
+    ready = [model.name for model in index.models if model.state == "READY"]
+    return pipeline_models(ready, grpc_url(target))
 
 
 def grpc_client(target: str, tls: TlsFiles = TlsFiles()):
@@ -128,7 +132,7 @@ def grpc_url(target: str) -> str:
 def pipeline_models(names: list[str], where: str) -> list[str]:
     pipelines = [name.removesuffix(PIPELINE_SUFFIX) for name in names if name.endswith(PIPELINE_SUFFIX)]
     if not pipelines:
-        raise RuntimeError(f"{where} serves no <model>{PIPELINE_SUFFIX} (encoded images in) to load-test")
+        raise RuntimeError(f"{where} has no <model>{PIPELINE_SUFFIX} (encoded images in) ready to load-test")
     return pipelines
 
 

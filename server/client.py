@@ -64,6 +64,8 @@ NOT_GRPC_HINT = " (if that is an HTTP port, use http://HOST:PORT; if it speaks T
 KSERVE_UNDECODABLE = "while decoding the response"
 NOT_GATEWAY_HINT = "is --url the resnet-serving gateway? (Triton's HTTP port: --server triton)"
 NOT_KSERVE_HINT = "is --url the HTTP port of Triton (8000 by default) or of the gateway?"
+# What Triton's index means by a model with no state and no reason.
+NOT_LOADED = "not loaded (a Triton in explicit model control mode serves only the models it was told to load)"
 
 
 @dataclass(frozen=True)
@@ -314,11 +316,19 @@ class KServe:
 
     def pick_model(self, asked: str | None) -> str:
         """A model with a `<model>_pipeline` (given either way), else the only one served; the images go to that."""
-        names = self._guard(lambda: self.client.get_model_repository_index(headers=self.headers), model_names)
-        served = sorted(n.removesuffix(PIPELINE_SUFFIX) for n in names if n.endswith(PIPELINE_SUFFIX))
+        index = self._guard(
+            lambda: self.client.get_model_repository_index(headers=self.headers), ModelIndex.of
+        )
+        served = sorted(n.removesuffix(PIPELINE_SUFFIX) for n in index.ready if n.endswith(PIPELINE_SUFFIX))
         if not asked:
+            if not served and index.not_ready:
+                name, reason = next(iter(index.not_ready.items()))
+                raise ClientError(f"{self.url} has no model ready ({name}: {reason})")
             return only_model(served, self.url)
         model = asked.removesuffix(PIPELINE_SUFFIX)
+        if model + PIPELINE_SUFFIX in index.not_ready:
+            reason = index.not_ready[model + PIPELINE_SUFFIX]
+            raise ClientError(f"{self.url} lists {model}{PIPELINE_SUFFIX}, but it is not ready: {reason}")
         if model not in served:
             choices = f"models that have one: {', '.join(served)}" if served else "no model has one"
             raise ClientError(
@@ -369,9 +379,31 @@ class KServe:
 # KServe answers: tritonclient.http gives JSON as dicts and lists, tritonclient.grpc protobuf messages
 
 
-def model_names(index) -> list[str]:
-    entries = index if isinstance(index, list) else index.models
-    return [str(entry["name"] if isinstance(entry, dict) else entry.name) for entry in entries]
+@dataclass(frozen=True)
+class ModelIndex:
+    """A KServe v2 repository index: the names READY, and why each other one is not. Triton lists every model of
+    its repository, loaded or not (in explicit model control mode only the ones it was told to load are READY,
+    the others carry no state); the gateway lists its models UNAVAILABLE, with the reason, while not ready."""
+
+    ready: list[str]
+    not_ready: dict[str, str]
+
+    @classmethod
+    def of(cls, index) -> ModelIndex:
+        """From tritonclient.http's list of dicts or tritonclient.grpc's RepositoryIndexResponse."""
+        entries = index if isinstance(index, list) else index.models
+        ready, not_ready = [], {}
+        for entry in entries:
+            name, state, reason = (
+                (str(entry["name"]), entry.get("state", ""), entry.get("reason", ""))
+                if isinstance(entry, dict)
+                else (entry.name, entry.state, entry.reason)
+            )
+            if state == "READY":
+                ready.append(name)
+            else:
+                not_ready[name] = reason or state or NOT_LOADED
+        return cls(ready, not_ready)
 
 
 def max_batch_size(config) -> int:

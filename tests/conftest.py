@@ -7,7 +7,7 @@ import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
-from tests.grpc_support import write_pipeline_repository
+from tests.grpc_support import UNLOADED_MODEL, write_pipeline_repository
 from tests.support import SHARED_DATA
 
 
@@ -34,13 +34,20 @@ def pipeline_repository(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pipeline_triton(pipeline_repository, tmp_path_factory):
-    """A real Triton (nvidia-pytriton's CPU build) serving `pipeline_repository`; skipped where it is missing."""
+def pipeline_triton(tmp_path_factory):
+    """A real Triton (nvidia-pytriton's CPU build) serving the models of `pipeline_repository`; skipped where it is
+    missing. Its repository holds a `blank` family too, which it does not load (explicit model control mode): its
+    index lists those as Triton does, and what reads the index must see that only `colors*` are ready."""
     pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
     from export.triton_server import TritonServer
 
+    repository = write_pipeline_repository(tmp_path_factory.mktemp("triton-repository"))
+    write_pipeline_repository(
+        repository, UNLOADED_MODEL
+    )  # sorts before colors: picked first if not told apart
     log_path = tmp_path_factory.mktemp("triton-logs") / "triton.log"
-    with TritonServer(pipeline_repository, log_path=log_path) as server:
+    loaded = ["colors", "colors_preprocess", "colors_pipeline"]
+    with TritonServer(repository, log_path=log_path, models=loaded) as server:
         yield server
 
 

@@ -24,6 +24,11 @@ from tests.support import free_ports, running_process
 API_KEY = "grpc-test-key"
 
 
+UNLOADED_MODEL = (
+    "blank"  # a family in the `pipeline_triton` fixture's repository that its Triton does not load
+)
+
+
 def write_pipeline_repository(root: Path, name: str = "colors") -> Path:
     """`name` (classifier), `name_preprocess` and `name_pipeline`, as `resnet export` lays them out."""
     write_colors_model(root, name)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from cli.main import main as resnet
-from server.client import ClientError, GatewayHttp, collect_images
+from server.client import NOT_LOADED, ClientError, GatewayHttp, collect_images
 from tests.gateway_models import LABELS, color_image, noise_jpeg
-from tests.grpc_support import API_KEY, gateway_process
+from tests.grpc_support import API_KEY, UNLOADED_MODEL, gateway_process
 from tests.support import OTHER_SERVERS, REPO_ROOT, free_port, other_web_server, path_prefix_proxy
 
 
@@ -384,6 +384,19 @@ def test_triton_grpc_and_http_answer_like_the_gateway(gateway, pipeline_triton, 
     assert {r["image"]: r["predictions"][0]["label"] for r in over_grpc} == expected
     assert_same_answers(reference, over_grpc)
     assert_same_answers(reference, over_http)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_model_triton_has_not_loaded_is_named_so(pipeline_triton, photos, capsys, protocol):
+    # Triton's index lists it (with no state): the client used to send it the images, and print Triton's "unknown
+    # model"
+    url = f"grpc://{pipeline_triton.grpc_url}" if protocol == "grpc" else pipeline_triton.http_url
+    args = ["client", "classify", str(photos[0] / "0-red.jpeg"), "--url", url, "--model", UNLOADED_MODEL]
+    assert resnet(args) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"resnet: error: {url} lists {UNLOADED_MODEL}_pipeline, but it is not ready: {NOT_LOADED}"
+    )
 
 
 @pytest.mark.triton

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli.main import main as resnet
 from server.registry import HEALTH_INTERVAL_S
 from tests.gateway_models import LABELS, color_image, write_colors_model
 from tests.grpc_support import gateway_process
@@ -61,7 +62,7 @@ def kserve_classify(url: str, color: str) -> httpx.Response:
     return httpx.post(f"{url}/v2/models/colors_pipeline/infer", content=body, headers=headers, timeout=30)
 
 
-def test_kill_triton_mid_run_then_recover(triton_server, repository, tmp_path):
+def test_kill_triton_mid_run_then_recover(triton_server, repository, tmp_path, capsys):
     ports = dict(zip(("http_port", "grpc_port", "metrics_port"), free_ports(3), strict=True))
     triton = triton_server(repository, log_path=tmp_path / "triton.log", **ports).start()
     try:
@@ -88,6 +89,13 @@ def test_kill_triton_mid_run_then_recover(triton_server, repository, tmp_path):
             )
             assert httpx.get(f"{url}/v2/health/ready").status_code == 400  # KServe: 4xx = not ready
             assert httpx.get(f"{url}/healthz").status_code == 200
+            # the client reads the index, which lists the models UNAVAILABLE with the reason: it says that
+            (tmp_path / "red.jpg").write_bytes(color_image("red"))
+            args = ["client", "classify", str(tmp_path / "red.jpg"), "--url", url, "--server", "triton"]
+            assert resnet(args) == 1
+            assert capsys.readouterr().err.startswith(
+                f"resnet: error: {url} has no model ready (colors: Triton at {triton.grpc_url} (grpc) is not ready"
+            )
 
             triton = triton_server(repository, log_path=tmp_path / "triton2.log", **ports).start()
             wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 30, what="gateway ready again")

@@ -447,17 +447,12 @@ def test_kserve_http_user_records_successes_against_the_gateway(gateway, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.triton
-def test_kserve_http_and_grpc_users_load_a_real_triton_too(tmp_path):
-    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
-    from export.triton_server import TritonServer
-    from tests.grpc_support import write_pipeline_repository
-
-    repository = write_pipeline_repository(tmp_path / "repository")
-    with TritonServer(repository, log_path=tmp_path / "triton.log") as triton:
-        result = kserve_loadtest(triton.http_url, tmp_path / "kserve")
-        # the gRPC user finds its model in Triton's gRPC index: it used to ask an HTTP /v1 API Triton lacks
-        grpc_flags = ["--grpc", "--grpc-url", triton.grpc_url, "--users", "2", "--duration", "3s"]
-        over_grpc = run_loadtest(*grpc_flags, "--out", str(tmp_path / "grpc"), "--max-fail-ratio", "0")
+def test_kserve_http_and_grpc_users_load_a_real_triton_too(pipeline_triton, tmp_path):
+    # Both find their model in Triton's index, which lists a model it has not loaded first: they used to load-test
+    # that one (every request failed), and the gRPC user before that asked an HTTP /v1 API Triton lacks
+    result = kserve_loadtest(pipeline_triton.http_url, tmp_path / "kserve")
+    grpc_flags = ["--grpc", "--grpc-url", pipeline_triton.grpc_url, "--users", "2", "--duration", "3s"]
+    over_grpc = run_loadtest(*grpc_flags, "--out", str(tmp_path / "grpc"), "--max-fail-ratio", "0")
     assert_kserve_run(result, tmp_path / "kserve")
     assert over_grpc.returncode == 0, over_grpc.stderr[-2000:]
     summary = json.loads((tmp_path / "grpc" / "summary.json").read_text())
