@@ -388,12 +388,20 @@ def health_router() -> APIRouter:
 
     @router.get("/readyz", responses={503: {"model": ErrorOut}})
     async def readyz(request: Request) -> JSONResponse:
-        """Readiness: models loaded and the backend reachable."""
+        """Readiness: models loaded and the backend reachable; `failed` names the models that did not load."""
         registry = registry_of(request)
         if not registry.ready():
             reason = registry.not_ready_reason()
             return error_response(503, "not_ready", reason, {"Retry-After": "1"}, request.scope)
-        return JSONResponse({"status": "ready", "models": registry.names(), "backend": registry.backend.name})
+        failed = {name: failure.reason for name, failure in sorted(registry.failures.items())}
+        return JSONResponse(
+            {
+                "status": "ready",
+                "models": registry.names(),
+                "backend": registry.backend.name,
+                "failed": failed,
+            }
+        )
 
     @router.get("/", include_in_schema=False)
     async def demo_page() -> FileResponse:

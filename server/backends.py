@@ -82,14 +82,27 @@ def is_classifier(config: mc.ModelConfig) -> bool:
     return role == Role.CLASSIFIER
 
 
+@dataclass(frozen=True)
+class LoadFailure:
+    """A classifier of the repository the gateway cannot serve: the version it tried, and why (one line)."""
+
+    version: str
+    reason: str
+
+
 class Backend(abc.ABC):
     name = "backend"
     # why it is not ready, in one line, for /readyz and the log (the registry clears it when ready)
     problem = ""
 
+    def __init__(self) -> None:
+        # the classifiers the last start() found but could not serve, by name
+        self.failures: dict[str, LoadFailure] = {}
+
     @abc.abstractmethod
     async def start(self) -> list[ModelInfo]:
-        """Connect / load; returns the models found (possibly none yet for a remote backend that is down)."""
+        """Connect / load; returns the models found (possibly none yet for a remote backend that is down), and
+        sets `failures`."""
         ...
 
     @abc.abstractmethod
@@ -118,6 +131,7 @@ class EmbeddedBackend(Backend):
     name = "embedded"
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self.settings = settings
         self.sessions: dict[str, object] = {}
         # One thread per model: ORT parallelises inside a run; concurrent runs would only fight for the cores.
@@ -184,11 +198,13 @@ class EmbeddedBackend(Backend):
 
     async def start(self) -> list[ModelInfo]:
         infos = []
+        self.failures = {}
         for config, version, model_dir in await asyncio.to_thread(self._scan):
             try:
                 infos.append(await asyncio.to_thread(self._load, config, version, model_dir))
             except (ConfigError, Exception) as error:  # noqa: BLE001 - one broken model must not stop the others
                 log.error("cannot serve %s: %s", config.name, error)
+                self.failures[config.name] = LoadFailure(version, one_line(error))
         return infos
 
     def _run(self, name: str, batch: np.ndarray) -> np.ndarray:
@@ -259,6 +275,7 @@ class TritonBackend(Backend):
     name = "triton"
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self.settings = settings
         self.protocol = settings.triton_protocol
         if self.protocol == "grpc":
@@ -341,6 +358,7 @@ class TritonBackend(Backend):
 
     async def start(self) -> list[ModelInfo]:
         infos = []
+        self.failures = {}
         for name, version in await self._index():
             config = await self._config(name)
             if not is_classifier(config):
@@ -353,6 +371,7 @@ class TritonBackend(Backend):
                 )
             except ConfigError as error:
                 log.error("cannot serve %s: %s", name, error)
+                self.failures[name] = LoadFailure(version, one_line(error))
                 continue
             if not local_labels:
                 info.labels = await self._labels_from_triton(info) or info.labels

@@ -133,7 +133,7 @@ def resolve(registry: ModelRegistry, name: str, version: str = "") -> Endpoint:
         if base == name or base not in registry.names():
             served = [served for model in registry.names() for served in (model, model + PIPELINE_SUFFIX)]
             raise errors.ModelNotFound(
-                f"model {name!r} not found; available: {', '.join(served) or 'none'}"
+                f"model {name!r} {registry.unserved(base)}; available: {', '.join(served) or 'none'}"
             ) from None
         endpoint = Endpoint(registry.get(base), pipeline=True)
     if version and version != endpoint.model.version:
@@ -421,6 +421,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 state="READY" if ready else "UNAVAILABLE",
                 reason="" if ready else self.registry.not_ready_reason(),
             )
+        # As Triton lists a model that failed to load: UNAVAILABLE, with the error
+        for name, failure in sorted(self.registry.failures.items()):
+            for served in (name, name + PIPELINE_SUFFIX):
+                response.models.add(
+                    name=served,
+                    version=failure.version,
+                    state="UNAVAILABLE",
+                    reason=f"failed to load: {failure.reason}",
+                )
         return response
 
     @translated

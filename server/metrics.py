@@ -67,6 +67,12 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("resnet_images", "images classified per model", ["model"], registry=r)
+        self.model_unavailable = Gauge(
+            "resnet_model_unavailable",
+            "1 for each classifier of the repository the gateway could not load (the log and /readyz say why)",
+            ["model"],
+            registry=r,
+        )
         # gRPC calls, named as go-grpc-prometheus names them (method = the RPC's short name, code = its status)
         self.grpc_requests = Counter(
             "resnet_grpc_requests", "gRPC calls by method and status code", ["method", "code"], registry=r

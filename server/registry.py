@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.backends import Backend, ModelInfo, create_backend, one_line
+from server.backends import Backend, LoadFailure, ModelInfo, create_backend, one_line
 from server.batching import DirectDispatcher, Dispatcher, DynamicBatcher
 from server.errors import BackendUnavailable, InvalidInput, ModelNotFound
 from server.metrics import Metrics
@@ -217,8 +217,20 @@ class ModelRegistry:
             raise BackendUnavailable(f"{self.describe_backend()} is not ready; retry shortly")
         model = self.models.get(name)
         if model is None:
-            raise ModelNotFound(f"model {name!r} not found; available: {', '.join(self.names()) or 'none'}")
+            raise ModelNotFound(
+                f"model {name!r} {self.unserved(name)}; available: {', '.join(self.names()) or 'none'}"
+            )
         return model
+
+    @property
+    def failures(self) -> dict[str, LoadFailure]:
+        """The classifiers of the repository the backend could not serve, by name."""
+        return self.backend.failures
+
+    def unserved(self, name: str) -> str:
+        """Why `name` is not served, for an error message: it failed to load (and why), or there is no such model."""
+        failure = self.failures.get(name)
+        return f"failed to load: {failure.reason}" if failure else "not found"
 
     def not_ready_reason(self) -> str:
         if self._backend_ready:
@@ -230,7 +242,10 @@ class ModelRegistry:
         where = (
             self.settings.repository.resolve() if self.backend.name == "embedded" else self.describe_backend()
         )
-        return f"no classifier models to serve from {where}"
+        failed = "".join(
+            f"; {name} failed to load: {failure.reason}" for name, failure in self.failures.items()
+        )
+        return f"no classifier models to serve from {where}{failed}"
 
     def describe_backend(self) -> str:
         if self.backend.name == "triton":
@@ -276,6 +291,9 @@ class ModelRegistry:
             model.dispatcher.start()
         for model in old.values():
             await model.dispatcher.close()
+        self.metrics.model_unavailable.clear()
+        for name in self.failures:
+            self.metrics.model_unavailable.labels(name).set(1)
         if self.models:
             log.info("serving %s on the %s backend", ", ".join(self.names()), self.backend.name)
         else:

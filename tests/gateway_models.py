@@ -68,6 +68,12 @@ def write_colors_model(repository: Path, name: str = "colors", max_batch_size: i
     return model_dir
 
 
+def write_broken_model(repository: Path, name: str = "broken") -> None:
+    """A classifier whose model.onnx was cut short (a copy that did not finish): ONNX Runtime cannot load it."""
+    onnx_file = write_colors_model(repository, name) / "1" / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:200])
+
+
 def color_image(color: str, size: tuple[int, int] = (64, 48), fmt: str = "JPEG", mode: str = "RGB") -> bytes:
     image = Image.new("RGB", size, COLORS[color])
     if mode != "RGB":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 
 from cli.main import main as resnet
 from server.client import NOT_LOADED, ClientError, GatewayHttp, collect_images
-from tests.gateway_models import LABELS, color_image, noise_jpeg
+from tests.gateway_models import LABELS, color_image, noise_jpeg, write_broken_model
 from tests.grpc_support import API_KEY, UNLOADED_MODEL, gateway_process
 from tests.support import OTHER_SERVERS, REPO_ROOT, free_port, other_web_server, path_prefix_proxy
 
@@ -397,6 +398,23 @@ def test_a_model_triton_has_not_loaded_is_named_so(pipeline_triton, photos, caps
     assert capsys.readouterr().err.strip() == (
         f"resnet: error: {url} lists {UNLOADED_MODEL}_pipeline, but it is not ready: {NOT_LOADED}"
     )
+
+
+def test_a_model_the_gateway_could_not_load_is_named_so(pipeline_repository, photos, tmp_path, capsys):
+    repository = tmp_path / "repository"
+    shutil.copytree(pipeline_repository, repository)
+    write_broken_model(repository)
+    with gateway_process(tmp_path, "--repository", str(repository)) as gateway:
+        for url in (gateway.http_url, gateway.grpc_url):
+            args = ["client", "classify", str(photos[0] / "0-red.jpeg"), "--url", url, "--model", "broken"]
+            assert resnet(args) == 1
+            error = capsys.readouterr().err.strip()
+            assert "failed to load: [ONNXRuntimeError]" in error and "\n" not in error, error
+            assert error.startswith(
+                f"resnet: error: {url} answered 404: model 'broken' failed to load"
+                if url.startswith("http")
+                else f"resnet: error: {url} lists broken_pipeline, but it is not ready: failed to load"
+            ), error
 
 
 @pytest.mark.triton

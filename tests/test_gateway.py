@@ -20,7 +20,7 @@ from server.errors import InvalidInput, ModelNotFound
 from server.preprocessing import PILLOW_PIXEL_LIMIT
 from server.registry import ModelRegistry
 from server.settings import Settings
-from tests.gateway_models import LABELS, color_image, png_claiming, write_colors_model
+from tests.gateway_models import LABELS, color_image, png_claiming, write_broken_model, write_colors_model
 from tests.support import free_port, metric
 
 JPEG = {"content-type": "image/jpeg"}
@@ -206,9 +206,58 @@ def test_unknown_model_route_and_method(client):
     assert_error(client.get("/v1/models/colors/classify"), 405, "method_not_allowed")
 
 
+def test_a_model_that_fails_to_load_is_named_so_and_the_others_serve(tmp_path):
+    # It used to be only an error line in the log: clients were told "not found", readiness and metrics said nothing
+    write_colors_model(tmp_path)
+    write_broken_model(tmp_path)
+    with make_client(tmp_path) as client:
+        readiness = client.get("/readyz")
+        assert readiness.status_code == 200 and readiness.json()["models"] == ["colors"]
+        reason = readiness.json()["failed"]["broken"]
+        assert "INVALID_PROTOBUF" in reason and "\n" not in reason
+        image = {"content": color_image("red"), "headers": JPEG}
+        assert client.post("/v1/models/colors/classify", **image).status_code == 200
+        refused = client.post("/v1/models/broken/classify", **image)
+        assert_error(
+            refused, 404, "model_not_found", f"model 'broken' failed to load: {reason}; available: colors"
+        )
+        for name in ("broken", "broken_pipeline"):
+            over_v2 = client.get(f"/v2/models/{name}")
+            assert (
+                over_v2.status_code == 404 and f"model {name!r} failed to load: " in over_v2.json()["error"]
+            )
+        index = client.post("/v2/repository/index").json()
+        unavailable = {"version": "1", "state": "UNAVAILABLE", "reason": f"failed to load: {reason}"}
+        assert [e for e in index if e["name"].startswith("broken")] == [
+            {"name": "broken", **unavailable},
+            {"name": "broken_pipeline", **unavailable},
+        ]
+        assert [e["name"] for e in client.post("/v2/repository/index", json={"ready": True}).json()] == [
+            "colors",
+            "colors_pipeline",
+        ]
+        page = client.get("/metrics").text
+        assert metric(page, 'resnet_model_unavailable{model="broken"}') == 1
+        assert metric(page, 'resnet_model_unavailable{model="colors"}', default=0) == 0
+
+
+def test_a_repository_whose_models_all_fail_is_not_ready_and_says_why(tmp_path):
+    write_broken_model(tmp_path)
+    with make_client(tmp_path) as client:
+        answer = client.get("/readyz")
+        assert_error(
+            answer, 503, "not_ready", "no classifier models to serve from", "; broken failed to load: "
+        )
+
+
 def test_health_readiness_docs_and_demo_page(client):
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready", "models": ["colors"], "backend": "embedded"}
+    assert client.get("/readyz").json() == {
+        "status": "ready",
+        "models": ["colors"],
+        "backend": "embedded",
+        "failed": {},
+    }
     assert "/v1/models/{name}/classify" in client.get("/openapi.json").json()["paths"]
     assert "swagger" in client.get("/docs").text.lower()
     page = client.get("/")
