@@ -111,6 +111,11 @@ class Backend(abc.ABC):
     async def ready(self) -> bool:
         return True
 
+    async def models_changed(self) -> bool:
+        """Whether start() would now find other models or versions than it last did (a remote backend's can
+        change while it stays up)."""
+        return False
+
     async def close(self) -> None:
         return None  # a hook: remote backends close their connections
 
@@ -242,6 +247,10 @@ def triton_problem(error: Exception, settings: Settings) -> str:
     return one_line(error)
 
 
+def _version_number(version: str | None) -> int:
+    return int(version) if version and version.isdigit() else -1
+
+
 def one_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -277,6 +286,7 @@ class TritonBackend(Backend):
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.settings = settings
+        self._served: dict[str, str] = {}  # the index the last start() served: model -> version
         self.protocol = settings.triton_protocol
         if self.protocol == "grpc":
             import tritonclient.grpc.aio as client_module
@@ -348,18 +358,30 @@ class TritonBackend(Backend):
         as_dict = await self.client.get_model_config(name)
         return json_format.ParseDict(as_dict, mc.ModelConfig(), ignore_unknown_fields=True)
 
-    async def _index(self) -> list[tuple[str, str]]:
+    async def _index(self) -> dict[str, str]:
+        """Each model with a READY version, and the highest one: what Triton runs for a request that names no
+        version (during a reload, or under a policy that serves several, more than one is READY)."""
         if self.protocol == "grpc":
             index = await self.client.get_model_repository_index(as_json=True)
             entries = index.get("models", [])
         else:
             entries = await self.client.get_model_repository_index()
-        return [(e["name"], str(e.get("version", ""))) for e in entries if e.get("state") == "READY"]
+        served: dict[str, str] = {}
+        for entry in entries:
+            name, version = entry["name"], str(entry.get("version", ""))
+            if entry.get("state") == "READY" and _version_number(version) >= _version_number(
+                served.get(name)
+            ):
+                served[name] = version
+        return served
+
+    async def models_changed(self) -> bool:
+        return await self._index() != self._served
 
     async def start(self) -> list[ModelInfo]:
-        infos = []
-        self.failures = {}
-        for name, version in await self._index():
+        infos, failures = [], {}
+        index = await self._index()
+        for name, version in index.items():
             config = await self._config(name)
             if not is_classifier(config):
                 continue
@@ -371,11 +393,13 @@ class TritonBackend(Backend):
                 )
             except ConfigError as error:
                 log.error("cannot serve %s: %s", name, error)
-                self.failures[name] = LoadFailure(version, one_line(error))
+                failures[name] = LoadFailure(version, one_line(error))
                 continue
             if not local_labels:
                 info.labels = await self._labels_from_triton(info) or info.labels
             infos.append(info)
+        # only now: a start() that failed midway leaves models_changed() true, so the next look tries again
+        self.failures, self._served = failures, index
         return infos
 
     async def _labels_from_triton(self, info: ModelInfo) -> list[str] | None:
@@ -400,18 +424,22 @@ class TritonBackend(Backend):
         return labels
 
     async def ready(self) -> bool:
+        """Whether Triton is up. Its liveness, not its readiness: with --strict-readiness (the default) Triton is
+        not ready while any model loads, a rollout included, though it serves every READY model meanwhile (the
+        gateway answered all its requests 503 during each load). Which models serve is its repository index's
+        READY entries."""
         self._look_at_tls_files()
         try:
             if self.protocol == "grpc":
-                ready = bool(await self.client.is_server_ready(client_timeout=2))
+                live = bool(await self.client.is_server_live(client_timeout=2))
             else:
-                ready = bool(await self.client.is_server_ready())
+                live = bool(await self.client.is_server_live())
         except Exception as error:  # noqa: BLE001 - any failure to answer means not ready
             self.problem = triton_problem(error, self.settings)
             return False
-        if not ready:
-            self.problem = "its /v2/health/ready answers not ready (models still loading?)"
-        return ready
+        if not live:
+            self.problem = "its /v2/health/live answers not live"
+        return live
 
     async def infer(self, info: ModelInfo, batch: np.ndarray, deadline: float) -> np.ndarray:
         tensor = self.module.InferInput(INPUT_NAME, list(batch.shape), "FP32")

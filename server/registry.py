@@ -295,7 +295,8 @@ class ModelRegistry:
         for name in self.failures:
             self.metrics.model_unavailable.labels(name).set(1)
         if self.models:
-            log.info("serving %s on the %s backend", ", ".join(self.names()), self.backend.name)
+            served = ", ".join(f"{name} (version {self.models[name].version})" for name in self.names())
+            log.info("serving %s on the %s backend", served, self.backend.name)
         else:
             log.warning(self._no_models())
 
@@ -315,10 +316,22 @@ class ModelRegistry:
             except Exception as error:  # noqa: BLE001 - keep polling; readiness stays false
                 self.backend.problem = f"cannot read its models: {one_line(error)}"
                 ready = False
+        elif ready:
+            await self._follow_model_changes()
         if ready:
             self.backend.problem = ""
         self._log_health(ready, self.backend.problem)
         self._backend_ready = ready
+
+    async def _follow_model_changes(self) -> None:
+        """Serve what the backend serves now: a model loaded, unloaded or given a new version while it stays up
+        (a rollout on Triton, docs/deployment.md section 8). If they cannot be read, the models read before go on
+        serving and the next look tries again."""
+        try:
+            if await self.backend.models_changed():
+                await self._load_models()
+        except Exception as error:  # noqa: BLE001 - a look that failed changes nothing
+            log.warning("cannot read the models of %s again: %s", self.describe_backend(), one_line(error))
 
     def _log_health(self, ready: bool, problem: str) -> None:
         """Each change of readiness; while down, each reason once per PROBLEM_LOG_S (a wrong port's reasons can
