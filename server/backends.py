@@ -112,9 +112,12 @@ class Backend(abc.ABC):
         return True
 
     async def models_changed(self) -> bool:
-        """Whether start() would now find other models or versions than it last did (a remote backend's can
-        change while it stays up)."""
+        """Whether start() would now find other models or versions than it last did."""
         return False
+
+    async def retire(self, info: ModelInfo) -> None:
+        """`info`'s model is no longer served as it was (replaced, or gone) and nothing is queued for it."""
+        return None
 
     async def close(self) -> None:
         return None  # a hook: remote backends close their connections
@@ -131,16 +134,24 @@ def providers() -> list[str]:
 
 
 class EmbeddedBackend(Backend):
-    """ONNX Runtime sessions in this process, one per classifier with a model.onnx in its newest version."""
+    """ONNX Runtime sessions in this process, one per classifier with a model.onnx in its newest version.
+
+    start() again (the registry calls it when `models_changed()`) loads only what changed: a new version, or files
+    of the served one rewritten; a model whose new version does not load goes on serving the one it had, as Triton
+    does. Sessions are keyed by (name, version), so requests queued for the old version finish on it.
+    """
 
     name = "embedded"
 
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.settings = settings
-        self.sessions: dict[str, object] = {}
+        self.sessions: dict[tuple[str, str], object] = {}
         # One thread per model: ORT parallelises inside a run; concurrent runs would only fight for the cores.
         self.executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+        # each model served: the stamps of the files it was loaded from (model_file_stamps), and its info
+        self.served: dict[str, tuple[tuple, ModelInfo]] = {}
+        self._repository_seen: tuple = ()
 
     def _scan(self) -> list[tuple[mc.ModelConfig, str, Path]]:
         repository = self.settings.repository
@@ -192,37 +203,98 @@ class EmbeddedBackend(Backend):
         onnx_shape = tuple(session.get_inputs()[0].shape[1:])
         if onnx_shape != info.input_shape:
             raise ConfigError(f"{config.name}: model.onnx takes {onnx_shape}, config says {info.input_shape}")
-        self.sessions[info.name] = session
-        self.executors[info.name] = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"ort-{info.name}"
-        )
+        self.sessions[info.name, version] = session
+        if info.name not in self.executors:
+            self.executors[info.name] = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"ort-{info.name}"
+            )
         log.info(
             "loaded %s version %s (%s) with %s", info.name, version, info.input_shape, session.get_providers()
         )
         return info
 
+    def _repository_state(self) -> tuple:
+        """The stamps of every file a model is loaded from, across the repository: what changes when a version is
+        published (renamed in), removed, or a file rewritten."""
+        repository = self.settings.repository
+        if not repository.is_dir():
+            return ()
+        return tuple(
+            stamps
+            for model_dir in sorted(repository.iterdir())
+            if model_dir.is_dir()
+            for stamps in model_file_stamps(
+                model_dir, *sorted(p.name for p in model_dir.iterdir() if p.name.isdigit())
+            )
+        )
+
+    async def models_changed(self) -> bool:
+        return await asyncio.to_thread(self._repository_state) != self._repository_seen
+
     async def start(self) -> list[ModelInfo]:
-        infos = []
-        self.failures = {}
+        # taken before the scan: a change made during it is seen at the next look
+        seen = await asyncio.to_thread(self._repository_state)
+        infos, failures, served = [], {}, {}
         for config, version, model_dir in await asyncio.to_thread(self._scan):
+            stamps = model_file_stamps(model_dir, version)
+            before = self.served.get(config.name)
+            if before is not None and before[0] == stamps:
+                infos.append(before[1])
+                served[config.name] = before
+                continue
             try:
-                infos.append(await asyncio.to_thread(self._load, config, version, model_dir))
+                info = await asyncio.to_thread(self._load, config, version, model_dir)
             except (ConfigError, Exception) as error:  # noqa: BLE001 - one broken model must not stop the others
+                if before is not None:
+                    log.error(
+                        "cannot serve %s version %s, version %s goes on serving: %s",
+                        config.name, version, before[1].version, error,
+                    )  # fmt: skip
+                    infos.append(before[1])
+                    served[config.name] = before
+                    continue
                 log.error("cannot serve %s: %s", config.name, error)
-                self.failures[config.name] = LoadFailure(version, one_line(error))
+                failures[config.name] = LoadFailure(version, one_line(error))
+                continue
+            infos.append(info)
+            served[config.name] = (stamps, info)
+        self.failures, self.served, self._repository_seen = failures, served, seen
         return infos
 
-    def _run(self, name: str, batch: np.ndarray) -> np.ndarray:
-        return self.sessions[name].run([OUTPUT_NAME], {INPUT_NAME: batch})[0]  # type: ignore[attr-defined]
+    async def retire(self, info: ModelInfo) -> None:
+        still = self.served.get(info.name)
+        if still is None or still[1].version != info.version:
+            self.sessions.pop((info.name, info.version), None)
+        if still is None and info.name in self.executors:
+            self.executors.pop(info.name).shutdown(wait=False)
+
+    def _run(self, key: tuple[str, str], batch: np.ndarray) -> np.ndarray:
+        return self.sessions[key].run([OUTPUT_NAME], {INPUT_NAME: batch})[0]  # type: ignore[attr-defined]
 
     async def infer(self, info: ModelInfo, batch: np.ndarray, deadline: float) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executors[info.name], self._run, info.name, batch)
+        return await loop.run_in_executor(
+            self.executors[info.name], self._run, (info.name, info.version), batch
+        )
 
     async def close(self) -> None:
         for executor in self.executors.values():
             executor.shutdown(wait=True)
         self.sessions.clear()
+
+
+def model_file_stamps(model_dir: Path, *versions: str) -> tuple:
+    """(path, modification time, size) of a model's config and labels, and of each version's model.onnx."""
+    files = [model_dir / CONFIG_FILENAME, model_dir / LABELS_FILENAME]
+    files += [model_dir / version / ONNX_FILENAME for version in versions]
+    stamps = []
+    for path in files:
+        try:
+            stat = path.stat()
+        except OSError:  # absent (labels are optional), or removed meanwhile: seen as a change
+            continue
+        stamps.append((str(path), stat.st_mtime_ns, stat.st_size))
+    return tuple(stamps)
 
 
 # --- Triton ------------------------------------------------------------------------------------------------

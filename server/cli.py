@@ -26,6 +26,14 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--repository", "repository", str, "Triton model repository folder"),
     ("--backend", "backend", str, "embedded (ONNX Runtime in this process) or triton"),
     (
+        "--repository-poll-s",
+        "repository_poll_s",
+        float,
+        "seconds between looks at --repository (embedded backend): a version `resnet export` publishes, a new "
+        "model or one removed is served or dropped without a restart; a version that does not load leaves the "
+        "one served (0: read once). The Triton backend follows Triton's own models",
+    ),
+    (
         "--triton-url",
         "triton_url",
         str,

@@ -208,6 +208,7 @@ class ModelRegistry:
         self._backend_ready = False
         self._logged_problems: dict[str, float] = {}  # each reason to be down, when it was last logged
         self._health_task: asyncio.Task | None = None
+        self._follow_problem = ""  # why the last look at the models failed, once logged
 
     def names(self) -> list[str]:
         return sorted(self.models)
@@ -279,18 +280,24 @@ class ModelRegistry:
         )
 
     async def _load_models(self) -> None:
+        """The backend's models, now: one unchanged keeps its ServedModel (queue, statistics), one new or changed
+        gets a new one; a replaced or removed one answers what it has queued, then the backend may free it."""
         infos = await self.backend.start()
         old = self.models
-        self.models = {
-            info.name: ServedModel(
-                info, self.backend, self._dispatcher, self.settings, self.preprocess_pool, self.metrics
-            )
-            for info in infos
-        }
-        for model in self.models.values():
-            model.dispatcher.start()
+        models = {}
+        for info in infos:
+            model = old.get(info.name)
+            if model is None or model.info != info:
+                model = ServedModel(
+                    info, self.backend, self._dispatcher, self.settings, self.preprocess_pool, self.metrics
+                )
+                model.dispatcher.start()
+            models[info.name] = model
+        self.models = models
         for model in old.values():
-            await model.dispatcher.close()
+            if models.get(model.name) is not model:
+                await model.dispatcher.close()
+                await self.backend.retire(model.info)
         self.metrics.model_unavailable.clear()
         for name in self.failures:
             self.metrics.model_unavailable.labels(name).set(1)
@@ -304,6 +311,8 @@ class ModelRegistry:
         if self.backend.name == "embedded":
             await self._load_models()
             self._backend_ready = True
+            if self.settings.repository_poll_s:
+                self._health_task = asyncio.create_task(self._repository_loop(), name="repository-poll")
             return
         await self._check_health()
         self._health_task = asyncio.create_task(self._health_loop(), name="backend-health")
@@ -325,13 +334,19 @@ class ModelRegistry:
 
     async def _follow_model_changes(self) -> None:
         """Serve what the backend serves now: a model loaded, unloaded or given a new version while it stays up
-        (a rollout on Triton, docs/deployment.md section 8). If they cannot be read, the models read before go on
-        serving and the next look tries again."""
+        (a rollout on Triton, docs/deployment.md section 8; a version `resnet export` published into the embedded
+        backend's repository). If they cannot be read, the models read before go on serving and the next look
+        tries again."""
         try:
             if await self.backend.models_changed():
                 await self._load_models()
+            self._follow_problem = ""
         except Exception as error:  # noqa: BLE001 - a look that failed changes nothing
-            log.warning("cannot read the models of %s again: %s", self.describe_backend(), one_line(error))
+            if one_line(error) != self._follow_problem:  # once, not at every look
+                self._follow_problem = one_line(error)
+                log.warning(
+                    "cannot read the models of %s again: %s", self.describe_backend(), one_line(error)
+                )
 
     def _log_health(self, ready: bool, problem: str) -> None:
         """Each change of readiness; while down, each reason once per PROBLEM_LOG_S (a wrong port's reasons can
@@ -344,6 +359,11 @@ class ModelRegistry:
         elif not ready and (self._backend_ready or problem not in self._logged_problems):
             log.warning("%s is NOT ready: %s", self.describe_backend(), problem or "no reason given")
             self._logged_problems[problem] = now
+
+    async def _repository_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_s)
+            await self._follow_model_changes()
 
     async def _health_loop(self) -> None:
         while True:

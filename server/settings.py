@@ -104,6 +104,13 @@ class Settings(BaseSettings):
         description="PEM authorities whose client certificates the gateway accepts: every HTTPS and gRPC client must "
         "then present one (mutual TLS; needs ssl_certfile)",
     )
+    repository_poll_s: float = Field(
+        5,
+        ge=0,
+        le=86400,
+        description="seconds between looks at the repository (embedded backend): a new version, a new model or "
+        "one removed is served, or dropped, without a restart; 0: read once at start-up",
+    )
     ssl_reload_s: float = Field(
         60,
         ge=0,

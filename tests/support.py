@@ -117,6 +117,31 @@ def running_gateway(
         yield url, process
 
 
+def models_served(url: str) -> dict[str, str]:
+    """A gateway's models and the version of each, from GET /v1/models."""
+    return {model["name"]: model["versions"][0] for model in httpx.get(f"{url}/v1/models").json()["models"]}
+
+
+@contextlib.contextmanager
+def requests_meanwhile(send: Callable[[], httpx.Response]) -> Iterator[list[tuple[int, str | None]]]:
+    """`send` a classify request after another in a thread while the block runs: (status, version) of each."""
+    answers: list[tuple[int, str | None]] = []
+    done = threading.Event()
+
+    def send_until_done() -> None:
+        while not done.is_set():
+            answer = send()
+            answers.append((answer.status_code, answer.json().get("version")))
+
+    thread = threading.Thread(target=send_until_done)
+    thread.start()
+    try:
+        yield answers
+    finally:
+        done.set()
+        thread.join()
+
+
 def torchrun_train_command(processes: int = 2) -> list[str]:
     """`torchrun ... resnet train` on one node over loopback (gloo on CPU); append the train flags."""
     return [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import signal
 import socket
 import time
@@ -14,8 +15,18 @@ from pathlib import Path
 import httpx
 import pytest
 
+from export.repository import publish_version
 from tests.gateway_models import LABELS, color_image, write_colors_model
-from tests.support import REPO_ROOT, free_port, metric, path_prefix_proxy, running_gateway, wait_until
+from tests.support import (
+    REPO_ROOT,
+    free_port,
+    metric,
+    models_served,
+    path_prefix_proxy,
+    requests_meanwhile,
+    running_gateway,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 JPEG = {"content-type": "image/jpeg"}
@@ -33,6 +44,12 @@ def gateway(repository: Path, tmp_path: Path, *flags: str):
     serve_flags = ("--repository", str(repository), "--intra-op-threads", "1", *flags)
     with running_gateway(*serve_flags, timeout=60, log_path=tmp_path / "gateway.log") as (url, process):
         yield url, process
+
+
+def classify(url: str, color: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/models/colors/classify", content=color_image(color), headers=JPEG, timeout=30
+    )
 
 
 async def classify_many(url: str, colors: list[str]) -> list[httpx.Response]:
@@ -271,3 +288,49 @@ def test_grpc_calls_are_in_the_access_log_with_their_request_id(repository, tmp_
     ]
     assert [(call["path"], call["status"]) for call in calls] == [("ModelReady", "OK")] * 2
     assert calls[0]["request_id"] == "grpc-trace-1" and re.fullmatch(r"[0-9a-f]{32}", calls[1]["request_id"])
+
+
+def test_the_embedded_gateway_follows_its_repository_without_a_restart_or_a_refusal(tmp_path):
+    # It read the repository once: a version `resnet export` published was served only after a restart
+    repository = tmp_path / "repository"
+    write_colors_model(repository)
+    with gateway(repository, tmp_path, "--repository-poll-s", "0.2") as (url, _):
+        with requests_meanwhile(lambda: classify(url, "red")) as answers:
+            write_colors_model(repository)  # version 2, published atomically as `resnet export` does
+            wait_until(lambda: models_served(url) == {"colors": "2"}, 15, what="version 2 served")
+        assert {status for status, _ in answers} == {200}, answers
+        versions = [version for _, version in answers]
+        assert versions == sorted(versions) and versions[0] == "1" and versions[-1] == "2", versions
+
+        publish_version(repository / "colors", {"model.onnx": b"not an ONNX model"})  # version 3, broken
+        log = tmp_path / "gateway.log"
+        wait_until(lambda: "cannot serve colors version 3" in log.read_text(), 15, what="version 3 refused")
+        assert "version 2 goes on serving: [ONNXRuntimeError]" in log.read_text()
+        assert classify(url, "red").json()["version"] == "2"
+        assert httpx.get(f"{url}/readyz").json()["failed"] == {}
+
+        served_so_far = requests_counted(url, "colors")
+        write_colors_model(repository, "shades")
+        wait_until(lambda: models_served(url) == {"colors": "2", "shades": "1"}, 15, what="shades served")
+        assert requests_counted(url, "colors") == served_so_far  # colors, unchanged, kept its statistics
+        shades = httpx.post(f"{url}/v1/models/shades/classify", content=color_image("blue"), headers=JPEG)
+        assert shades.json()["predictions"][0]["label"] == "blue"
+        shutil.rmtree(repository / "shades")
+        wait_until(lambda: models_served(url) == {"colors": "2"}, 15, what="shades dropped")
+        gone = httpx.post(f"{url}/v1/models/shades/classify", content=color_image("blue"), headers=JPEG)
+        assert gone.status_code == 404
+
+
+def requests_counted(url: str, model: str) -> int:
+    """Successful requests in the model's Triton-style statistics (those of its classifier)."""
+    statistics = httpx.get(f"{url}/v2/models/{model}/stats").json()["model_stats"][0]
+    return int(statistics["inference_stats"]["success"]["count"])
+
+
+def test_with_no_repository_polling_the_gateway_serves_what_it_read_at_start_up(tmp_path):
+    repository = tmp_path / "repository"
+    write_colors_model(repository)
+    with gateway(repository, tmp_path, "--repository-poll-s", "0") as (url, _):
+        write_colors_model(repository)
+        time.sleep(1)
+        assert models_served(url) == {"colors": "1"}

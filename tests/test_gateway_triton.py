@@ -3,9 +3,7 @@ and HTTP, answer 503 while Triton is down, and recover by itself when Triton com
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from cli.main import main as resnet
 from server.registry import HEALTH_INTERVAL_S
 from tests.gateway_models import LABELS, color_image, write_colors_model
 from tests.grpc_support import gateway_process
-from tests.support import free_ports, metric, running_gateway, wait_until
+from tests.support import free_ports, metric, models_served, requests_meanwhile, running_gateway, wait_until
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 JPEG = {"content-type": "image/jpeg"}
@@ -154,10 +152,6 @@ def test_http_protocol_without_gateway_batching(triton_server, repository, tmp_p
             assert 'resnet_queue_seconds_count{model="colors"}' not in text
 
 
-def models_served(url: str) -> dict[str, str]:
-    return {model["name"]: model["versions"][0] for model in httpx.get(f"{url}/v1/models").json()["models"]}
-
-
 def test_a_rollout_on_triton_reaches_the_gateway_without_a_restart_or_a_refusal(triton_server, tmp_path):
     # docs/deployment.md section 8: a new version loaded by Triton's load API, a model loaded by name, one unloaded.
     # Triton is not ready while a model loads (--strict-readiness), though it serves: the gateway took that for
@@ -168,7 +162,7 @@ def test_a_rollout_on_triton_reaches_the_gateway_without_a_restart_or_a_refusal(
     with triton_server(repository, log_path=tmp_path / "triton.log", models=["colors"]) as triton:
         with gateway(tmp_path, triton.grpc_url) as url:
             write_colors_model(repository)  # version 2, published atomically as `resnet export` does
-            with requests_meanwhile(url) as answers:
+            with requests_meanwhile(lambda: classify(url, "red")) as answers:
                 for model in ("colors", "shades"):
                     load = httpx.post(f"{triton.http_url}/v2/repository/models/{model}/load", timeout=60)
                     load.raise_for_status()
@@ -189,23 +183,3 @@ def test_a_rollout_on_triton_reaches_the_gateway_without_a_restart_or_a_refusal(
             wait_until(lambda: models_served(url) == {"colors": "2"}, 15, what="shades gone")
             gone = httpx.post(f"{url}/v1/models/shades/classify", content=color_image("blue"), headers=JPEG)
             assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
-
-
-@contextmanager
-def requests_meanwhile(url: str) -> Iterator[list[tuple[int, str | None]]]:
-    """Classify one photo after another in a thread while the block runs: (status, version) of each answer."""
-    answers: list[tuple[int, str | None]] = []
-    done = threading.Event()
-
-    def classify_until_done() -> None:
-        while not done.is_set():
-            answer = classify(url, "red")
-            answers.append((answer.status_code, answer.json().get("version")))
-
-    thread = threading.Thread(target=classify_until_done)
-    thread.start()
-    try:
-        yield answers
-    finally:
-        done.set()
-        thread.join()
