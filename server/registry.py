@@ -298,6 +298,10 @@ class ModelRegistry:
             if models.get(model.name) is not model:
                 await model.dispatcher.close()
                 await self.backend.retire(model.info)
+            if model.name not in models:  # its gauges would go on showing the last values
+                for gauge in (self.metrics.queue_depth, self.metrics.admitted):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(model.name)
         self.metrics.model_unavailable.clear()
         for name in self.failures:
             self.metrics.model_unavailable.labels(name).set(1)

@@ -319,6 +319,9 @@ def test_the_embedded_gateway_follows_its_repository_without_a_restart_or_a_refu
         wait_until(lambda: models_served(url) == {"colors": "2"}, 15, what="shades dropped")
         gone = httpx.post(f"{url}/v1/models/shades/classify", content=color_image("blue"), headers=JPEG)
         assert gone.status_code == 404
+        gauges = httpx.get(f"{url}/metrics").text  # the counters of what shades did stay, as counters do
+        assert 'resnet_queue_depth{model="shades"}' not in gauges
+        assert 'resnet_admitted_images{model="shades"}' not in gauges
 
 
 def requests_counted(url: str, model: str) -> int:

@@ -884,9 +884,21 @@ def test_benchmark_runs_on_cpu_with_tiny_sizes(tmp_path):
         (["--cifar-images", "100"], "--cifar-images (100) must hold one --cifar-batch-size batch"),
     ],
 )
-def test_benchmark_bad_flags_are_one_line_before_any_loop(flags, message):
+def test_benchmark_bad_flags_are_refused_before_any_loop(flags, message):
+    from training.benchmark import check_args, get_args_parser
+    from training.utils import DistInfo, resolve_device
+
+    args = get_args_parser().parse_args(["--nets", "resnet20", *flags])
+    with pytest.raises(ConfigError) as refused:  # what main() does before it measures
+        check_args(args)
+        resolve_device(args.device, DistInfo())
+    assert str(refused.value) == message
+
+
+def test_a_bad_benchmark_flag_is_one_line_and_exit_status_1():
+    # one real process for the CLI path; the checks themselves, in process above (each process imports torch: 4 s)
     done = subprocess.run(
-        [sys.executable, "-m", "training.benchmark", "--nets", "resnet20", *flags],
+        [sys.executable, "-m", "training.benchmark", "--nets", "resnet20", "--steps", "0"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -894,7 +906,7 @@ def test_benchmark_bad_flags_are_one_line_before_any_loop(flags, message):
         env=ONE_THREAD_ENV,
     )
     assert done.returncode == 1
-    assert done.stderr == f"resnet: error: {message}\n" and not done.stdout
+    assert done.stderr == "resnet: error: --steps must be at least 1, got 0\n" and not done.stdout
 
 
 def test_benchmark_table_has_ratios_and_the_schedule_time():
