@@ -647,6 +647,17 @@ def test_data_errors_are_typed(tmp_path):
     config.loader = "folder"
     with pytest.raises(DataError, match="no images"):
         train(config, progress=False)
+    # one empty class beside full ones: torchvision's "Found no valid file for the classes zebra" read as if the
+    # whole folder had no images
+    data = make_image_tree(tmp_path / "one-empty", {"train": 4})
+    (data / "train" / "zebra").mkdir()
+    (data / "train" / "zebra" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError) as refused:
+        train(small_config(data, tmp_path / "run", loader="folder"), progress=False)
+    assert str(refused.value) == (
+        f"no images in the class folder zebra of {data / 'train'} (a class needs at least one "
+        ".jpg/.jpeg/.png/.ppm/.bmp/.pgm/.tif/.tiff/.webp file): fill or remove it"
+    )
 
 
 @pytest.mark.parametrize("loader", ["folder", "device"])

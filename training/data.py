@@ -93,6 +93,23 @@ def _load_or_none(path: str) -> Image.Image | None:
         return None
 
 
+def folder_problem(directory: Path, error: OSError) -> str:
+    """Why ImageFolder refused `directory`, in one line: torchvision names a class folder without images by its
+    name alone, after "Found no valid file for the classes"."""
+    empty = sorted(
+        folder.name
+        for folder in (directory.iterdir() if directory.is_dir() else ())
+        if folder.is_dir() and not any(path.suffix.lower() in IMG_EXTENSIONS for path in folder.rglob("*"))
+    )
+    if not empty:
+        return f"no images under {directory}: {str(error).splitlines()[0]}"
+    return (
+        f"no images in the class folder{'s' if len(empty) > 1 else ''} {', '.join(empty[:5])} of {directory} "
+        f"(a class needs at least one {'/'.join(IMG_EXTENSIONS)} file): fill or remove "
+        f"{'them' if len(empty) > 1 else 'it'}"
+    )
+
+
 class SafeImageFolder(Dataset):
     """An ImageFolder whose samples are (unreadable indices, image tensor, label); the image is None for a file
     Pillow cannot decode, unless `substitutes` > 0 lets a readable file drawn at random take its place.
@@ -107,7 +124,7 @@ class SafeImageFolder(Dataset):
         try:
             folder = ImageFolder(str(directory), loader=_load_or_none)
         except (FileNotFoundError, OSError) as error:
-            raise DataError(f"no images under {directory}: {str(error).splitlines()[0]}") from error
+            raise DataError(folder_problem(directory, error)) from error
         self.root = directory
         self.samples = folder.samples
         self.classes = list(folder.classes)
