@@ -262,20 +262,25 @@ class EmbeddedBackend(Backend):
         return infos
 
     async def retire(self, info: ModelInfo) -> None:
+        # Freed once any request still holding the old model is past its deadline: without gateway batching
+        # nothing queues, so a request being decoded at the switch reaches the backend after it.
+        delay = self.settings.request_timeout_s + 1
+        asyncio.get_running_loop().call_later(delay, self._free, info)
+
+    def _free(self, info: ModelInfo) -> None:
         still = self.served.get(info.name)
         if still is None or still[1].version != info.version:
             self.sessions.pop((info.name, info.version), None)
         if still is None and info.name in self.executors:
             self.executors.pop(info.name).shutdown(wait=False)
 
-    def _run(self, key: tuple[str, str], batch: np.ndarray) -> np.ndarray:
-        return self.sessions[key].run([OUTPUT_NAME], {INPUT_NAME: batch})[0]  # type: ignore[attr-defined]
+    def _run(self, session, batch: np.ndarray) -> np.ndarray:
+        return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
 
     async def infer(self, info: ModelInfo, batch: np.ndarray, deadline: float) -> np.ndarray:
+        session = self.sessions[info.name, info.version]  # taken now: the version may be replaced meanwhile
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.executors[info.name], self._run, (info.name, info.version), batch
-        )
+        return await loop.run_in_executor(self.executors[info.name], self._run, session, batch)
 
     async def close(self) -> None:
         for executor in self.executors.values():
