@@ -42,9 +42,8 @@ def pipeline_triton(tmp_path_factory):
     from export.triton_server import TritonServer
 
     repository = write_pipeline_repository(tmp_path_factory.mktemp("triton-repository"))
-    write_pipeline_repository(
-        repository, UNLOADED_MODEL
-    )  # sorts before colors: picked first if not told apart
+    # it sorts before colors: what does not tell loaded from listed picks it first
+    write_pipeline_repository(repository, UNLOADED_MODEL)
     log_path = tmp_path_factory.mktemp("triton-logs") / "triton.log"
     loaded = ["colors", "colors_preprocess", "colors_pipeline"]
     with TritonServer(repository, log_path=log_path, models=loaded) as server:

@@ -24,9 +24,8 @@ from tests.support import free_ports, running_process
 API_KEY = "grpc-test-key"
 
 
-UNLOADED_MODEL = (
-    "blank"  # a family in the `pipeline_triton` fixture's repository that its Triton does not load
-)
+# a family in the `pipeline_triton` fixture's repository that its Triton does not load
+UNLOADED_MODEL = "blank"
 
 
 def write_pipeline_repository(root: Path, name: str = "colors") -> Path:
