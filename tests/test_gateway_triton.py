@@ -169,6 +169,7 @@ def test_a_rollout_on_triton_reaches_the_gateway_without_a_restart_or_a_refusal(
                 wait_until(
                     lambda: models_served(url) == {"colors": "2", "shades": "1"}, 15, what="both served"
                 )
+                wait_until(lambda: answers and answers[-1][1] == "2", 15, what="an answer from version 2")
             assert {status for status, _ in answers} == {200}, answers
             versions = [version for _, version in answers]
             assert versions == sorted(versions) and versions[0] == "1" and versions[-1] == "2", versions
