@@ -238,26 +238,23 @@ class EmbeddedBackend(Backend):
         for config, version, model_dir in await asyncio.to_thread(self._scan):
             stamps = model_file_stamps(model_dir, version)
             before = self.served.get(config.name)
-            if before is not None and before[0] == stamps:
-                infos.append(before[1])
-                served[config.name] = before
-                continue
             try:
-                info = await asyncio.to_thread(self._load, config, version, model_dir)
+                if before and before[0] == stamps:  # unchanged: no new session
+                    entry = before
+                else:
+                    entry = (stamps, await asyncio.to_thread(self._load, config, version, model_dir))
             except (ConfigError, Exception) as error:  # noqa: BLE001 - one broken model must not stop the others
-                if before is not None:
-                    log.error(
-                        "cannot serve %s version %s, version %s goes on serving: %s",
-                        config.name, version, before[1].version, error,
-                    )  # fmt: skip
-                    infos.append(before[1])
-                    served[config.name] = before
+                if before is None:
+                    log.error("cannot serve %s: %s", config.name, error)
+                    failures[config.name] = LoadFailure(version, one_line(error))
                     continue
-                log.error("cannot serve %s: %s", config.name, error)
-                failures[config.name] = LoadFailure(version, one_line(error))
-                continue
-            infos.append(info)
-            served[config.name] = (stamps, info)
+                log.error(
+                    "cannot serve %s version %s, version %s goes on serving: %s",
+                    config.name, version, before[1].version, error,
+                )  # fmt: skip
+                entry = before
+            infos.append(entry[1])
+            served[config.name] = entry
         self.failures, self.served, self._repository_seen = failures, served, seen
         return infos
 
@@ -324,8 +321,8 @@ def triton_problem(error: Exception, settings: Settings) -> str:
     return one_line(error)
 
 
-def _version_number(version: str | None) -> int:
-    return int(version) if version and version.isdigit() else -1
+def _version_number(version: str) -> int:
+    return int(version) if version.isdigit() else -1
 
 
 def one_line(error: Exception) -> str:
@@ -443,14 +440,9 @@ class TritonBackend(Backend):
             entries = index.get("models", [])
         else:
             entries = await self.client.get_model_repository_index()
-        served: dict[str, str] = {}
-        for entry in entries:
-            name, version = entry["name"], str(entry.get("version", ""))
-            if entry.get("state") == "READY" and _version_number(version) >= _version_number(
-                served.get(name)
-            ):
-                served[name] = version
-        return served
+        ready = [(e["name"], str(e.get("version", ""))) for e in entries if e.get("state") == "READY"]
+        # in rising version order, so that each model's highest READY version is the one kept
+        return dict(sorted(ready, key=lambda entry: _version_number(entry[1])))
 
     async def models_changed(self) -> bool:
         return await self._index() != self._served
