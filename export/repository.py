@@ -229,6 +229,32 @@ def served_preprocessing(model_dir: Path) -> tuple[PreprocessSpec, list[str] | N
     return spec, labels if labels and labels != class_index_labels(len(labels)) else None
 
 
+def shared_contract_change(model_dir: Path, spec: PreprocessSpec, labels: list[str]) -> str | None:
+    """What publishing a classifier with `spec` and `labels` into `model_dir` would change that its versions on
+    disk share (config.pbtxt's input, output and preprocessing, and labels.txt), None when nothing.
+
+    Every version of a model is served with the one config and labels file: a new version with other classes or
+    other preprocessing would make the versions kept for rollback answer with the wrong names, or not load.
+    """
+    if not versions(model_dir) or not (model_dir / CONFIG_FILENAME).is_file():
+        return None
+    served_spec, served_labels = served_preprocessing(model_dir)
+    outputs = {tensor.name: tensor for tensor in read_config(model_dir).output}
+    served_classes = int(outputs[OUTPUT_NAME].dims[-1]) if OUTPUT_NAME in outputs else None
+    if served_classes is not None and served_classes != len(labels):
+        return f"{served_classes} classes -> {len(labels)}"
+    if served_labels is not None and served_labels != labels:
+        renamed = [f"{old} -> {new}" for old, new in zip(served_labels, labels, strict=True) if old != new]
+        more = f" and {len(renamed) - 3} more" if len(renamed) > 3 else ""
+        return "class names " + ", ".join(renamed[:3]) + more
+    changed = [
+        f"{key} {old} -> {new}"
+        for (key, old), new in zip(served_spec.to_dict().items(), spec.to_dict().values(), strict=True)
+        if old != new
+    ]
+    return "preprocessing " + ", ".join(changed) if changed else None
+
+
 def versions(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []

@@ -122,7 +122,24 @@ def validate(options: ExportOptions, source: ModelSource) -> list[str]:
         raise ExportError(f"{len(labels)} labels given for a model with {source.num_classes} classes")
     if options.eval_data:
         labelled_images(options.eval_data, labels)  # its folders fit the labels, known before minutes of work
+    for model_dir in (options.repository / name for name in _classifier_names(options)):
+        change = repo.shared_contract_change(model_dir, source.spec, labels)
+        if change:
+            raise ExportError(
+                f"{model_dir} serves {_plural('version', repo.versions(model_dir))} with one config.pbtxt "
+                f"and labels.txt; this model changes them ({change}), which the versions kept for rollback do not "
+                f"fit: publish it under another --name, or move {model_dir} away first"
+            )
     return labels
+
+
+def _plural(noun: str, numbers: list[int]) -> str:
+    return f"{noun}{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}"
+
+
+def _classifier_names(options: ExportOptions) -> list[str]:
+    variants = {"_fp16": options.fp16, "_int8": options.int8, "_trt": options.tensorrt}
+    return [options.name] + [options.name + suffix for suffix, wanted in variants.items() if wanted]
 
 
 def export_to_repository(

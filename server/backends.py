@@ -77,6 +77,17 @@ def model_info(
     return ModelInfo(config.name, version, spec, labels, min(model_max, max_batch_size), dims, num_classes)  # type: ignore[arg-type]
 
 
+def check_onnx_fits(session, info: ModelInfo) -> None:
+    """Refuse a model.onnx whose tensors disagree with its config: a model exported for other classes or another
+    input size, left beside a config rewritten for a newer version, would fail every request instead."""
+    onnx_shape = tuple(session.get_inputs()[0].shape[1:])
+    if onnx_shape != info.input_shape:
+        raise ConfigError(f"model.onnx takes {onnx_shape}, config says {info.input_shape}")
+    width = session.get_outputs()[0].shape[-1]
+    if isinstance(width, int) and width != info.num_classes:
+        raise ConfigError(f"model.onnx gives {width} classes, config and labels say {info.num_classes}")
+
+
 def is_classifier(config: mc.ModelConfig) -> bool:
     role = config.parameters[ROLE_KEY].string_value if ROLE_KEY in config.parameters else Role.CLASSIFIER
     return role == Role.CLASSIFIER
@@ -200,9 +211,7 @@ class EmbeddedBackend(Backend):
             log.warning("%s: GPU execution providers failed (%s); using the CPU", config.name, error)
             session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         info = model_info(config, version, model_dir, self.settings.max_batch_size)
-        onnx_shape = tuple(session.get_inputs()[0].shape[1:])
-        if onnx_shape != info.input_shape:
-            raise ConfigError(f"{config.name}: model.onnx takes {onnx_shape}, config says {info.input_shape}")
+        check_onnx_fits(session, info)
         self.sessions[info.name, version] = session
         if info.name not in self.executors:
             self.executors[info.name] = concurrent.futures.ThreadPoolExecutor(

@@ -22,6 +22,7 @@ from export.repository import (
     ClassifierSpec,
     classifier_config,
     publish_version,
+    read_config,
     write_model,
 )
 from server.spec import INPUT_NAME, OUTPUT_NAME, PreprocessSpec
@@ -72,6 +73,17 @@ def write_broken_model(repository: Path, name: str = "broken") -> None:
     """A classifier whose model.onnx was cut short (a copy that did not finish): ONNX Runtime cannot load it."""
     onnx_file = write_colors_model(repository, name) / "1" / "model.onnx"
     onnx_file.write_bytes(onnx_file.read_bytes()[:200])
+
+
+def write_misfit_model(repository: Path, name: str = "misfit", classes: int = 2, crop: int = 32) -> None:
+    """A classifier whose config.pbtxt and labels.txt say `classes` classes of `crop` pixels while its model.onnx
+    takes 32 and gives 3: what an export of another model under its name left for the versions kept on disk,
+    before export refused it."""
+    model_dir = write_colors_model(repository, name)
+    config = read_config(model_dir)
+    config.output[0].dims[:] = [classes]
+    config.input[0].dims[:] = [3, crop, crop]
+    write_model(model_dir, config, [f"shade {index}" for index in range(classes)])
 
 
 def color_image(color: str, size: tuple[int, int] = (64, 48), fmt: str = "JPEG", mode: str = "RGB") -> bytes:

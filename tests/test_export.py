@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,8 @@ from export.source import from_arch, from_checkpoint, load_state_dict_from_url
 from server.spec import INPUT_NAME, OUTPUT_NAME, PRECISION_KEY, PreprocessSpec
 from tests.support import REPO_ROOT, VENV_BIN, free_port
 from training.errors import ConfigError
+
+CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def write_images(folder: Path, count: int, size: int = 48, seed: int = 0) -> list[Path]:
@@ -99,6 +103,47 @@ def test_reexport_adds_versions_and_prunes(resnet20, tmp_path):
         workflow.export_to_repository(resnet20, options)
     for model in ("r20", "r20_preprocess", "r20_pipeline"):
         assert versions(tmp_path / model) == [2, 3]  # a new number each time, pruned to --keep-versions
+
+
+def test_another_class_set_or_preprocessing_under_a_published_name_is_refused(resnet20, tmp_path):
+    # Every version is served with the model's one config.pbtxt and labels.txt: a 2-class export under a 10-class
+    # name was published, and the versions kept for rollback then failed every request (the gateway) or answered
+    # with 2 names for 10 scores (Triton)
+    options = workflow.ExportOptions(
+        name="r20", repository=tmp_path, labels=CIFAR10_LABELS, measure_latency=False
+    )
+    workflow.export_to_repository(resnet20, options)
+    swapped = [{"cat": "dog", "dog": "cat"}.get(label, label) for label in CIFAR10_LABELS]
+    refusals = [
+        (from_arch("resnet20", "random", num_classes=2), None, "(10 classes -> 2)"),
+        (resnet20, swapped, "(class names cat -> dog, dog -> cat)"),
+        (
+            resnet20,
+            None,
+            "(class names airplane -> class_0, automobile -> class_1, bird -> class_2 and 7 more)",
+        ),
+        (
+            from_arch("resnet18", "random", num_classes=10),
+            CIFAR10_LABELS,
+            "(preprocessing resize_shorter 32 -> 256",
+        ),
+    ]
+    for source, labels, change in refusals:
+        with pytest.raises(
+            ExportError, match=re.escape(f"{tmp_path / 'r20'} serves version 1 with one")
+        ) as error:
+            workflow.validate(replace(options, labels=labels), source)
+        assert change in str(error.value) and str(error.value).endswith(
+            f"or move {tmp_path / 'r20'} away first"
+        )
+    workflow.validate(options, resnet20)  # the same classes and preprocessing: a new version
+    workflow.validate(replace(options, name="r20_two", labels=None), refusals[0][0])  # or a new name
+    unnamed = replace(options, name="unnamed", labels=None)
+    workflow.export_to_repository(resnet20, unnamed)
+    workflow.validate(
+        replace(unnamed, labels=CIFAR10_LABELS), resnet20
+    )  # naming class_N indexes changes nothing
+    assert versions(tmp_path / "r20") == [1]
 
 
 def test_gpu_target_writes_onnxruntime_configs_with_tensorrt_fp16(resnet20, tmp_path):
@@ -186,7 +231,7 @@ def test_eval_data_that_cannot_be_labelled_is_refused_before_any_work(resnet20, 
         int8=True,
         calib_data=tmp_path / "eval" / folders[0],
         eval_data=tmp_path / "eval",
-        labels=["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+        labels=CIFAR10_LABELS,
     )
     with pytest.raises(ExportError, match=message):
         workflow.validate(options, resnet20)

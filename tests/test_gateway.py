@@ -20,7 +20,14 @@ from server.errors import InvalidInput, ModelNotFound
 from server.preprocessing import PILLOW_PIXEL_LIMIT
 from server.registry import ModelRegistry
 from server.settings import Settings
-from tests.gateway_models import LABELS, color_image, png_claiming, write_broken_model, write_colors_model
+from tests.gateway_models import (
+    LABELS,
+    color_image,
+    png_claiming,
+    write_broken_model,
+    write_colors_model,
+    write_misfit_model,
+)
 from tests.support import free_port, metric
 
 JPEG = {"content-type": "image/jpeg"}
@@ -239,6 +246,25 @@ def test_a_model_that_fails_to_load_is_named_so_and_the_others_serve(tmp_path):
         page = client.get("/metrics").text
         assert metric(page, 'resnet_model_unavailable{model="broken"}') == 1
         assert metric(page, 'resnet_model_unavailable{model="colors"}', default=0) == 0
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ({"classes": 2}, "model.onnx gives 3 classes, config and labels say 2"),
+        ({"classes": 3, "crop": 40}, "model.onnx takes (3, 32, 32), config says (3, 40, 40)"),
+    ],
+)
+def test_a_model_file_that_does_not_fit_its_config_fails_to_load_instead_of_every_request(
+    tmp_path, config, reason
+):
+    # An older version served under a config rewritten for 2 classes answered 500 (IndexError) to every request
+    write_colors_model(tmp_path)
+    write_misfit_model(tmp_path, **config)
+    with make_client(tmp_path) as client:
+        assert client.get("/readyz").json()["failed"] == {"misfit": reason}
+        refused = client.post("/v1/models/misfit/classify", content=color_image("red"), headers=JPEG)
+        assert_error(refused, 404, "model_not_found", f"model 'misfit' failed to load: {reason}")
 
 
 def test_a_repository_whose_models_all_fail_is_not_ready_and_says_why(tmp_path):

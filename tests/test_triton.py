@@ -27,6 +27,7 @@ from export.source import from_arch
 from export.triton_server import TritonServer, find_tritonserver
 from server.preprocessing import preprocess_image
 from server.spec import IMAGE_INPUT_NAME, INPUT_NAME, OUTPUT_NAME
+from tests.gateway_models import write_misfit_model
 from tests.support import VENV_BIN, free_ports, http_ok, wait_until
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
@@ -241,6 +242,16 @@ def test_what_tritonserver_would_refuse_late_is_refused_before_it_starts(tmp_pat
     with pytest.raises(TritonError, match=re.escape(message.format(root=tmp_path.resolve()))):
         server.start()
     assert server.process is None
+
+
+def test_a_model_file_that_does_not_fit_its_config_does_not_load(tmp_path):
+    # Triton checks neither a Python-backend model's outputs against its config nor its labels: a version kept on
+    # disk under a config rewritten for 2 classes loaded, and its 3 scores went out under 2 labels
+    write_misfit_model(tmp_path / "repository")
+    server = TritonServer(tmp_path / "repository", models=["misfit"], log_path=tmp_path / "triton.log")
+    with pytest.raises(TritonError, match="misfit: model.onnx gives 3 classes, config says 2"):
+        server.start()
+    server.stop()
 
 
 @pytest.mark.parametrize("port", ["http_port", "grpc_port", "metrics_port"])

@@ -32,7 +32,12 @@ class TritonPythonModel:
         )
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         inputs = {i["name"]: i for i in config["input"]}
-        if INPUT_NAME not in inputs or [o.name for o in self.session.get_outputs()] != [OUTPUT_NAME]:
+        outputs = {o["name"]: o for o in config["output"]}
+        if (
+            INPUT_NAME not in inputs
+            or OUTPUT_NAME not in outputs
+            or [o.name for o in self.session.get_outputs()] != [OUTPUT_NAME]
+        ):
             raise pb_utils.TritonModelException(
                 f"{config['name']}: expected tensors {INPUT_NAME!r} -> {OUTPUT_NAME!r}"
             )
@@ -41,6 +46,14 @@ class TritonPythonModel:
         if onnx_shape != self.sample_shape:
             raise pb_utils.TritonModelException(
                 f"{config['name']}: model.onnx takes {onnx_shape}, config says {self.sample_shape}"
+            )
+        # A version kept for rollback under a config rewritten for other classes must not load: each request
+        # would otherwise get scores that the labels do not name.
+        classes = int(outputs[OUTPUT_NAME]["dims"][-1])
+        width = self.session.get_outputs()[0].shape[-1]
+        if isinstance(width, int) and width != classes:
+            raise pb_utils.TritonModelException(
+                f"{config['name']}: model.onnx gives {width} classes, config says {classes}"
             )
 
     def execute(self, requests):
