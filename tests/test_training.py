@@ -412,6 +412,26 @@ def test_resume_auto_with_no_readable_checkpoint_is_one_error(cifar_like, tmp_pa
         train(small_config(cifar_like, run), resume="auto", progress=False)
 
 
+def test_resume_refuses_flags_it_cannot_apply_instead_of_dropping_them(cifar_like, tmp_path):
+    # --arch, --lr and the like were dropped: `--arch resnet32 --resume auto` trained the folder's ResNet-20 on
+    run = tmp_path / "run"
+    train(small_config(cifar_like, run, iterations=4), progress=False)
+    asked = {"arch": "resnet32", "lr": 0.1, "lr_milestones": [2, 3], "channels_last": True, "iterations": 6}
+    with pytest.raises(CheckpointError) as refused:
+        train(small_config(cifar_like, run), resume="auto", progress=False, resume_overrides=asked)
+    assert str(refused.value).startswith(
+        f"--arch resnet32, --lr-milestones 2,3, --channels-last: not what {run / 'checkpoint-0000004.pt'} was "
+        "trained with (--arch resnet20, --lr-milestones 32000,48000, no --channels-last), and a resumed run keeps "
+        "its settings except --iterations, --checkpoint-every,"
+    ), refused.value
+    assert str(refused.value).endswith(
+        "drop the flag to continue it, or start a new run in another --output-dir"
+    )
+    same = {"arch": "resnet20", "lr": 0.1, "iterations": 6}  # as trained: nothing to refuse
+    resumed = train(small_config(cifar_like, run), resume="auto", progress=False, resume_overrides=same)
+    assert resumed.iteration == 6
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(cifar_like, tmp_path):
     straight = train(small_config(cifar_like, tmp_path / "straight"), progress=False)

@@ -507,6 +507,7 @@ def train(
             print(f"no checkpoint in {config.output_dir} yet; starting from scratch", file=sys.stderr)
         else:
             path, checkpoint = found
+            refuse_changed_settings(path, checkpoint["config"], resume_overrides or {})
             print(f"resuming from {path} (iteration {checkpoint['iteration']})", file=sys.stderr)
             overrides = {
                 k: v for k, v in (resume_overrides or {}).items() if k in RESUME_OVERRIDES and v is not None
@@ -554,6 +555,29 @@ def train(
     finally:
         if info.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def refuse_changed_settings(path: Path, saved: dict, overrides: dict) -> None:
+    """A flag a resumed run cannot change that differs from the checkpoint's config is an error: such flags were
+    dropped without a word, so `--arch resnet32 --resume auto` went on training the folder's ResNet-20."""
+    fixed = {k: v for k, v in overrides.items() if k not in RESUME_OVERRIDES and v is not None}
+    resumed, asked = TrainConfig.from_dict(saved), TrainConfig.from_dict({**saved, **fixed})
+    changed = [k for k in fixed if getattr(asked, k) != getattr(resumed, k)]
+    if changed:
+        given = ", ".join(_as_flag(k, getattr(asked, k)) for k in changed)
+        kept = ", ".join(_as_flag(k, getattr(resumed, k)) for k in changed)
+        can_change = ", ".join("--" + k.replace("_", "-") for k in RESUME_OVERRIDES if k != "tensorboard")
+        raise CheckpointError(
+            f"{given}: not what {path} was trained with ({kept}), and a resumed run keeps its settings except "
+            f"{can_change}; drop the flag to continue it, or start a new run in another --output-dir"
+        )
+
+
+def _as_flag(name: str, value) -> str:
+    flag = {"scale_lr": "--no-lr-scaling"}.get(name, "--" + name.replace("_", "-"))
+    if isinstance(value, bool):
+        return flag if value != (name == "scale_lr") else f"no {flag}"
+    return f"{flag} {','.join(map(str, value)) if isinstance(value, list | tuple) else value}"
 
 
 def int_list(text: str) -> list[int]:
