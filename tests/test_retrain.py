@@ -124,3 +124,26 @@ def test_checkpoint_every_zero_is_refused_not_read_as_the_default(parent, tmp_pa
         err[-1] == "resnet: error: --checkpoint-every must be at least 1, got 0"
         and not (tmp_path / "out").exists()
     )
+
+
+def test_resume_takes_the_flags_given_and_refuses_what_it_cannot_change(parent, tmp_path, capsys):
+    # Every flag was dropped on --resume, so `--iterations 5` did not extend a finished 3-iteration retrain; and a
+    # default --iterations 500 must not be taken for one given
+    data = make_image_tree(tmp_path / "new", {"train": 6}, classes=("dog", "frog"), seed=9)
+    out = tmp_path / "out"
+    flags = ("--batch-size", "64", "--workers", "0", "--no-progress")
+    assert retrain_cli(parent, data, out, "--iterations", "3", *flags) == 0
+    assert (
+        load_checkpoint(out / "checkpoint-0000003.pt")["config"]["batch_size"] == 12
+    )  # clamped to the folder
+    capsys.readouterr()
+    assert retrain_cli(parent, data, out, "--iterations", "5", "--resume", "auto", *flags) == 0
+    assert "resuming from" in capsys.readouterr().err and (out / "checkpoint-0000005.pt").is_file()
+    assert retrain_cli(parent, data, out, "--lr", "0.05", "--resume", "auto", *flags) == 1
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .startswith(
+            f"resnet: error: --lr 0.05: not what {out / 'checkpoint-0000005.pt'} was trained with (--lr 0.01)"
+        )
+    )

@@ -25,6 +25,21 @@ from training.recipes import TrainConfig
 from training.train import SIGTERM_EXIT, int_list, train
 from training.utils import atomic_write_text, load_checkpoint, sha256_file
 
+# The flags' defaults, applied here rather than by argparse: on --resume only the flags given count (a default
+# --iterations 500 would otherwise cut a resumed 1000-iteration retrain short).
+DEFAULTS = {
+    "iterations": 500,
+    "lr": 0.01,
+    "batch_size": 64,
+    "eval_every": 0,
+    "keep_last": 2,
+    "workers": 2,
+    "seed": 0,
+    "device": "auto",
+}
+# What the command line may say about the run, by TrainConfig field; the rest comes from the parent.
+RUN_FLAGS = (*DEFAULTS, "lr_milestones", "checkpoint_every")
+
 
 def _fine_tune_config(parent: dict, args: argparse.Namespace, classes: list[str], loader: str) -> TrainConfig:
     config = TrainConfig.from_dict(parent.get("config", {}))
@@ -66,6 +81,8 @@ def _head_initializer(parent_state: dict, new_head: bool):
 
 
 def retrain(args: argparse.Namespace):
+    given = {name: getattr(args, name) for name in RUN_FLAGS if getattr(args, name) is not None}
+    args = argparse.Namespace(**{**vars(args), **DEFAULTS, **given})
     parent_path = Path(args.checkpoint)
     parent = load_checkpoint(parent_path)
     parent_classes = list(parent.get("classes") or [])
@@ -93,6 +110,8 @@ def retrain(args: argparse.Namespace):
                 file=sys.stderr,
             )
             config.batch_size = config.reference_batch_size = images
+            if "batch_size" in given:  # the same command again, to resume: the same batch
+                given["batch_size"] = images
     provenance = {
         "parent": str(parent_path.resolve()),
         "parent_sha256": sha256_file(parent_path),
@@ -110,7 +129,7 @@ def retrain(args: argparse.Namespace):
         provenance=provenance,
         init_model=init,
         classes=classes,
-        resume_overrides={"output_dir": config.output_dir, "data": config.data},
+        resume_overrides={"output_dir": config.output_dir, "data": config.data, **given},
     ), config
 
 
@@ -144,27 +163,35 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the data has a different class set: replace the classification head",
     )
-    parser.add_argument("--iterations", type=int, default=500, help="fine-tune steps")
-    parser.add_argument("--lr", type=float, default=0.01, help="initial learning rate")
+    parser.add_argument("--iterations", type=int, help="fine-tune steps (default: 500)")
+    parser.add_argument("--lr", type=float, help="initial learning rate (default: 0.01)")
     parser.add_argument(
         "--lr-milestones",
         type=int_list,
         help="iterations where lr ÷10 (default: 50%% and 75%% of --iterations)",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    parser.add_argument("--batch-size", type=int, help="global batch size (default: 64)")
     parser.add_argument(
-        "--eval-every", type=int, default=0, help="iterations between evaluations (0 = each epoch)"
+        "--eval-every", type=int, help="iterations between evaluations (default: 0 = each epoch)"
     )
     parser.add_argument(
         "--checkpoint-every", type=int, help="iterations between checkpoints (default: 1/5 of the run)"
     )
-    parser.add_argument("--keep-last", type=int, default=2, help="checkpoints kept besides best.pt (0: all)")
-    parser.add_argument("--workers", type=int, default=2, help="data loading processes")
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed for the new head, data order and augmentation"
+        "--keep-last", type=int, help="checkpoints kept besides best.pt (0: all) (default: 2)"
     )
-    parser.add_argument("--device", default=env("RESNET_DEVICE", "auto"), help="auto, cpu or cuda")
-    parser.add_argument("--resume", help="continue an interrupted retrain: a checkpoint or 'auto'")
+    parser.add_argument("--workers", type=int, help="data loading processes (default: 2)")
+    parser.add_argument(
+        "--seed", type=int, help="seed for the new head, data order and augmentation (default: 0)"
+    )
+    parser.add_argument(
+        "--device", default=env("RESNET_DEVICE"), help="auto, cpu or cuda (env RESNET_DEVICE; default: auto)"
+    )
+    parser.add_argument(
+        "--resume",
+        help="continue an interrupted retrain: a checkpoint or 'auto'; of the flags above only --iterations, "
+        "--checkpoint-every, --eval-every, --keep-last, --workers and --device may change",
+    )
     parser.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar"
     )
