@@ -569,7 +569,8 @@ def refuse_changed_settings(path: Path, saved: dict, overrides: dict) -> None:
         can_change = ", ".join("--" + k.replace("_", "-") for k in RESUME_OVERRIDES if k != "tensorboard")
         raise CheckpointError(
             f"{given}: not what {path} was trained with ({kept}), and a resumed run keeps its settings except "
-            f"{can_change}; drop the flag to continue it, or start a new run in another --output-dir"
+            f"{can_change}; continue without {'it' if len(changed) == 1 else 'them'}, or start a new run in another "
+            "--output-dir"
         )
 
 
