@@ -38,12 +38,13 @@ from export.quantize import (
 )
 from export.source import ModelSource
 from export.tensorrt import build_plan, tensorrt_available
+from server.spec import PIPELINE_SUFFIX, PREPROCESS_SUFFIX
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # The folders an export makes beside each model. A model named like one would overwrite another model's (`--name
 # resnet20_pipeline` replaced resnet20's ensemble with a classifier), and clients read `<name>_pipeline` as "the
 # model that takes encoded images".
-GENERATED_SUFFIXES = ("_preprocess", "_pipeline")
+GENERATED_SUFFIXES = (PREPROCESS_SUFFIX, PIPELINE_SUFFIX)
 
 
 @dataclass
@@ -334,7 +335,7 @@ def _publish(
         repo.prune_versions(model_dir, options.keep_versions)
     if not options.pipeline:
         return
-    preprocess_name = f"{options.name}_preprocess"
+    preprocess_name = options.name + PREPROCESS_SUFFIX
     preprocess_dir = root / preprocess_name
     repo.publish_version(preprocess_dir, {"model.py": repo.PREPROCESS_MODEL_PY})
     repo.write_model(
@@ -342,7 +343,7 @@ def _publish(
     )
     repo.prune_versions(preprocess_dir, options.keep_versions)
     for artifact in artifacts:
-        pipeline_dir = root / f"{artifact.model}_pipeline"
+        pipeline_dir = root / (artifact.model + PIPELINE_SUFFIX)
         # An ensemble's version folder holds nothing but must exist; git keeps no empty folder, so it gets an empty
         # .gitkeep (Triton ignores it), and a repository committed to git still loads.
         repo.publish_version(pipeline_dir, {".gitkeep": b""})

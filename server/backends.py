@@ -22,10 +22,21 @@ from cli.tls import client_context, handshake_hint
 from server.certificates import WatchedFiles
 from server.errors import GRPC_AT_HTTP_PORT, BackendUnavailable, DeadlineExceeded, InvalidInput, Overloaded
 from server.settings import Settings
-from server.spec import INPUT_NAME, LABELS_FILENAME, OUTPUT_NAME, ROLE_KEY, PreprocessSpec, Role, SpecError
+from server.spec import (
+    INPUT_NAME,
+    LABELS_FILENAME,
+    OUTPUT_NAME,
+    PIPELINE_SUFFIX,
+    PREPROCESS_SUFFIX,
+    ROLE_KEY,
+    PreprocessSpec,
+    Role,
+    SpecError,
+)
 
 log = logging.getLogger("resnet.server")
 CONFIG_FILENAME = "config.pbtxt"
+UNLOADED = "unloaded"  # Triton's reason for a model unloaded on request: not a failure
 ONNX_FILENAME = "model.onnx"
 # Execution providers in order of preference; the first ones ONNX Runtime offers here are used.
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -99,6 +110,17 @@ class LoadFailure:
 
     version: str
     reason: str
+
+
+@dataclass(frozen=True)
+class TritonIndex:
+    """Triton's repository index, as the gateway reads it."""
+
+    # each model with a READY version, and the highest one: what Triton runs for a request that names no version
+    # (during a reload, or under a policy that serves several, more than one is READY)
+    ready: dict[str, str]
+    # each model whose highest version that Triton tried to load is UNAVAILABLE, and Triton's reason
+    failed: dict[str, LoadFailure]
 
 
 class Backend(abc.ABC):
@@ -335,8 +357,11 @@ def _version_number(version: str) -> int:
 
 
 def one_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return first_line(str(error)) or type(error).__name__
+
+
+def first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 def grpc_tls(settings: Settings) -> dict:
@@ -369,7 +394,7 @@ class TritonBackend(Backend):
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.settings = settings
-        self._served: dict[str, str] = {}  # the index the last start() served: model -> version
+        self._served = TritonIndex({}, {})  # the index the last start() served
         self.protocol = settings.triton_protocol
         if self.protocol == "grpc":
             import tritonclient.grpc.aio as client_module
@@ -441,25 +466,54 @@ class TritonBackend(Backend):
         as_dict = await self.client.get_model_config(name)
         return json_format.ParseDict(as_dict, mc.ModelConfig(), ignore_unknown_fields=True)
 
-    async def _index(self) -> dict[str, str]:
-        """Each model with a READY version, and the highest one: what Triton runs for a request that names no
-        version (during a reload, or under a policy that serves several, more than one is READY)."""
+    async def _index(self) -> TritonIndex:
         if self.protocol == "grpc":
             index = await self.client.get_model_repository_index(as_json=True)
             entries = index.get("models", [])
         else:
             entries = await self.client.get_model_repository_index()
-        ready = [(e["name"], str(e.get("version", ""))) for e in entries if e.get("state") == "READY"]
-        # in rising version order, so that each model's highest READY version is the one kept
-        return dict(sorted(ready, key=lambda entry: _version_number(entry[1])))
+        # in rising version order, so that each model's highest version is the one kept
+        entries = sorted(entries, key=lambda entry: _version_number(str(entry.get("version", ""))))
+        ready = {e["name"]: str(e.get("version", "")) for e in entries if e.get("state") == "READY"}
+        failed = {
+            e["name"]: LoadFailure(str(e.get("version", "")), first_line(e["reason"]))
+            for e in entries
+            if e.get("state") == "UNAVAILABLE" and e.get("reason", UNLOADED) != UNLOADED
+        }
+        return TritonIndex(ready, failed)
 
     async def models_changed(self) -> bool:
         return await self._index() != self._served
 
+    def _failures(self, index: TritonIndex) -> dict[str, LoadFailure]:
+        """The classifiers Triton could not load and serves no version of; a failed newer version of one it serves
+        is logged (Triton keeps the old one serving)."""
+        failures = {}
+        for name, failure in index.failed.items():
+            served = index.ready.get(name)
+            if served is None and self._may_be_classifier(name):
+                log.error("Triton cannot load %s version %s: %s", name, failure.version, failure.reason)
+                failures[name] = failure
+            elif served is not None and _version_number(failure.version) > _version_number(served):
+                log.error(
+                    "Triton cannot load %s version %s, version %s goes on serving: %s",
+                    name, failure.version, served, failure.reason,
+                )  # fmt: skip
+        return failures
+
+    def _may_be_classifier(self, name: str) -> bool:
+        # Triton gives no config of a model that did not load: the shared repository's says, else the name
+        config_file = self.settings.repository / name / CONFIG_FILENAME
+        try:
+            return is_classifier(text_format.Parse(config_file.read_text(), mc.ModelConfig()))
+        except (OSError, text_format.ParseError):
+            return not name.endswith((PIPELINE_SUFFIX, PREPROCESS_SUFFIX))
+
     async def start(self) -> list[ModelInfo]:
-        infos, failures = [], {}
+        infos = []
         index = await self._index()
-        for name, version in index.items():
+        failures = self._failures(index)
+        for name, version in index.ready.items():
             config = await self._config(name)
             if not is_classifier(config):
                 continue

@@ -31,9 +31,9 @@ from cli.errors import ResnetError
 from cli.help import HelpFormatter
 from cli.tls import add_client_arguments, client_context, handshake_hint, load_key_pair, tls_hint
 from server.errors import GRPC_AT_HTTP_PORT
+from server.spec import PIPELINE_SUFFIX
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
-PIPELINE_SUFFIX = "_pipeline"
 IMAGE_INPUT = "image"
 LOGITS_OUTPUT = "logits"
 MAX_GATEWAY_FILES = 64  # the gateway's multipart limit per request

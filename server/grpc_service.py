@@ -37,14 +37,13 @@ from server.logs import CURRENT_REQUEST_ID, REQUEST_ID_HEADER, log_access, reque
 from server.metrics import Metrics
 from server.registry import ModelRegistry, ServedModel
 from server.settings import Settings
-from server.spec import IMAGE_INPUT_NAME, INPUT_NAME, OUTPUT_NAME, ROLE_KEY, Role
+from server.spec import IMAGE_INPUT_NAME, INPUT_NAME, OUTPUT_NAME, PIPELINE_SUFFIX, ROLE_KEY, Role
 from server.statistics import BatchStatistics, Duration, ModelStatistics
 
 log = logging.getLogger("resnet.server")
 SERVICE_NAME = "inference.GRPCInferenceService"
 SERVER_NAME = "resnet-gateway"  # Triton answers "triton": `resnet client` tells them apart by this
 EXTENSIONS = ["classification", "model_configuration", "statistics"]  # as Triton names them in ServerMetadata
-PIPELINE_SUFFIX = "_pipeline"
 CLASSIFICATION_PARAMETER = "classification"
 HEALTH_POLL_S = 0.5
 # Probes answer without an API key, like /healthz and /readyz over HTTP.

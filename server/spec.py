@@ -15,6 +15,10 @@ INPUT_NAME = "input"  # FP32 [batch, 3, crop, crop], normalized, NCHW
 OUTPUT_NAME = "logits"  # FP32 [batch, num_classes]
 IMAGE_INPUT_NAME = "image"  # TYPE_STRING [batch, 1]: encoded image bytes (pipeline and preprocess models)
 LABELS_FILENAME = "labels.txt"  # one label per line, in class-index order
+# The models export makes beside each classifier <name>: <name>_preprocess, and an ensemble <variant>_pipeline that
+# takes encoded images (what clients of Triton's protocol call)
+PREPROCESS_SUFFIX = "_preprocess"
+PIPELINE_SUFFIX = "_pipeline"
 
 # `parameters` keys in config.pbtxt.
 ROLE_KEY = "resnet.role"

@@ -12,7 +12,7 @@ import pytest
 
 from cli.main import main as resnet
 from server.registry import HEALTH_INTERVAL_S
-from tests.gateway_models import LABELS, color_image, write_colors_model
+from tests.gateway_models import LABELS, color_image, write_colors_model, write_misfit_model
 from tests.grpc_support import gateway_process
 from tests.support import free_ports, metric, models_served, requests_meanwhile, running_gateway, wait_until
 
@@ -184,3 +184,39 @@ def test_a_rollout_on_triton_reaches_the_gateway_without_a_restart_or_a_refusal(
             wait_until(lambda: models_served(url) == {"colors": "2"}, 15, what="shades gone")
             gone = httpx.post(f"{url}/v1/models/shades/classify", content=color_image("blue"), headers=JPEG)
             assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+
+
+def test_models_triton_cannot_load_are_named_with_its_reason(triton_server, tmp_path):
+    # The gateway read only READY entries of Triton's index: a client asking for a model that failed to load was
+    # told "not found", /readyz said nothing, and a failed new version of a served model went unremarked
+    repository = tmp_path / "repository"
+    write_colors_model(repository)
+    write_misfit_model(repository)
+    with triton_server(repository, log_path=tmp_path / "triton.log", models=["colors"]) as triton:
+        log_path = tmp_path / "gateway.log"
+        with gateway(tmp_path, triton.grpc_url) as url:
+            assert (
+                httpx.post(f"{triton.http_url}/v2/repository/models/misfit/load", timeout=60).status_code
+                == 400
+            )
+            reason = "Internal: TritonModelException: misfit: model.onnx gives 3 classes, config says 2"
+            wait_until(
+                lambda: httpx.get(f"{url}/readyz").json()["failed"] == {"misfit": reason}, 15, what="failed"
+            )
+            refused = httpx.post(f"{url}/v1/models/misfit/classify", content=color_image("red"), headers=JPEG)
+            assert refused.status_code == 404
+            assert (
+                refused.json()["error"]["message"]
+                == f"model 'misfit' failed to load: {reason}; available: colors"
+            )
+            assert metric(httpx.get(f"{url}/metrics").text, 'resnet_model_unavailable{model="misfit"}') == 1
+            broken = write_colors_model(repository) / "2" / "model.onnx"  # a new version, cut short
+            broken.write_bytes(broken.read_bytes()[:200])
+            assert (
+                httpx.post(f"{triton.http_url}/v2/repository/models/colors/load", timeout=60).status_code
+                == 400
+            )
+            warning = "Triton cannot load colors version 2, version 1 goes on serving: "
+            wait_until(lambda: warning in log_path.read_text(), 15, what="the failed version logged")
+            assert classify(url, "red").json()["version"] == "1"
+            assert httpx.get(f"{url}/readyz").json()["failed"] == {"misfit": reason}

@@ -424,9 +424,7 @@ def test_resume_refuses_flags_it_cannot_apply_instead_of_dropping_them(cifar_lik
         "trained with (--arch resnet20, --lr-milestones 32000,48000, no --channels-last), and a resumed run keeps "
         "its settings except --iterations, --checkpoint-every,"
     ), refused.value
-    assert str(refused.value).endswith(
-        "continue without them, or start a new run in another --output-dir"
-    )
+    assert str(refused.value).endswith("continue without them, or start a new run in another --output-dir")
     same = {"arch": "resnet20", "lr": 0.1, "iterations": 6}  # as trained: nothing to refuse
     resumed = train(small_config(cifar_like, run), resume="auto", progress=False, resume_overrides=same)
     assert resumed.iteration == 6
