@@ -21,6 +21,7 @@ from torchvision import transforms as v1
 
 from cli.main import main as cli_main
 from server.spec import PreprocessSpec
+from tests.gateway_models import write_misfit_model
 from tests.support import REPO_ROOT, VENV_BIN, wait_until
 from training import recipes
 from training.data import load_split
@@ -626,6 +627,14 @@ def test_evaluate_a_published_onnx_with_its_repositorys_preprocessing_and_labels
     assert (
         f"resnet: error: {loose} takes 32x32 images, the preprocessing makes 224x224: give the --checkpoint"
         in err
+    )
+    misfit = tmp_path / "repository" / "misfit"
+    write_misfit_model(misfit.parent, classes=2)  # its labels.txt names 2 classes, its model.onnx scores 3
+    argv = ["evaluate", "--onnx", str(misfit / "1" / "model.onnx"), "--data", str(data), "--workers", "0"]
+    assert cli_main(argv) == 1
+    assert (
+        f"{misfit / '1' / 'model.onnx'} gives 3 class scores, its class names are 2: "
+        in capsys.readouterr().err
     )
 
 

@@ -163,6 +163,13 @@ def evaluate_onnx(
             f"{onnx_path} takes {size[0]}x{size[1]} images, the preprocessing makes {spec.crop}x{spec.crop}: "
             "give the --checkpoint it was exported from, or the model.onnx in its model repository"
         )
+    width = session.get_outputs()[0].shape[-1]
+    if classes and isinstance(width, int) and width != len(classes):
+        # scored against the wrong class indexes, every number would be wrong without a word
+        raise CheckpointError(
+            f"{onnx_path} gives {width} class scores, its class names are {len(classes)}: give the --checkpoint "
+            "it was exported from, or a model.onnx of the repository version its labels.txt describes"
+        )
     input_name = model_input.name
     kind, loader = choose_loader(data, dataset)
     split = load_split(
