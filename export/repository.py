@@ -238,8 +238,11 @@ def shared_contract_change(model_dir: Path, spec: PreprocessSpec, labels: list[s
     """
     if not versions(model_dir) or not (model_dir / CONFIG_FILENAME).is_file():
         return None
-    served_spec, served_labels = served_preprocessing(model_dir)
-    outputs = {tensor.name: tensor for tensor in read_config(model_dir).output}
+    try:
+        served_spec, served_labels = served_preprocessing(model_dir)
+        outputs = {tensor.name: tensor for tensor in read_config(model_dir).output}
+    except RepositoryError:  # a config no server can read: re-exporting is how it gets repaired
+        return None
     served_classes = int(outputs[OUTPUT_NAME].dims[-1]) if OUTPUT_NAME in outputs else None
     if served_classes is not None and served_classes != len(labels):
         return f"{served_classes} classes -> {len(labels)}"

@@ -140,9 +140,10 @@ def test_another_class_set_or_preprocessing_under_a_published_name_is_refused(re
     workflow.validate(replace(options, name="r20_two", labels=None), refusals[0][0])  # or a new name
     unnamed = replace(options, name="unnamed", labels=None)
     workflow.export_to_repository(resnet20, unnamed)
-    workflow.validate(
-        replace(unnamed, labels=CIFAR10_LABELS), resnet20
-    )  # naming class_N indexes changes nothing
+    # naming class_N indexes changes nothing
+    workflow.validate(replace(unnamed, labels=CIFAR10_LABELS), resnet20)
+    (tmp_path / "unnamed" / "config.pbtxt").write_text("input {")  # cut short: a re-export repairs it
+    workflow.validate(replace(unnamed, labels=["a", "b"]), refusals[0][0])
     assert versions(tmp_path / "r20") == [1]
 
 

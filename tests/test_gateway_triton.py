@@ -49,6 +49,11 @@ def classify(url: str, color: str) -> httpx.Response:
     )
 
 
+def load_on_triton(triton, model: str) -> httpx.Response:
+    """Triton's model control API: load (or reload) `model`."""
+    return httpx.post(f"{triton.http_url}/v2/repository/models/{model}/load", timeout=60)
+
+
 def kserve_classify(url: str, color: str) -> httpx.Response:
     """The same photo through the gateway's KServe v2 HTTP API (`/v2`, binary tensor data, as tritonclient sends)."""
     import numpy as np
@@ -164,8 +169,7 @@ def test_a_rollout_on_triton_reaches_the_gateway_without_a_restart_or_a_refusal(
             write_colors_model(repository)  # version 2, published atomically as `resnet export` does
             with requests_meanwhile(lambda: classify(url, "red")) as answers:
                 for model in ("colors", "shades"):
-                    load = httpx.post(f"{triton.http_url}/v2/repository/models/{model}/load", timeout=60)
-                    load.raise_for_status()
+                    load_on_triton(triton, model).raise_for_status()
                 wait_until(
                     lambda: models_served(url) == {"colors": "2", "shades": "1"}, 15, what="both served"
                 )
@@ -195,27 +199,19 @@ def test_models_triton_cannot_load_are_named_with_its_reason(triton_server, tmp_
     with triton_server(repository, log_path=tmp_path / "triton.log", models=["colors"]) as triton:
         log_path = tmp_path / "gateway.log"
         with gateway(tmp_path, triton.grpc_url) as url:
-            assert (
-                httpx.post(f"{triton.http_url}/v2/repository/models/misfit/load", timeout=60).status_code
-                == 400
-            )
+            assert load_on_triton(triton, "misfit").status_code == 400
             reason = "Internal: TritonModelException: misfit: model.onnx gives 3 classes, config says 2"
             wait_until(
                 lambda: httpx.get(f"{url}/readyz").json()["failed"] == {"misfit": reason}, 15, what="failed"
             )
             refused = httpx.post(f"{url}/v1/models/misfit/classify", content=color_image("red"), headers=JPEG)
+            message = refused.json()["error"]["message"]
             assert refused.status_code == 404
-            assert (
-                refused.json()["error"]["message"]
-                == f"model 'misfit' failed to load: {reason}; available: colors"
-            )
+            assert message == f"model 'misfit' failed to load: {reason}; available: colors"
             assert metric(httpx.get(f"{url}/metrics").text, 'resnet_model_unavailable{model="misfit"}') == 1
             broken = write_colors_model(repository) / "2" / "model.onnx"  # a new version, cut short
             broken.write_bytes(broken.read_bytes()[:200])
-            assert (
-                httpx.post(f"{triton.http_url}/v2/repository/models/colors/load", timeout=60).status_code
-                == 400
-            )
+            assert load_on_triton(triton, "colors").status_code == 400
             warning = "Triton cannot load colors version 2, version 1 goes on serving: "
             wait_until(lambda: warning in log_path.read_text(), 15, what="the failed version logged")
             assert classify(url, "red").json()["version"] == "1"

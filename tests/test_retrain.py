@@ -133,17 +133,13 @@ def test_resume_takes_the_flags_given_and_refuses_what_it_cannot_change(parent, 
     out = tmp_path / "out"
     flags = ("--batch-size", "64", "--workers", "0", "--no-progress")
     assert retrain_cli(parent, data, out, "--iterations", "3", *flags) == 0
-    assert (
-        load_checkpoint(out / "checkpoint-0000003.pt")["config"]["batch_size"] == 12
-    )  # clamped to the folder
+    first = load_checkpoint(out / "checkpoint-0000003.pt")
+    assert first["config"]["batch_size"] == 12  # clamped to the folder
     capsys.readouterr()
     assert retrain_cli(parent, data, out, "--iterations", "5", "--resume", "auto", *flags) == 0
     assert "resuming from" in capsys.readouterr().err and (out / "checkpoint-0000005.pt").is_file()
     assert retrain_cli(parent, data, out, "--lr", "0.05", "--resume", "auto", *flags) == 1
-    assert (
-        capsys.readouterr()
-        .err.splitlines()[-1]
-        .startswith(
-            f"resnet: error: --lr 0.05: not what {out / 'checkpoint-0000005.pt'} was trained with (--lr 0.01)"
-        )
+    refusal = capsys.readouterr().err.splitlines()[-1]
+    assert refusal.startswith(
+        f"resnet: error: --lr 0.05: not what {out / 'checkpoint-0000005.pt'} was trained with (--lr 0.01)"
     )
