@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server.spec import PIPELINE_SUFFIX
+
 # Nothing from the `cli` package: Locust puts loadtest/ first on sys.path while it imports the locustfile, and
 # there loadtest/cli.py is `cli`.
 GRPC_TLS_SCHEME = "grpcs://"  # a gRPC target written with it is dialled over TLS
 
 API_KEY_HEADER = "X-API-Key"
-PIPELINE_SUFFIX = "_pipeline"  # Triton's protocol: the name of a classifier that takes encoded images
 DEFAULT_GRPC_PORT = 8081
 
 
