@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.gateway_models import write_colors_model, write_misfit_model
 from tests.support import REPO_ROOT, VENV_BIN, free_ports, running_process
 
 yaml = pytest.importorskip("yaml")
@@ -486,6 +488,28 @@ def test_tritonserver_options_exist():
 def test_triton_loads_every_model_in_explicit_mode():
     for where, argv in triton_commands():
         assert "--model-control-mode=explicit" in argv and "--load-model=*" in argv, where
+
+
+def test_the_deployed_triton_serves_the_others_when_a_model_fails_to_load(tmp_path):
+    # With Triton's defaults (--exit-on-error=true, strict readiness) one model that failed to load stopped the
+    # stack: tritonserver exited ("failed to load all models"), restarted into the same failure, and the gateway,
+    # which waits for Triton's health check, never started
+    pytest.importorskip("pytriton", reason="nvidia-pytriton (which ships tritonserver) is not installed")
+    from export.triton_server import TritonServer, find_tritonserver, triton_environment
+
+    repository = tmp_path / "models"
+    write_colors_model(repository)
+    write_misfit_model(repository)
+    install = find_tritonserver()
+    for where, argv in triton_commands():
+        http, grpc, metrics = free_ports(3)
+        server = TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics)
+        deployed = [arg for arg in argv[1:] if not arg.startswith("--model-repository=")]
+        health = f"{server.http_url}/v2/health/ready"  # what the image's HEALTHCHECK asks
+        with running_process(server.command(install) + deployed, health, env=triton_environment(install)):
+            index = httpx.post(f"{server.http_url}/v2/repository/index", timeout=10).json()
+        states = {entry["name"]: entry["state"] for entry in index}
+        assert states == {"colors": "READY", "misfit": "UNAVAILABLE"}, where
 
 
 @cache
