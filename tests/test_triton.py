@@ -249,9 +249,11 @@ def test_a_model_file_that_does_not_fit_its_config_does_not_load(tmp_path):
     # disk under a config rewritten for 2 classes loaded, and its 3 scores went out under 2 labels
     write_misfit_model(tmp_path / "repository")
     server = TritonServer(tmp_path / "repository", models=["misfit"], log_path=tmp_path / "triton.log")
-    with pytest.raises(TritonError, match="misfit: model.onnx gives 3 classes, config says 2"):
-        server.start()
-    server.stop()
+    try:
+        with pytest.raises(TritonError, match="misfit: model.onnx gives 3 classes, config says 2"):
+            server.start()
+    finally:
+        server.stop()  # a server that did start (the test failing) must not outlive it
 
 
 @pytest.mark.parametrize("port", ["http_port", "grpc_port", "metrics_port"])
