@@ -99,6 +99,14 @@ def check_onnx_fits(session, info: ModelInfo) -> None:
         raise ConfigError(f"model.onnx gives {width} classes, config and labels say {info.num_classes}")
 
 
+# what reading a model's config.pbtxt may raise: missing or unreadable, or not a ModelConfig
+CONFIG_ERRORS = (OSError, text_format.ParseError)
+
+
+def read_model_config(model_dir: Path) -> mc.ModelConfig:
+    return text_format.Parse((model_dir / CONFIG_FILENAME).read_text(), mc.ModelConfig())
+
+
 def is_classifier(config: mc.ModelConfig) -> bool:
     role = config.parameters[ROLE_KEY].string_value if ROLE_KEY in config.parameters else Role.CLASSIFIER
     return role == Role.CLASSIFIER
@@ -193,8 +201,8 @@ class EmbeddedBackend(Backend):
         found = []
         for model_dir in sorted(p for p in repository.iterdir() if (p / CONFIG_FILENAME).is_file()):
             try:
-                config = text_format.Parse((model_dir / CONFIG_FILENAME).read_text(), mc.ModelConfig())
-            except (OSError, text_format.ParseError) as error:
+                config = read_model_config(model_dir)
+            except CONFIG_ERRORS as error:
                 log.warning("skipping %s: %s", model_dir, error)
                 continue
             if not is_classifier(config):
@@ -503,10 +511,9 @@ class TritonBackend(Backend):
 
     def _may_be_classifier(self, name: str) -> bool:
         # Triton gives no config of a model that did not load: the shared repository's says, else the name
-        config_file = self.settings.repository / name / CONFIG_FILENAME
         try:
-            return is_classifier(text_format.Parse(config_file.read_text(), mc.ModelConfig()))
-        except (OSError, text_format.ParseError):
+            return is_classifier(read_model_config(self.settings.repository / name))
+        except CONFIG_ERRORS:
             return not name.endswith((PIPELINE_SUFFIX, PREPROCESS_SUFFIX))
 
     async def start(self) -> list[ModelInfo]:
