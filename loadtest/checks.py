@@ -85,13 +85,21 @@ def gateway_models(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles())
     return names
 
 
-def kserve_models(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles()) -> list[str]:
-    """The classifiers a KServe v2 server (the gateway's /v2, or Triton) serves with a `_pipeline` ready; at least
-    one."""
+@dataclass(frozen=True)
+class IndexEntry:
+    """One model of a KServe v2 repository index: its name, state (READY, UNAVAILABLE, ...) and why not ready."""
+
+    name: str
+    state: str
+    reason: str = ""
+
+
+def kserve_index(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles()) -> list[IndexEntry]:
+    """Every model a KServe v2 server (the gateway's /v2, or Triton) lists over HTTP, also those not ready: Triton
+    lists each model of its repository, loaded or not, and both name a failed load's error."""
     request = urllib.request.Request(
         base_url.rstrip("/") + "/v2/repository/index",
-        # Only the READY ones: Triton lists every model of its repository, also those it has not loaded.
-        data=b'{"ready": true}',
+        data=b"{}",
         headers=auth_headers(api_key),
         method="POST",
     )
@@ -99,20 +107,43 @@ def kserve_models(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles()) 
         index = json.load(response)
     if not isinstance(index, list):
         raise ValueError(f"not a KServe repository index: {json.dumps(index)[:80]}")
-    return pipeline_models([entry.get("name", "") for entry in index if isinstance(entry, dict)], base_url)
+    entries = [entry for entry in index if isinstance(entry, dict)]
+    return [
+        IndexEntry(str(e.get("name", "")), str(e.get("state", "")), str(e.get("reason", ""))) for e in entries
+    ]
+
+
+def grpc_index(
+    target: str, api_key: str = "", tls: TlsFiles = TlsFiles(), timeout_s: float = 10
+) -> list[IndexEntry]:
+    """The same index from a KServe v2 gRPC server (the gateway's, or Triton's)."""
+    headers = {API_KEY_HEADER.lower(): api_key} if api_key else None  # gRPC metadata keys are lower case
+    with grpc_client(target, tls) as client:
+        index = client.get_model_repository_index(headers=headers, client_timeout=timeout_s)
+    return [IndexEntry(model.name, model.state, model.reason) for model in index.models]
+
+
+def kserve_models(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles()) -> list[str]:
+    """The classifiers a KServe v2 server serves with a `_pipeline` ready; at least one."""
+    return ready_pipelines(kserve_index(base_url, api_key, tls), base_url)
 
 
 def grpc_models(
     target: str, api_key: str = "", tls: TlsFiles = TlsFiles(), timeout_s: float = 10
 ) -> list[str]:
-    """The classifiers a KServe v2 gRPC server (the gateway's, or Triton's) serves with a `_pipeline` ready, from
-    its repository index; at least one. Over gRPC, so a gRPC load test needs no HTTP port (Triton's included)."""
-    headers = {API_KEY_HEADER.lower(): api_key} if api_key else None  # gRPC metadata keys are lower case
-    with grpc_client(target, tls) as client:
-        # tritonclient.grpc cannot ask for the READY ones only (the request's `ready`), as kserve_models does
-        index = client.get_model_repository_index(headers=headers, client_timeout=timeout_s)
-    ready = [model.name for model in index.models if model.state == "READY"]
-    return pipeline_models(ready, grpc_url(target))
+    """The same over gRPC, so a gRPC load test needs no HTTP port (Triton's included)."""
+    return ready_pipelines(grpc_index(target, api_key, tls, timeout_s), grpc_url(target))
+
+
+def unready_reason(index: list[IndexEntry], model: str) -> str:
+    """What the index says of `model` that is not ready, its classifier first (a failed load's error), else of its
+    `_pipeline`; "" when it lists neither."""
+    for name in (model, model + PIPELINE_SUFFIX):
+        for entry in index:
+            if entry.name == name and entry.state != "READY":
+                # Triton lists the models of its repository it was never asked to load with no state at all
+                return ": ".join(part for part in (entry.state or "not loaded", entry.reason) if part)
+    return ""
 
 
 def grpc_client(target: str, tls: TlsFiles = TlsFiles()):
@@ -130,8 +161,9 @@ def grpc_url(target: str) -> str:
     return target if target.startswith(GRPC_TLS_SCHEME) else f"grpc://{target}"
 
 
-def pipeline_models(names: list[str], where: str) -> list[str]:
-    pipelines = [name.removesuffix(PIPELINE_SUFFIX) for name in names if name.endswith(PIPELINE_SUFFIX)]
+def ready_pipelines(index: list[IndexEntry], where: str) -> list[str]:
+    ready = [entry.name for entry in index if entry.state == "READY"]
+    pipelines = [name.removesuffix(PIPELINE_SUFFIX) for name in ready if name.endswith(PIPELINE_SUFFIX)]
     if not pipelines:
         raise RuntimeError(f"{where} has no <model>{PIPELINE_SUFFIX} (encoded images in) ready to load-test")
     return pipelines

@@ -30,10 +30,13 @@ from loadtest.checks import (
     GRPC_TLS_SCHEME,
     TlsFiles,
     gateway_models,
+    grpc_index,
     grpc_models,
     grpc_target,
     grpc_url,
+    kserve_index,
     kserve_models,
+    unready_reason,
 )
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -311,8 +314,27 @@ def served_model(args: argparse.Namespace) -> str:
             raise LoadTestError(f"cannot list models at {args.url}: {failure}") from error
     model = args.model or served[0]
     if model not in served:
-        raise LoadTestError(f"model {model!r} is not served at {where}; served: {', '.join(served)}")
+        reason = unserved_reason(args, model)
+        said = f" ({reason})" if reason else ""
+        raise LoadTestError(f"model {model!r} is not served at {where}{said}; served: {', '.join(served)}")
     return model
+
+
+def unserved_reason(args: argparse.Namespace, model: str) -> str:
+    """What the server's repository index says of `model` (a model that failed to load: its error), or "" when
+    it cannot tell. The gateway's index names its failed models as Triton's does."""
+    from tritonclient.utils import InferenceServerException
+
+    tls = TlsFiles.of(args)
+    try:
+        if args.grpc:
+            index = grpc_index(args.grpc_url or grpc_target(args.url), args.api_key, tls)
+        else:
+            index = kserve_index(args.url, args.api_key, tls)
+    # only the better message is lost: the listing before it succeeded
+    except (OSError, ValueError, http.client.HTTPException, InferenceServerException):
+        return ""
+    return unready_reason(index, model)
 
 
 def grpc_served(target: str, api_key: str, tls: TlsFiles) -> list[str]:

@@ -16,7 +16,8 @@ from loadtest import report, shapes
 from loadtest.checks import check_classification, check_prediction, grpc_target, http_failure
 from loadtest.cli import LOCUSTFILE, LoadTestError, check_flags, get_args_parser, parse_duration
 from loadtest.images import generate, load_images
-from tests.gateway_models import write_colors_model
+from tests.gateway_models import write_colors_model, write_misfit_model
+from tests.grpc_support import UNLOADED_MODEL
 from tests.support import (
     OTHER_SERVERS,
     REPO_ROOT,
@@ -206,6 +207,7 @@ API_KEY = "loadtest-key"  # the gateway under test requires it, so the users' au
 def gateway(tmp_path_factory):
     repository = tmp_path_factory.mktemp("repository")
     write_colors_model(repository)
+    write_misfit_model(repository)  # it fails to load: the gateway serves `colors` and names misfit's error
     port, grpc_port = free_ports(2)
     env = {
         "RESNET_MODEL_REPOSITORY": str(repository),
@@ -302,11 +304,18 @@ def test_missing_api_key_is_a_one_line_error(gateway, tmp_path):
     assert result.stderr.startswith("resnet: error: cannot list models") and "401" in result.stderr
 
 
+# what the gateway's index says of the model it could not load, as the load test repeats it
+MISFIT = "(UNAVAILABLE: failed to load: model.onnx gives 3 classes, config and labels say 2); served: colors"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--model", "nope"], "model 'nope' is not served at http://127.0.0.1:"),
+        (["--model", "misfit"], MISFIT),
+        (["--kserve", "--model", "misfit"], MISFIT),
+        (["--grpc", "--grpc-url", "{grpc}", "--model", "misfit"], MISFIT),
         (["--images", "{empty}"], "holds no .bmp/.jpeg/.jpg/.png/.webp files"),
         (["--images", "{broken}"], "b.jpg cannot be decoded (every request that sends one would fail)"),
         (["--images", "{broken}/a.jpg"], "a.jpg is a file, not a folder"),
@@ -321,7 +330,9 @@ def test_a_run_that_could_only_fail_or_mislead_is_refused_before_it_starts(gatew
     (broken / "a.jpg").write_bytes(generate(1)[0][1])
     (broken / "b.jpg").write_bytes(b"not a JPEG")
     out = tmp_path / "out"
-    flags = [flag.format(empty=empty, broken=broken, dead=free_port()) for flag in flags]
+    flags = [
+        flag.format(empty=empty, broken=broken, dead=free_port(), grpc=gateway["grpc"]) for flag in flags
+    ]
     result = run_loadtest(
         "--url", gateway["url"], "--duration", "2s", "--out", str(out), *flags, api_key=API_KEY
     )
@@ -458,6 +469,21 @@ def test_kserve_http_and_grpc_users_load_a_real_triton_too(pipeline_triton, tmp_
     summary = json.loads((tmp_path / "grpc" / "summary.json").read_text())
     assert summary["protocol"] == "gRPC" and summary["model"] == "colors"
     assert summary["summary"]["requests"] > 5 and summary["summary"]["failures"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+@pytest.mark.parametrize("protocol", ["HTTP", "gRPC"])
+def test_a_model_triton_has_not_loaded_is_refused_with_its_state(pipeline_triton, tmp_path, protocol):
+    if protocol == "HTTP":
+        flags = ["--url", pipeline_triton.http_url, "--kserve"]
+    else:
+        flags = ["--grpc", "--grpc-url", pipeline_triton.grpc_url]
+    result = run_loadtest(*flags, "--model", UNLOADED_MODEL, "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and not (tmp_path / "out").exists()
+    message = f"model '{UNLOADED_MODEL}' is not served at "
+    assert result.stderr.startswith(f"resnet: error: {message}"), result.stderr
+    assert result.stderr.strip().endswith(" (not loaded); served: colors"), result.stderr
 
 
 def test_grpc_and_kserve_users_exclude_each_other(tmp_path):
