@@ -38,6 +38,7 @@ from loadtest.checks import (
     kserve_models,
     unready_reason,
 )
+from server.spec import PIPELINE_SUFFIX
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s?)?$")
@@ -121,7 +122,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(RESNET_GRPC_URL; default: --url's host, port 8081, over TLS when --url is https://)",
     )
     parser.add_argument(
-        "--model", default=_env("MODEL", ""), help="model name (default: the first the gateway lists)"
+        "--model",
+        default=_env("MODEL", ""),
+        help="model name (default: the first the server lists); with --kserve or --grpc, Triton's NAME_pipeline "
+        "is taken for NAME",
     )
     parser.add_argument(
         "--images",
@@ -313,6 +317,9 @@ def served_model(args: argparse.Namespace) -> str:
             failure = listing_failure(error, args.kserve, tls)
             raise LoadTestError(f"cannot list models at {args.url}: {failure}") from error
     model = args.model or served[0]
+    if args.grpc or args.kserve:
+        # Triton's name for the model that takes encoded images; its users add the suffix themselves
+        model = model.removesuffix(PIPELINE_SUFFIX)
     if model not in served:
         reason = unserved_reason(args, model)
         said = f" ({reason})" if reason else ""
