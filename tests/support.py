@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import shutil
 import signal
 import ssl
@@ -26,6 +27,12 @@ from cli.ports import free_port, free_ports
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RESNET_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 VENV_BIN = Path(sys.executable).parent
+
+
+def files_of_at_most(size: int) -> Callable[[], None]:
+    """For subprocess's preexec_fn: no file of the process may grow past `size` bytes. A write past it fails with
+    EFBIG as one on a full disk fails with ENOSPC (Python ignores SIGXFSZ), in real files, by the real writers."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
 
 
 def wait_until(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -22,18 +21,25 @@ from torchvision import transforms as v1
 from cli.main import main as cli_main
 from server.spec import PreprocessSpec
 from tests.gateway_models import write_misfit_model
-from tests.support import REPO_ROOT, VENV_BIN, wait_until
+from tests.support import REPO_ROOT, VENV_BIN, files_of_at_most, wait_until
 from training import recipes
 from training.data import load_split
-from training.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, UnknownRecipeError
+from training.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    RunFolderError,
+    TrainingDiverged,
+    UnknownRecipeError,
+)
 from training.evaluate import evaluate_checkpoint, evaluate_onnx
 from training.models import ARCHS, build_model
 from training.presets import eval_transform, ten_crop_transform
 from training.recipes import TrainConfig
 from training.train import train, weights_are_finite
 from training.utils import (
+    MetricsWriter,
     StepSchedule,
-    atomic_torch_save,
     list_checkpoints,
     load_checkpoint,
     rng_state,
@@ -699,22 +705,62 @@ def test_no_validation_set_is_a_warning_but_a_broken_one_stops_the_run(tmp_path,
         train(small_config(data, tmp_path / "broken", iterations=2, loader=loader), progress=False)
 
 
-def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_loses_nothing(tmp_path, monkeypatch):
-    earlier = tmp_path / "checkpoint-0000100.pt"
-    atomic_torch_save({"iteration": 100}, earlier)
+def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_loses_nothing(tmp_path):
+    data, run = make_image_tree(tmp_path / "data", {"train": 4, "test": 2}), tmp_path / "run"
+    flags = (
+        "--arch resnet20 --batch-size 8 --checkpoint-every 2 --no-progress --device cpu --log-every 1".split()
+    )
+    command = [sys.executable, "-m", "cli", "train", "--data", str(data), "--output-dir", str(run), *flags]
+    # 2 iterations write their checkpoints (2.2 MB each); then none fits, as on a disk that fills up mid-run
+    subprocess.run([*command, "--iterations", "2"], cwd=REPO_ROOT, check=True, capture_output=True)
+    written = sorted(run.glob("*.pt"))
+    result = subprocess.run(
+        [*command, "--iterations", "4", "--resume", "auto"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        preexec_fn=files_of_at_most(1_000_000),
+    )
+    # torch.save answers the failed write with a RuntimeError of its zip writer (a traceback, before)
+    assert result.returncode == 1, result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"resnet: error: cannot write {run / 'checkpoint-000000'}")
+    intact = "the checkpoints written before it are intact, so fix the cause and continue with --resume auto"
+    assert last_line.endswith(f".pt: File too large; {intact}")
+    assert "Traceback" not in result.stderr
+    assert sorted(run.glob("*.pt")) == written and not list(
+        run.glob(".*")
+    )  # no temp file, no half checkpoint
+    assert torch.load(written[-1], weights_only=False)["iteration"] == 2
 
-    def disk_full(obj, file):
-        file.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", disk_full)
+def test_a_run_folder_that_takes_no_file_at_all_is_one_line_naming_the_first(tmp_path):
+    data, run = make_image_tree(tmp_path / "data", {"train": 4}), tmp_path / "run"
+    command = [sys.executable, "-m", "cli", "train", "--data", str(data), "--output-dir", str(run)]
+    result = subprocess.run(
+        [*command, "--iterations", "2"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        preexec_fn=files_of_at_most(0),
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"resnet: error: cannot write {run / 'config.json'}: File too large; ")
+    )
+    assert sorted(path.name for path in run.iterdir()) == []  # its temp file removed
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_metrics_that_cannot_be_written_name_the_file(tmp_path):
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")  # each write fails with ENOSPC, as on a full disk
+    writer = MetricsWriter(tmp_path, tensorboard=False)
     with pytest.raises(
-        CheckpointError, match="checkpoint-0000200.pt: No space left on device; the checkpoints"
+        RunFolderError, match=r"cannot write .*metrics.jsonl: No space left on device; the check"
     ):
-        atomic_torch_save({"iteration": 200}, tmp_path / "checkpoint-0000200.pt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [earlier.name]  # no temp file, no half checkpoint
-    monkeypatch.undo()
-    assert torch.load(earlier)["iteration"] == 100
+        writer.write("train", 1, loss=0.5)
 
 
 def test_a_file_system_error_is_one_line_too(tmp_path, capsys):

@@ -23,6 +23,10 @@ class CheckpointError(ResnetError):
     """A checkpoint that is missing, unreadable, or does not fit the request."""
 
 
+class RunFolderError(ResnetError):
+    """A file of the run's folder that cannot be written (a full disk): the checkpoints before it stay intact."""
+
+
 class ClassMismatchError(ResnetError):
     """Retraining data whose classes differ from the checkpoint's (and no --new-classes)."""
 

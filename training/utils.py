@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -9,7 +10,9 @@ import random
 import re
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training.errors import CheckpointError, ConfigError
+from training.errors import CheckpointError, ConfigError, RunFolderError
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
 BEST_NAME = "best.pt"
@@ -83,28 +86,51 @@ def atomic_torch_save(obj: object, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are read by export/serving users too
-        os.replace(tmp, path)
-    except BaseException as error:
+        with writing(path):
+            with os.fdopen(fd, "wb") as file:
+                torch.save(obj, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are read by export/serving users too
+            os.replace(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):  # a full disk mid-run: the user's to fix, and nothing is lost
-            raise CheckpointError(
-                f"cannot write {path}: {error.strerror or error}; the checkpoints written before it are intact, "
-                "so fix the cause and continue with --resume auto"
-            ) from error
-        raise
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """A file system error while writing `path` (a disk full mid-run: the user's to fix, and nothing is lost) as
+    one RunFolderError that names the file."""
+    try:
+        yield
+    except Exception as error:
+        cause = os_error_behind(error)
+        if cause is None:
+            raise
+        raise RunFolderError(
+            f"cannot write {path}: {cause.strerror or cause}; the checkpoints written before it are intact, so fix "
+            "the cause and continue with --resume auto"
+        ) from error
+
+
+def os_error_behind(error: BaseException | None) -> OSError | None:
+    """The OSError that `error` is or was raised while handling. torch.save on a full disk raises its zip writer's
+    RuntimeError ("[enforce fail at inline_container.cc] unexpected pos ...") in the OSError's place."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as file:
-        file.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            with os.fdopen(fd, "w") as file:
+                file.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def checkpoint_path(output_dir: Path, iteration: int) -> Path:
@@ -151,12 +177,16 @@ def mark_best(checkpoint: Path, output_dir: Path) -> None:
     tmp = output_dir / f".{BEST_NAME}.tmp"
     tmp.unlink(missing_ok=True)
     try:
-        os.link(checkpoint, tmp)
-    except OSError:
-        import shutil
+        with writing(output_dir / BEST_NAME):
+            try:
+                os.link(checkpoint, tmp)
+            except OSError:
+                import shutil
 
-        shutil.copyfile(checkpoint, tmp)
-    os.replace(tmp, output_dir / BEST_NAME)
+                shutil.copyfile(checkpoint, tmp)
+            os.replace(tmp, output_dir / BEST_NAME)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _suggested_file(run_folder: Path) -> str:
@@ -270,6 +300,17 @@ def accuracy_counts(
     return [hits[:, : min(k, maxk)].any(dim=1).sum().item() for k in topk]
 
 
+def quiet_tensorboard_writer(args: threading.ExceptHookArgs) -> None:
+    """threading.excepthook: TensorBoard's writer thread dies on a full disk, and the training thread raises the same
+    error from its next add_scalar as one line naming the folder; the thread's traceback would only repeat it."""
+    if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard."):
+        return
+    DEFAULT_THREAD_HOOK(args)
+
+
+DEFAULT_THREAD_HOOK = threading.excepthook
+
+
 class MetricsWriter:
     """metrics.jsonl (one JSON object per line) plus TensorBoard scalars; rank 0 only.
 
@@ -278,20 +319,27 @@ class MetricsWriter:
     """
 
     def __init__(self, output_dir: Path, tensorboard: bool) -> None:
-        self.file = open(output_dir / "metrics.jsonl", "a", buffering=1)
+        self.path, self.tb_path = output_dir / "metrics.jsonl", output_dir / "tensorboard"
+        with writing(self.path):
+            self.file = open(self.path, "a", buffering=1)
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
             except ImportError:
-                self.tb = None
+                return
+            threading.excepthook = quiet_tensorboard_writer
+            with writing(self.tb_path):
+                self.tb = SummaryWriter(str(self.tb_path))
 
     def write(self, kind: str, iteration: int, **values: float) -> None:
         line = {"kind": kind, "iteration": iteration, **values, "time": round(time.time(), 1)}
-        self.file.write(json.dumps(line) + "\n")
-        if self.tb is not None:
+        with writing(self.path):
+            self.file.write(json.dumps(line) + "\n")
+        if self.tb is None:
+            return
+        # TensorBoard writes in a thread of its own, and add_scalar raises what that thread met
+        with writing(self.tb_path):
             for key, value in values.items():
                 if isinstance(value, int | float):
                     self.tb.add_scalar(f"{kind}/{key}", value, iteration)
@@ -299,4 +347,5 @@ class MetricsWriter:
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
-            self.tb.close()
+            with writing(self.tb_path):
+                self.tb.close()
