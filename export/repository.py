@@ -272,6 +272,7 @@ def publish_version(model_dir: Path, files: Mapping[str, Path | bytes | str]) ->
     The folder is filled under a hidden name beside the versions and renamed to the next free number; an
     existing version is never touched. Returns the version number.
     """
+    new_model = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=PARTIAL_PREFIX))
     try:
@@ -285,6 +286,13 @@ def publish_version(model_dir: Path, files: Mapping[str, Path | bytes | str]) ->
                 os.fsync(handle.fileno())
         staging.chmod(SHARED_DIR_MODE)  # mkdtemp's 0700 would hide the version from other users
         return _rename_into_place(staging, model_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        # an empty model folder left behind stops Triton: "Could not determine backend for model"
+        if new_model:
+            with contextlib.suppress(OSError):
+                model_dir.rmdir()
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

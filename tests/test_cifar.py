@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.support import files_of_at_most
 from training.cifar import (
     DeviceBatches,
     find_source,
@@ -176,6 +177,38 @@ def test_prepare_extracts_once_and_atomically(fake_cifar, tmp_path):
         prepare_cifar10(not_an_archive, tmp_path / "data")
     with pytest.raises(DataError, match="is a file, not a folder to extract into"):
         prepare_cifar10(tarball, not_an_archive)
+
+
+@pytest.mark.parametrize("mode", ["w:xz", "w:gz", "w"])
+def test_an_archive_cut_short_is_one_error_that_says_so(fake_cifar, tmp_path, mode):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    with tarfile.open(whole, mode) as archive:
+        archive.add(fake_cifar["pickles"], arcname="cifar-10-batches-py")
+    cut.write_bytes(
+        whole.read_bytes()[: whole.stat().st_size // 2]
+    )  # a download or copy that stopped half-way
+    # a traceback (EOFError) for a compressed one, before; "is not a tar archive" for a plain one
+    with pytest.raises(
+        DataError, match=r"^cannot extract \S+cut: it is cut short \(.+\); fetch or copy it again$"
+    ):
+        prepare_cifar10(cut, tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_extraction_that_fills_the_disk_leaves_nothing_behind(fake_cifar, tmp_path):
+    tarball, data = tmp_path / "cifar.tar", tmp_path / "data"
+    with tarfile.open(tarball, "w") as archive:
+        archive.add(fake_cifar["pickles"], arcname="cifar-10-batches-py")
+    result = subprocess.run(
+        [sys.executable, "-m", "training.cifar", "--tarball", str(tarball), "--data-path", str(data)],
+        capture_output=True,
+        text=True,
+        preexec_fn=files_of_at_most(10_000),  # each batch is 18 kB: the first one cannot be written
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"resnet: error: cannot extract {tarball}: [Errno 27] File too large"
+    assert list(data.iterdir()) == []  # its staging folder, with what it held, removed
 
 
 # ----------------------------------------------------------------------------------------- DeviceBatches

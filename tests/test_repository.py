@@ -197,6 +197,19 @@ def test_failed_rename_publishes_nothing_and_leaves_no_partial(tmp_path, monkeyp
     assert sorted(p.name for p in model_dir.iterdir()) == ["1"]
 
 
+def test_a_failed_first_publish_leaves_no_model_folder(tmp_path):
+    # A copy that fails (a full disk; here a source that is gone): an empty model folder left behind would stop
+    # Triton ("Could not determine backend for model"). A model that has versions keeps its folder.
+    gone = tmp_path / "gone.onnx"
+    with pytest.raises(FileNotFoundError):
+        repo.publish_version(tmp_path / "repository" / "new", {"model.onnx": gone})
+    assert list((tmp_path / "repository").iterdir()) == []
+    repo.publish_version(tmp_path / "repository" / "old", {"model.onnx": "good"})
+    with pytest.raises(FileNotFoundError):
+        repo.publish_version(tmp_path / "repository" / "old", {"model.onnx": gone})
+    assert sorted(p.name for p in (tmp_path / "repository" / "old").iterdir()) == ["1"]
+
+
 def test_process_killed_mid_write_leaves_only_a_hidden_partial(tmp_path):
     """A writer process is SIGKILLed halfway through copying the model file: the worst moment to crash."""
     model_dir, source = tmp_path / "m", tmp_path / "model.onnx"

@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import pickle
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -219,23 +220,41 @@ def prepare_cifar10(tarball: str | os.PathLike, dest: str | os.PathLike) -> Path
         raise DataError(f"archive {tarball} does not exist")
     if dest.exists() and not dest.is_dir():
         raise DataError(f"--data-path {dest} is a file, not a folder to extract into")
+    archive = _open_archive(tarball)
     try:
-        with tarfile.open(tarball) as archive:
-            top = {Path(name).parts[0] for name in archive.getnames() if name and not name.startswith("/")}
-            if len(top) != 1:
-                raise DataError(f"{tarball} should hold one top-level folder, found {sorted(top)[:5]}")
-            target = dest / top.pop()
-            if target.is_dir():
-                return target
-            dest.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=dest, prefix=".extract-"))
-            archive.extractall(staging, filter="data")
-    except tarfile.ReadError:  # its message lists every compression it tried, one per line
-        raise DataError(f"{tarball} is not a tar archive (.tar, .tar.gz, .tar.bz2 or .tar.xz)") from None
+        with archive:
+            return _extract_once(archive, tarball, dest)
+    except (EOFError, tarfile.ReadError) as error:  # the archive ends early: a download or copy cut short
+        raise DataError(
+            f"cannot extract {tarball}: it is cut short ({error}); fetch or copy it again"
+        ) from error
     except (tarfile.TarError, OSError) as error:
         raise DataError(f"cannot extract {tarball}: {error}") from error
-    os.replace(staging / target.name, target)  # the folder appears whole or not at all
-    staging.rmdir()
+
+
+def _open_archive(tarball: Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(tarball)
+    except tarfile.ReadError:  # its message lists every compression it tried, one per line
+        raise DataError(f"{tarball} is not a tar archive (.tar, .tar.gz, .tar.bz2 or .tar.xz)") from None
+    except OSError as error:
+        raise DataError(f"cannot read {tarball}: {error}") from error
+
+
+def _extract_once(archive: tarfile.TarFile, tarball: Path, dest: Path) -> Path:
+    top = {Path(name).parts[0] for name in archive.getnames() if name and not name.startswith("/")}
+    if len(top) != 1:
+        raise DataError(f"{tarball} should hold one top-level folder, found {sorted(top)[:5]}")
+    target = dest / top.pop()
+    if target.is_dir():
+        return target
+    dest.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest, prefix=".extract-"))
+    try:
+        archive.extractall(staging, filter="data")
+        os.replace(staging / target.name, target)  # the folder appears whole or not at all
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # after a full disk, what it holds would only keep it full
     return target
 
 
