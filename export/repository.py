@@ -194,9 +194,13 @@ def read_config(model_dir: Path) -> mc.ModelConfig:
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=PARTIAL_PREFIX, delete=False) as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+        try:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        except BaseException:  # a full disk: no partial file left beside the model's files
+            Path(handle.name).unlink(missing_ok=True)
+            raise
     # Temporary files are private (0600); a Triton or gateway container running as another user must read it.
     os.chmod(handle.name, SHARED_FILE_MODE)
     os.replace(handle.name, path)

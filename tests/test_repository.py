@@ -26,7 +26,7 @@ from server.spec import (
     PreprocessSpec,
     Role,
 )
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, files_of_at_most
 
 
 def classifier(target: str = "cpu", **overrides) -> repo.ClassifierSpec:
@@ -208,6 +208,24 @@ def test_a_failed_first_publish_leaves_no_model_folder(tmp_path):
     with pytest.raises(FileNotFoundError):
         repo.publish_version(tmp_path / "repository" / "old", {"model.onnx": gone})
     assert sorted(p.name for p in (tmp_path / "repository" / "old").iterdir()) == ["1"]
+
+
+def test_a_config_that_cannot_be_written_leaves_no_partial_file(tmp_path):
+    # files may not pass 1 kB in that process: its write fails as on a full disk
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from export.repository import atomic_write_text
+        atomic_write_text(Path({str(tmp_path)!r}) / "config.pbtxt", "x" * 100_000)
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        preexec_fn=files_of_at_most(1000),
+    )
+    assert result.returncode == 1 and "File too large" in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_process_killed_mid_write_leaves_only_a_hidden_partial(tmp_path):
