@@ -481,11 +481,19 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(cifar_like, tmp_path)
             interval=0.02,
             what="first checkpoint",
         )
+        # a second run into the folder meanwhile (a job restarted while the first still runs) is refused
+        with pytest.raises(
+            RunFolderError, match=rf"{killed_dir} is in use by another run \(pid {process.pid} on "
+        ):
+            run_on = {"iterations": 5}  # where it was not refused, a step past the checkpoint, not 100000
+            train(
+                small_config(cifar_like, killed_dir), resume="auto", progress=False, resume_overrides=run_on
+            )
         process.send_signal(signal.SIGKILL)
     finally:
         process.kill()
         process.wait()
-    assert process.returncode == -signal.SIGKILL
+    assert process.returncode == -signal.SIGKILL  # and its lock went with it: the resume below runs
     resumed = train(
         small_config(cifar_like, killed_dir),
         resume=str(killed_dir / "checkpoint-0000004.pt"),
@@ -728,9 +736,8 @@ def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_loses_nothing(
     intact = "the checkpoints written before it are intact, so fix the cause and continue with --resume auto"
     assert last_line.endswith(f".pt: File too large; {intact}")
     assert "Traceback" not in result.stderr
-    assert sorted(run.glob("*.pt")) == written and not list(
-        run.glob(".*")
-    )  # no temp file, no half checkpoint
+    # no temp file, no half checkpoint
+    assert sorted(run.glob("*.pt")) == written and not list(run.glob(".*tmp"))
     assert torch.load(written[-1], weights_only=False)["iteration"] == 2
 
 
@@ -745,12 +752,9 @@ def test_a_run_folder_that_takes_no_file_at_all_is_one_line_naming_the_first(tmp
         preexec_fn=files_of_at_most(0),
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert (
-        result.stderr.strip()
-        .splitlines()[-1]
-        .startswith(f"resnet: error: cannot write {run / 'config.json'}: File too large; ")
-    )
-    assert sorted(path.name for path in run.iterdir()) == []  # its temp file removed
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"resnet: error: cannot write {run / 'config.json'}: File too large; ")
+    assert sorted(path.name for path in run.iterdir()) == [".lock"]  # config.json's temp file removed
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")

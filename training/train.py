@@ -41,6 +41,7 @@ from training.utils import (
     atomic_torch_save,
     atomic_write_text,
     checkpoint_path,
+    hold_run_folder,
     init_distributed,
     load_checkpoint,
     load_latest_checkpoint,
@@ -517,6 +518,7 @@ def train(
             init_model = None
     probe = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device
     info = init_distributed(probe)
+    lock = None
     try:
         config.validate(info.world_size)
         warn_about_schedule(config, info)
@@ -529,6 +531,7 @@ def train(
         output_dir = Path(config.output_dir)
         if info.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
+            lock = hold_run_folder(output_dir)
             atomic_write_text(
                 output_dir / "config.json",
                 json.dumps({**config.to_dict(), "world_size": info.world_size}, indent=2) + "\n",
@@ -553,6 +556,8 @@ def train(
             atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return result
     finally:
+        if lock is not None:
+            lock.close()
         if info.distributed and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import random
 import re
+import socket
 import sys
 import tempfile
 import threading
@@ -15,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -24,6 +27,7 @@ from training.errors import CheckpointError, ConfigError, RunFolderError
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
 BEST_NAME = "best.pt"
+LOCK_NAME = ".lock"  # held by the run writing into the folder
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -119,6 +123,37 @@ def os_error_behind(error: BaseException | None) -> OSError | None:
     while error is not None and not isinstance(error, OSError):
         error = error.__cause__ or error.__context__
     return error
+
+
+def hold_run_folder(output_dir: Path) -> BinaryIO | None:
+    """Lock `output_dir` for this run until the returned file is closed (or the process ends: the kernel releases
+    an flock then, so a crashed run leaves no stale lock). A second run into the folder, such as a job restarted
+    while the first still runs, would interleave its checkpoints and metrics with the first's: it is refused."""
+    handle = open(
+        output_dir / LOCK_NAME, "a+b", buffering=0
+    )  # unbuffered: a failed write leaves nothing pending
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().decode(errors="replace").strip() or "another process"
+        handle.close()
+        raise RunFolderError(
+            f"{output_dir} is in use by another run ({holder}): wait for it to end or stop it, then --resume "
+            "auto; or give another --output-dir"
+        ) from None
+    except OSError as error:  # a file system without locks: run, unguarded
+        print(
+            f"warning: cannot lock {output_dir} ({error.strerror}); a second run into it would not be refused",
+            file=sys.stderr,
+        )
+        handle.close()
+        return None
+    holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M')}\n"
+    with contextlib.suppress(OSError):  # who holds it, for the refusal; the lock holds without it
+        handle.truncate(0)
+        handle.write(holder.encode())
+    return handle
 
 
 def atomic_write_text(path: Path, text: str) -> None:
