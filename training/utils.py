@@ -129,9 +129,8 @@ def hold_run_folder(output_dir: Path) -> BinaryIO | None:
     """Lock `output_dir` for this run until the returned file is closed (or the process ends: the kernel releases
     an flock then, so a crashed run leaves no stale lock). A second run into the folder, such as a job restarted
     while the first still runs, would interleave its checkpoints and metrics with the first's: it is refused."""
-    handle = open(
-        output_dir / LOCK_NAME, "a+b", buffering=0
-    )  # unbuffered: a failed write leaves nothing pending
+    # unbuffered: a write that fails leaves nothing pending for close() to fail on again
+    handle = open(output_dir / LOCK_NAME, "a+b", buffering=0)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
