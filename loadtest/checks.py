@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server.kserve_index import ModelIndex
 from server.spec import PIPELINE_SUFFIX
 
 # Nothing from the `cli` package: Locust puts loadtest/ first on sys.path while it imports the locustfile, and
@@ -85,18 +86,9 @@ def gateway_models(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles())
     return names
 
 
-@dataclass(frozen=True)
-class IndexEntry:
-    """One model of a KServe v2 repository index: its name, state (READY, UNAVAILABLE, ...) and why not ready."""
-
-    name: str
-    state: str
-    reason: str = ""
-
-
-def kserve_index(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles()) -> list[IndexEntry]:
-    """Every model a KServe v2 server (the gateway's /v2, or Triton) lists over HTTP, also those not ready: Triton
-    lists each model of its repository, loaded or not, and both name a failed load's error."""
+def kserve_index(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles()) -> ModelIndex:
+    """The repository index of a KServe v2 server (the gateway's /v2, or Triton) over HTTP: every model it lists,
+    with why each one not ready is not (Triton lists the models of its repository it has not loaded too)."""
     request = urllib.request.Request(
         base_url.rstrip("/") + "/v2/repository/index",
         data=b"{}",
@@ -107,43 +99,34 @@ def kserve_index(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles()) -
         index = json.load(response)
     if not isinstance(index, list):
         raise ValueError(f"not a KServe repository index: {json.dumps(index)[:80]}")
-    entries = [entry for entry in index if isinstance(entry, dict)]
-    return [
-        IndexEntry(str(e.get("name", "")), str(e.get("state", "")), str(e.get("reason", ""))) for e in entries
-    ]
+    return ModelIndex.of([entry for entry in index if isinstance(entry, dict) and "name" in entry])
 
 
 def grpc_index(
     target: str, api_key: str = "", tls: TlsFiles = TlsFiles(), timeout_s: float = 10
-) -> list[IndexEntry]:
+) -> ModelIndex:
     """The same index from a KServe v2 gRPC server (the gateway's, or Triton's)."""
     headers = {API_KEY_HEADER.lower(): api_key} if api_key else None  # gRPC metadata keys are lower case
     with grpc_client(target, tls) as client:
-        index = client.get_model_repository_index(headers=headers, client_timeout=timeout_s)
-    return [IndexEntry(model.name, model.state, model.reason) for model in index.models]
+        return ModelIndex.of(client.get_model_repository_index(headers=headers, client_timeout=timeout_s))
 
 
 def kserve_models(base_url: str, api_key: str = "", tls: TlsFiles = TlsFiles()) -> list[str]:
     """The classifiers a KServe v2 server serves with a `_pipeline` ready; at least one."""
-    return ready_pipelines(kserve_index(base_url, api_key, tls), base_url)
+    return ready_pipelines(kserve_index(base_url, api_key, tls).ready, base_url)
 
 
 def grpc_models(
     target: str, api_key: str = "", tls: TlsFiles = TlsFiles(), timeout_s: float = 10
 ) -> list[str]:
     """The same over gRPC, so a gRPC load test needs no HTTP port (Triton's included)."""
-    return ready_pipelines(grpc_index(target, api_key, tls, timeout_s), grpc_url(target))
+    return ready_pipelines(grpc_index(target, api_key, tls, timeout_s).ready, grpc_url(target))
 
 
-def unready_reason(index: list[IndexEntry], model: str) -> str:
-    """What the index says of `model` that is not ready, its classifier first (a failed load's error), else of its
-    `_pipeline`; "" when it lists neither."""
-    for name in (model, model + PIPELINE_SUFFIX):
-        for entry in index:
-            if entry.name == name and entry.state != "READY":
-                # Triton lists the models of its repository it was never asked to load with no state at all
-                return ": ".join(part for part in (entry.state or "not loaded", entry.reason) if part)
-    return ""
+def unready_reason(index: ModelIndex, model: str) -> str:
+    """Why the index says `model` is not ready, its classifier first (a failed load's error), else its `_pipeline`;
+    "" when it lists neither."""
+    return index.not_ready.get(model) or index.not_ready.get(model + PIPELINE_SUFFIX, "")
 
 
 def grpc_client(target: str, tls: TlsFiles = TlsFiles()):
@@ -161,8 +144,7 @@ def grpc_url(target: str) -> str:
     return target if target.startswith(GRPC_TLS_SCHEME) else f"grpc://{target}"
 
 
-def ready_pipelines(index: list[IndexEntry], where: str) -> list[str]:
-    ready = [entry.name for entry in index if entry.state == "READY"]
+def ready_pipelines(ready: list[str], where: str) -> list[str]:
     pipelines = [name.removesuffix(PIPELINE_SUFFIX) for name in ready if name.endswith(PIPELINE_SUFFIX)]
     if not pipelines:
         raise RuntimeError(f"{where} has no <model>{PIPELINE_SUFFIX} (encoded images in) ready to load-test")

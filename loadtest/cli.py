@@ -322,7 +322,7 @@ def served_model(args: argparse.Namespace) -> str:
         model = model.removesuffix(PIPELINE_SUFFIX)
     if model not in served:
         reason = unserved_reason(args, model)
-        said = f" ({reason})" if reason else ""
+        said = f": {reason}" if reason else ""
         raise LoadTestError(f"model {model!r} is not served at {where}{said}; served: {', '.join(served)}")
     return model
 

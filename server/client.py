@@ -31,6 +31,7 @@ from cli.errors import ResnetError
 from cli.help import HelpFormatter
 from cli.tls import add_client_arguments, client_context, handshake_hint, load_key_pair, tls_hint
 from server.errors import GRPC_AT_HTTP_PORT
+from server.kserve_index import ModelIndex
 from server.spec import PIPELINE_SUFFIX
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
@@ -64,8 +65,6 @@ NOT_GRPC_HINT = " (if that is an HTTP port, use http://HOST:PORT; if it speaks T
 KSERVE_UNDECODABLE = "while decoding the response"
 NOT_GATEWAY_HINT = "is --url the resnet-serving gateway? (Triton's HTTP port: --server triton)"
 NOT_KSERVE_HINT = "is --url the HTTP port of Triton (8000 by default) or of the gateway?"
-# What Triton's index means by a model with no state and no reason.
-NOT_LOADED = "not loaded (a Triton in explicit model control mode serves only the models it was told to load)"
 
 
 @dataclass(frozen=True)
@@ -377,33 +376,6 @@ class KServe:
 
 
 # KServe answers: tritonclient.http gives JSON as dicts and lists, tritonclient.grpc protobuf messages
-
-
-@dataclass(frozen=True)
-class ModelIndex:
-    """A KServe v2 repository index: the names READY, and why each other one is not. Triton lists every model of
-    its repository, loaded or not (in explicit model control mode only the ones it was told to load are READY,
-    the others carry no state); the gateway lists its models UNAVAILABLE, with the reason, while not ready."""
-
-    ready: list[str]
-    not_ready: dict[str, str]
-
-    @classmethod
-    def of(cls, index) -> ModelIndex:
-        """From tritonclient.http's list of dicts or tritonclient.grpc's RepositoryIndexResponse."""
-        entries = index if isinstance(index, list) else index.models
-        ready, not_ready = [], {}
-        for entry in entries:
-            name, state, reason = (
-                (str(entry["name"]), entry.get("state", ""), entry.get("reason", ""))
-                if isinstance(entry, dict)
-                else (entry.name, entry.state, entry.reason)
-            )
-            if state == "READY":
-                ready.append(name)
-            else:
-                not_ready[name] = reason or state or NOT_LOADED
-        return cls(ready, not_ready)
 
 
 def max_batch_size(config) -> int:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from cli.main import main as resnet
-from server.client import NOT_LOADED, ClientError, GatewayHttp, collect_images
+from server.client import ClientError, GatewayHttp, collect_images
+from server.kserve_index import NOT_LOADED
 from tests.gateway_models import LABELS, color_image, noise_jpeg, write_broken_model
 from tests.grpc_support import API_KEY, UNLOADED_MODEL, gateway_process
 from tests.support import OTHER_SERVERS, REPO_ROOT, free_port, other_web_server, path_prefix_proxy

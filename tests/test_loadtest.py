@@ -16,6 +16,7 @@ from loadtest import report, shapes
 from loadtest.checks import check_classification, check_prediction, grpc_target, http_failure
 from loadtest.cli import LOCUSTFILE, LoadTestError, check_flags, get_args_parser, parse_duration
 from loadtest.images import generate, load_images
+from server.kserve_index import NOT_LOADED
 from tests.gateway_models import write_colors_model, write_misfit_model
 from tests.grpc_support import UNLOADED_MODEL
 from tests.support import (
@@ -305,7 +306,7 @@ def test_missing_api_key_is_a_one_line_error(gateway, tmp_path):
 
 
 # what the gateway's index says of the model it could not load, as the load test repeats it
-MISFIT = "(UNAVAILABLE: failed to load: model.onnx gives 3 classes, config and labels say 2); served: colors"
+MISFIT = ": failed to load: model.onnx gives 3 classes, config and labels say 2; served: colors"
 
 
 @pytest.mark.slow
@@ -485,7 +486,7 @@ def test_a_model_triton_has_not_loaded_is_refused_with_its_state(pipeline_triton
     assert result.returncode == 1 and not (tmp_path / "out").exists()
     message = f"model '{UNLOADED_MODEL}' is not served at "
     assert result.stderr.startswith(f"resnet: error: {message}"), result.stderr
-    assert result.stderr.strip().endswith(" (not loaded); served: colors"), result.stderr
+    assert result.stderr.strip().endswith(f": {NOT_LOADED}; served: colors"), result.stderr
 
 
 def test_grpc_and_kserve_users_exclude_each_other(tmp_path):
