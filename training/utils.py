@@ -379,7 +379,8 @@ class MetricsWriter:
                     self.tb.add_scalar(f"{kind}/{key}", value, iteration)
 
     def close(self) -> None:
-        self.file.close()
+        with writing(self.path):  # a line a full disk refused is flushed again here
+            self.file.close()
         if self.tb is not None:
             with writing(self.tb_path):
                 self.tb.close()
