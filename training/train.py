@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from training import recipes
 from training.data import DataSplit, load_split
-from training.errors import CheckpointError, MissingSplitError, TrainingDiverged
+from training.errors import CheckpointError, MissingSplitError, RunFolderError, TrainingDiverged
 from training.evaluate import evaluate_model
 from training.models import ARCHS, STRIDE_VARIANTS, build_model
 from training.recipes import COMPILE_MODES, RECIPES, TrainConfig
@@ -529,9 +530,8 @@ def train(
             torch.backends.cudnn.benchmark = True
         seed_everything(config.seed)
         output_dir = Path(config.output_dir)
+        lock = take_run_folder(output_dir, info, device)
         if info.is_main:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            lock = hold_run_folder(output_dir)
             atomic_write_text(
                 output_dir / "config.json",
                 json.dumps({**config.to_dict(), "world_size": info.world_size}, indent=2) + "\n",
@@ -560,6 +560,24 @@ def train(
             lock.close()
         if info.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def take_run_folder(output_dir: Path, info: DistInfo, device: torch.device) -> BinaryIO | None:
+    """Rank 0 makes and locks the run's folder; under torchrun every rank learns whether it could, so all stop
+    with the same line instead of the others with a collective their peer left."""
+    lock, refusal = None, None
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = hold_run_folder(output_dir)
+        except RunFolderError as error:
+            refusal = error
+    refused_anywhere = info.distributed and all_reduce_sum([float(refusal is not None)], device)[0] > 0
+    if refused_anywhere and refusal is None:
+        refusal = RunFolderError(f"{output_dir} is in use by another run (rank 0 found it locked)")
+    if refusal is not None:
+        raise refusal
+    return lock
 
 
 def refuse_changed_settings(path: Path, saved: dict, overrides: dict) -> None:
