@@ -17,6 +17,7 @@ import pytest
 
 from tests.support import REPO_ROOT
 from training import reproduce
+from training.errors import RunFolderError
 from training.reproduce import (
     TABLE_BEGIN,
     TABLE_END,
@@ -29,6 +30,7 @@ from training.reproduce import (
     render_table,
     report,
 )
+from training.utils import hold_run_folder
 
 # Final (train, test) error % per net, shaped like the paper: plain nets degrade, residual nets improve.
 PAPER_LIKE = {
@@ -387,6 +389,22 @@ def test_runner_runs_each_net_and_records_wall_time_and_commit(tmp_path, monkeyp
     assert results["resnet32"].test_error == pytest.approx(8.0)
 
 
+def test_a_second_study_into_the_same_runs_dir_is_refused_before_it_starts_a_net(tmp_path, monkeypatch):
+    # it started each net's trainer again, beside the running one, and wrote a failed segment into its run.json
+    monkeypatch.setattr(reproduce, "train_command", lambda *_: pytest.fail("a trainer was started"))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    held = hold_run_folder(runs)  # as the first study holds it
+    try:
+        with pytest.raises(RunFolderError) as refused:
+            reproduce.run_all(["resnet20"], "unused", runs, 1, [])
+    finally:
+        held.close()
+    assert str(refused.value).startswith(f"{runs} is in use by another run (pid {os.getpid()} on ")
+    assert str(refused.value).endswith("then run the same command again; or give another --runs-dir")
+    assert sorted(path.name for path in runs.iterdir()) == [".lock"]
+
+
 REAL_TRAIN_COMMAND = reproduce.train_command
 
 
@@ -533,6 +551,7 @@ KILLED_RUNNER = """
 import sys, time
 from tests.test_reproduce import _fake_trainer
 from training import reproduce
+from training.errors import RunFolderError
 reproduce.train_command = _fake_trainer(reproduce.Path(sys.argv[1]), sys.argv[2])
 reproduce.run_all(["resnet20"], "unused", reproduce.Path(sys.argv[1]) / "runs", 1, [])
 """
@@ -661,7 +680,8 @@ def test_no_net_is_started_too_close_to_the_time_limit(tmp_path, monkeypatch, ca
         + ["--doc", str(doc), "--figure", str(tmp_path / "fig6.png")]
     )
     assert reproduce.main(args) == 0  # a slice that evaluated nothing yet is not an error
-    assert not (tmp_path / "runs").exists()  # 30 s would not reach a first checkpoint
+    # 30 s would not reach a first checkpoint: no net started (the study's lock is all there is)
+    assert [path.name for path in (tmp_path / "runs").iterdir()] == [".lock"]
     out = capsys.readouterr().out
     assert "time limit reached; not finished: resnet20" in out
     assert f"no test evaluation yet, so {doc} is unchanged" in out and not doc.exists()

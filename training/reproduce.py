@@ -592,15 +592,24 @@ def run_all(
     A SIGTERM/SIGINT is passed to every trainer (each writes a checkpoint), then `ReproduceInterrupted` is
     raised once all have exited. After `time_limit` seconds the trainers are stopped the same way, but as a
     planned end of this slice of the study: it returns normally, so the report is written."""
-    for arch in archs if records_dir else []:
-        restore_record(records_dir, runs_dir / arch)
-    deadline = time.monotonic() + time_limit if time_limit else None
+    from training.utils import hold_run_folder
+
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    # a second study into the same folder would start each net's trainer again, beside the running one
+    lock = hold_run_folder(runs_dir, then="then run the same command again; or give another --runs-dir")
     try:
-        return _train_all(archs, data, runs_dir, concurrent, extra, deadline)
+        for arch in archs if records_dir else []:
+            restore_record(records_dir, runs_dir / arch)
+        deadline = time.monotonic() + time_limit if time_limit else None
+        try:
+            return _train_all(archs, data, runs_dir, concurrent, extra, deadline)
+        finally:
+            if records_dir:
+                for arch in save_records(runs_dir, records_dir):
+                    print(f"{arch}: recorded in {records_dir / arch}", flush=True)
     finally:
-        if records_dir:
-            for arch in save_records(runs_dir, records_dir):
-                print(f"{arch}: recorded in {records_dir / arch}", flush=True)
+        if lock is not None:
+            lock.close()
 
 
 def _train_all(

@@ -125,7 +125,9 @@ def os_error_behind(error: BaseException | None) -> OSError | None:
     return error
 
 
-def hold_run_folder(output_dir: Path) -> BinaryIO | None:
+def hold_run_folder(
+    output_dir: Path, then: str = "then --resume auto; or give another --output-dir"
+) -> BinaryIO | None:
     """Lock `output_dir` for this run until the returned file is closed (or the process ends: the kernel releases
     an flock then, so a crashed run leaves no stale lock). A second run into the folder, such as a job restarted
     while the first still runs, would interleave its checkpoints and metrics with the first's: it is refused."""
@@ -138,8 +140,7 @@ def hold_run_folder(output_dir: Path) -> BinaryIO | None:
         holder = handle.read().decode(errors="replace").strip() or "another process"
         handle.close()
         raise RunFolderError(
-            f"{output_dir} is in use by another run ({holder}): wait for it to end or stop it, then --resume "
-            "auto; or give another --output-dir"
+            f"{output_dir} is in use by another run ({holder}): wait for it to end or stop it, {then}"
         ) from None
     except OSError as error:  # a file system without locks: run, unguarded
         print(
