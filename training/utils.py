@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -335,15 +335,18 @@ def accuracy_counts(
     return [hits[:, : min(k, maxk)].any(dim=1).sum().item() for k in topk]
 
 
-def quiet_tensorboard_writer(args: threading.ExceptHookArgs) -> None:
-    """threading.excepthook: TensorBoard's writer thread dies on a full disk, and the training thread raises the same
-    error from its next add_scalar as one line naming the folder; the thread's traceback would only repeat it."""
-    if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard."):
-        return
-    DEFAULT_THREAD_HOOK(args)
+def quieting_tensorboard(hook: Callable[[threading.ExceptHookArgs], object]) -> Callable:
+    """`hook` (a threading.excepthook) less the OSError of TensorBoard's writer thread: that thread dies on a full
+    disk, and the training thread raises the same error from its next add_scalar as one line naming the folder;
+    the thread's traceback would only repeat it."""
 
+    def quiet(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard."):
+            return
+        hook(args)
 
-DEFAULT_THREAD_HOOK = threading.excepthook
+    quiet.quiets_tensorboard = True
+    return quiet
 
 
 class MetricsWriter:
@@ -363,7 +366,9 @@ class MetricsWriter:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 return
-            threading.excepthook = quiet_tensorboard_writer
+            # the hook in place (a user's, or Python's), wrapped once
+            if not getattr(threading.excepthook, "quiets_tensorboard", False):
+                threading.excepthook = quieting_tensorboard(threading.excepthook)
             with writing(self.tb_path):
                 self.tb = SummaryWriter(str(self.tb_path))
 
