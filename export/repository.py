@@ -290,15 +290,13 @@ def publish_version(model_dir: Path, files: Mapping[str, Path | bytes | str]) ->
                 os.fsync(handle.fileno())
         staging.chmod(SHARED_DIR_MODE)  # mkdtemp's 0700 would hide the version from other users
         return _rename_into_place(staging, model_dir)
-    except BaseException:
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        # an empty model folder left behind stops Triton: "Could not determine backend for model"
+        # a first publish that failed: an empty model folder left behind stops Triton ("Could not determine
+        # backend for model"); rmdir leaves a folder that holds anything
         if new_model:
             with contextlib.suppress(OSError):
                 model_dir.rmdir()
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _rename_into_place(staging: Path, model_dir: Path) -> int:

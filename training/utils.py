@@ -86,13 +86,19 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def atomic_torch_save(obj: object, path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see half a checkpoint."""
+    """Readers never see half a checkpoint."""
+    atomic_write(path, lambda file: torch.save(obj, file))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write` into a temp file in the same folder, fsync, then rename; a failure leaves no temp file and is one
+    RunFolderError naming `path` when the file system refused it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with writing(path):
             with os.fdopen(fd, "wb") as file:
-                torch.save(obj, file)
+                write(file)
                 file.flush()
                 os.fsync(file.fileno())
             os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are read by export/serving users too
@@ -157,15 +163,7 @@ def hold_run_folder(
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with writing(path):
-            with os.fdopen(fd, "w") as file:
-                file.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, lambda file: file.write(text.encode()))
 
 
 def checkpoint_path(output_dir: Path, iteration: int) -> Path:
