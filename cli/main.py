@@ -81,30 +81,35 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # gRPC's C core logs a failed TLS handshake to stderr at INFO otherwise; the one-line error says it already
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    try:
-        return run(argv)
-    except ResnetError as error:
-        print(f"resnet: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("resnet: interrupted", file=sys.stderr)
-        return 130
-    except OSError as error:  # the file system said no (a missing folder, no space, no permission): fixable
-        print(f"resnet: error: {error}", file=sys.stderr)
-        return 1
+    return _with_one_line_errors(lambda: run(argv))
 
 
 def run_script(
     get_args_parser: Callable[[], argparse.ArgumentParser], script_main, prefix: str = "resnet"
 ) -> NoReturn:
     """`python -m <module>` for a module outside `resnet <command>` (the benchmarks, the reproduction): its
-    `main(args)`, and a ResnetError as one line and its exit code, as `resnet` does."""
-    try:
+    `main(args)`, with its errors told as `resnet` tells them."""
+
+    def job() -> int:
         status = script_main(get_args_parser().parse_args())
+        return status if isinstance(status, int) else 0  # some return their results for callers in Python
+
+    sys.exit(_with_one_line_errors(job, prefix))
+
+
+def _with_one_line_errors(job: Callable[[], int], prefix: str = "resnet") -> int:
+    """`job`'s exit status; a failure the user can fix is one line and an exit code, not a traceback."""
+    try:
+        return job()
     except ResnetError as error:
         print(f"{prefix}: error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
-    sys.exit(status if isinstance(status, int) else 0)  # some return their results for callers in Python
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as error:  # the file system said no (a missing folder, no space, no permission): fixable
+        print(f"{prefix}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

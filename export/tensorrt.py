@@ -9,10 +9,10 @@ INT8 uses explicit quantization: the QDQ ONNX from `export.quantize` carries the
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli.files
 from export.errors import ExportError
 from server.spec import INPUT_NAME
 
@@ -99,7 +99,6 @@ def build_plan(
         raise ExportError(f"TensorRT failed to build an engine from {onnx_path.name}")
     plan_path.write_bytes(bytes(serialized))
     if timing_cache:
-        partial = timing_cache.with_suffix(".partial")
-        partial.write_bytes(bytes(config.get_timing_cache().serialize()))
-        os.replace(partial, timing_cache)
+        cache_bytes = bytes(config.get_timing_cache().serialize())
+        cli.files.atomic_write(timing_cache, lambda file: file.write(cache_bytes))
     return plan_path

@@ -6,9 +6,10 @@ The page's header and the sections in OWNED_SECTIONS are rewritten on every run;
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
+
+import cli.files
 
 OWNED_SECTIONS = ("Runtime comparison", "Gateway efficiency", "Naive baseline", "gRPC vs HTTP", "Load test")
 
@@ -262,11 +263,8 @@ def replace_section(path: Path, title: str, body: str) -> None:
     sections = [(name, body if name == title else text) for name, text in sections]
     if title not in [name for name, _ in sections]:
         sections.append((title, body))
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(
-        head.rstrip("\n") + "\n\n" + "\n".join(f"## {name}\n\n{text.strip()}\n" for name, text in sections)
-    )
-    os.replace(tmp, path)
+    text = head.rstrip("\n") + "\n\n" + "\n".join(f"## {name}\n\n{text.strip()}\n" for name, text in sections)
+    cli.files.atomic_write_text(path, text)
 
 
 def write_markdown(results: dict, path: Path, img_prefix: str) -> None:
@@ -289,6 +287,4 @@ def write_markdown(results: dict, path: Path, img_prefix: str) -> None:
     ours = render_sections(results, img_prefix)
     body = [f"## {title}\n\n{ours[title]}\n" for title in OWNED_SECTIONS if title in ours]
     body += [f"## {title}\n\n{text.strip()}\n" for title, text in existing if title not in OWNED_SECTIONS]
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(header + "\n" + "\n".join(body))
-    os.replace(tmp, path)
+    cli.files.atomic_write_text(path, header + "\n" + "\n".join(body))

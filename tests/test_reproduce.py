@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, files_of_at_most
 from training import reproduce
 from training.errors import RunFolderError
 from training.reproduce import (
@@ -265,13 +265,14 @@ def test_error_axis_is_not_widened_by_a_net_stopped_early_in_its_schedule(tmp_pa
     assert error_axis_top({"plain44": results["plain44"]}) == 60  # nothing finished: show what there is
 
 
-def _report_cli(runs: Path, doc: Path, *extra: str) -> subprocess.CompletedProcess:
+def _report_cli(runs: Path, doc: Path, *extra: str, **popen) -> subprocess.CompletedProcess:
     command = ["report", "--runs-dir", str(runs), "--doc", str(doc), "--figure", str(doc.with_suffix(".png"))]
     return subprocess.run(
         [sys.executable, "-m", "training.reproduce", *command, *extra],
         capture_output=True,
         text=True,
         timeout=120,
+        **popen,
     )
 
 
@@ -353,6 +354,20 @@ def test_report_keeps_records_beside_the_doc_so_a_fresh_clone_rebuilds_it(runs, 
     no_records = tmp_path / "other.md"
     assert _report_cli(records, no_records, "--records", "").returncode == 0
     assert not (tmp_path / "other-runs").exists() and "| resnet56 | 6.97% | 7.00% |" in no_records.read_text()
+
+
+def test_a_report_that_cannot_write_its_figure_names_it_and_leaves_no_temporary_file(runs, tmp_path):
+    # files may not pass 20 kB in that process (the figure is larger): its write fails as on a full disk, and it
+    # left a .r.tmp.png beside the doc, as the records' copies and the table's rewrite left theirs
+    doc = tmp_path / "docs" / "r.md"
+    doc.parent.mkdir()
+    doc.write_text("# Reproduction\n")
+    result = _report_cli(runs, doc, preexec_fn=files_of_at_most(20_000))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"resnet: error: [Errno 27] File too large: '{doc.with_suffix('.png')}'"
+    assert doc.read_text() == "# Reproduction\n"
+    assert sorted(p.name for p in doc.parent.iterdir()) == ["r-runs", "r.md"]
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
 
 def test_a_record_names_its_source_under_the_table(runs):

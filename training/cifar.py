@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli.errors import ResnetError
+import cli.files
 from server.spec import CIFAR10_MEAN, CIFAR10_STD
 from training.data import mix_seed
 from training.errors import DataError, MissingSplitError
@@ -192,25 +192,17 @@ def _read_cache(path: Path, fingerprint: str) -> DecodedSplit | None:
 
 
 def _write_cache(path: Path, decoded: DecodedSplit, fingerprint: str) -> None:
+    arrays = dict(
+        images=decoded.images,
+        labels=decoded.labels,
+        classes=np.array(decoded.classes),
+        skipped=decoded.skipped,
+        fingerprint=fingerprint,
+    )
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=path.name, suffix=".tmp", delete=False
-        ) as file:
-            np.savez(
-                file,
-                images=decoded.images,
-                labels=decoded.labels,
-                classes=np.array(decoded.classes),
-                skipped=decoded.skipped,
-                fingerprint=fingerprint,
-            )
-        os.chmod(file.name, 0o644)
-        os.replace(file.name, path)
+        cli.files.atomic_write(path, lambda file: np.savez(file, **arrays))
     except OSError as error:
         log.warning("not caching decoded CIFAR-10 at %s: %s", path, error)
-        if "file" in locals():
-            Path(file.name).unlink(missing_ok=True)
 
 
 def prepare_cifar10(tarball: str | os.PathLike, dest: str | os.PathLike) -> Path:
@@ -466,10 +458,6 @@ def benchmark_batches(batches: DeviceBatches, count: int = 100) -> float:
 
 
 if __name__ == "__main__":
-    import sys
+    from cli.main import run_script
 
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except ResnetError as error:
-        print(f"resnet: error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+    run_script(get_args_parser, main)

@@ -22,7 +22,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cli.files
 from cli.errors import ResnetError
 from cli.help import HelpFormatter
 
@@ -188,20 +188,14 @@ def _progress(folder: Path) -> tuple[bool, int]:
     return (_read_json(folder / "run.json").get("returncode") == 0, max(steps, default=0))
 
 
-def _copy_atomic(source: Path, target: Path) -> None:
-    temporary = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
-
-
 def _mirror(source: Path, target: Path, checkpoint: Path | None) -> None:
     """Make `target` hold `source`'s record files and `checkpoint` (no other checkpoint)."""
     target.mkdir(parents=True, exist_ok=True)
     for name in RECORD_FILES:
         if (source / name).is_file():
-            _copy_atomic(source / name, target / name)
+            cli.files.atomic_copy(source / name, target / name)
     if checkpoint is not None and not (target / checkpoint.name).is_file():
-        _copy_atomic(checkpoint, target / checkpoint.name)
+        cli.files.atomic_copy(checkpoint, target / checkpoint.name)
     for stale in target.glob("checkpoint-*.pt"):
         if checkpoint is None or stale.name != checkpoint.name:
             stale.unlink()
@@ -431,7 +425,7 @@ def write_table(doc: Path, table: str) -> None:
     text = (
         pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     )
-    _atomic_write(doc, text)
+    cli.files.atomic_write_text(doc, text)
 
 
 def error_axis_top(results: dict[str, RunResult]) -> int:
@@ -474,11 +468,12 @@ def plot_figure6(results: dict[str, RunResult], path: Path) -> Path:
     axes[0].set_ylabel("error (%)  — dashed: training, bold: test")
     axes[0].set_ylim(0, error_axis_top(results))
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(temporary, dpi=120)
-    plt.close(fig)
-    os.replace(temporary, path)
+    try:
+        cli.files.atomic_write(
+            path, lambda file: fig.savefig(file, format=path.suffix.lstrip(".") or "png", dpi=120)
+        )
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -492,13 +487,6 @@ def report(runs_dir: Path, doc: Path, figure: Path) -> dict[str, RunResult]:
     relative = os.path.relpath(figure_path, doc.parent)
     write_table(doc, render_table(results) + f"\n\n![Fig. 6 reproduced]({relative})")
     return results
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -738,7 +726,7 @@ def _write_record(folder: Path, info: dict, history: list[dict], returncode: int
         "history": history,
         "returncode": returncode,
     }
-    _atomic_write(folder / "run.json", json.dumps(record, indent=2) + "\n")
+    cli.files.atomic_write_text(folder / "run.json", json.dumps(record, indent=2) + "\n")
 
 
 def _segment_start(info: dict) -> dict:

@@ -11,7 +11,6 @@ import random
 import re
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import cli.files
 from training.errors import CheckpointError, ConfigError, RunFolderError
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
@@ -91,20 +91,10 @@ def atomic_torch_save(obj: object, path: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """`write` into a temp file in the same folder, fsync, then rename; a failure leaves no temp file and is one
-    RunFolderError naming `path` when the file system refused it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with writing(path):
-            with os.fdopen(fd, "wb") as file:
-                write(file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are read by export/serving users too
-            os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """`path` replaced whole (cli.files); a failure leaves no temp file and is one RunFolderError naming `path`
+    when the file system refused it."""
+    with writing(path):
+        cli.files.atomic_write(path, write)
 
 
 @contextlib.contextmanager

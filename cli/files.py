@@ -1,0 +1,44 @@
+"""Files replaced whole or not at all, for every writer of the project: a reader (Triton polling a repository,
+`--resume auto`, a person opening a report) sees the old file or the new one, never half of one, and a write that
+fails (a full disk) leaves no temporary file beside them. Kept free of heavy imports, like the rest of `cli`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+# mkstemp makes 0600; checkpoints, model repositories and reports are read by other users (containers, serving)
+SHARED_FILE_MODE = 0o644
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], prefix: str | None = None) -> None:
+    """`write` into a temporary file in `path`'s folder (named `prefix`..., else .<name>....tmp), fsync it, then
+    rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, SHARED_FILE_MODE)
+        os.replace(temporary, path)
+    except OSError as error:
+        if error.filename is None:  # a failed write names no file; the one it was replacing is the user's
+            error.filename = str(path)
+        raise
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str, prefix: str | None = None) -> None:
+    atomic_write(path, lambda file: file.write(text.encode()), prefix)
+
+
+def atomic_copy(source: Path, target: Path) -> None:
+    with open(source, "rb") as original:
+        atomic_write(target, lambda file: shutil.copyfileobj(original, file))
