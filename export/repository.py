@@ -3,7 +3,8 @@
 Configs are `tritonclient.grpc.model_config_pb2.ModelConfig` messages written with `google.protobuf.text_format`
 and parsed back before they are written, so a config Triton would reject never reaches the disk.
 Publishing writes a version into a hidden folder beside the model and renames it into place: Triton (or a
-gateway) polling the repository sees either no version or a complete one, and a version number is never reused.
+gateway) polling the repository sees either no version or a complete one, and a published version is never
+overwritten. `Publication` publishes the models of one export together or not at all.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+import cli.files
 from export.errors import RepositoryError
 from server.spec import (
     ARCH_KEY,
@@ -37,7 +39,6 @@ from server.spec import (
 
 CONFIG_FILENAME = "config.pbtxt"
 PARTIAL_PREFIX = ".partial-"
-SHARED_FILE_MODE = 0o644  # what a umask of 022 gives: the repository is read by other users (containers)
 SHARED_DIR_MODE = 0o755
 TRITON_MODELS_DIR = Path(__file__).with_name("triton_models")
 CLASSIFIER_MODEL_PY = TRITON_MODELS_DIR / "onnx_classifier.py"
@@ -192,18 +193,8 @@ def read_config(model_dir: Path) -> mc.ModelConfig:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=PARTIAL_PREFIX, delete=False) as handle:
-        try:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        except BaseException:  # a full disk: no partial file left beside the model's files
-            Path(handle.name).unlink(missing_ok=True)
-            raise
-    # Temporary files are private (0600); a Triton or gateway container running as another user must read it.
-    os.chmod(handle.name, SHARED_FILE_MODE)
-    os.replace(handle.name, path)
+    # named .partial-*: pruning removes what a writer killed mid-write left
+    cli.files.atomic_write_text(path, text, prefix=PARTIAL_PREFIX)
 
 
 def write_model(model_dir: Path, config: mc.ModelConfig, labels: list[str] | None = None) -> None:
@@ -328,3 +319,100 @@ def prune_versions(model_dir: Path, keep: int) -> list[int]:
             with contextlib.suppress(OSError):
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     return removed
+
+
+class Publication:
+    """The models one export adds to a repository, published together or not at all.
+
+    Each model is published as before (a new version renamed into place, then its config.pbtxt and labels.txt);
+    if any step fails (a disk that fills after the first model), every step before it is undone: its new versions
+    removed, the files it replaced restored, the model folders it made deleted. A half-published export is a
+    repository no one chose, and a model folder holding a version but no config.pbtxt stops Triton from starting
+    ("unable to find backend library"). Pruning waits for `prune`, after all are in, so an undo never needs
+    a version that pruning took. The next export takes an undone version's number again: a server that polled in
+    the moment it existed sees new files under it, which it reloads as it does any change.
+    """
+
+    def __init__(self, repository: Path) -> None:
+        self.repository = repository
+        self.models: list[Path] = []
+        self._new_models: list[Path] = []
+        self._new_versions: list[Path] = []
+        self._replaced: dict[Path, str | None] = {}  # file -> its text before this export, None where absent
+
+    def add(
+        self,
+        model_dir: Path,
+        files: Mapping[str, Path | bytes | str],
+        config: mc.ModelConfig,
+        labels: list[str] | None = None,
+    ) -> int:
+        """`files` as a new version of `model_dir`, served with `config` and `labels`; returns the version."""
+        self.models.append(model_dir)
+        if not model_dir.exists():
+            self._new_models.append(model_dir)
+        version = publish_version(model_dir, files)
+        self._new_versions.append(model_dir / str(version))
+        written = [CONFIG_FILENAME] + ([LABELS_FILENAME] if labels is not None else [])
+        for path in (model_dir / name for name in written):
+            if path not in self._replaced:
+                self._replaced[path] = path.read_text() if path.is_file() else None
+        write_model(model_dir, config, labels)
+        return version
+
+    def prune(self, keep: int) -> None:
+        for model_dir in self.models:
+            prune_versions(model_dir, keep)
+
+    def __enter__(self) -> Publication:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is None:
+            return
+        step = self.models[-1].name if self.models else "a model"
+        undo_failures = self._undo()
+        if undo_failures:
+            raise RepositoryError(
+                f"cannot publish {step} into {self.repository}: {_reason(error)}; undoing the export failed too "
+                f"({'; '.join(undo_failures)}): remove what is named there before Triton next starts"
+            ) from error
+        if isinstance(error, OSError):
+            raise RepositoryError(
+                f"cannot publish {step} into {self.repository}: {_reason(error)}; nothing of this export is "
+                "published (the repository is as it was), so fix the cause and export again"
+            ) from error
+
+    def _undo(self) -> list[str]:
+        """Newest versions first (they free the space a restore may need); returns what could not be undone."""
+        failures = []
+        for version_dir in reversed(self._new_versions):
+            _remove_tree(version_dir, failures)
+        for path, text in self._replaced.items():
+            if path.parent in self._new_models:
+                continue
+            try:
+                if text is not None:
+                    atomic_write_text(path, text)
+                elif path.is_file():
+                    path.unlink()
+            except OSError as error:
+                failures.append(f"{path}: {_reason(error)}")
+        for model_dir in self._new_models:
+            _remove_tree(model_dir, failures)
+        return failures
+
+
+def _remove_tree(path: Path, failures: list[str]) -> None:
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        failures.append(f"{path}: {_reason(error)}")
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return str(error) or type(error).__name__

@@ -1,7 +1,8 @@
 """`export_to_repository`: one call from a network to verified, published Triton models.
 
-Every artifact is built and verified in a scratch folder first; only when all pass are they published (each
-as a new atomic version), so a failed export leaves the repository exactly as it was.
+Every artifact is built and verified in a scratch folder first; only when all pass are they published, each as
+a new atomic version and all of them or none (`repository.Publication` undoes a publish that fails half-way, a
+disk that fills), so a failed export leaves the repository exactly as it was.
 
 Published models, for `name`:
   <name>               FP32 ONNX (gpu target: ONNX Runtime + TensorRT accelerator, FP16 with --fp16)
@@ -325,34 +326,34 @@ def _publish(
     artifacts: list[Artifact], labels: list[str], source: ModelSource, options: ExportOptions
 ) -> None:
     root = options.repository
-    for artifact in artifacts:
-        files: dict[str, Path | bytes] = {artifact.file: artifact.path}
-        if options.target == "cpu":
-            files["model.py"] = repo.CLASSIFIER_MODEL_PY
-        model_dir = root / artifact.model
-        artifact.version = repo.publish_version(model_dir, files)
-        repo.write_model(model_dir, repo.classifier_config(artifact.classifier), labels)
-        repo.prune_versions(model_dir, options.keep_versions)
-    if not options.pipeline:
-        return
+    with repo.Publication(root) as publication:
+        for artifact in artifacts:
+            files: dict[str, Path | bytes] = {artifact.file: artifact.path}
+            if options.target == "cpu":
+                files["model.py"] = repo.CLASSIFIER_MODEL_PY
+            config = repo.classifier_config(artifact.classifier)
+            artifact.version = publication.add(root / artifact.model, files, config, labels)
+        if options.pipeline:
+            _publish_pipelines(publication, artifacts, labels, source, options)
+    publication.prune(options.keep_versions)
+
+
+def _publish_pipelines(
+    publication: repo.Publication,
+    artifacts: list[Artifact],
+    labels: list[str],
+    source: ModelSource,
+    options: ExportOptions,
+) -> None:
     preprocess_name = options.name + PREPROCESS_SUFFIX
-    preprocess_dir = root / preprocess_name
-    repo.publish_version(preprocess_dir, {"model.py": repo.PREPROCESS_MODEL_PY})
-    repo.write_model(
-        preprocess_dir, repo.preprocess_config(preprocess_name, source.arch, source.spec, options.batching)
-    )
-    repo.prune_versions(preprocess_dir, options.keep_versions)
+    config = repo.preprocess_config(preprocess_name, source.arch, source.spec, options.batching)
+    publication.add(options.repository / preprocess_name, {"model.py": repo.PREPROCESS_MODEL_PY}, config)
     for artifact in artifacts:
-        pipeline_dir = root / (artifact.model + PIPELINE_SUFFIX)
+        name = artifact.model + PIPELINE_SUFFIX
+        config = repo.pipeline_config(name, artifact.classifier, preprocess_name)
         # An ensemble's version folder holds nothing but must exist; git keeps no empty folder, so it gets an empty
         # .gitkeep (Triton ignores it), and a repository committed to git still loads.
-        repo.publish_version(pipeline_dir, {".gitkeep": b""})
-        repo.write_model(
-            pipeline_dir,
-            repo.pipeline_config(pipeline_dir.name, artifact.classifier, preprocess_name),
-            labels,
-        )
-        repo.prune_versions(pipeline_dir, options.keep_versions)
+        publication.add(options.repository / name, {".gitkeep": b""}, config, labels)
 
 
 def summary_table(artifacts: list[Artifact], repository: Path) -> Table:

@@ -15,11 +15,18 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+from tritonclient.grpc import model_config_pb2 as mc
 
 from export import benchmark as runtime_benchmark
 from export import onnx as onnx_export
-from export import workflow
-from export.errors import AccuracyBudgetError, ExportError, VerificationError, WeightsUnavailableError
+from export import repository, workflow
+from export.errors import (
+    AccuracyBudgetError,
+    ExportError,
+    RepositoryError,
+    VerificationError,
+    WeightsUnavailableError,
+)
 from export.quantize import QuantizeOptions, Unreadable, preprocess_file, quantize_int8, top1
 from export.repository import BatchingPolicy, read_config, versions
 from export.source import from_arch, from_checkpoint, load_state_dict_from_url
@@ -103,6 +110,56 @@ def test_reexport_adds_versions_and_prunes(resnet20, tmp_path):
         workflow.export_to_repository(resnet20, options)
     for model in ("r20", "r20_preprocess", "r20_pipeline"):
         assert versions(tmp_path / model) == [2, 3]  # a new number each time, pruned to --keep-versions
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every file and folder under `folder`, with the files' contents."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def test_a_publish_that_fails_half_way_undoes_all_it_published(resnet20, tmp_path):
+    # The last model cannot be published (a file where its folder goes; a disk that fills does the same): the
+    # models before it stayed published, and one left with a version but no config.pbtxt (the disk filled between
+    # the two) stopped Triton from starting. Now the repository is as it was, after a first export and a re-export.
+    options = workflow.ExportOptions(name="r20", repository=tmp_path, keep_versions=1, measure_latency=False)
+    (tmp_path / "r20_fp16_pipeline").write_text("in the way")
+    failing = replace(options, fp16=True, batching=BatchingPolicy(max_batch_size=8))
+    for _ in range(2):
+        before = tree(tmp_path)
+        with pytest.raises(RepositoryError) as error:
+            workflow.export_to_repository(resnet20, failing)
+        assert str(error.value).startswith(f"cannot publish r20_fp16_pipeline into {tmp_path}: File exists; ")
+        assert str(error.value).endswith(
+            "nothing of this export is published (the repository is as it was), so fix the cause and export again"
+        )
+        # the second time, its first models had replaced the config.pbtxt and labels.txt of the published ones
+        assert tree(tmp_path) == before
+        workflow.export_to_repository(resnet20, options)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["r20", "r20_fp16_pipeline", "r20_pipeline", "r20_preprocess"]
+    assert read_config(tmp_path / "r20").max_batch_size == 32
+
+
+def test_an_interrupted_publish_is_undone_and_an_undo_that_fails_names_what_is_left(tmp_path, monkeypatch):
+    publication = repository.Publication(tmp_path)
+    with pytest.raises(KeyboardInterrupt), publication:
+        publication.add(tmp_path / "m", {"model.py": "x"}, mc.ModelConfig(name="m", backend="python"))
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    publication = repository.Publication(tmp_path)
+    with pytest.raises(RepositoryError) as error, publication:
+        publication.add(tmp_path / "m", {"model.py": "x"}, mc.ModelConfig(name="m", backend="python"))
+        monkeypatch.setattr(repository.shutil, "rmtree", refused)
+        raise OSError(28, "No space left on device")
+    left = f"{tmp_path / 'm' / '1'}: Permission denied; {tmp_path / 'm'}: Permission denied"
+    assert str(error.value) == (
+        f"cannot publish m into {tmp_path}: No space left on device; undoing the export failed too ({left}): "
+        "remove what is named there before Triton next starts"
+    )
 
 
 def test_another_class_set_or_preprocessing_under_a_published_name_is_refused(resnet20, tmp_path):
