@@ -28,8 +28,9 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], prefix: str | 
         os.chmod(temporary, SHARED_FILE_MODE)
         os.replace(temporary, path)
     except OSError as error:
-        if error.filename is None:  # a failed write names no file; the one it was replacing is the user's
-            error.filename = str(path)
+        # a failed write names no file, a failed rename the temporary one: name the file the user asked for
+        if error.errno is not None and error.filename in (None, temporary):
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
     finally:
         Path(temporary).unlink(missing_ok=True)
@@ -42,3 +43,8 @@ def atomic_write_text(path: Path, text: str, prefix: str | None = None) -> None:
 def atomic_copy(source: Path, target: Path) -> None:
     with open(source, "rb") as original:
         atomic_write(target, lambda file: shutil.copyfileobj(original, file))
+
+
+def save_figure(figure, path: Path, dpi: int) -> None:
+    """A matplotlib figure saved whole, in the format its suffix names (matplotlib is the caller's import)."""
+    atomic_write(path, lambda file: figure.savefig(file, format=path.suffix.lstrip(".") or "png", dpi=dpi))

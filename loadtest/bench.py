@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+import cli.files
 from cli.errors import ResnetError
 from cli.help import HelpFormatter
 from cli.limits import MAX_THREADS
@@ -640,7 +641,7 @@ def bench_loadtest(plan: BenchPlan, model: ModelUnderTest, scratch: Path, img_di
         ):
             loadtest_cli.main(args)
     for name in ("timeline.png", "latency_vs_throughput.png"):
-        (img_dir / f"loadtest_{name}").write_bytes((out / name).read_bytes())
+        cli.files.atomic_copy(out / name, img_dir / f"loadtest_{name}")
     summary = json.loads((out / "summary.json").read_text())
     return {
         "summary": summary["summary"],
@@ -804,7 +805,7 @@ def main(args: argparse.Namespace) -> int:
         elapsed_s=time.monotonic() - started,
         json_name="benchmarks.json",
     )
-    (args.docs / "benchmarks.json").write_text(json.dumps(results, indent=2, default=str))
+    cli.files.atomic_write_text(args.docs / "benchmarks.json", json.dumps(results, indent=2, default=str))
     write_markdown(results, args.docs / "benchmarks.md", "img/")
     best = max(results["gateway"]["points"], key=efficiency)
     console.log(

@@ -62,7 +62,7 @@ def plot_delay_sweep(gateway: dict, naive: dict | None, raw: dict, path: Path) -
     axis.set_title(f"latency vs throughput, {off['concurrency']} requests in flight")
     axis.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    cli.files.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -21,6 +21,7 @@ import urllib.error
 from dataclasses import asdict
 from pathlib import Path
 
+import cli.files
 from cli.addresses import host_and_port, split_base_url
 from cli.errors import ResnetError
 from cli.help import HelpFormatter
@@ -361,6 +362,34 @@ def grpc_served(target: str, api_key: str, tls: TlsFiles) -> list[str]:
         raise LoadTestError(str(error)) from error
 
 
+def write_results(
+    args: argparse.Namespace,
+    model: str,
+    summary: report.Summary,
+    history: list[dict],
+    thresholds: report.Thresholds,
+    broken: list[str],
+) -> list[Path]:
+    """The plots and summary.json of a run into --out; returns the plots."""
+    protocol = protocol_name(args)
+    plots = report.plot_run(history, args.out, f"{args.scenario}, {args.users} {protocol} users, {model}")
+    results = {
+        "url": args.url,
+        "model": model,
+        "protocol": protocol,
+        "scenario": args.scenario,
+        "users": args.users,
+        "duration_s": args.duration,
+        "summary": asdict(summary),
+        "fail_ratio": summary.fail_ratio,
+        "thresholds": asdict(thresholds),
+        "broken": broken,
+        "ramp_steps": report.steps_by_users(history),
+    }
+    cli.files.atomic_write_text(args.out / "summary.json", json.dumps(results, indent=2))
+    return plots
+
+
 def main(args: argparse.Namespace) -> int:
     check_flags(args)
     model = served_model(args)
@@ -372,33 +401,22 @@ def main(args: argparse.Namespace) -> int:
 
     summary = report.read_summary(Path(f"{csv_prefix}_stats.csv"))
     history = report.read_history(Path(f"{csv_prefix}_stats_history.csv"))
-    protocol = protocol_name(args)
-    plots = report.plot_run(history, args.out, f"{args.scenario}, {args.users} {protocol} users, {model}")
     thresholds = report.Thresholds(args.max_fail_ratio, args.max_p95_ms, args.max_p99_ms)
     broken = report.broken_thresholds(summary, thresholds)
-    (args.out / "summary.json").write_text(
-        json.dumps(
-            {
-                "url": args.url,
-                "model": model,
-                "protocol": protocol,
-                "scenario": args.scenario,
-                "users": args.users,
-                "duration_s": args.duration,
-                "summary": asdict(summary),
-                "fail_ratio": summary.fail_ratio,
-                "thresholds": asdict(thresholds),
-                "broken": broken,
-                "ramp_steps": report.steps_by_users(history),
-            },
-            indent=2,
-        )
-    )
     print(
         f"{summary.requests} requests, {summary.failures} failed ({summary.fail_ratio:.2%}), "
         f"{summary.requests_per_s:.1f} req/s, p50 {summary.p50_ms:.0f} ms, p95 {summary.p95_ms:.0f} ms, "
         f"p99 {summary.p99_ms:.0f} ms"
     )
+    try:
+        plots = write_results(args, model, summary, history, thresholds, broken)
+    except OSError as error:  # a full disk after minutes of load: the verdict is told all the same
+        unwritten = f"cannot write {error.filename or args.out}: {error.strerror or error}"
+        if broken:
+            verdict = f"{len(broken)} threshold(s) broken: {'; '.join(broken)}; and {unwritten}"
+            raise ThresholdError(verdict) from None
+        kept = "the run itself kept its thresholds (its numbers are above)"
+        raise LoadTestError(f"{unwritten}; {kept}") from None
     print(f"wrote {html}, {', '.join(p.name for p in plots)} and CSVs to {args.out}")
     if broken:
         for line in broken:

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli.files
+
 AGGREGATED = "Aggregated"
 
 
@@ -165,7 +167,7 @@ def plot_run(history: list[dict[str, float]], out_dir: Path, title: str) -> list
     fig.suptitle(title)
     fig.tight_layout()
     paths.append(out_dir / "timeline.png")
-    fig.savefig(paths[-1], dpi=110)
+    cli.files.save_figure(fig, paths[-1], dpi=110)
     plt.close(fig)
 
     steps = steps_by_users(history)
@@ -188,6 +190,6 @@ def plot_run(history: list[dict[str, float]], out_dir: Path, title: str) -> list
         axis.legend()
         fig.tight_layout()
         paths.append(out_dir / "latency_vs_throughput.png")
-        fig.savefig(paths[-1], dpi=110)
+        cli.files.save_figure(fig, paths[-1], dpi=110)
         plt.close(fig)
     return paths

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -296,6 +297,29 @@ def test_impossible_threshold_exits_non_zero_and_says_which(gateway, tmp_path):
     )
     assert result.returncode == 3
     assert "p95 latency" in result.stderr and "resnet: error:" in result.stderr
+
+
+@pytest.mark.slow
+def test_results_that_cannot_be_written_still_give_the_runs_numbers_and_verdict(gateway, tmp_path):
+    # A folder where the plot goes stands in for a disk that fills after minutes of load: the run's numbers and
+    # its thresholds' verdict were lost behind `[Errno 28] No space left on device` (no file named), and a PNG cut
+    # short was left in --out
+    (tmp_path / "timeline.png").mkdir()
+    plot = tmp_path / "timeline.png"
+    common = ("--url", gateway["url"], "--users", "2", "--duration", "3s", "--out", str(tmp_path))
+    kept = run_loadtest(*common, "--max-fail-ratio", "0", api_key=API_KEY)
+    assert kept.returncode == 1, kept.stderr[-2000:]
+    assert re.search(r"^\d+ requests, 0 failed \(0\.00%\), ", kept.stdout, re.M)
+    assert kept.stderr.strip().splitlines()[-1] == (
+        f"resnet: error: cannot write {plot}: Is a directory; the run itself kept its thresholds (its numbers "
+        "are above)"
+    )
+    broken = run_loadtest(*common, "--max-p95-ms", "0.001", api_key=API_KEY)
+    assert broken.returncode == 3
+    last = broken.stderr.strip().splitlines()[-1]
+    assert last.startswith("resnet: error: 1 threshold(s) broken: p95 latency ")
+    assert last.endswith(f"; and cannot write {plot}: Is a directory")
+    assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
 
 
 @pytest.mark.slow

@@ -469,9 +469,7 @@ def plot_figure6(results: dict[str, RunResult], path: Path) -> Path:
     axes[0].set_ylim(0, error_axis_top(results))
     fig.tight_layout()
     try:
-        cli.files.atomic_write(
-            path, lambda file: fig.savefig(file, format=path.suffix.lstrip(".") or "png", dpi=120)
-        )
+        cli.files.save_figure(fig, path, dpi=120)
     finally:
         plt.close(fig)
     return path
