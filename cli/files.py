@@ -48,3 +48,11 @@ def atomic_copy(source: Path, target: Path) -> None:
 def save_figure(figure, path: Path, dpi: int) -> None:
     """A matplotlib figure saved whole, in the format its suffix names (matplotlib is the caller's import)."""
     atomic_write(path, lambda file: figure.savefig(file, format=path.suffix.lstrip(".") or "png", dpi=dpi))
+
+
+def os_error_behind(error: BaseException | None) -> OSError | None:
+    """The OSError that `error` is or was raised while handling. torch.save on a full disk raises its zip writer's
+    RuntimeError ("[enforce fail at inline_container.cc] unexpected pos ...") in the OSError's place."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -207,7 +208,7 @@ def quantize_with_reader(
         )
     with tempfile.TemporaryDirectory(prefix="quant-") as scratch:
         prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        _pre_process(fp32_path, prepared)
         quantize_static(
             str(prepared),
             str(int8_path),
@@ -284,6 +285,22 @@ def check_accuracy_budget(
             f"drop {report.drop:.2f} points > budget {max_drop:g}; nothing published"
         )
     return report
+
+
+def _pre_process(fp32_path: Path, prepared: Path) -> None:
+    """ONNX Runtime's shape inference and graph clean-up before quantization, into `prepared`."""
+    try:
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    except DecodeError as error:
+        # Its shape inference writes the model through ONNX's C++, which does not check the write: on a full disk
+        # the file is cut short without an error, and only reading it back fails (a protobuf traceback).
+        size_mb = fp32_path.stat().st_size / 1e6
+        raise ExportError(
+            f"ONNX Runtime's quantization pre-processing wrote a model it cannot read back in {prepared.parent.parent}"
+            f": is TMPDIR full? (its writes are not checked, so a full disk cuts the model short without an error; "
+            f"it needs room for a few copies of the {size_mb:.1f} MB model.) Free space there or point TMPDIR at a "
+            "larger disk (nothing was published)"
+        ) from error
 
 
 def _first_last_nodes(path: Path) -> list[str]:

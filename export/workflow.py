@@ -16,8 +16,10 @@ Published models, for `name`:
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress
 from rich.table import Table
 
+import cli.files
 from cli.limits import MAX_BATCH_SIZE, MAX_INSTANCES
 from export import onnx as onnx_export
 from export import repository as repo
@@ -46,6 +49,8 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # resnet20_pipeline` replaced resnet20's ensemble with a classifier), and clients read `<name>_pipeline` as "the
 # model that takes encoded images".
 GENERATED_SUFFIXES = (PREPROCESS_SUFFIX, PIPELINE_SUFFIX)
+# what a write into a full (or quota-bound, or size-limited) disk fails with
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass
@@ -150,7 +155,6 @@ def export_to_repository(
     """Export, verify and publish `source` as described in the module docstring; returns what was published."""
     console = console or Console(quiet=True)
     labels = validate(options, source)
-    crop = source.spec.crop
     base = repo.ClassifierSpec(
         name=options.name,
         arch=source.arch,
@@ -163,58 +167,94 @@ def export_to_repository(
         tensorrt_precision=("FP16" if options.fp16 else "FP32") if options.target == "gpu" else None,
     )
     with tempfile.TemporaryDirectory(prefix="resnet-export-") as scratch:
-        scratch = Path(scratch)
-        artifacts = []
-        with console.status("exporting ONNX (FP32)..."):
-            fp32 = onnx_export.export_onnx(source.model, scratch / "fp32.onnx", crop)
-            report = onnx_export.require_parity(
-                onnx_export.verify_onnx(source.model, fp32, crop), "the FP32 ONNX model"
-            )
-        artifacts.append(
-            Artifact(
-                options.name,
-                "fp32",
-                "model.onnx",
-                fp32.stat().st_size,
-                f"rel. err {report.relative_error:.1e}",
-                classifier=base,
-                path=fp32,
-            )
-        )
-        console.log(
-            f"FP32 ONNX verified on batches {report.batch_sizes}: relative error {report.relative_error:.1e}"
-        )
-        if options.fp16:
-            with console.status("converting to FP16..."):
-                fp16 = onnx_export.convert_fp16(fp32, scratch / "fp16.onnx")
-                report = onnx_export.require_parity(
-                    onnx_export.verify_onnx(source.model, fp16, crop, precision="fp16"), "the FP16 ONNX model"
-                )
-            spec = replace(base, name=f"{options.name}_fp16", precision="fp16", tensorrt_precision=None)
-            artifacts.append(
-                Artifact(
-                    spec.name,
-                    "fp16",
-                    "model.onnx",
-                    fp16.stat().st_size,
-                    f"rel. err {report.relative_error:.1e}",
-                    classifier=spec,
-                    path=fp16,
-                )
-            )
-            console.log(f"FP16 ONNX verified: relative error {report.relative_error:.1e}")
-        if options.int8:
-            artifacts.append(_int8(source, options, labels, fp32, scratch, base, console))
-        if options.tensorrt:
-            artifacts.append(_tensorrt(options, fp32, scratch, base, console, artifacts))
-        if options.measure_latency:
-            with console.status("measuring latency..."):
-                for artifact in artifacts:
-                    if artifact.file == "model.onnx":
-                        artifact.latency_ms = onnx_export.measure_latency_ms(artifact.path, crop)
+        with _scratch_space(Path(scratch)):
+            artifacts = _build_artifacts(source, options, labels, base, Path(scratch), console)
         with console.status(f"publishing into {options.repository}..."):
             _publish(artifacts, labels, source, options)
     return artifacts
+
+
+def _build_artifacts(
+    source: ModelSource,
+    options: ExportOptions,
+    labels: list[str],
+    base: repo.ClassifierSpec,
+    scratch: Path,
+    console: Console,
+) -> list[Artifact]:
+    """Every variant asked for, built in `scratch` and verified."""
+    crop = source.spec.crop
+    artifacts = []
+    with console.status("exporting ONNX (FP32)..."):
+        fp32 = onnx_export.export_onnx(source.model, scratch / "fp32.onnx", crop)
+        report = onnx_export.require_parity(
+            onnx_export.verify_onnx(source.model, fp32, crop), "the FP32 ONNX model"
+        )
+    artifacts.append(
+        Artifact(
+            options.name,
+            "fp32",
+            "model.onnx",
+            fp32.stat().st_size,
+            f"rel. err {report.relative_error:.1e}",
+            classifier=base,
+            path=fp32,
+        )
+    )
+    console.log(
+        f"FP32 ONNX verified on batches {report.batch_sizes}: relative error {report.relative_error:.1e}"
+    )
+    if options.fp16:
+        with console.status("converting to FP16..."):
+            fp16 = onnx_export.convert_fp16(fp32, scratch / "fp16.onnx")
+            report = onnx_export.require_parity(
+                onnx_export.verify_onnx(source.model, fp16, crop, precision="fp16"), "the FP16 ONNX model"
+            )
+        spec = replace(base, name=f"{options.name}_fp16", precision="fp16", tensorrt_precision=None)
+        artifacts.append(
+            Artifact(
+                spec.name,
+                "fp16",
+                "model.onnx",
+                fp16.stat().st_size,
+                f"rel. err {report.relative_error:.1e}",
+                classifier=spec,
+                path=fp16,
+            )
+        )
+        console.log(f"FP16 ONNX verified: relative error {report.relative_error:.1e}")
+    if options.int8:
+        artifacts.append(_int8(source, options, labels, fp32, scratch, base, console))
+    if options.tensorrt:
+        artifacts.append(_tensorrt(options, fp32, scratch, base, console, artifacts))
+    if options.measure_latency:
+        with console.status("measuring latency..."):
+            for artifact in artifacts:
+                if artifact.file == "model.onnx":
+                    artifact.latency_ms = onnx_export.measure_latency_ms(artifact.path, crop)
+    return artifacts
+
+
+@contextlib.contextmanager
+def _scratch_space(scratch: Path) -> Iterator[None]:
+    """A full scratch disk as one line that names it: the repository is often on another disk, and a bare
+    "No space left on device" sent users to look there."""
+    try:
+        yield
+    except Exception as error:
+        cause = cli.files.os_error_behind(error)
+        # ONNX Runtime's quantizer keeps its own temporary files beside the scratch folder, under TMPDIR too
+        where = None if cause is None or cause.filename is None else Path(cause.filename)
+        if (
+            cause is None
+            or cause.errno not in DISK_FULL
+            or (where and not where.is_relative_to(scratch.parent))
+        ):
+            raise
+        raise ExportError(
+            f"cannot write the export's scratch files in {scratch.parent} (TMPDIR): {cause.strerror}; free space "
+            "there or point TMPDIR at a larger disk (nothing was published)"
+        ) from error
 
 
 def _int8(source, options, labels, fp32, scratch, base, console) -> Artifact:

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export import benchmark as runtime_benchmark
 from export import onnx as onnx_export
+from export import quantize as quantize_module
 from export import repository, workflow
 from export.errors import (
     AccuracyBudgetError,
@@ -31,7 +33,7 @@ from export.quantize import QuantizeOptions, Unreadable, preprocess_file, quanti
 from export.repository import BatchingPolicy, read_config, versions
 from export.source import from_arch, from_checkpoint, load_state_dict_from_url
 from server.spec import INPUT_NAME, OUTPUT_NAME, PRECISION_KEY, PreprocessSpec
-from tests.support import REPO_ROOT, VENV_BIN, free_port
+from tests.support import REPO_ROOT, VENV_BIN, files_of_at_most, free_port
 from training.errors import ConfigError
 
 CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -459,13 +461,64 @@ def test_cli_export_prints_summary_and_publishes(tmp_path):
     assert (tmp_path / "repo" / "tiny" / "labels.txt").read_text().splitlines()[3] == "thing 3"
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(VENV_BIN / "resnet"), "export", *args],
         capture_output=True,
         text=True,
         timeout=120,
         env={**os.environ, **(env or {})},
+        **popen,
+    )
+
+
+@pytest.mark.slow
+def test_a_full_scratch_disk_is_named_as_the_scratch_disk(resnet20, tmp_path):
+    # Files may not grow past a size in that process, as on a full TMPDIR (the repository is often on another
+    # disk): the ONNX export's failed write was a bare `[Errno 27] File too large`, as was the INT8 quantizer's
+    # (its own temporary folder, beside ours); a repository on another disk was where users looked.
+    fp32_size = onnx_export.export_onnx(resnet20.model, tmp_path / "fp32.onnx", 32).stat().st_size
+    write_images(tmp_path / "calib" / "x", 8, size=40)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    # the pre-processed model the quantizer writes is a few hundred bytes larger than the FP32 one
+    for flags, limit in (
+        ((), 100_000),
+        (("--int8", "--calib-data", str(tmp_path / "calib")), fp32_size + 100),
+    ):
+        result = run_cli(
+            "--arch",
+            "resnet20",
+            "--repository",
+            str(tmp_path / "repo"),
+            *flags,
+            env={"TMPDIR": str(scratch)},
+            preexec_fn=files_of_at_most(limit),
+        )
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"resnet: error: cannot write the export's scratch files in {scratch} (TMPDIR): File too large; free "
+            "space there or point TMPDIR at a larger disk (nothing was published)"
+        )
+        assert not (tmp_path / "repo").exists()
+        assert not [*scratch.glob("resnet-export-*"), *scratch.glob("quant-*")]  # (a library leaves a .ses)
+
+
+def test_a_model_the_quantizer_cut_short_on_a_full_disk_is_named_so(resnet18_onnx, tmp_path, monkeypatch):
+    # ONNX Runtime's pre-processing writes through ONNX's C++ shape inference, which does not check its write: on
+    # a full tmpfs (2.6 MB, `resnet export --int8`) the model came back cut short and the export ended in a
+    # protobuf DecodeError traceback. The cut is made here as the disk made it.
+    def cut_short(source, target, **_):
+        Path(target).write_bytes(Path(source).read_bytes()[:100_000])
+        onnx.load(target)
+
+    monkeypatch.setattr(quantize_module, "quant_pre_process", cut_short)
+    with pytest.raises(ExportError) as error:
+        quantize_module.quantize_with_reader(resnet18_onnx, tmp_path / "int8.onnx", iter([]))
+    assert str(error.value).startswith(
+        f"ONNX Runtime's quantization pre-processing wrote a model it cannot read back in {tempfile.gettempdir()}: "
+        "is TMPDIR full? (its writes are not checked, so a full disk cuts the model short without an error; it "
+        "needs room for a few copies of the 46."
     )
 
 

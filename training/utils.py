@@ -104,21 +104,13 @@ def writing(path: Path) -> Iterator[None]:
     try:
         yield
     except Exception as error:
-        cause = os_error_behind(error)
+        cause = cli.files.os_error_behind(error)
         if cause is None:
             raise
         raise RunFolderError(
             f"cannot write {path}: {cause.strerror or cause}; the checkpoints written before it are intact, so fix "
             "the cause and continue with --resume auto"
         ) from error
-
-
-def os_error_behind(error: BaseException | None) -> OSError | None:
-    """The OSError that `error` is or was raised while handling. torch.save on a full disk raises its zip writer's
-    RuntimeError ("[enforce fail at inline_container.cc] unexpected pos ...") in the OSError's place."""
-    while error is not None and not isinstance(error, OSError):
-        error = error.__cause__ or error.__context__
-    return error
 
 
 def hold_run_folder(
