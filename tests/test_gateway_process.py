@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import re
 import shutil
@@ -15,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from export.repository import publish_version
+from export.errors import RepositoryError
+from export.repository import Publication, publish_version, read_config
 from tests.gateway_models import LABELS, color_image, write_colors_model
 from tests.support import (
     REPO_ROOT,
@@ -322,6 +324,27 @@ def test_the_embedded_gateway_follows_its_repository_without_a_restart_or_a_refu
         gauges = httpx.get(f"{url}/metrics").text  # the counters of what shades did stay, as counters do
         assert 'resnet_queue_depth{model="shades"}' not in gauges
         assert 'resnet_admitted_images{model="shades"}' not in gauges
+
+
+def test_an_export_undone_after_the_gateway_took_its_version_serves_the_one_before_again(tmp_path):
+    # An export that fails half-way (a full disk at its last model) is undone; a gateway that loaded the new
+    # version of its first model in the meantime must go back to the version before, refusing nothing
+    repository = tmp_path / "repository"
+    model_dir = write_colors_model(repository)
+    files = {name: model_dir / "1" / name for name in ("model.onnx", "model.py")}
+    with gateway(repository, tmp_path, "--repository-poll-s", "0.2") as (url, _):
+        with requests_meanwhile(lambda: classify(url, "red")) as answers:
+            publication = Publication(repository)
+            with (
+                pytest.raises(RepositoryError, match="No space left on device; nothing of this export"),
+                publication,
+            ):
+                publication.add(model_dir, files, read_config(model_dir), LABELS)
+                wait_until(lambda: answers and answers[-1][1] == "2", 15, what="an answer from version 2")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            wait_until(lambda: answers[-1][1] == "1", 15, what="version 1 served again")
+        assert {status for status, _ in answers} == {200}, answers
+        assert httpx.get(f"{url}/readyz").json()["failed"] == {}
 
 
 def requests_counted(url: str, model: str) -> int:
