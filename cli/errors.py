@@ -12,3 +12,15 @@ class ResnetError(Exception):
     """A user-facing failure: the message is printed as one line, the process exits with `exit_code`."""
 
     exit_code = 1
+
+
+class Terminated(ResnetError):
+    """SIGTERM (docker stop, a job's time limit, kill) as an exception, so that the work unwinds through its
+    clean-ups (scratch folders removed, a half-published export undone) instead of stopping where it stood."""
+
+    exit_code = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """A SIGTERM handler: `signal.signal(signal.SIGTERM, raise_terminated)`."""
+    raise Terminated("stopped by SIGTERM")

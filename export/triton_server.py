@@ -28,6 +28,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from cli.errors import Terminated, raise_terminated
 from cli.ports import check_port_free, free_ports
 from cli.tls import check_authorities, check_key_pair
 from export.errors import TritonError
@@ -447,7 +448,7 @@ def main(args: argparse.Namespace) -> int:
         grpc_client_ca=args.ssl_client_ca,
     )
     # SIGTERM (docker stop, systemd) is a normal shutdown, at any moment: unwind through TritonServer.stop().
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         with server:
             grpc = f"grpcs://{server.grpc_url}" if server.grpc_tls else server.grpc_url
@@ -459,15 +460,7 @@ def main(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 print("stopping Triton...", file=sys.stderr, flush=True)
                 return 0
-    except _Terminated:
+    except Terminated:
         print("stopping Triton (SIGTERM)...", file=sys.stderr, flush=True)
         return 0
     raise TritonError(f"tritonserver exited on its own with status {status}")
-
-
-class _Terminated(Exception):
-    pass
-
-
-def _raise_terminated(*_) -> None:
-    raise _Terminated()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from export.quantize import QuantizeOptions, Unreadable, preprocess_file, quanti
 from export.repository import BatchingPolicy, read_config, versions
 from export.source import from_arch, from_checkpoint, load_state_dict_from_url
 from server.spec import INPUT_NAME, OUTPUT_NAME, PRECISION_KEY, PreprocessSpec
-from tests.support import REPO_ROOT, VENV_BIN, files_of_at_most, free_port
+from tests.support import REPO_ROOT, VENV_BIN, files_of_at_most, free_port, wait_until
 from training.errors import ConfigError
 
 CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -502,6 +503,27 @@ def test_a_full_scratch_disk_is_named_as_the_scratch_disk(resnet20, tmp_path):
         )
         assert not (tmp_path / "repo").exists()
         assert not [*scratch.glob("resnet-export-*"), *scratch.glob("quant-*")]  # (a library leaves a .ses)
+
+
+@pytest.mark.slow
+def test_a_sigterm_mid_export_removes_its_scratch_folder_and_publishes_nothing(tmp_path):
+    # docker stop, a job's time limit: the export stopped where it stood and left its scratch folder (98 MB for
+    # this ResNet-50) in TMPDIR, every time. Sent as soon as the FP32 model is written, before its verification.
+    scratch, repository = tmp_path / "scratch", tmp_path / "repo"
+    scratch.mkdir()
+    command = [str(VENV_BIN / "resnet"), "export", "--arch", "resnet50", "--repository", str(repository)]
+    export = subprocess.Popen(
+        command, env={**os.environ, "TMPDIR": str(scratch)}, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until(lambda: any(scratch.glob("resnet-export-*/fp32.onnx")), 120, what="the FP32 model written")
+        export.send_signal(signal.SIGTERM)
+        _, stderr = export.communicate(timeout=60)
+    finally:
+        export.kill()
+    assert export.returncode == 143
+    assert stderr.strip().splitlines()[-1] == "resnet: error: stopped by SIGTERM"
+    assert not any(scratch.glob("resnet-export-*")) and not repository.exists()
 
 
 def test_a_model_the_quantizer_cut_short_on_a_full_disk_is_named_so(resnet18_onnx, tmp_path, monkeypatch):
