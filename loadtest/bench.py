@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import ssl
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import cli.files
-from cli.errors import ResnetError
+from cli.errors import ResnetError, raise_terminated
 from cli.help import HelpFormatter
 from cli.limits import MAX_THREADS
 from cli.ports import free_port, free_ports
@@ -463,8 +464,6 @@ def serving(
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """Run a server process on loopback until the block ends (HTTPS trusting `tls`); yields its base URL and
     the process."""
-    import signal
-
     with open(log, "wb") as output:
         process = subprocess.Popen(
             command,
@@ -750,6 +749,9 @@ def main(args: argparse.Namespace) -> int:
     # on this shared 2-core machine: 3 ms per image with 1 thread, 300-600 ms with 2 spinning ones, 7 ms with
     # passive waiting). Set before torch loads, here and in the servers started below; override from the shell.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # the servers started below (each in its own session) stop in their context managers' clean-up: stopped
+    # where it stood, a bench left its gateway running, holding its port, for good
+    signal.signal(signal.SIGTERM, raise_terminated)
     from rich.console import Console
 
     console = Console(stderr=True)

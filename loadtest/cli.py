@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import cli.files
 from cli.addresses import host_and_port, split_base_url
-from cli.errors import ResnetError
+from cli.errors import ResnetError, Terminated, raise_terminated
 from cli.help import HelpFormatter
 from cli.tls import add_client_arguments, check_authorities, check_key_pair, handshake_hint
 from loadtest import report, shapes
@@ -218,13 +219,29 @@ def run_locust(command: list[str], duration: float, log_path: Path, api_key: str
         env = {**os.environ, "RESNET_API_KEY": api_key} if api_key else None
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         start = time.monotonic()
-        while process.poll() is None:
-            time.sleep(0.5)
-            bar.n = min(round(duration), int(time.monotonic() - start))
-            bar.refresh()
+        try:
+            while process.poll() is None:
+                time.sleep(0.5)
+                bar.n = min(round(duration), int(time.monotonic() - start))
+                bar.refresh()
+        except (
+            BaseException
+        ):  # SIGTERM, Ctrl-C: a Locust left running loads the service to the end of its run
+            _stop(process)
+            raise
     if process.returncode != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise LoadTestError(f"locust exited with {process.returncode}: {tail[0]} (full log: {log_path})")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Locust stops its users and writes its files on SIGTERM; one that does not within 10 s is killed."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def base_url(value: str) -> str:
@@ -391,13 +408,20 @@ def write_results(
 
 
 def main(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, raise_terminated)  # unwinds through run_locust, which stops Locust
     check_flags(args)
     model = served_model(args)
     args.out.mkdir(parents=True, exist_ok=True)
     csv_prefix, html = args.out / "locust", args.out / "report.html"
-    run_locust(
-        locust_command(args, model, csv_prefix, html), args.duration, args.out / "locust.log", args.api_key
-    )
+    try:
+        run_locust(
+            locust_command(args, model, csv_prefix, html),
+            args.duration,
+            args.out / "locust.log",
+            args.api_key,
+        )
+    except Terminated as stopped:
+        raise Terminated(f"{stopped}; Locust stopped too, its CSVs so far are in {args.out}") from None
 
     summary = report.read_summary(Path(f"{csv_prefix}_stats.csv"))
     history = report.read_history(Path(f"{csv_prefix}_stats_history.csv"))

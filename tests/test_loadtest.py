@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from tests.support import (
     other_web_server,
     path_prefix_proxy,
     running_process,
+    wait_until,
 )
 
 # --- schedules, parsing, checks (no processes) --------------------------------------------------------------
@@ -320,6 +322,54 @@ def test_results_that_cannot_be_written_still_give_the_runs_numbers_and_verdict(
     assert last.startswith("resnet: error: 1 threshold(s) broken: p95 latency ")
     assert last.endswith(f"; and cannot write {plot}: Is a directory")
     assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_a_sigterm_stops_locust_too(gateway, tmp_path):
+    # docker stop, a CI job's time limit: the CLI died and its Locust went on loading the service to the end of
+    # the run (here a minute), then wrote its files
+    command = [
+        sys.executable,
+        "-m",
+        "cli",
+        "loadtest",
+        "--url",
+        gateway["url"],
+        "--users",
+        "2",
+        "--duration",
+        "60s",
+    ]
+    out = tmp_path / "out"
+    loadtest = subprocess.Popen(
+        [*command, "--out", str(out)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "RESNET_API_KEY": API_KEY},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: (out / "locust_stats_history.csv").is_file(), 60, what="Locust under way")
+        loadtest.send_signal(signal.SIGTERM)
+        _, stderr = loadtest.communicate(timeout=30)
+    finally:
+        loadtest.kill()
+    assert loadtest.returncode == 143
+    assert stderr.strip().splitlines()[-1] == (
+        f"resnet: error: stopped by SIGTERM; Locust stopped too, its CSVs so far are in {out}"
+    )
+    assert not [line for line in command_lines() if "locust" in line and str(out) in line], (
+        "a Locust still runs"
+    )
+
+
+def command_lines() -> list[str]:
+    """The command line of every process on this machine."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            lines.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return lines
 
 
 @pytest.mark.slow
