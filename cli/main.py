@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from cli.errors import ResnetError
+from cli.errors import ResnetError, raise_terminated
 
 # command -> (module, one-line summary). Each module defines get_args_parser() and main(args).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -88,7 +89,9 @@ def run_script(
     get_args_parser: Callable[[], argparse.ArgumentParser], script_main, prefix: str = "resnet"
 ) -> NoReturn:
     """`python -m <module>` for a module outside `resnet <command>` (the benchmarks, the reproduction): its
-    `main(args)`, with its errors told as `resnet` tells them."""
+    `main(args)`, with its errors told as `resnet` tells them, and SIGTERM unwinding through its clean-ups (the
+    servers a benchmark started, its scratch folders) unless the module handles it itself."""
+    signal.signal(signal.SIGTERM, raise_terminated)
 
     def job() -> int:
         status = script_main(get_args_parser().parse_args())
