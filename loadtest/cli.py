@@ -219,14 +219,13 @@ def run_locust(command: list[str], duration: float, log_path: Path, api_key: str
         env = {**os.environ, "RESNET_API_KEY": api_key} if api_key else None
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         start = time.monotonic()
+        # stopped (SIGTERM, Ctrl-C), it stops Locust too: one left running loads the service to the end of its run
         try:
             while process.poll() is None:
                 time.sleep(0.5)
                 bar.n = min(round(duration), int(time.monotonic() - start))
                 bar.refresh()
-        except (
-            BaseException
-        ):  # SIGTERM, Ctrl-C: a Locust left running loads the service to the end of its run
+        except BaseException:
             _stop(process)
             raise
     if process.returncode != 0:
