@@ -152,9 +152,10 @@ class TritonServer:
         self.startup_timeout = startup_timeout
         self.log_verbose = log_verbose
         self.stream_log = stream_log
-        self.log_path = (
-            Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
-        )
+        # None: a temporary file made at start and removed at stop (a start-up failure quotes its errors); made at
+        # construction and kept, one was left in /tmp by every server, even those refused before starting
+        self.log_path = Path(log_path) if log_path else None
+        self._temporary_log = log_path is None
         self.process: subprocess.Popen | None = None
 
     @property
@@ -200,6 +201,10 @@ class TritonServer:
     def start(self) -> TritonServer:
         self._check_before_start()
         install = find_tritonserver()
+        if not self.stream_log and self.log_path is None:
+            handle, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(handle)
+            self.log_path = Path(name)
         output = None if self.stream_log else open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._log_handle = output
         self.process = subprocess.Popen(
@@ -285,7 +290,7 @@ class TritonServer:
             return False
 
     def log_tail(self, lines: int = 5) -> str:
-        if self.stream_log or not self.log_path.is_file():
+        if self.stream_log or self.log_path is None or not self.log_path.is_file():
             return "see its output above"
         errors = [
             line for line in self.log_path.read_text(errors="replace").splitlines() if line.startswith("E")
@@ -308,6 +313,9 @@ class TritonServer:
         if getattr(self, "_log_handle", None):
             self._log_handle.close()
             self._log_handle = None
+        if self._temporary_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+            self.log_path = None
 
     def __enter__(self) -> TritonServer:
         return self.start()

@@ -10,8 +10,10 @@ import re
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,10 +240,24 @@ def test_cli_missing_repository_is_one_line_error(tmp_path):
 def test_what_tritonserver_would_refuse_late_is_refused_before_it_starts(tmp_path, folders, options, message):
     for folder in folders:
         (tmp_path / folder).mkdir(parents=True)
+    logs_before = triton_logs()
     server = TritonServer(tmp_path, **options)
     with pytest.raises(TritonError, match=re.escape(message.format(root=tmp_path.resolve()))):
         server.start()
     assert server.process is None
+    assert triton_logs() == logs_before  # one was left in /tmp by every server, refused ones too
+
+
+def triton_logs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("tritonserver-*.log"))
+
+
+def test_a_server_given_no_log_file_removes_its_temporary_one_when_it_stops(repository):
+    logs_before = triton_logs()
+    with TritonServer(repository) as server:
+        assert server.log_path in triton_logs() - logs_before
+        assert "successfully loaded 'r20'" in server.log_path.read_text()
+    assert triton_logs() == logs_before
 
 
 def test_a_model_file_that_does_not_fit_its_config_does_not_load(tmp_path):
