@@ -1,12 +1,17 @@
 """Files replaced whole or not at all, for every writer of the project: a reader (Triton polling a repository,
 `--resume auto`, a person opening a report) sees the old file or the new one, never half of one, and a write that
-fails (a full disk) leaves no temporary file beside them. Kept free of heavy imports, like the rest of `cli`."""
+fails (a full disk) leaves no temporary file beside them; and the lock files that keep two writers of one folder
+apart. Kept free of heavy imports, like the rest of `cli`."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -56,3 +61,38 @@ def os_error_behind(error: BaseException | None) -> OSError | None:
     while error is not None and not isinstance(error, OSError):
         error = error.__cause__ or error.__context__
     return error
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; `holder` says which, as it wrote it."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+def try_lock(path: Path) -> BinaryIO | None:
+    """An exclusive flock on `path` (made if missing), held until the returned file is closed or the process ends:
+    the kernel releases an flock then, so a crashed holder leaves no stale lock. Raises `LockHeld` where another
+    process holds it; returns None on a file system without locks; a lock file that cannot be opened is the
+    caller's OSError. The file stays: removing it would let a waiter lock a file no one else can find."""
+    # unbuffered: a write that fails leaves nothing pending for close() to fail on again
+    try:
+        handle = open(path, "a+b", buffering=0)
+    except PermissionError:  # another user's lock file in a shared folder: an flock needs no write access
+        handle = open(path, "rb", buffering=0)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().decode(errors="replace").strip() or "another process"
+        handle.close()
+        raise LockHeld(holder) from None
+    except OSError:
+        handle.close()
+        return None
+    holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M')}\n"
+    with contextlib.suppress(OSError):  # who holds it, for those who wait; the lock holds without it
+        handle.truncate(0)
+        handle.write(holder.encode())
+    return handle

@@ -4,7 +4,8 @@ Configs are `tritonclient.grpc.model_config_pb2.ModelConfig` messages written wi
 and parsed back before they are written, so a config Triton would reject never reaches the disk.
 Publishing writes a version into a hidden folder beside the model and renames it into place: Triton (or a
 gateway) polling the repository sees either no version or a complete one, and a published version is never
-overwritten. `Publication` publishes the models of one export together or not at all.
+overwritten. `Publication` publishes the models of one export together or not at all, holding the repository's
+lock file so that two exports publish one after the other.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import contextlib
 import errno
 import os
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -46,6 +49,10 @@ PREPROCESS_MODEL_PY = TRITON_MODELS_DIR / "preprocess.py"
 THREADS_KEY = "onnxruntime.intra_op_num_threads"
 SPINNING_KEY = "onnxruntime.allow_spinning"
 STALE_PARTIAL_S = 3600
+# Triton and the gateway load folders only: a file at the top of the repository is ignored by both
+LOCK_FILENAME = ".resnet-export.lock"
+LOCK_WAIT_S = 600.0  # publishing takes seconds; a holder this long is stuck, and is named
+LOCK_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -329,12 +336,20 @@ class Publication:
     removed, the files it replaced restored, the model folders it made deleted. A half-published export is a
     repository no one chose, and a model folder holding a version but no config.pbtxt stops Triton from starting
     ("unable to find backend library"). Pruning waits for `prune`, after all are in, so an undo never needs
-    a version that pruning took. The next export takes an undone version's number again: a server that polled in
+    a version that pruning took: from `prune` on, the export is published and nothing of it is undone. The next export takes an undone version's number again: a server that polled in
     the moment it existed sees new files under it, which it reloads as it does any change.
+
+    From `with` to its end it holds the repository's lock (`hold_repository`): two exports publishing one model at
+    once wrote its one config.pbtxt and labels.txt in turns, so that one's version could be served with the other's
+    class names, and one's undo could restore files the other had just written. `on_wait(holder)` is called once
+    when another export holds the lock.
     """
 
-    def __init__(self, repository: Path) -> None:
+    def __init__(self, repository: Path, on_wait: Callable[[str], object] = lambda holder: None) -> None:
         self.repository = repository
+        self.on_wait = on_wait
+        self._lock: BinaryIO | None = None
+        self._published = False
         self.models: list[Path] = []
         self._new_models: list[Path] = []
         self._new_versions: list[Path] = []
@@ -361,14 +376,30 @@ class Publication:
         return version
 
     def prune(self, keep: int) -> None:
+        """After the last `add`, under the lock still: another export's undo may need a version pruned meanwhile."""
+        self._published = True
         for model_dir in self.models:
-            prune_versions(model_dir, keep)
+            try:
+                prune_versions(model_dir, keep)
+            except OSError as error:
+                raise RepositoryError(
+                    f"this export is published, but the versions of {model_dir.name} beyond the newest {keep} cannot "
+                    f"be removed: {_reason(error)}; the newest is served, remove the others by hand"
+                ) from error
 
     def __enter__(self) -> Publication:
+        self._lock = hold_repository(self.repository, self.on_wait)
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        if error is None:
+        try:
+            self._finish(error)
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+
+    def _finish(self, error: BaseException | None) -> None:
+        if error is None or self._published:
             return
         step = self.models[-1].name if self.models else "a model"
         undo_failures = self._undo()
@@ -401,6 +432,40 @@ class Publication:
         for model_dir in self._new_models:
             _remove_tree(model_dir, failures)
         return failures
+
+
+def hold_repository(
+    repository: Path, on_wait: Callable[[str], object], wait_s: float = LOCK_WAIT_S
+) -> BinaryIO | None:
+    """The repository's lock file, locked: waits while another export holds it, `wait_s` at most. None where the
+    file system has no locks (publishing goes on, unguarded, as it did before there was a lock)."""
+    try:
+        repository.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RepositoryError(f"cannot make the repository {repository}: {_reason(error)}") from error
+    path = repository / LOCK_FILENAME
+    deadline = time.monotonic() + wait_s
+    waiting = False
+    while True:
+        try:
+            lock = cli.files.try_lock(path)
+        except cli.files.LockHeld as held:
+            if time.monotonic() >= deadline:
+                raise RepositoryError(
+                    f"{path} is still held by another export ({held.holder}) after {wait_s:g} s of waiting, and "
+                    "publishing takes seconds: it is likely stuck; stop it (its lock goes with it) and export again "
+                    "(nothing of this export is published)"
+                ) from None
+            if not waiting:
+                on_wait(held.holder)
+                waiting = True
+            time.sleep(LOCK_POLL_S)
+        except OSError as error:
+            raise RepositoryError(f"cannot open {path}: {_reason(error)}") from error
+        else:
+            if lock is None:
+                print(f"warning: cannot lock {path} (its file system has no locks)", file=sys.stderr)
+            return lock
 
 
 def _remove_tree(path: Path, failures: list[str]) -> None:

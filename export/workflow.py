@@ -2,7 +2,8 @@
 
 Every artifact is built and verified in a scratch folder first; only when all pass are they published, each as
 a new atomic version and all of them or none (`repository.Publication` undoes a publish that fails half-way, a
-disk that fills), so a failed export leaves the repository exactly as it was.
+disk that fills), so a failed export leaves the repository exactly as it was. Exports into one repository build at
+the same time and publish one after the other (the repository's lock file).
 
 Published models, for `name`:
   <name>               FP32 ONNX (gpu target: ONNX Runtime + TensorRT accelerator, FP16 with --fp16)
@@ -129,6 +130,12 @@ def validate(options: ExportOptions, source: ModelSource) -> list[str]:
         raise ExportError(f"{len(labels)} labels given for a model with {source.num_classes} classes")
     if options.eval_data:
         labelled_images(options.eval_data, labels)  # its folders fit the labels, known before minutes of work
+    check_served_contract(options, source, labels)
+    return labels
+
+
+def check_served_contract(options: ExportOptions, source: ModelSource, labels: list[str]) -> None:
+    """Refuse a model that would change the config.pbtxt and labels.txt its name's published versions share."""
     for model_dir in (options.repository / name for name in _classifier_names(options)):
         change = repo.shared_contract_change(model_dir, source.spec, labels)
         if change:
@@ -137,7 +144,6 @@ def validate(options: ExportOptions, source: ModelSource) -> list[str]:
                 f"and labels.txt; this model changes them ({change}), which the versions kept for rollback do not "
                 f"fit: publish it under another --name, or move {model_dir} away first"
             )
-    return labels
 
 
 def _plural(noun: str, numbers: list[int]) -> str:
@@ -170,7 +176,7 @@ def export_to_repository(
         with _scratch_space(Path(scratch)):
             artifacts = _build_artifacts(source, options, labels, base, Path(scratch), console)
         with console.status(f"publishing into {options.repository}..."):
-            _publish(artifacts, labels, source, options)
+            _publish(artifacts, labels, source, options, console)
     return artifacts
 
 
@@ -363,10 +369,20 @@ def _tensorrt(options, fp32, scratch, base, console, artifacts) -> Artifact:
 
 
 def _publish(
-    artifacts: list[Artifact], labels: list[str], source: ModelSource, options: ExportOptions
+    artifacts: list[Artifact],
+    labels: list[str],
+    source: ModelSource,
+    options: ExportOptions,
+    console: Console,
 ) -> None:
     root = options.repository
-    with repo.Publication(root) as publication:
+
+    def waiting(holder: str) -> None:
+        console.log(f"waiting for another export to finish publishing into {root} ({holder})")
+
+    with repo.Publication(root, on_wait=waiting) as publication:
+        # again, under the lock: an export that published meanwhile may have changed what the name serves
+        check_served_contract(options, source, labels)
         for artifact in artifacts:
             files: dict[str, Path | bytes] = {artifact.file: artifact.path}
             if options.target == "cpu":
@@ -375,7 +391,7 @@ def _publish(
             artifact.version = publication.add(root / artifact.model, files, config, labels)
         if options.pipeline:
             _publish_pipelines(publication, artifacts, labels, source, options)
-    publication.prune(options.keep_versions)
+        publication.prune(options.keep_versions)
 
 
 def _publish_pipelines(

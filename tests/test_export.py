@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from tritonclient.grpc import model_config_pb2 as mc
 
+import cli.files
 from export import benchmark as runtime_benchmark
 from export import onnx as onnx_export
 from export import quantize as quantize_module
@@ -97,7 +98,8 @@ def test_export_publishes_classifier_preprocess_and_pipeline(resnet18, tmp_path)
     options = workflow.ExportOptions(name="r18", repository=tmp_path, keep_versions=2, measure_latency=False)
     artifacts = workflow.export_to_repository(resnet18, options)
     assert [(a.model, a.version) for a in artifacts] == [("r18", 1)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r18", "r18_pipeline", "r18_preprocess"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [repository.LOCK_FILENAME, "r18", "r18_pipeline", "r18_preprocess"]
     assert {p.name for p in (tmp_path / "r18" / "1").iterdir()} == {"model.onnx", "model.py"}
     assert [p.name for p in (tmp_path / "r18_pipeline" / "1").iterdir()] == [
         ".gitkeep"
@@ -116,8 +118,13 @@ def test_reexport_adds_versions_and_prunes(resnet20, tmp_path):
 
 
 def tree(folder: Path) -> dict[str, bytes | None]:
-    """Every file and folder under `folder`, with the files' contents."""
-    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+    """Every file and folder under `folder`, with the files' contents; but the repository's lock file, which the
+    first export makes and every export keeps (no server reads it)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+        for p in folder.rglob("*")
+        if p.name != repository.LOCK_FILENAME
+    }
 
 
 def test_a_publish_that_fails_half_way_undoes_all_it_published(resnet20, tmp_path):
@@ -139,7 +146,7 @@ def test_a_publish_that_fails_half_way_undoes_all_it_published(resnet20, tmp_pat
         assert tree(tmp_path) == before
         workflow.export_to_repository(resnet20, options)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["r20", "r20_fp16_pipeline", "r20_pipeline", "r20_preprocess"]
+    assert names == [repository.LOCK_FILENAME, "r20", "r20_fp16_pipeline", "r20_pipeline", "r20_preprocess"]
     assert read_config(tmp_path / "r20").max_batch_size == 32
 
 
@@ -148,7 +155,7 @@ def test_an_interrupted_publish_is_undone_and_an_undo_that_fails_names_what_is_l
     with pytest.raises(KeyboardInterrupt), publication:
         publication.add(tmp_path / "m", {"model.py": "x"}, mc.ModelConfig(name="m", backend="python"))
         raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [repository.LOCK_FILENAME]
 
     def refused(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
@@ -163,6 +170,65 @@ def test_an_interrupted_publish_is_undone_and_an_undo_that_fails_names_what_is_l
         f"cannot publish m into {tmp_path}: No space left on device; undoing the export failed too ({left}): "
         "remove what is named there before Triton next starts"
     )
+
+
+@pytest.mark.slow
+def test_an_export_waits_for_another_publishing_and_checks_the_name_again_under_its_lock(resnet20, tmp_path):
+    # Two exports of one name at once (two retraining jobs) both passed the check of what the name serves, then
+    # wrote its one labels.txt in turns: both published (versions 1 and 2), and one's version was served with the
+    # other's class names. Now an export waits for the repository's lock, and checks the name again under it.
+    root, labels, log = tmp_path / "repo", tmp_path / "labels.txt", tmp_path / "export.log"
+    root.mkdir()
+    labels.write_text("".join(f"b{i}\n" for i in range(10)))
+    held = cli.files.try_lock(root / repository.LOCK_FILENAME)  # as the other export, publishing, holds it
+    command = [
+        str(VENV_BIN / "resnet"),
+        "export",
+        "--arch",
+        "resnet20",
+        "--name",
+        "tiny",
+        "--labels",
+        str(labels),
+    ]
+    with open(log, "w") as stderr:
+        export = subprocess.Popen(
+            [*command, "--repository", str(root)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, "COLUMNS": "300"},  # one log line per line
+        )
+    try:
+        wait_until(lambda: "waiting for another" in log.read_text(), 120, what="the export waiting")
+        assert (
+            f"waiting for another export to finish publishing into {root} (pid {os.getpid()} on "
+            in log.read_text()
+        )
+        assert [p.name for p in root.iterdir()] == [
+            repository.LOCK_FILENAME
+        ]  # nothing published while it waits
+        # meanwhile the other export publishes the name with the CIFAR-10 class names
+        spec = repository.ClassifierSpec("tiny", "resnet20", "fp32", 10, resnet20.spec)
+        other = repository.Publication(root)  # its lock is `held`
+        other.add(
+            root / "tiny", {"model.onnx": b"weights"}, repository.classifier_config(spec), CIFAR10_LABELS
+        )
+        held.close()
+        export.wait(timeout=60)
+    finally:
+        export.kill()
+    assert export.returncode == 1
+    assert (
+        log.read_text()
+        .strip()
+        .splitlines()[-1]
+        .startswith(
+            f"resnet: error: {root / 'tiny'} serves version 1 with one config.pbtxt and labels.txt; this model changes "
+            "them (class names airplane -> b0, automobile -> b1, bird -> b2 and 7 more)"
+        )
+    )
+    assert versions(root / "tiny") == [1]
+    assert (root / "tiny" / "labels.txt").read_text().split() == CIFAR10_LABELS
 
 
 def test_another_class_set_or_preprocessing_under_a_published_name_is_refused(resnet20, tmp_path):

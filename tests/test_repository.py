@@ -8,10 +8,12 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
+import cli.files
 from export import repository as repo
 from export import tensorrt as trt_config
 from export.errors import ExportError, RepositoryError
@@ -26,7 +28,7 @@ from server.spec import (
     PreprocessSpec,
     Role,
 )
-from tests.support import REPO_ROOT, files_of_at_most
+from tests.support import REPO_ROOT, files_of_at_most, wait_until
 
 
 def classifier(target: str = "cpu", **overrides) -> repo.ClassifierSpec:
@@ -259,6 +261,89 @@ def test_process_killed_mid_write_leaves_only_a_hidden_partial(tmp_path):
     os.utime(model_dir / leftovers[0], (0, 0))  # an old crash's leftovers are cleaned by pruning
     repo.prune_versions(model_dir, keep=5)
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]
+
+
+def publish_in_thread(repository, seen: list[str]) -> tuple[threading.Thread, list[int]]:
+    published: list[int] = []
+
+    def publish() -> None:
+        with repo.Publication(repository, on_wait=seen.append) as publication:
+            config = mc.ModelConfig(name="m", backend="python")
+            published.append(publication.add(repository / "m", {"model.py": "x"}, config))
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    return thread, published
+
+
+def test_a_publication_waits_for_the_export_that_holds_the_repository(tmp_path):
+    held = cli.files.try_lock(tmp_path / repo.LOCK_FILENAME)  # as an export publishing holds it
+    seen: list[str] = []
+    thread, published = publish_in_thread(tmp_path, seen)
+    wait_until(lambda: seen, 10, what="the publication waiting")
+    assert seen == [f"pid {os.getpid()} on {os.uname().nodename}, since " + seen[0].rsplit("since ", 1)[1]]
+    thread.join(0.5)
+    assert thread.is_alive() and not (tmp_path / "m").exists()  # nothing published while it waits
+    held.close()
+    thread.join(10)
+    assert published == [1] and repo.versions(tmp_path / "m") == [1]
+    # the kernel released it with its holder, and the next export locks it at once
+    seen.clear()
+    thread, published = publish_in_thread(tmp_path, seen)
+    thread.join(10)
+    assert published == [2] and seen == []
+
+
+def test_a_holder_that_never_lets_go_is_named_after_the_wait(tmp_path):
+    held = cli.files.try_lock(tmp_path / repo.LOCK_FILENAME)
+    seen: list[str] = []
+    with pytest.raises(RepositoryError) as error:
+        repo.hold_repository(tmp_path, seen.append, wait_s=0.3)
+    lock = tmp_path / repo.LOCK_FILENAME
+    assert str(error.value) == (
+        f"{lock} is still held by another export ({seen[0]}) after 0.3 s of waiting, and publishing takes seconds: "
+        "it is likely stuck; stop it (its lock goes with it) and export again (nothing of this export is published)"
+    )
+    assert seen[0].startswith(f"pid {os.getpid()} on ")
+    held.close()
+
+
+def test_a_repository_without_locks_is_published_unguarded_with_a_warning(tmp_path, monkeypatch, capsys):
+    # some network and FUSE file systems have no flock: exports published there before the lock, and still do
+    def no_locks(handle, operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(cli.files.fcntl, "flock", no_locks)
+    with repo.Publication(tmp_path) as publication:
+        publication.add(tmp_path / "m", {"model.py": "x"}, mc.ModelConfig(name="m", backend="python"))
+    assert repo.versions(tmp_path / "m") == [1]
+    lock = tmp_path / repo.LOCK_FILENAME
+    assert capsys.readouterr().err == f"warning: cannot lock {lock} (its file system has no locks)\n"
+
+
+def test_a_prune_that_fails_keeps_the_published_export(tmp_path, monkeypatch):
+    config = mc.ModelConfig(name="m", backend="python")
+    with repo.Publication(tmp_path) as publication:
+        publication.add(tmp_path / "m", {"model.py": "x"}, config)
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    with pytest.raises(RepositoryError) as error, repo.Publication(tmp_path) as publication:
+        publication.add(tmp_path / "m", {"model.py": "y"}, config)
+        monkeypatch.setattr(repo.shutil, "rmtree", refused)
+        publication.prune(1)
+    assert str(error.value) == (
+        "this export is published, but the versions of m beyond the newest 1 cannot be removed: Permission denied; "
+        "the newest is served, remove the others by hand"
+    )
+    assert repo.versions(tmp_path / "m") == [1, 2]  # not undone: version 2 is the export, and is served
+
+
+def test_a_repository_that_cannot_be_made_is_one_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RepositoryError, match=r"^cannot make the repository .*/file/repo: Not a directory$"):
+        repo.Publication(tmp_path / "file" / "repo").__enter__()
 
 
 def test_config_text_round_trips_and_rejects_garbage(tmp_path):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import random
 import re
-import socket
 import sys
 import threading
 import time
@@ -119,29 +117,20 @@ def hold_run_folder(
     """Lock `output_dir` for this run until the returned file is closed (or the process ends: the kernel releases
     an flock then, so a crashed run leaves no stale lock). A second run into the folder, such as a job restarted
     while the first still runs, would interleave its checkpoints and metrics with the first's: it is refused."""
-    # unbuffered: a write that fails leaves nothing pending for close() to fail on again
-    handle = open(output_dir / LOCK_NAME, "a+b", buffering=0)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().decode(errors="replace").strip() or "another process"
-        handle.close()
+        return cli.files.try_lock(output_dir / LOCK_NAME) or _unguarded(output_dir)
+    except cli.files.LockHeld as held:
         raise RunFolderError(
-            f"{output_dir} is in use by another run ({holder}): wait for it to end or stop it, {then}"
+            f"{output_dir} is in use by another run ({held.holder}): wait for it to end or stop it, {then}"
         ) from None
-    except OSError as error:  # a file system without locks: run, unguarded
-        print(
-            f"warning: cannot lock {output_dir} ({error.strerror}); a second run into it would not be refused",
-            file=sys.stderr,
-        )
-        handle.close()
-        return None
-    holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M')}\n"
-    with contextlib.suppress(OSError):  # who holds it, for the refusal; the lock holds without it
-        handle.truncate(0)
-        handle.write(holder.encode())
-    return handle
+
+
+def _unguarded(output_dir: Path) -> None:
+    print(
+        f"warning: cannot lock {output_dir} (its file system has no locks); a second run into it would not be "
+        "refused",
+        file=sys.stderr,
+    )
 
 
 def atomic_write_text(path: Path, text: str) -> None:
