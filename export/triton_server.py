@@ -28,6 +28,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli.processes
 from cli.errors import Terminated, raise_terminated
 from cli.ports import check_port_free, free_ports
 from cli.tls import check_authorities, check_key_pair
@@ -208,7 +209,7 @@ class TritonServer:
         output = None if self.stream_log else open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._log_handle = output
         self.process = subprocess.Popen(
-            self.command(install),
+            cli.processes.ending_with_this_process(self.command(install)),
             env=triton_environment(install),
             stdout=output,
             stderr=subprocess.STDOUT,

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import cli.files
+import cli.processes
 from cli.errors import ResnetError, raise_terminated
 from cli.help import HelpFormatter
 from cli.limits import MAX_THREADS
@@ -466,7 +467,7 @@ def serving(
     the process."""
     with open(log, "wb") as output:
         process = subprocess.Popen(
-            command,
+            cli.processes.ending_with_this_process(command),
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,

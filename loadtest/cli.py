@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import cli.files
+import cli.processes
 from cli.addresses import host_and_port, split_base_url
 from cli.errors import ResnetError, Terminated, raise_terminated
 from cli.help import HelpFormatter
@@ -217,7 +218,9 @@ def run_locust(command: list[str], duration: float, log_path: Path, api_key: str
     ):
         # The key travels in the environment (the locustfile reads RESNET_API_KEY), not on a visible command line.
         env = {**os.environ, "RESNET_API_KEY": api_key} if api_key else None
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            cli.processes.ending_with_this_process(command), stdout=log, stderr=subprocess.STDOUT, env=env
+        )
         start = time.monotonic()
         # stopped (SIGTERM, Ctrl-C), it stops Locust too: one left running loads the service to the end of its run
         try:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+import cli.processes
 from cli.ports import free_port, free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,11 @@ def running_process(
     SIGTERM (SIGKILL after 10 s)."""
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
     process = subprocess.Popen(
-        cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        cli.processes.ending_with_this_process(cmd),
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         if ready_url:
@@ -92,6 +97,18 @@ def running_process(
         stop_process(process)
         if log_path:
             log.close()
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def has_ended(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie no one has reaped yet has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 def stop_process(process: subprocess.Popen, grace: float = 10) -> None:

@@ -30,7 +30,7 @@ from export.triton_server import TritonServer, find_tritonserver
 from server.preprocessing import preprocess_image
 from server.spec import IMAGE_INPUT_NAME, INPUT_NAME, OUTPUT_NAME
 from tests.gateway_models import write_misfit_model
-from tests.support import VENV_BIN, free_ports, http_ok, wait_until
+from tests.support import VENV_BIN, children_of, free_ports, has_ended, http_ok, wait_until
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -186,7 +186,10 @@ def test_metrics_endpoint_counts_inferences(triton):
     assert r20_inference_count(triton) - before == 4  # one request of 4 images counts 4 inferences
 
 
-def test_cli_serves_until_sigterm_then_exits_cleanly(repository):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_cli_serves_until_stopped_and_tritonserver_never_outlives_it(repository, stop):
+    # Killed outright (SIGKILL, the OOM killer, a CI job's hard limit), `resnet triton serve` left its tritonserver
+    # serving for good, on its ports: the next `resnet triton serve` was refused (Address already in use).
     ports = [str(port) for port in free_ports(3)]
     command = [
         str(VENV_BIN / "resnet"),
@@ -208,12 +211,14 @@ def test_cli_serves_until_sigterm_then_exits_cleanly(repository):
         banner = next(line for line in process.stdout if line.startswith("Triton ready"))
         assert f"HTTP http://127.0.0.1:{ports[0]}" in banner
         assert http_ok(f"http://127.0.0.1:{ports[0]}/v2/models/r20/ready")
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
+        (tritonserver,) = children_of(process.pid)
+        process.send_signal(stop)
+        assert process.wait(60) == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+    wait_until(lambda: has_ended(tritonserver), 30, what="tritonserver ended")  # SIGTERM from the kernel
     assert not http_ok(f"http://127.0.0.1:{ports[0]}/v2/health/live")  # tritonserver went down with it
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cli.files
+import cli.processes
 from cli.errors import ResnetError
 from cli.help import HelpFormatter
 
@@ -668,7 +669,12 @@ def _launch(
     with open(folder / "train.log", "ab") as log:
         # Its own session: a Ctrl-C in the terminal reaches the runner only, which passes it on once.
         process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cli.processes.ending_with_this_process(command),
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     print(f"started {arch} on {info['gpu']} (log: {folder / 'train.log'})", flush=True)
     return process, info
