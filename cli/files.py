@@ -91,8 +91,12 @@ def try_lock(path: Path) -> BinaryIO | None:
     except OSError:
         handle.close()
         return None
-    holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M')}\n"
     with contextlib.suppress(OSError):  # who holds it, for those who wait; the lock holds without it
         handle.truncate(0)
-        handle.write(holder.encode())
+        handle.write(f"{this_process()}\n".encode())
     return handle
+
+
+def this_process() -> str:
+    """This process as a lock's holder is named to those who wait for it."""
+    return f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M')}"

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -51,6 +52,7 @@ SPINNING_KEY = "onnxruntime.allow_spinning"
 STALE_PARTIAL_S = 3600
 # Triton and the gateway load folders only: a file at the top of the repository is ignored by both
 LOCK_FILENAME = ".resnet-export.lock"
+JOURNAL_FILENAME = ".resnet-export.journal"
 LOCK_WAIT_S = 600.0  # publishing takes seconds; a holder this long is stuck, and is named
 LOCK_POLL_S = 0.1
 
@@ -328,6 +330,65 @@ def prune_versions(model_dir: Path, keep: int) -> list[int]:
     return removed
 
 
+@dataclass
+class Journal:
+    """What undoing a publish in progress takes, in the repository before each step of it. An export killed midway
+    (SIGKILL, the OOM killer, a lost machine) cannot undo itself; the next one, holding the lock the killed one
+    held, finds its journal and undoes it (`Publication`)."""
+
+    holder: str
+    # the model folders it made; each model's versions before its new one; <model>/<file> -> the text it replaced
+    # (None where there was no file)
+    new_models: list[str] = field(default_factory=list)
+    versions_before: dict[str, list[int]] = field(default_factory=dict)
+    replaced: dict[str, str | None] = field(default_factory=dict)
+
+    def save(self, repository: Path) -> None:
+        cli.files.atomic_write_text(repository / JOURNAL_FILENAME, json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, repository: Path) -> Journal | None:
+        path = repository / JOURNAL_FILENAME
+        try:
+            return cls(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as error:
+            raise RepositoryError(
+                f"cannot read {path} ({_reason(error)}), the record of an export that was killed while publishing: "
+                "check that the repository holds what you want served, then remove it"
+            ) from error
+
+    def undo(self, repository: Path) -> list[str]:
+        """Newest versions first (they free the space a restore may need); returns what could not be undone."""
+        failures: list[str] = []
+        for model, before in reversed(self.versions_before.items()):
+            for version in reversed(versions(repository / model)):
+                if version not in before:
+                    _remove_tree(repository / model / str(version), failures)
+        for name, text in self.replaced.items():
+            path = repository / name
+            if path.parent.name in self.new_models:
+                continue
+            try:
+                if (path.read_text() if path.is_file() else None) == text:
+                    continue  # never written (the step failed first): no write to fail on a full disk
+                if text is not None:
+                    atomic_write_text(path, text)
+                else:
+                    path.unlink()
+            except OSError as error:
+                failures.append(f"{path}: {_reason(error)}")
+        for model in self.new_models:
+            _remove_tree(repository / model, failures)
+        return failures
+
+
+def publishing_unfinished(repository: Path) -> bool:
+    """An export is publishing into `repository`, or was killed while it did (its `Journal` is there)."""
+    return (repository / JOURNAL_FILENAME).is_file()
+
+
 class Publication:
     """The models one export adds to a repository, published together or not at all.
 
@@ -335,25 +396,25 @@ class Publication:
     if any step fails (a disk that fills after the first model), every step before it is undone: its new versions
     removed, the files it replaced restored, the model folders it made deleted. A half-published export is a
     repository no one chose, and a model folder holding a version but no config.pbtxt stops Triton from starting
-    ("unable to find backend library"). Pruning waits for `prune`, after all are in, so an undo never needs
-    a version that pruning took: from `prune` on, the export is published and nothing of it is undone. The next export takes an undone version's number again: a server that polled in
-    the moment it existed sees new files under it, which it reloads as it does any change.
+    ("unable to find backend library"). Pruning waits for `prune`, after all are in, so an undo never needs a
+    version that pruning took: from `prune` on, the export is published and nothing of it is undone. The next
+    export takes an undone version's number again: a server that polled in the moment it existed sees new files
+    under it, which it reloads as it does any change.
 
     From `with` to its end it holds the repository's lock (`hold_repository`): two exports publishing one model at
     once wrote its one config.pbtxt and labels.txt in turns, so that one's version could be served with the other's
-    class names, and one's undo could restore files the other had just written. `on_wait(holder)` is called once
-    when another export holds the lock.
+    class names, and one's undo could restore files the other had just written. Each step is recorded in the
+    repository's `Journal` before it is taken, and an export killed midway is undone by the next one, when it has
+    the lock. `log` hears of both (a wait, an undo).
     """
 
-    def __init__(self, repository: Path, on_wait: Callable[[str], object] = lambda holder: None) -> None:
+    def __init__(self, repository: Path, log: Callable[[str], object] = lambda message: None) -> None:
         self.repository = repository
-        self.on_wait = on_wait
-        self._lock: BinaryIO | None = None
-        self._published = False
+        self.log = log
         self.models: list[Path] = []
-        self._new_models: list[Path] = []
-        self._new_versions: list[Path] = []
-        self._replaced: dict[Path, str | None] = {}  # file -> its text before this export, None where absent
+        self._lock: BinaryIO | None = None
+        self._journal = Journal(holder="")
+        self._published = False
 
     def add(
         self,
@@ -364,20 +425,23 @@ class Publication:
     ) -> int:
         """`files` as a new version of `model_dir`, served with `config` and `labels`; returns the version."""
         self.models.append(model_dir)
+        journal, model = self._journal, model_dir.name
         if not model_dir.exists():
-            self._new_models.append(model_dir)
-        version = publish_version(model_dir, files)
-        self._new_versions.append(model_dir / str(version))
+            journal.new_models.append(model)
+        journal.versions_before[model] = versions(model_dir)
         written = [CONFIG_FILENAME] + ([LABELS_FILENAME] if labels is not None else [])
         for path in (model_dir / name for name in written):
-            if path not in self._replaced:
-                self._replaced[path] = path.read_text() if path.is_file() else None
+            journal.replaced.setdefault(f"{model}/{path.name}", path.read_text() if path.is_file() else None)
+        journal.save(self.repository)
+        version = publish_version(model_dir, files)
         write_model(model_dir, config, labels)
         return version
 
     def prune(self, keep: int) -> None:
         """After the last `add`, under the lock still: another export's undo may need a version pruned meanwhile."""
         self._published = True
+        # a kill from here on leaves the export published
+        (self.repository / JOURNAL_FILENAME).unlink(missing_ok=True)
         for model_dir in self.models:
             try:
                 prune_versions(model_dir, keep)
@@ -388,21 +452,50 @@ class Publication:
                 ) from error
 
     def __enter__(self) -> Publication:
-        self._lock = hold_repository(self.repository, self.on_wait)
+        self._lock = hold_repository(self.repository, self.log)
+        try:
+            self._undo_a_killed_export()
+        except BaseException:
+            self._release()
+            raise
+        self._journal = Journal(holder=cli.files.this_process())
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
         try:
             self._finish(error)
         finally:
-            if self._lock is not None:
-                self._lock.close()
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+
+    def _undo_a_killed_export(self) -> None:
+        journal = Journal.load(self.repository)
+        if journal is None:
+            return
+        failures = journal.undo(self.repository)
+        if failures:
+            raise RepositoryError(
+                f"an export ({journal.holder}) was killed while publishing into {self.repository}, and undoing it "
+                f"failed ({'; '.join(failures)}): fix that, or remove {self.repository / JOURNAL_FILENAME} once the "
+                "repository holds what you want served, and export again"
+            )
+        (self.repository / JOURNAL_FILENAME).unlink()
+        self.log(
+            f"undid an export ({journal.holder}) killed while publishing into {self.repository} "
+            f"({', '.join(journal.versions_before)}): the repository is as it was before it"
+        )
 
     def _finish(self, error: BaseException | None) -> None:
         if error is None or self._published:
+            (self.repository / JOURNAL_FILENAME).unlink(missing_ok=True)
             return
         step = self.models[-1].name if self.models else "a model"
-        undo_failures = self._undo()
+        undo_failures = self._journal.undo(self.repository)
+        # undone, or to be mended by hand as the error says: either way no later export is to undo it again
+        (self.repository / JOURNAL_FILENAME).unlink(missing_ok=True)
         if undo_failures:
             raise RepositoryError(
                 f"cannot publish {step} into {self.repository}: {_reason(error)}; undoing the export failed too "
@@ -414,31 +507,12 @@ class Publication:
                 "published (the repository is as it was), so fix the cause and export again"
             ) from error
 
-    def _undo(self) -> list[str]:
-        """Newest versions first (they free the space a restore may need); returns what could not be undone."""
-        failures = []
-        for version_dir in reversed(self._new_versions):
-            _remove_tree(version_dir, failures)
-        for path, text in self._replaced.items():
-            if path.parent in self._new_models:
-                continue
-            try:
-                if text is not None:
-                    atomic_write_text(path, text)
-                elif path.is_file():
-                    path.unlink()
-            except OSError as error:
-                failures.append(f"{path}: {_reason(error)}")
-        for model_dir in self._new_models:
-            _remove_tree(model_dir, failures)
-        return failures
-
 
 def hold_repository(
-    repository: Path, on_wait: Callable[[str], object], wait_s: float = LOCK_WAIT_S
+    repository: Path, log: Callable[[str], object], wait_s: float = LOCK_WAIT_S
 ) -> BinaryIO | None:
-    """The repository's lock file, locked: waits while another export holds it, `wait_s` at most. None where the
-    file system has no locks (publishing goes on, unguarded, as it did before there was a lock)."""
+    """The repository's lock file, locked: waits while another export holds it (saying so to `log`), `wait_s` at
+    most. None where the file system has no locks (publishing goes on, unguarded, as before there was a lock)."""
     try:
         repository.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -457,7 +531,7 @@ def hold_repository(
                     "(nothing of this export is published)"
                 ) from None
             if not waiting:
-                on_wait(held.holder)
+                log(f"waiting for another export to finish publishing into {repository} ({held.holder})")
                 waiting = True
             time.sleep(LOCK_POLL_S)
         except OSError as error:

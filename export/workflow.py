@@ -130,7 +130,9 @@ def validate(options: ExportOptions, source: ModelSource) -> list[str]:
         raise ExportError(f"{len(labels)} labels given for a model with {source.num_classes} classes")
     if options.eval_data:
         labelled_images(options.eval_data, labels)  # its folders fit the labels, known before minutes of work
-    check_served_contract(options, source, labels)
+    if not repo.publishing_unfinished(options.repository):
+        # else what the name serves may be undone first: it is checked under the lock, after that
+        check_served_contract(options, source, labels)
     return labels
 
 
@@ -376,11 +378,7 @@ def _publish(
     console: Console,
 ) -> None:
     root = options.repository
-
-    def waiting(holder: str) -> None:
-        console.log(f"waiting for another export to finish publishing into {root} ({holder})")
-
-    with repo.Publication(root, on_wait=waiting) as publication:
+    with repo.Publication(root, log=console.log) as publication:
         # again, under the lock: an export that published meanwhile may have changed what the name serves
         check_served_contract(options, source, labels)
         for artifact in artifacts:

@@ -204,15 +204,14 @@ def test_an_export_waits_for_another_publishing_and_checks_the_name_again_under_
             f"waiting for another export to finish publishing into {root} (pid {os.getpid()} on "
             in log.read_text()
         )
-        assert [p.name for p in root.iterdir()] == [
-            repository.LOCK_FILENAME
-        ]  # nothing published while it waits
-        # meanwhile the other export publishes the name with the CIFAR-10 class names
+        # nothing published while it waits
+        assert [p.name for p in root.iterdir()] == [repository.LOCK_FILENAME]
+        # meanwhile the other export publishes the name with the CIFAR-10 class names, and ends
         spec = repository.ClassifierSpec("tiny", "resnet20", "fp32", 10, resnet20.spec)
         other = repository.Publication(root)  # its lock is `held`
-        other.add(
-            root / "tiny", {"model.onnx": b"weights"}, repository.classifier_config(spec), CIFAR10_LABELS
-        )
+        config = repository.classifier_config(spec)
+        other.add(root / "tiny", {"model.onnx": b"weights"}, config, CIFAR10_LABELS)
+        other.prune(3)
         held.close()
         export.wait(timeout=60)
     finally:
@@ -229,6 +228,60 @@ def test_an_export_waits_for_another_publishing_and_checks_the_name_again_under_
     )
     assert versions(root / "tiny") == [1]
     assert (root / "tiny" / "labels.txt").read_text().split() == CIFAR10_LABELS
+
+
+KILLED_WHILE_PUBLISHING = """
+import sys, time
+from pathlib import Path
+from export import repository
+
+root = Path(sys.argv[1])
+config = repository.read_config(root / "tiny")
+with repository.Publication(root) as publication:
+    publication.add(root / "tiny", {"model.onnx": b"weights"}, config, [f"b{i}" for i in range(10)])
+    print("half published", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_an_export_after_one_killed_while_publishing_undoes_it_then_publishes(resnet20, tmp_path):
+    # An export killed outright (SIGKILL, the OOM killer) while publishing left its versions, served with its class
+    # names: the next export of the name with the names it had before was refused, and nothing undid the first.
+    root = tmp_path / "repo"
+    options = workflow.ExportOptions(
+        name="tiny", repository=root, labels=CIFAR10_LABELS, measure_latency=False
+    )
+    workflow.export_to_repository(resnet20, options)
+    killed = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WHILE_PUBLISHING, str(root)], cwd=REPO_ROOT, stdout=subprocess.PIPE
+    )
+    try:
+        assert killed.stdout.readline() == b"half published\n"
+    finally:
+        killed.kill()
+        killed.wait(10)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{label}\n" for label in CIFAR10_LABELS))
+    result = run_cli(
+        "--arch",
+        "resnet20",
+        "--name",
+        "tiny",
+        "--labels",
+        str(labels),
+        "--repository",
+        str(root),
+        env={"COLUMNS": "300"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"undid an export (pid {killed.pid} on " in result.stderr
+    assert (
+        f"killed while publishing into {root} (tiny): the repository is as it was before it" in result.stderr
+    )
+    assert versions(root / "tiny") == [1, 2]  # 2: this export's, the killed one's undone
+    assert (root / "tiny" / "labels.txt").read_text().split() == CIFAR10_LABELS
+    assert (root / "tiny" / "2" / "model.onnx").read_bytes() != b"weights"
 
 
 def test_another_class_set_or_preprocessing_under_a_published_name_is_refused(resnet20, tmp_path):

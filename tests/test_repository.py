@@ -267,7 +267,7 @@ def publish_in_thread(repository, seen: list[str]) -> tuple[threading.Thread, li
     published: list[int] = []
 
     def publish() -> None:
-        with repo.Publication(repository, on_wait=seen.append) as publication:
+        with repo.Publication(repository, log=seen.append) as publication:
             config = mc.ModelConfig(name="m", backend="python")
             published.append(publication.add(repository / "m", {"model.py": "x"}, config))
 
@@ -281,7 +281,9 @@ def test_a_publication_waits_for_the_export_that_holds_the_repository(tmp_path):
     seen: list[str] = []
     thread, published = publish_in_thread(tmp_path, seen)
     wait_until(lambda: seen, 10, what="the publication waiting")
-    assert seen == [f"pid {os.getpid()} on {os.uname().nodename}, since " + seen[0].rsplit("since ", 1)[1]]
+    holder = f"pid {os.getpid()} on {os.uname().nodename}, since "
+    assert seen[0].startswith(f"waiting for another export to finish publishing into {tmp_path} ({holder}")
+    assert len(seen) == 1
     thread.join(0.5)
     assert thread.is_alive() and not (tmp_path / "m").exists()  # nothing published while it waits
     held.close()
@@ -300,11 +302,12 @@ def test_a_holder_that_never_lets_go_is_named_after_the_wait(tmp_path):
     with pytest.raises(RepositoryError) as error:
         repo.hold_repository(tmp_path, seen.append, wait_s=0.3)
     lock = tmp_path / repo.LOCK_FILENAME
+    holder = seen[0].split(" (", 1)[1].rstrip(")")
+    assert holder.startswith(f"pid {os.getpid()} on ")
     assert str(error.value) == (
-        f"{lock} is still held by another export ({seen[0]}) after 0.3 s of waiting, and publishing takes seconds: "
+        f"{lock} is still held by another export ({holder}) after 0.3 s of waiting, and publishing takes seconds: "
         "it is likely stuck; stop it (its lock goes with it) and export again (nothing of this export is published)"
     )
-    assert seen[0].startswith(f"pid {os.getpid()} on ")
     held.close()
 
 
@@ -338,6 +341,93 @@ def test_a_prune_that_fails_keeps_the_published_export(tmp_path, monkeypatch):
         "the newest is served, remove the others by hand"
     )
     assert repo.versions(tmp_path / "m") == [1, 2]  # not undone: version 2 is the export, and is served
+
+
+KILLED_MID_PUBLISH = """
+import sys, time
+from pathlib import Path
+from tritonclient.grpc import model_config_pb2 as mc
+from export import repository
+
+root = Path(sys.argv[1])
+with repository.Publication(root) as publication:
+    publication.add(root / "m", {"model.py": "new"}, mc.ModelConfig(name="m", backend="python"), ["x", "y"])
+    publication.add(root / "n", {"model.py": "new"}, mc.ModelConfig(name="n", backend="python"))
+    (root / "n" / "config.pbtxt").unlink()  # killed between n's version and its config: Triton would not start
+    print("half published", flush=True)
+    time.sleep(600)
+"""
+
+
+def tree(folder) -> dict[str, bytes | None]:
+    """Every file and folder under `folder` but the lock file, with the files' contents."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+        for p in folder.rglob("*")
+        if p.name != repo.LOCK_FILENAME
+    }
+
+
+def published_m(root) -> None:
+    with repo.Publication(root) as publication:
+        publication.add(
+            root / "m", {"model.py": "old"}, mc.ModelConfig(name="m", backend="python"), ["a", "b"]
+        )
+        publication.prune(3)
+
+
+def test_an_export_killed_mid_publish_is_undone_by_the_next_one(tmp_path):
+    # SIGKILL, the OOM killer or a lost machine gives an export no chance to undo itself: its models published
+    # before it stayed, m with a version served with another version's class names, n with a version and no
+    # config.pbtxt, which stops Triton from starting. Its journal lets the next export undo it.
+    published_m(tmp_path)
+    before = tree(tmp_path)
+    killed = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MID_PUBLISH, str(tmp_path)], cwd=REPO_ROOT, stdout=subprocess.PIPE
+    )
+    try:
+        assert killed.stdout.readline() == b"half published\n"
+    finally:
+        killed.kill()
+        killed.wait(10)
+    assert repo.versions(tmp_path / "m") == [1, 2] and repo.versions(tmp_path / "n") == [1]
+    seen: list[str] = []
+    with repo.Publication(tmp_path, log=seen.append):
+        assert tree(tmp_path) == before  # undone first, under the lock the killed export held
+    assert seen == [
+        f"undid an export (pid {killed.pid} on {os.uname().nodename}, since {seen[0].split('since ')[1][:16]}) "
+        f"killed while publishing into {tmp_path} (m, n): the repository is as it was before it"
+    ]
+    with repo.Publication(tmp_path, log=seen.append):  # once
+        pass
+    assert len(seen) == 1 and tree(tmp_path) == before
+
+
+def test_a_killed_export_that_cannot_be_undone_stops_the_next_until_mended(tmp_path, monkeypatch):
+    published_m(tmp_path)
+    journal = repo.Journal(holder="pid 7 on elsewhere, since 2026-12-07 21:00", versions_before={"m": []})
+    journal.save(tmp_path)
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(repo.shutil, "rmtree", refused)
+    with pytest.raises(RepositoryError) as error, repo.Publication(tmp_path):
+        pass
+    journal_path = tmp_path / repo.JOURNAL_FILENAME
+    assert str(error.value) == (
+        f"an export (pid 7 on elsewhere, since 2026-12-07 21:00) was killed while publishing into {tmp_path}, and "
+        f"undoing it failed ({tmp_path / 'm' / '1'}: Permission denied): fix that, or remove {journal_path} once the "
+        "repository holds what you want served, and export again"
+    )
+    assert repo.versions(tmp_path / "m") == [1] and journal_path.is_file()
+    held = cli.files.try_lock(tmp_path / repo.LOCK_FILENAME)  # the lock was let go
+    held.close()
+    journal_path.write_text('{"holder": "pid 7')  # (written atomically: only by hand)
+    with pytest.raises(
+        RepositoryError, match=r"^cannot read .*\.resnet-export\.journal \(Unterminated string"
+    ):
+        repo.Publication(tmp_path).__enter__()
 
 
 def test_a_repository_that_cannot_be_made_is_one_error(tmp_path):
