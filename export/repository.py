@@ -389,6 +389,23 @@ def publishing_unfinished(repository: Path) -> bool:
     return (repository / JOURNAL_FILENAME).is_file()
 
 
+def unfinished_publish_warning(repository: Path) -> str | None:
+    """For a server about to load `repository`: what an unfinished publish there means, None where there is none."""
+    if not publishing_unfinished(repository):
+        return None
+    try:
+        journal = Journal.load(repository)
+    except RepositoryError as error:
+        return str(error)
+    if journal is None:  # it finished meanwhile
+        return None
+    return (
+        f"an export ({journal.holder}) is publishing into {repository}, or was killed while it did: "
+        f"{', '.join(journal.versions_before)} may be half published; the next export into it undoes what a killed "
+        "one left"
+    )
+
+
 class Publication:
     """The models one export adds to a repository, published together or not at all.
 

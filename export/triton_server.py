@@ -33,7 +33,7 @@ from cli.errors import Terminated, raise_terminated
 from cli.ports import check_port_free, free_ports
 from cli.tls import check_authorities, check_key_pair
 from export.errors import TritonError
-from export.repository import versions
+from export.repository import unfinished_publish_warning, versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("RESNET_CACHE_DIR", Path.home() / ".cache" / "resnet-serving"))
@@ -242,6 +242,9 @@ class TritonServer:
             raise TritonError(
                 f"{self.repository} holds no models (no <model>/config.pbtxt or <model>/<version>/)"
             )
+        unfinished = unfinished_publish_warning(self.repository)
+        if unfinished:  # Triton may refuse a model a killed export left with a version and no config
+            print(f"warning: {unfinished}", file=sys.stderr, flush=True)
         if self.grpc_tls:  # tritonserver would fail only after loading every model, or serve gRPC without TLS
             try:
                 check_key_pair(*self.grpc_tls)

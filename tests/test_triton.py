@@ -25,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 from export import workflow
 from export.errors import TritonError
 from export.onnx import session
+from export.repository import Journal
 from export.source import from_arch
 from export.triton_server import TritonServer, find_tritonserver
 from server.preprocessing import preprocess_image
@@ -251,6 +252,22 @@ def test_what_tritonserver_would_refuse_late_is_refused_before_it_starts(tmp_pat
         server.start()
     assert server.process is None
     assert triton_logs() == logs_before  # one was left in /tmp by every server, refused ones too
+
+
+def test_a_repository_an_export_was_killed_publishing_into_is_warned_about(tmp_path, capsys):
+    # a model it left with a version and no config.pbtxt stops Triton at start-up, naming no export
+    (tmp_path / "r20" / "1").mkdir(parents=True)
+    Journal(holder="pid 7 on trainer-1, since 2026-12-07 21:00", versions_before={"r20": []}).save(tmp_path)
+    server = TritonServer(
+        tmp_path, http_port=18000, grpc_port=18000
+    )  # refused after the warning, started never
+    with pytest.raises(TritonError, match="ports must differ"):
+        server.start()
+    assert capsys.readouterr().err == (
+        f"warning: an export (pid 7 on trainer-1, since 2026-12-07 21:00) is publishing into {tmp_path.resolve()}, "
+        "or was killed while it did: r20 may be half published; the next export into it undoes what a killed one "
+        "left\n"
+    )
 
 
 def triton_logs() -> set[Path]:
