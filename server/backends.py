@@ -298,8 +298,8 @@ class EmbeddedBackend(Backend):
         return infos
 
     async def retire(self, info: ModelInfo) -> None:
-        # Freed once any request still holding the old model is past its deadline: without gateway batching
-        # nothing queues, so a request being decoded at the switch reaches the backend after it.
+        # Freed once any request still holding the old model is past its deadline: a request being decoded at the
+        # switch reaches the backend after it (a replaced batcher runs such a request alone).
         delay = self.settings.request_timeout_s + 1
         asyncio.get_running_loop().call_later(delay, self._free, info)
 

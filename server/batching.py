@@ -50,14 +50,14 @@ class Dispatcher(abc.ABC):
     """
 
     model: str
+    run_batch: RunBatch
     queue_size: int
+    metrics: Metrics
     statistics: ModelStatistics  # the model's: every successful backend call is an execution
     _admitted: int = 0
 
     @contextlib.contextmanager
     def admit(self, images: int):
-        if getattr(self, "_closing", False):
-            raise Overloaded("the gateway is shutting down", retry_after=1)
         if images > self.queue_size:
             raise InvalidInput(
                 f"{images} images in one request is more than model {self.model!r} queues "
@@ -79,6 +79,19 @@ class Dispatcher(abc.ABC):
     @abc.abstractmethod
     async def infer(self, batch: np.ndarray, deadline: float) -> tuple[np.ndarray, RequestTimes]:
         """Logits for the batch, and what the request spent waiting and being computed."""
+
+    async def _infer_alone(self, batch: np.ndarray, deadline: float) -> tuple[np.ndarray, RequestTimes]:
+        """The batch sent to the backend as it is, with no wait in the gateway."""
+        remaining = _remaining(deadline)
+        self.metrics.batch_size.labels(self.model).observe(len(batch))
+        started_ns = time.perf_counter_ns()
+        try:
+            logits = await asyncio.wait_for(self.run_batch(batch), remaining)
+        except TimeoutError:
+            raise DeadlineExceeded(f"no result within the request deadline ({remaining:.1f}s)") from None
+        compute = ComputeTimes(infer_ns=time.perf_counter_ns() - started_ns)
+        self.statistics.record_execution(len(batch), compute)
+        return logits, RequestTimes(0, compute)
 
     def start(self) -> None:
         return None  # a hook: only dispatchers with a background task start one
@@ -132,6 +145,11 @@ class DynamicBatcher(Dispatcher):
         ]
 
     async def infer(self, batch: np.ndarray, deadline: float) -> tuple[np.ndarray, RequestTimes]:
+        if self._closing:
+            # Its model was replaced (a new version) or removed while this request was being decoded: the workers
+            # are stopping or gone, and a sample queued now waited out its deadline (504). The backend keeps the
+            # version the request was routed to until every such request is past its deadline (`retire`).
+            return await self._infer_alone(batch, deadline)
         remaining = _remaining(deadline)
         loop = asyncio.get_running_loop()
         enqueued_ns = time.perf_counter_ns()
@@ -256,13 +274,4 @@ class DirectDispatcher(Dispatcher):
         self.statistics = statistics
 
     async def infer(self, batch: np.ndarray, deadline: float) -> tuple[np.ndarray, RequestTimes]:
-        remaining = _remaining(deadline)
-        self.metrics.batch_size.labels(self.model).observe(len(batch))
-        started_ns = time.perf_counter_ns()
-        try:
-            logits = await asyncio.wait_for(self.run_batch(batch), remaining)
-        except TimeoutError:
-            raise DeadlineExceeded(f"no result within the request deadline ({remaining:.1f}s)") from None
-        compute = ComputeTimes(infer_ns=time.perf_counter_ns() - started_ns)
-        self.statistics.record_execution(len(batch), compute)
-        return logits, RequestTimes(0, compute)
+        return await self._infer_alone(batch, deadline)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import json
 import re
 import shutil
 import signal
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 
 from export.errors import RepositoryError
 from export.repository import Publication, publish_version, read_config
-from tests.gateway_models import LABELS, color_image, write_colors_model
+from tests.gateway_models import LABELS, color_image, noise_jpeg, write_colors_model
 from tests.support import (
     REPO_ROOT,
     free_port,
@@ -324,6 +326,43 @@ def test_the_embedded_gateway_follows_its_repository_without_a_restart_or_a_refu
         gauges = httpx.get(f"{url}/metrics").text  # the counters of what shades did stay, as counters do
         assert 'resnet_queue_depth{model="shades"}' not in gauges
         assert 'resnet_admitted_images{model="shades"}' not in gauges
+
+
+def test_rollouts_under_load_refuse_nothing_and_leave_no_request_waiting(tmp_path):
+    # A request routed to a model version that was replaced while its image was being decoded reached a batcher
+    # whose workers had stopped: it waited out its deadline (504), and one that arrived as the batcher closed was
+    # refused with 503 "the gateway is shutting down". Here 15 rollouts under load gave 7 504s and 3 503s in 74.
+    repository = tmp_path / "repository"
+    write_colors_model(repository)
+    photo = noise_jpeg(0, (2400, 1800))  # decoded for tens of milliseconds: rollouts land mid-decode
+    flags = ("--repository-poll-s", "0.05", "--intra-op-threads", "1")
+    env = {"RESNET_REQUEST_TIMEOUT_S": "3"}
+    with running_gateway("--repository", str(repository), *flags, env=env, log_path=tmp_path / "gw.log") as (
+        url,
+        _,
+    ):
+        statuses: list[int] = []
+        done = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(base_url=url, timeout=30) as session:
+                while not done.is_set():
+                    answer = session.post("/v1/models/colors/classify", content=photo, headers=JPEG)
+                    statuses.append(answer.status_code)
+
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        try:
+            for _ in range(15):
+                time.sleep(0.3)
+                write_colors_model(repository)  # a new version, as `resnet export` publishes one
+        finally:
+            done.set()
+            for thread in clients:
+                thread.join()
+        assert models_served(url) == {"colors": "16"}
+    assert statuses and set(statuses) == {200}, collections.Counter(statuses)
 
 
 def test_an_export_undone_after_the_gateway_took_its_version_serves_the_one_before_again(tmp_path):
