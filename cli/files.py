@@ -98,5 +98,5 @@ def try_lock(path: Path) -> BinaryIO | None:
 
 
 def this_process() -> str:
-    """This process as a lock's holder is named to those who wait for it."""
+    """This process, as those who wait for a lock it holds see it named."""
     return f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M')}"

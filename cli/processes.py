@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import shutil
 
-DEATH_SIGNAL = (
-    "TERM"  # not KILL: each child cleans up on SIGTERM (Triton its shared memory, a trainer checkpoints)
-)
+# not KILL: each child cleans up on SIGTERM (Triton its shared memory, a trainer checkpoints)
+DEATH_SIGNAL = "TERM"
 
 
 def ending_with_this_process(command: list[str]) -> list[str]:
