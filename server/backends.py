@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -51,6 +52,9 @@ class ModelInfo:
     max_batch_size: int
     input_shape: tuple[int, int, int]
     num_classes: int
+    # Which load of it (the embedded backend counts them): a version number comes back after a rollback (its
+    # folder deleted) or an undone export, and each load must keep its own session.
+    load: int = 0
 
 
 class ConfigError(Exception):
@@ -179,7 +183,8 @@ class EmbeddedBackend(Backend):
 
     start() again (the registry calls it when `models_changed()`) loads only what changed: a new version, or files
     of the served one rewritten; a model whose new version does not load goes on serving the one it had, as Triton
-    does. Sessions are keyed by (name, version), so requests queued for the old version finish on it.
+    does. Sessions are keyed by (name, version, load), so requests queued for the old version finish on it, even
+    where the new one has the same number (a rollback, then a re-export).
     """
 
     name = "embedded"
@@ -187,7 +192,8 @@ class EmbeddedBackend(Backend):
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.settings = settings
-        self.sessions: dict[tuple[str, str], object] = {}
+        self.sessions: dict[tuple[str, str, int], object] = {}
+        self._loads = itertools.count(1)
         # One thread per model: ORT parallelises inside a run; concurrent runs would only fight for the cores.
         self.executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         # each model served: the stamps of the files it was loaded from (model_file_stamps), and its info
@@ -242,7 +248,8 @@ class EmbeddedBackend(Backend):
             session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         info = model_info(config, version, model_dir, self.settings.max_batch_size)
         check_onnx_fits(session, info)
-        self.sessions[info.name, version] = session
+        info.load = next(self._loads)
+        self.sessions[_session_key(info)] = session
         if info.name not in self.executors:
             self.executors[info.name] = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix=f"ort-{info.name}"
@@ -305,8 +312,8 @@ class EmbeddedBackend(Backend):
 
     def _free(self, info: ModelInfo) -> None:
         still = self.served.get(info.name)
-        if still is None or still[1].version != info.version:
-            self.sessions.pop((info.name, info.version), None)
+        if still is None or still[1] is not info:
+            self.sessions.pop(_session_key(info), None)
         if still is None and info.name in self.executors:
             self.executors.pop(info.name).shutdown(wait=False)
 
@@ -314,7 +321,7 @@ class EmbeddedBackend(Backend):
         return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
 
     async def infer(self, info: ModelInfo, batch: np.ndarray, deadline: float) -> np.ndarray:
-        session = self.sessions[info.name, info.version]  # taken now: the version may be replaced meanwhile
+        session = self.sessions[_session_key(info)]  # taken now: the version may be replaced meanwhile
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executors[info.name], self._run, session, batch)
 
@@ -322,6 +329,10 @@ class EmbeddedBackend(Backend):
         for executor in self.executors.values():
             executor.shutdown(wait=True)
         self.sessions.clear()
+
+
+def _session_key(info: ModelInfo) -> tuple[str, str, int]:
+    return info.name, info.version, info.load
 
 
 def model_file_stamps(model_dir: Path, *versions: str) -> tuple:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import gzip
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from server.app import create_app
+from server.backends import EmbeddedBackend
 from server.errors import InvalidInput, ModelNotFound
 from server.preprocessing import PILLOW_PIXEL_LIMIT
 from server.registry import ModelRegistry
@@ -327,6 +330,40 @@ def test_api_keys_protect_everything_but_health(repository):
         )
         assert response.status_code == 200
         assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+
+
+def test_a_version_number_that_comes_back_keeps_each_loads_session(tmp_path):
+    # A rollback (the newest version folder removed) gives its number to the next export. Sessions were keyed by
+    # (name, version): the timer freeing the first version 1 took the session of the version 1 served after the
+    # rollback (500s, KeyError: ('colors', '1'), when rollbacks ran under load), and a request routed to one load of
+    # version 2 ran on another's session.
+    asyncio.run(roll_back_and_forth(tmp_path))
+
+
+async def roll_back_and_forth(repository) -> None:
+    backend = EmbeddedBackend(Settings(repository=repository, grpc_port=0, request_timeout_s=0.1))
+    write_colors_model(repository)
+    [first_v1] = await backend.start()
+    write_colors_model(repository)
+    [first_v2] = await backend.start()
+    await backend.retire(first_v1)  # as the registry does at each switch: freed after the deadline + 1 s
+    shutil.rmtree(repository / "colors" / "2")
+    [second_v1] = await backend.start()
+    await backend.retire(first_v2)
+    write_colors_model(repository)
+    [second_v2] = await backend.start()  # version 2 again
+    assert [info.version for info in (first_v1, first_v2, second_v1, second_v2)] == ["1", "2", "1", "2"]
+    await asyncio.sleep(1.3)  # the first loads' timers have run
+    batch = np.zeros((1, 3, 32, 32), np.float32)
+    try:
+        for info in (
+            second_v1,
+            second_v2,
+        ):  # a request routed to second_v1 just before the switch is in flight
+            assert (await backend.infer(info, batch, time.monotonic() + 5)).shape == (1, 3)
+        assert backend.sessions.keys() == {("colors", "1", second_v1.load), ("colors", "2", second_v2.load)}
+    finally:
+        await backend.close()
 
 
 def test_served_model_interface_for_other_apis(repository):

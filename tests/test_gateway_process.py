@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from export.errors import RepositoryError
-from export.repository import Publication, publish_version, read_config
+from export.repository import Publication, publish_version, read_config, versions
 from tests.gateway_models import LABELS, color_image, noise_jpeg, write_colors_model
 from tests.support import (
     REPO_ROOT,
@@ -303,8 +303,8 @@ def test_the_embedded_gateway_follows_its_repository_without_a_restart_or_a_refu
             write_colors_model(repository)  # version 2, published atomically as `resnet export` does
             wait_until(lambda: answers and answers[-1][1] == "2", 15, what="an answer from version 2")
         assert {status for status, _ in answers} == {200}, answers
-        versions = [version for _, version in answers]
-        assert versions == sorted(versions) and versions[0] == "1" and versions[-1] == "2", versions
+        answered = [version for _, version in answers]
+        assert answered == sorted(answered) and answered[0] == "1" and answered[-1] == "2", answered
 
         publish_version(repository / "colors", {"model.onnx": b"not an ONNX model"})  # version 3, broken
         log = tmp_path / "gateway.log"
@@ -328,19 +328,38 @@ def test_the_embedded_gateway_follows_its_repository_without_a_restart_or_a_refu
         assert 'resnet_admitted_images{model="shades"}' not in gauges
 
 
-def test_rollouts_under_load_refuse_nothing_and_leave_no_request_waiting(tmp_path):
+def publish(repository: Path, step: int) -> None:
+    write_colors_model(repository)  # a new version, as `resnet export` publishes one
+
+
+def publish_then_roll_back(repository: Path, step: int) -> None:
+    if (
+        step % 2
+    ):  # the documented rollback: the newest version folder removed, its number taken again next time
+        shutil.rmtree(repository / "colors" / str(max(versions(repository / "colors"))))
+    else:
+        write_colors_model(repository)
+
+
+@pytest.mark.parametrize(
+    ("rollout", "served_at_the_end"),
+    [(publish, "16"), (publish_then_roll_back, "1")],
+    ids=["publish", "rollback"],
+)
+def test_rollouts_under_load_refuse_nothing_and_leave_no_request_waiting(
+    tmp_path, rollout, served_at_the_end
+):
     # A request routed to a model version that was replaced while its image was being decoded reached a batcher
     # whose workers had stopped: it waited out its deadline (504), and one that arrived as the batcher closed was
-    # refused with 503 "the gateway is shutting down". Here 15 rollouts under load gave 7 504s and 3 503s in 74.
+    # refused with 503 "the gateway is shutting down" (15 rollouts under load: 7 504s and 3 503s in 74). With
+    # rollbacks, a version's number came back and the old version's timer freed the new one's session: 500s
+    # (KeyError: ('colors', '2')), and a request could run on another load of its version.
     repository = tmp_path / "repository"
     write_colors_model(repository)
     photo = noise_jpeg(0, (2400, 1800))  # decoded for tens of milliseconds: rollouts land mid-decode
-    flags = ("--repository-poll-s", "0.05", "--intra-op-threads", "1")
-    env = {"RESNET_REQUEST_TIMEOUT_S": "3"}
-    with running_gateway("--repository", str(repository), *flags, env=env, log_path=tmp_path / "gw.log") as (
-        url,
-        _,
-    ):
+    flags = ("--repository", str(repository), "--repository-poll-s", "0.05", "--intra-op-threads", "1")
+    env = {"RESNET_REQUEST_TIMEOUT_S": "3"}  # a freed session's timer: the deadline + 1 s
+    with running_gateway(*flags, env=env, log_path=tmp_path / "gateway.log") as (url, _):
         statuses: list[int] = []
         done = threading.Event()
 
@@ -354,14 +373,15 @@ def test_rollouts_under_load_refuse_nothing_and_leave_no_request_waiting(tmp_pat
         for thread in clients:
             thread.start()
         try:
-            for _ in range(15):
+            for step in range(15 if rollout is publish else 16):
                 time.sleep(0.3)
-                write_colors_model(repository)  # a new version, as `resnet export` publishes one
+                rollout(repository, step)
+            time.sleep(4)  # the freed sessions' timers run while the clients still send
         finally:
             done.set()
             for thread in clients:
                 thread.join()
-        assert models_served(url) == {"colors": "16"}
+        assert models_served(url) == {"colors": served_at_the_end}
     assert statuses and set(statuses) == {200}, collections.Counter(statuses)
 
 
