@@ -24,6 +24,7 @@ import httpx
 
 import cli.processes
 from cli.ports import free_port, free_ports
+from export.repository import LOCK_FILENAME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RESNET_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -97,6 +98,32 @@ def running_process(
         stop_process(process)
         if log_path:
             log.close()
+
+
+def repository_tree(folder: Path) -> dict[str, bytes | None]:
+    """Every file and folder under a model repository, with the files' contents; but its lock file, which the first
+    export makes and every export keeps (no server reads it)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+        for p in folder.rglob("*")
+        if p.name != LOCK_FILENAME
+    }
+
+
+def permission_denied(path, *args, **kwargs):
+    """In place of a file operation (monkeypatched): what a folder another user owns answers."""
+    raise PermissionError(13, "Permission denied", str(path))
+
+
+def killed_when_ready(script: str, *args: str, ready: str) -> int:
+    """Run `script` (Python) until it prints `ready`, then SIGKILL it, as the OOM killer would; its pid."""
+    process = subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO_ROOT, stdout=subprocess.PIPE)
+    try:
+        assert process.stdout.readline().decode() == f"{ready}\n"
+    finally:
+        process.kill()
+        process.wait(10)
+    return process.pid
 
 
 def children_of(pid: int) -> list[int]:

@@ -35,7 +35,16 @@ from export.quantize import QuantizeOptions, Unreadable, preprocess_file, quanti
 from export.repository import BatchingPolicy, read_config, versions
 from export.source import from_arch, from_checkpoint, load_state_dict_from_url
 from server.spec import INPUT_NAME, OUTPUT_NAME, PRECISION_KEY, PreprocessSpec
-from tests.support import REPO_ROOT, VENV_BIN, files_of_at_most, free_port, wait_until
+from tests.support import (
+    REPO_ROOT,
+    VENV_BIN,
+    files_of_at_most,
+    free_port,
+    killed_when_ready,
+    permission_denied,
+    repository_tree,
+    wait_until,
+)
 from training.errors import ConfigError
 
 CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -117,16 +126,6 @@ def test_reexport_adds_versions_and_prunes(resnet20, tmp_path):
         assert versions(tmp_path / model) == [2, 3]  # a new number each time, pruned to --keep-versions
 
 
-def tree(folder: Path) -> dict[str, bytes | None]:
-    """Every file and folder under `folder`, with the files' contents; but the repository's lock file, which the
-    first export makes and every export keeps (no server reads it)."""
-    return {
-        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
-        for p in folder.rglob("*")
-        if p.name != repository.LOCK_FILENAME
-    }
-
-
 def test_a_publish_that_fails_half_way_undoes_all_it_published(resnet20, tmp_path):
     # The last model cannot be published (a file where its folder goes; a disk that fills does the same): the
     # models before it stayed published, and one left with a version but no config.pbtxt (the disk filled between
@@ -135,7 +134,7 @@ def test_a_publish_that_fails_half_way_undoes_all_it_published(resnet20, tmp_pat
     (tmp_path / "r20_fp16_pipeline").write_text("in the way")
     failing = replace(options, fp16=True, batching=BatchingPolicy(max_batch_size=8))
     for _ in range(2):
-        before = tree(tmp_path)
+        before = repository_tree(tmp_path)
         with pytest.raises(RepositoryError) as error:
             workflow.export_to_repository(resnet20, failing)
         assert str(error.value).startswith(f"cannot publish r20_fp16_pipeline into {tmp_path}: File exists; ")
@@ -143,7 +142,7 @@ def test_a_publish_that_fails_half_way_undoes_all_it_published(resnet20, tmp_pat
             "nothing of this export is published (the repository is as it was), so fix the cause and export again"
         )
         # the second time, its first models had replaced the config.pbtxt and labels.txt of the published ones
-        assert tree(tmp_path) == before
+        assert repository_tree(tmp_path) == before
         workflow.export_to_repository(resnet20, options)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [repository.LOCK_FILENAME, "r20", "r20_fp16_pipeline", "r20_pipeline", "r20_preprocess"]
@@ -157,13 +156,10 @@ def test_an_interrupted_publish_is_undone_and_an_undo_that_fails_names_what_is_l
         raise KeyboardInterrupt
     assert [p.name for p in tmp_path.iterdir()] == [repository.LOCK_FILENAME]
 
-    def refused(path, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(path))
-
     publication = repository.Publication(tmp_path)
     with pytest.raises(RepositoryError) as error, publication:
         publication.add(tmp_path / "m", {"model.py": "x"}, mc.ModelConfig(name="m", backend="python"))
-        monkeypatch.setattr(repository.shutil, "rmtree", refused)
+        monkeypatch.setattr(repository.shutil, "rmtree", permission_denied)
         raise OSError(28, "No space left on device")
     left = f"{tmp_path / 'm' / '1'}: Permission denied; {tmp_path / 'm'}: Permission denied"
     assert str(error.value) == (
@@ -181,19 +177,9 @@ def test_an_export_waits_for_another_publishing_and_checks_the_name_again_under_
     root.mkdir()
     labels.write_text("".join(f"b{i}\n" for i in range(10)))
     held = cli.files.try_lock(root / repository.LOCK_FILENAME)  # as the other export, publishing, holds it
-    command = [
-        str(VENV_BIN / "resnet"),
-        "export",
-        "--arch",
-        "resnet20",
-        "--name",
-        "tiny",
-        "--labels",
-        str(labels),
-    ]
     with open(log, "w") as stderr:
         export = subprocess.Popen(
-            [*command, "--repository", str(root)],
+            [str(VENV_BIN / "resnet"), "export", *tiny_export(labels, root)],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             env={**os.environ, "COLUMNS": "300"},  # one log line per line
@@ -253,29 +239,12 @@ def test_an_export_after_one_killed_while_publishing_undoes_it_then_publishes(re
         name="tiny", repository=root, labels=CIFAR10_LABELS, measure_latency=False
     )
     workflow.export_to_repository(resnet20, options)
-    killed = subprocess.Popen(
-        [sys.executable, "-c", KILLED_WHILE_PUBLISHING, str(root)], cwd=REPO_ROOT, stdout=subprocess.PIPE
-    )
-    try:
-        assert killed.stdout.readline() == b"half published\n"
-    finally:
-        killed.kill()
-        killed.wait(10)
+    killed = killed_when_ready(KILLED_WHILE_PUBLISHING, str(root), ready="half published")
     labels = tmp_path / "labels.txt"
     labels.write_text("".join(f"{label}\n" for label in CIFAR10_LABELS))
-    result = run_cli(
-        "--arch",
-        "resnet20",
-        "--name",
-        "tiny",
-        "--labels",
-        str(labels),
-        "--repository",
-        str(root),
-        env={"COLUMNS": "300"},
-    )
+    result = run_cli(*tiny_export(labels, root), env={"COLUMNS": "300"})
     assert result.returncode == 0, result.stderr
-    assert f"undid an export (pid {killed.pid} on " in result.stderr
+    assert f"undid an export (pid {killed} on " in result.stderr
     assert (
         f"killed while publishing into {root} (tiny): the repository is as it was before it" in result.stderr
     )
@@ -561,14 +530,7 @@ def test_cli_export_prints_summary_and_publishes(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("".join(f"thing {i}\n" for i in range(10)))
     result = run_cli(
-        "--arch",
-        "resnet20",
-        "--name",
-        "tiny",
-        "--labels",
-        str(labels),
-        "--repository",
-        str(tmp_path / "repo"),
+        *tiny_export(labels, tmp_path / "repo"),
         "--max-batch-size",
         "8",
         "--keep-versions",
@@ -579,6 +541,11 @@ def test_cli_export_prints_summary_and_publishes(tmp_path):
     config = read_config(tmp_path / "repo" / "tiny")
     assert config.max_batch_size == 8
     assert (tmp_path / "repo" / "tiny" / "labels.txt").read_text().splitlines()[3] == "thing 3"
+
+
+def tiny_export(labels: Path, repository: Path) -> list[str]:
+    """`resnet export` arguments for a ResNet-20 named tiny."""
+    return ["--arch", "resnet20", "--name", "tiny", "--labels", str(labels), "--repository", str(repository)]
 
 
 def run_cli(*args: str, env: dict | None = None, **popen) -> subprocess.CompletedProcess:

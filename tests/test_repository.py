@@ -28,7 +28,14 @@ from server.spec import (
     PreprocessSpec,
     Role,
 )
-from tests.support import REPO_ROOT, files_of_at_most, wait_until
+from tests.support import (
+    REPO_ROOT,
+    files_of_at_most,
+    killed_when_ready,
+    permission_denied,
+    repository_tree,
+    wait_until,
+)
 
 
 def classifier(target: str = "cpu", **overrides) -> repo.ClassifierSpec:
@@ -329,12 +336,9 @@ def test_a_prune_that_fails_keeps_the_published_export(tmp_path, monkeypatch):
     with repo.Publication(tmp_path) as publication:
         publication.add(tmp_path / "m", {"model.py": "x"}, config)
 
-    def refused(path, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(path))
-
     with pytest.raises(RepositoryError) as error, repo.Publication(tmp_path) as publication:
         publication.add(tmp_path / "m", {"model.py": "y"}, config)
-        monkeypatch.setattr(repo.shutil, "rmtree", refused)
+        monkeypatch.setattr(repo.shutil, "rmtree", permission_denied)
         publication.prune(1)
     assert str(error.value) == (
         "this export is published, but the versions of m beyond the newest 1 cannot be removed: Permission denied; "
@@ -359,15 +363,6 @@ with repository.Publication(root) as publication:
 """
 
 
-def tree(folder) -> dict[str, bytes | None]:
-    """Every file and folder under `folder` but the lock file, with the files' contents."""
-    return {
-        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
-        for p in folder.rglob("*")
-        if p.name != repo.LOCK_FILENAME
-    }
-
-
 def published_m(root) -> None:
     with repo.Publication(root) as publication:
         publication.add(
@@ -381,26 +376,19 @@ def test_an_export_killed_mid_publish_is_undone_by_the_next_one(tmp_path):
     # before it stayed, m with a version served with another version's class names, n with a version and no
     # config.pbtxt, which stops Triton from starting. Its journal lets the next export undo it.
     published_m(tmp_path)
-    before = tree(tmp_path)
-    killed = subprocess.Popen(
-        [sys.executable, "-c", KILLED_MID_PUBLISH, str(tmp_path)], cwd=REPO_ROOT, stdout=subprocess.PIPE
-    )
-    try:
-        assert killed.stdout.readline() == b"half published\n"
-    finally:
-        killed.kill()
-        killed.wait(10)
+    before = repository_tree(tmp_path)
+    killed = killed_when_ready(KILLED_MID_PUBLISH, str(tmp_path), ready="half published")
     assert repo.versions(tmp_path / "m") == [1, 2] and repo.versions(tmp_path / "n") == [1]
     seen: list[str] = []
     with repo.Publication(tmp_path, log=seen.append):
-        assert tree(tmp_path) == before  # undone first, under the lock the killed export held
+        assert repository_tree(tmp_path) == before  # undone first, under the lock the killed export held
     assert seen == [
-        f"undid an export (pid {killed.pid} on {os.uname().nodename}, since {seen[0].split('since ')[1][:16]}) "
+        f"undid an export (pid {killed} on {os.uname().nodename}, since {seen[0].split('since ')[1][:16]}) "
         f"killed while publishing into {tmp_path} (m, n): the repository is as it was before it"
     ]
     with repo.Publication(tmp_path, log=seen.append):  # once
         pass
-    assert len(seen) == 1 and tree(tmp_path) == before
+    assert len(seen) == 1 and repository_tree(tmp_path) == before
 
 
 def test_a_killed_export_that_cannot_be_undone_stops_the_next_until_mended(tmp_path, monkeypatch):
@@ -408,10 +396,7 @@ def test_a_killed_export_that_cannot_be_undone_stops_the_next_until_mended(tmp_p
     journal = repo.Journal(holder="pid 7 on elsewhere, since 2026-12-07 21:00", versions_before={"m": []})
     journal.save(tmp_path)
 
-    def refused(path, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(path))
-
-    monkeypatch.setattr(repo.shutil, "rmtree", refused)
+    monkeypatch.setattr(repo.shutil, "rmtree", permission_denied)
     with pytest.raises(RepositoryError) as error, repo.Publication(tmp_path):
         pass
     journal_path = tmp_path / repo.JOURNAL_FILENAME
