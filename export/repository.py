@@ -346,6 +346,11 @@ class Journal:
     def save(self, repository: Path) -> None:
         cli.files.atomic_write_text(repository / JOURNAL_FILENAME, json.dumps(asdict(self), indent=1))
 
+    @staticmethod
+    def remove(repository: Path) -> None:
+        """The publish it records is over: published, or undone (or to be mended by hand, as an error says)."""
+        (repository / JOURNAL_FILENAME).unlink(missing_ok=True)
+
     @classmethod
     def load(cls, repository: Path) -> Journal | None:
         path = repository / JOURNAL_FILENAME
@@ -458,7 +463,7 @@ class Publication:
         """After the last `add`, under the lock still: another export's undo may need a version pruned meanwhile."""
         self._published = True
         # a kill from here on leaves the export published
-        (self.repository / JOURNAL_FILENAME).unlink(missing_ok=True)
+        Journal.remove(self.repository)
         for model_dir in self.models:
             try:
                 prune_versions(model_dir, keep)
@@ -499,7 +504,7 @@ class Publication:
                 f"failed ({'; '.join(failures)}): fix that, or remove {self.repository / JOURNAL_FILENAME} once the "
                 "repository holds what you want served, and export again"
             )
-        (self.repository / JOURNAL_FILENAME).unlink()
+        Journal.remove(self.repository)
         self.log(
             f"undid an export ({journal.holder}) killed while publishing into {self.repository} "
             f"({', '.join(journal.versions_before)}): the repository is as it was before it"
@@ -507,12 +512,11 @@ class Publication:
 
     def _finish(self, error: BaseException | None) -> None:
         if error is None or self._published:
-            (self.repository / JOURNAL_FILENAME).unlink(missing_ok=True)
+            Journal.remove(self.repository)
             return
         step = self.models[-1].name if self.models else "a model"
         undo_failures = self._journal.undo(self.repository)
-        # undone, or to be mended by hand as the error says: either way no later export is to undo it again
-        (self.repository / JOURNAL_FILENAME).unlink(missing_ok=True)
+        Journal.remove(self.repository)  # no later export is to undo it again
         if undo_failures:
             raise RepositoryError(
                 f"cannot publish {step} into {self.repository}: {_reason(error)}; undoing the export failed too "
