@@ -269,10 +269,10 @@ async def require_api_key(request: Request) -> None:
         )
 
 
-def result(model, predictions: list[Prediction]) -> dict:
+def result(name: str, version: str, predictions: list[Prediction]) -> dict:
     return {
-        "model": model.name,
-        "version": model.version,
+        "model": name,
+        "version": version,
         "predictions": [{"index": p.index, "label": p.label, "score": p.score} for p in predictions],
     }
 
@@ -361,8 +361,8 @@ def api_router() -> APIRouter:
         """
         model = registry_of(request).get(name)
         images, several = await read_images(request, request.app.state.settings.max_body_bytes)
-        predictions = await unless_disconnected(request, model.classify(images, top_k))
-        results = [result(model, p) for p in predictions]
+        classification = await unless_disconnected(request, model.classify(images, top_k))
+        results = [result(model.name, classification.version, p) for p in classification.predictions]
         return JSONResponse(results if several else results[0])
 
     @router.get("/metrics", tags=["health"], response_class=Response)

@@ -1,7 +1,7 @@
 """Inference backends behind one interface: embedded ONNX Runtime (default) or a Triton Inference Server.
 
 A backend discovers the classifier models it serves (`ModelInfo`, read from the model repository or from Triton's
-config API) and runs already-preprocessed batches: `await backend.infer(info, batch) -> logits`.
+config API) and runs already-preprocessed batches: `await backend.infer(info, batch) -> (logits, version)`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from cli.tls import client_context, handshake_hint
+from server.batching import Inference
 from server.certificates import WatchedFiles
 from server.errors import GRPC_AT_HTTP_PORT, BackendUnavailable, DeadlineExceeded, InvalidInput, Overloaded
 from server.settings import Settings
@@ -151,7 +152,8 @@ class Backend(abc.ABC):
         ...
 
     @abc.abstractmethod
-    async def infer(self, info: ModelInfo, batch: np.ndarray, deadline: float) -> np.ndarray: ...
+    async def infer(self, info: ModelInfo, batch: np.ndarray, deadline: float) -> Inference:
+        """The batch's logits, and the version that computed them."""
 
     async def ready(self) -> bool:
         return True
@@ -320,10 +322,11 @@ class EmbeddedBackend(Backend):
     def _run(self, session, batch: np.ndarray) -> np.ndarray:
         return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
 
-    async def infer(self, info: ModelInfo, batch: np.ndarray, deadline: float) -> np.ndarray:
+    async def infer(self, info: ModelInfo, batch: np.ndarray, deadline: float) -> Inference:
         session = self.sessions[_session_key(info)]  # taken now: the version may be replaced meanwhile
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executors[info.name], self._run, session, batch)
+        logits = await loop.run_in_executor(self.executors[info.name], self._run, session, batch)
+        return Inference(logits, info.version)
 
     async def close(self) -> None:
         for executor in self.executors.values():
@@ -591,7 +594,7 @@ class TritonBackend(Backend):
             self.problem = "its /v2/health/live answers not live"
         return live
 
-    async def infer(self, info: ModelInfo, batch: np.ndarray, deadline: float) -> np.ndarray:
+    async def infer(self, info: ModelInfo, batch: np.ndarray, deadline: float) -> Inference:
         tensor = self.module.InferInput(INPUT_NAME, list(batch.shape), "FP32")
         tensor.set_data_from_numpy(batch)
         outputs = [self.module.InferRequestedOutput(OUTPUT_NAME)]
@@ -616,7 +619,13 @@ class TritonBackend(Backend):
         logits = result.as_numpy(OUTPUT_NAME)
         if logits is None or len(logits) != len(batch):
             raise BackendUnavailable(f"Triton returned no {OUTPUT_NAME!r} for {info.name}")
-        return logits
+        return Inference(logits, self._version_of(result) or info.version)
+
+    def _version_of(self, result) -> str:
+        """The version Triton ran: a request names none, and Triton serves a new one as soon as it is loaded, up to
+        a health interval before the gateway reads its index (answers named the replaced one meanwhile)."""
+        response = result.get_response()
+        return response.model_version if self.protocol == "grpc" else str(response.get("model_version", ""))
 
     async def close(self) -> None:
         for retiring, retired in list(self._retiring.items()):

@@ -16,6 +16,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,7 +24,16 @@ from server.errors import DeadlineExceeded, GatewayError, InvalidInput, Overload
 from server.metrics import Metrics
 from server.statistics import ComputeTimes, ModelStatistics, RequestTimes
 
-RunBatch = Callable[[np.ndarray], Awaitable[np.ndarray]]
+
+class Inference(NamedTuple):
+    """What a backend call gives: logits [N, num_classes], and the version of the model that computed them (a
+    remote backend may have moved on to a newer one than the request was routed to)."""
+
+    logits: np.ndarray
+    version: str
+
+
+RunBatch = Callable[[np.ndarray], Awaitable[Inference]]
 
 
 @dataclass(eq=False)
@@ -32,6 +42,7 @@ class _Execution:
 
     started_ns: int
     compute: ComputeTimes
+    version: str = ""
 
 
 @dataclass
@@ -43,7 +54,7 @@ class _Pending:
 
 
 class Dispatcher(abc.ABC):
-    """What ServedModel calls: `with dispatcher.admit(n): logits, times = await dispatcher.infer(batch, deadline)`.
+    """What ServedModel calls: `with dispatcher.admit(n): inference, times = await dispatcher.infer(batch, deadline)`.
 
     Admission bounds the images a model holds at once (being decoded, queued or inferred) to `queue_size`: one
     more request is refused before it costs a decode, so memory stays bounded however many clients connect.
@@ -77,21 +88,22 @@ class Dispatcher(abc.ABC):
         return self._admitted
 
     @abc.abstractmethod
-    async def infer(self, batch: np.ndarray, deadline: float) -> tuple[np.ndarray, RequestTimes]:
-        """Logits for the batch, and what the request spent waiting and being computed."""
+    async def infer(self, batch: np.ndarray, deadline: float) -> tuple[Inference, RequestTimes]:
+        """Logits for the batch and the version that computed them, and what the request spent waiting and being
+        computed."""
 
-    async def _infer_alone(self, batch: np.ndarray, deadline: float) -> tuple[np.ndarray, RequestTimes]:
+    async def _infer_alone(self, batch: np.ndarray, deadline: float) -> tuple[Inference, RequestTimes]:
         """The batch sent to the backend as it is, with no wait in the gateway."""
         remaining = _remaining(deadline)
         self.metrics.batch_size.labels(self.model).observe(len(batch))
         started_ns = time.perf_counter_ns()
         try:
-            logits = await asyncio.wait_for(self.run_batch(batch), remaining)
+            inference = await asyncio.wait_for(self.run_batch(batch), remaining)
         except TimeoutError:
             raise DeadlineExceeded(f"no result within the request deadline ({remaining:.1f}s)") from None
         compute = ComputeTimes(infer_ns=time.perf_counter_ns() - started_ns)
         self.statistics.record_execution(len(batch), compute)
-        return logits, RequestTimes(0, compute)
+        return inference, RequestTimes(0, compute)
 
     def start(self) -> None:
         return None  # a hook: only dispatchers with a background task start one
@@ -144,7 +156,7 @@ class DynamicBatcher(Dispatcher):
             asyncio.create_task(self._work(), name=f"batcher-{self.model}-{i}") for i in range(self.workers)
         ]
 
-    async def infer(self, batch: np.ndarray, deadline: float) -> tuple[np.ndarray, RequestTimes]:
+    async def infer(self, batch: np.ndarray, deadline: float) -> tuple[Inference, RequestTimes]:
         if self._closing:
             # Its model was replaced (a new version) or removed while this request was being decoded: the workers
             # are stopping or gone, and a sample queued now waited out its deadline (504). The backend keeps the
@@ -171,7 +183,8 @@ class DynamicBatcher(Dispatcher):
         finally:
             for future in futures:  # dropped by the worker if still queued
                 future.cancel()
-        return np.stack(rows), _times(pending, enqueued_ns)
+        executions = list(dict.fromkeys(p.execution for p in pending if p.execution is not None))
+        return Inference(np.stack(rows), _version(executions)), _times(executions, enqueued_ns)
 
     async def _next_batch(self) -> list[_Pending]:
         while not self._queue:
@@ -210,7 +223,7 @@ class DynamicBatcher(Dispatcher):
             try:
                 batch = np.stack([p.sample for p in taken])
                 stacked_ns = time.perf_counter_ns()
-                logits = await self.run_batch(batch)
+                logits, version = await self.run_batch(batch)
             except GatewayError as error:
                 self._fail(taken, error)
                 continue
@@ -219,7 +232,7 @@ class DynamicBatcher(Dispatcher):
                 continue
             inferred_ns = time.perf_counter_ns()
             execution = _Execution(
-                started_ns, ComputeTimes(stacked_ns - started_ns, inferred_ns - stacked_ns)
+                started_ns, ComputeTimes(stacked_ns - started_ns, inferred_ns - stacked_ns), version
             )
             for pending, row in zip(taken, logits, strict=True):
                 if not pending.future.done():
@@ -243,12 +256,18 @@ class DynamicBatcher(Dispatcher):
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _times(pending: list[_Pending], enqueued_ns: int) -> RequestTimes:
+def _times(executions: list[_Execution], enqueued_ns: int) -> RequestTimes:
     """A request waited until its first batch started and is charged the compute of every batch it was in
     (one, unless its images did not all fit into the same batch)."""
-    executions = list(dict.fromkeys(p.execution for p in pending if p.execution is not None))
     compute = sum((execution.compute for execution in executions), ComputeTimes())
     return RequestTimes(min(execution.started_ns for execution in executions) - enqueued_ns, compute)
+
+
+def _version(executions: list[_Execution]) -> str:
+    """The version that computed a request's rows. A response names one, so a request whose images were split
+    into batches on either side of a rollout names the newer."""
+    by_number = lambda version: (len(version), version)  # noqa: E731 - version folders are numbers, "10" > "9"
+    return max((execution.version for execution in executions), key=by_number)
 
 
 class DirectDispatcher(Dispatcher):
@@ -273,5 +292,5 @@ class DirectDispatcher(Dispatcher):
         self.metrics = metrics
         self.statistics = statistics
 
-    async def infer(self, batch: np.ndarray, deadline: float) -> tuple[np.ndarray, RequestTimes]:
+    async def infer(self, batch: np.ndarray, deadline: float) -> tuple[Inference, RequestTimes]:
         return await self._infer_alone(batch, deadline)

@@ -33,6 +33,7 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from server import errors
+from server.batching import Inference
 from server.logs import CURRENT_REQUEST_ID, REQUEST_ID_HEADER, log_access, request_id_from
 from server.metrics import Metrics
 from server.registry import ModelRegistry, ServedModel
@@ -247,11 +248,10 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[tuple[str, int]]:
 
 
 def infer_response(
-    endpoint: Endpoint, request: pb.ModelInferRequest, logits: np.ndarray
+    endpoint: Endpoint, request: pb.ModelInferRequest, inference: Inference
 ) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(
-        model_name=endpoint.name, model_version=endpoint.model.version, id=request.id
-    )
+    logits = inference.logits
+    response = pb.ModelInferResponse(model_name=endpoint.name, model_version=inference.version, id=request.id)
     for name, class_count in requested_outputs(request):
         tensor = response.outputs.add(name=name)
         if class_count:
@@ -462,10 +462,17 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         # From here on the model counts the request, from `started_ns`.
         if endpoint.pipeline:
             images = [bytes(item) for item in values]
-            logits = await endpoint.model.infer_images(images, deadline, started_ns)
+            inference = await endpoint.model.infer_images(images, deadline, started_ns)
         else:
-            logits = await endpoint.model.infer(values, deadline, started_ns)
-        return infer_response(endpoint, request, logits)
+            inference = await endpoint.model.infer(values, deadline, started_ns)
+        if request.model_version and inference.version != request.model_version:
+            # Triton moved on to a newer version before the gateway saw it: a request for a version is answered
+            # by that version or not at all, as Triton answers it
+            raise errors.ModelNotFound(
+                f"model {request.model_name!r} version {request.model_version!r} was replaced by version "
+                f"{inference.version!r} while this request ran (leave model_version empty for the newest)"
+            )
+        return infer_response(endpoint, request, inference)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Bidirectional stream: one response per request, in order; a failed request answers with its

@@ -19,11 +19,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from server.backends import Backend, LoadFailure, ModelInfo, create_backend, one_line
-from server.batching import DirectDispatcher, Dispatcher, DynamicBatcher
+from server.batching import DirectDispatcher, Dispatcher, DynamicBatcher, Inference
 from server.errors import BackendUnavailable, InvalidInput, ModelNotFound
 from server.metrics import Metrics
 from server.preprocessing import preprocess_batch
@@ -41,6 +42,13 @@ class Prediction:
     index: int
     label: str
     score: float
+
+
+class Classification(NamedTuple):
+    """The top-k predictions of each image, and the version of the model that made them."""
+
+    predictions: list[list[Prediction]]
+    version: str
 
 
 def top_predictions(logits: np.ndarray, k: int, labels: list[str]) -> list[list[Prediction]]:
@@ -107,14 +115,14 @@ class ServedModel:
     def deadline(self, deadline: float | None) -> float:
         return time.monotonic() + self.settings.request_timeout_s if deadline is None else deadline
 
-    async def run_batch(self, batch: np.ndarray) -> np.ndarray:
+    async def run_batch(self, batch: np.ndarray) -> Inference:
         started = time.monotonic()
         # Deadlines are enforced per request by the dispatcher; the backend gets the longest one allowed.
-        logits = await self.runtime.infer(
+        inference = await self.runtime.infer(
             self.info, np.ascontiguousarray(batch), started + self.settings.request_timeout_s
         )
         self.metrics.inference_seconds.labels(self.name).observe(time.monotonic() - started)
-        return logits
+        return inference
 
     async def preprocess(self, images: list[bytes]) -> np.ndarray:
         loop = asyncio.get_running_loop()
@@ -124,8 +132,9 @@ class ServedModel:
 
     async def infer(
         self, batch: np.ndarray, deadline: float | None = None, started_ns: int | None = None
-    ) -> np.ndarray:
-        """float32 [N, *input_shape] preprocessed tensors -> logits [N, num_classes].
+    ) -> Inference:
+        """float32 [N, *input_shape] preprocessed tensors -> logits [N, num_classes], and the version that computed
+        them.
 
         `started_ns` (`time.perf_counter_ns()`): when the API began handling the request, for its statistics."""
         with self.tensor_statistics.request(started_ns) as request:
@@ -140,21 +149,22 @@ class ServedModel:
                     f"got {batch.dtype} {list(batch.shape)}"
                 )
             with self.dispatcher.admit(len(batch)):
-                logits, _ = await self._infer(batch, self.deadline(deadline), request)
-            return logits
+                inference, _ = await self._infer(batch, self.deadline(deadline), request)
+            return inference
 
     async def _infer(
         self, batch: np.ndarray, deadline: float, request: Request
-    ) -> tuple[np.ndarray, RequestTimes]:
-        logits, times = await self.dispatcher.infer(batch, deadline)
+    ) -> tuple[Inference, RequestTimes]:
+        inference, times = await self.dispatcher.infer(batch, deadline)
         request.succeeded(len(batch), times)
         self.metrics.images.labels(self.name).inc(len(batch))
-        return logits, times
+        return inference, times
 
     async def infer_images(
         self, images: list[bytes], deadline: float | None = None, started_ns: int | None = None
-    ) -> np.ndarray:
-        """Encoded images -> logits [N, num_classes], admitted like `classify` (the gRPC `_pipeline` models)."""
+    ) -> Inference:
+        """Encoded images -> logits [N, num_classes] and their version, admitted like `classify` (the gRPC
+        `_pipeline` models)."""
         with self.image_statistics.request(started_ns) as request:
             if not images:
                 raise InvalidInput("no images to classify")
@@ -165,20 +175,21 @@ class ServedModel:
                 decoding = ComputeTimes(input_ns=time.perf_counter_ns() - decode_started_ns)
                 # Decoded, the request goes on to the classifier as its own request (a Triton ensemble's step).
                 with self.tensor_statistics.request() as classifier_request:
-                    logits, times = await self._infer(batch, deadline, classifier_request)
+                    inference, times = await self._infer(batch, deadline, classifier_request)
             # Decoding is this request's input preparation (Triton's `compute_input`: "prepare input tensor data").
             compute = decoding + times.compute
             request.succeeded(len(images), RequestTimes(times.queue_ns, compute))
             # As Triton does for an ensemble: each successful request is one execution of its own batch size.
             self.image_statistics.record_execution(len(images), compute)
-            return logits
+            return inference
 
     async def classify(
         self, images: list[bytes], top_k: int = 5, deadline: float | None = None
-    ) -> list[list[Prediction]]:
+    ) -> Classification:
         if top_k < 1:
             raise InvalidInput(f"top_k must be at least 1, got {top_k}")
-        return top_predictions(await self.infer_images(images, deadline), top_k, self.labels)
+        logits, version = await self.infer_images(images, deadline)
+        return Classification(top_predictions(logits, top_k, self.labels), version)
 
     def describe(self) -> dict:
         return {

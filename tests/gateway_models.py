@@ -32,8 +32,9 @@ LABELS = list(COLORS)
 TINY_SPEC = PreprocessSpec(resize_shorter=40, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
-def colors_onnx(crop: int = 32) -> bytes:
-    weights = numpy_helper.from_array(np.eye(3, dtype=np.float32) * 4, "weights")
+def colors_onnx(crop: int = 32, scale: float = 4) -> bytes:
+    """Logits `scale` x the image's mean red, green and blue (normalized): each version's scores tell it apart."""
+    weights = numpy_helper.from_array(np.eye(3, dtype=np.float32) * scale, "weights")
     bias = numpy_helper.from_array(np.zeros(3, dtype=np.float32), "bias")
     graph = helper.make_graph(
         [
@@ -52,7 +53,9 @@ def colors_onnx(crop: int = 32) -> bytes:
     return model.SerializeToString()
 
 
-def write_colors_model(repository: Path, name: str = "colors", max_batch_size: int = 32) -> Path:
+def write_colors_model(
+    repository: Path, name: str = "colors", max_batch_size: int = 32, scale: float = 4
+) -> Path:
     """A classifier in `repository/name` that both the embedded backend and Triton (Python backend) serve."""
     spec = ClassifierSpec(
         name=name,
@@ -65,7 +68,9 @@ def write_colors_model(repository: Path, name: str = "colors", max_batch_size: i
     )
     model_dir = repository / name
     write_model(model_dir, classifier_config(spec), LABELS)
-    publish_version(model_dir, {"model.onnx": colors_onnx(TINY_SPEC.crop), "model.py": CLASSIFIER_MODEL_PY})
+    publish_version(
+        model_dir, {"model.onnx": colors_onnx(TINY_SPEC.crop, scale), "model.py": CLASSIFIER_MODEL_PY}
+    )
     return model_dir
 
 

@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -173,16 +174,22 @@ def models_served(url: str) -> dict[str, str]:
     return {model["name"]: model["versions"][0] for model in httpx.get(f"{url}/v1/models").json()["models"]}
 
 
+def status_and_version(answer: httpx.Response) -> tuple[int, str | None]:
+    return answer.status_code, answer.json().get("version")
+
+
 @contextlib.contextmanager
-def requests_meanwhile(send: Callable[[], httpx.Response]) -> Iterator[list[tuple[int, str | None]]]:
-    """`send` a classify request after another in a thread while the block runs: (status, version) of each."""
-    answers: list[tuple[int, str | None]] = []
+def requests_meanwhile(
+    send: Callable[[], Any], read: Callable[[Any], Any] = status_and_version
+) -> Iterator[list]:
+    """`send` a classify request after another in a thread while the block runs: what `read` takes from each
+    answer, by default (status, version)."""
+    answers: list = []
     done = threading.Event()
 
     def send_until_done() -> None:
         while not done.is_set():
-            answer = send()
-            answers.append((answer.status_code, answer.json().get("version")))
+            answers.append(read(send()))
 
     thread = threading.Thread(target=send_until_done)
     thread.start()

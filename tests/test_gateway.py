@@ -360,7 +360,8 @@ async def roll_back_and_forth(repository) -> None:
             second_v1,
             second_v2,
         ):  # a request routed to second_v1 just before the switch is in flight
-            assert (await backend.infer(info, batch, time.monotonic() + 5)).shape == (1, 3)
+            logits, version = await backend.infer(info, batch, time.monotonic() + 5)
+            assert logits.shape == (1, 3) and version == info.version
         assert backend.sessions.keys() == {("colors", "1", second_v1.load), ("colors", "2", second_v2.load)}
     finally:
         await backend.close()
@@ -379,9 +380,9 @@ async def exercise_registry(repository) -> None:
         model = registry.get("colors")
         assert (model.backend, model.input_shape, model.labels) == ("embedded", (3, 32, 32), LABELS)
         results = await asyncio.gather(*(model.classify([color_image(c)], top_k=1) for c in ("blue", "red")))
-        assert [r[0][0].label for r in results] == ["blue", "red"]
-        logits = await model.infer(np.zeros((2, 3, 32, 32), np.float32))
-        assert logits.shape == (2, 3)
+        assert [(r.predictions[0][0].label, r.version) for r in results] == [("blue", "1"), ("red", "1")]
+        logits, version = await model.infer(np.zeros((2, 3, 32, 32), np.float32))
+        assert logits.shape == (2, 3) and version == "1"
         with pytest.raises(InvalidInput):
             await model.infer(np.zeros((2, 3, 16, 16), np.float32))
         with pytest.raises(ModelNotFound):

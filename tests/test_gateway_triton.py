@@ -190,6 +190,69 @@ def test_a_rollout_on_triton_reaches_the_gateway_without_a_restart_or_a_refusal(
             assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
 
 
+def version_and_score(answer: httpx.Response) -> tuple[int, str | None, float | None]:
+    """A classify answer's status, the version it names and its best score."""
+    body = answer.json()
+    return answer.status_code, body.get("version"), body.get("predictions", [{}])[0].get("score")
+
+
+def version_one_over_grpc(grpc_address: str) -> tuple[str, str, float]:
+    """Ask the gateway's gRPC API for version 1 of `colors` by name: ("answered", version, the red logit), or
+    ("refused", the message, nan). A reddest image: the red logit is its version's scale."""
+    import numpy as np
+    import tritonclient.grpc as triton_grpc
+    from tritonclient.utils import InferenceServerException
+
+    image = np.zeros((1, 3, 32, 32), np.float32)
+    image[:, 0] = 1
+    tensor = triton_grpc.InferInput("input", list(image.shape), "FP32")
+    tensor.set_data_from_numpy(image)
+    with triton_grpc.InferenceServerClient(grpc_address) as client:
+        try:
+            result = client.infer("colors", [tensor], model_version="1")
+        except InferenceServerException as error:
+            return "refused", str(error.message()), float("nan")
+    return "answered", result.get_response().model_version, float(result.as_numpy("logits")[0, 0])
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_each_answer_names_the_version_triton_computed_it_with(triton_server, tmp_path, protocol):
+    # Triton serves a new version as soon as it has loaded it, and the gateway reads Triton's index once a second:
+    # answers in between named the replaced version though Triton had computed them with the new one (23 of 685
+    # under four clients), and a gRPC request for version 1 was answered by version 2
+    repository = tmp_path / "repository"
+    write_colors_model(repository)
+    with triton_server(repository, log_path=tmp_path / "triton.log", models=["colors"]) as triton:
+        triton_url = triton.grpc_url if protocol == "grpc" else triton.http_address
+        flags = ("--backend", "triton", "--triton-url", triton_url, "--triton-protocol", protocol)
+        with gateway_process(tmp_path, *flags, "--repository", str(tmp_path)) as served:
+            url = served.http_url
+            score_of = {"1": version_and_score(classify(url, "red"))[2]}
+            write_colors_model(repository, scale=1)  # version 2: the same classes, other scores
+            with (
+                requests_meanwhile(lambda: classify(url, "red"), version_and_score) as answers,
+                requests_meanwhile(
+                    lambda: version_one_over_grpc(served.grpc_address), lambda kept: kept
+                ) as asked,
+            ):
+                load_on_triton(triton, "colors").raise_for_status()
+                wait_until(lambda: models_served(url) == {"colors": "2"}, 15, what="version 2 served")
+            score_of["2"] = version_and_score(classify(url, "red"))[2]
+    assert score_of["1"] != pytest.approx(score_of["2"], abs=0.01), score_of
+    assert {status for status, _, _ in answers} == {200}, answers
+    named_wrongly = [(v, score) for _, v, score in answers if score != pytest.approx(score_of[v], abs=1e-4)]
+    assert not named_wrongly, f"{len(named_wrongly)} of {len(answers)} answers: {named_wrongly[:5]}"
+    assert {"2"} <= {v for _, v, _ in answers}
+    for outcome, version_or_message, red_logit in asked:
+        if outcome == "answered":
+            assert (version_or_message, red_logit) == ("1", pytest.approx(4)), asked
+        else:
+            assert (
+                "has no version '1'" in version_or_message
+                or "was replaced by version '2'" in version_or_message
+            )
+
+
 def test_models_triton_cannot_load_are_named_with_its_reason(triton_server, tmp_path):
     # The gateway read only READY entries of Triton's index: a client asking for a model that failed to load was
     # told "not found", /readyz said nothing, and a failed new version of a served model went unremarked
