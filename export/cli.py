@@ -124,6 +124,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also build <name>_trt, a TensorRT plan (needs tensorrt and --target gpu)",
     )
+    repair = parser.add_argument_group("repair")
+    repair.add_argument(
+        "--undo-unfinished",
+        action="store_true",
+        help="export nothing: undo what an export killed while publishing into --repository left there (its "
+        "new versions, the config.pbtxt and labels.txt it replaced), as the next export would; waits for an "
+        "export that is still publishing",
+    )
     return parser
 
 
@@ -164,11 +172,26 @@ def _check_writable(repository: Path) -> None:
     raise ExportError(f"cannot use {repository} as the model repository: {why}")
 
 
+def _undo_unfinished(repository: Path, console: Console) -> int:
+    from export.repository import undo_killed_export
+
+    if not repository.is_dir():
+        raise ExportError(f"no model repository at {repository}")
+    _check_writable(repository)
+    if not undo_killed_export(repository, console.print):
+        console.print(f"nothing to undo: no export was killed while publishing into {repository}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     from export.quantize import QuantizeOptions
     from export.repository import BatchingPolicy
     from export.workflow import ExportOptions, export_to_repository, summary_table
 
+    if args.undo_unfinished:
+        if args.checkpoint or args.arch:
+            raise ExportError("--undo-unfinished exports nothing: give it --repository alone")
+        return _undo_unfinished(args.repository, Console(stderr=True))
     _check_writable(args.repository)
     # stopped where it stood, an export left its scratch folder (100 MB for a ResNet-50) in TMPDIR each time
     signal.signal(signal.SIGTERM, raise_terminated)

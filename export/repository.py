@@ -406,8 +406,8 @@ def unfinished_publish_warning(repository: Path) -> str | None:
         return None
     return (
         f"an export ({journal.holder}) is publishing into {repository}, or was killed while it did: "
-        f"{', '.join(journal.versions_before)} may be half published; the next export into it undoes what a killed "
-        "one left"
+        f"{', '.join(journal.versions_before)} may be half published; `resnet export --repository {repository} "
+        "--undo-unfinished` undoes what a killed one left, as the next export into it does"
     )
 
 
@@ -437,6 +437,7 @@ class Publication:
         self._lock: BinaryIO | None = None
         self._journal = Journal(holder="")
         self._published = False
+        self.undid_killed_export = False
 
     def add(
         self,
@@ -505,6 +506,7 @@ class Publication:
                 "repository holds what you want served, and export again"
             )
         Journal.remove(self.repository)
+        self.undid_killed_export = True
         self.log(
             f"undid an export ({journal.holder}) killed while publishing into {self.repository} "
             f"({', '.join(journal.versions_before)}): the repository is as it was before it"
@@ -527,6 +529,13 @@ class Publication:
                 f"cannot publish {step} into {self.repository}: {_reason(error)}; nothing of this export is "
                 "published (the repository is as it was), so fix the cause and export again"
             ) from error
+
+
+def undo_killed_export(repository: Path, log: Callable[[str], object]) -> bool:
+    """Undo what an export killed while publishing into `repository` left, without publishing anything (after
+    waiting for one that is still publishing); whether there was one."""
+    with Publication(repository, log) as publication:
+        return publication.undid_killed_export
 
 
 def hold_repository(

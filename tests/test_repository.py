@@ -14,6 +14,7 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
 import cli.files
+from cli.main import main as resnet
 from export import repository as repo
 from export import tensorrt as trt_config
 from export.errors import ExportError, RepositoryError
@@ -389,6 +390,35 @@ def test_an_export_killed_mid_publish_is_undone_by_the_next_one(tmp_path):
     with repo.Publication(tmp_path, log=seen.append):  # once
         pass
     assert len(seen) == 1 and repository_tree(tmp_path) == before
+
+
+def test_export_undo_unfinished_mends_a_repository_without_exporting(tmp_path, capsys):
+    # Before, only the next export undid a killed one: until then Triton would not start on the repository (n has a
+    # version and no config.pbtxt) and `resnet triton serve` could only warn
+    published_m(tmp_path)
+    before = repository_tree(tmp_path)
+    killed = killed_when_ready(KILLED_MID_PUBLISH, str(tmp_path), ready="half published")
+    assert "may be half published; `resnet export --repository" in repo.unfinished_publish_warning(tmp_path)
+    undo = ["export", "--repository", str(tmp_path), "--undo-unfinished"]
+    assert resnet(undo) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert said.startswith(f"undid an export (pid {killed} on {os.uname().nodename}, since ")
+    assert said.endswith(
+        f"killed while publishing into {tmp_path} (m, n): the repository is as it was before it"
+    )
+    assert repository_tree(tmp_path) == before and repo.unfinished_publish_warning(tmp_path) is None
+    assert resnet(undo) == 0
+    assert " ".join(capsys.readouterr().err.split()) == (
+        f"nothing to undo: no export was killed while publishing into {tmp_path}"
+    )
+    assert resnet(["export", "--repository", str(tmp_path / "none"), "--undo-unfinished"]) == 1
+    assert capsys.readouterr().err == f"resnet: error: no model repository at {tmp_path / 'none'}\n"
+    assert not (tmp_path / "none").exists()
+    assert resnet([*undo, "--arch", "resnet20"]) == 1
+    assert (
+        capsys.readouterr().err
+        == "resnet: error: --undo-unfinished exports nothing: give it --repository alone\n"
+    )
 
 
 def test_a_killed_export_that_cannot_be_undone_stops_the_next_until_mended(tmp_path, monkeypatch):

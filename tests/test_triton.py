@@ -265,8 +265,8 @@ def test_a_repository_an_export_was_killed_publishing_into_is_warned_about(tmp_p
         server.start()
     assert capsys.readouterr().err == (
         f"warning: an export (pid 7 on trainer-1, since 2026-12-07 21:00) is publishing into {tmp_path.resolve()}, "
-        "or was killed while it did: r20 may be half published; the next export into it undoes what a killed one "
-        "left\n"
+        "or was killed while it did: r20 may be half published; `resnet export --repository "
+        f"{tmp_path.resolve()} --undo-unfinished` undoes what a killed one left, as the next export into it does\n"
     )
 
 
