@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import pytest
 
 from loadtest.bench import BenchError, http_load
 from loadtest.bench_report import OWNED_SECTIONS, split_sections
-from tests.support import REPO_ROOT, QuietHandler, threaded_http_server
+from tests.support import REPO_ROOT, QuietHandler, children_of, has_ended, threaded_http_server, wait_until
 
 FOREIGN = "## Export: runtimes on this CPU\n\nAnother part's table | kept | verbatim |\n"
 
@@ -83,6 +84,50 @@ def test_quick_bench_runs_end_to_end_and_keeps_foreign_sections(tmp_path):
     assert FOREIGN.strip() in text and "stale" not in text
     assert "resnet bench --quick" in text and "vs raw runtime" in text
     assert (docs / "img" / "gateway_latency_throughput.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_bench_stops_the_servers_it_started(tmp_path, stop):
+    # docker stop or a CI job's time limit (SIGTERM) unwinds through the bench's clean-ups: the gateway under
+    # measurement stopped, no scratch folder left, the page not half rewritten; SIGKILL leaves no server serving
+    docs, scratch = tmp_path / "docs", tmp_path / "tmp"
+    scratch.mkdir()
+    bench = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "bench",
+            "--quick",
+            "--docs",
+            str(docs),
+            "--threads",
+            "1",
+            "--skip",
+            "runtimes",
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: children_of(bench.pid), 120, what="the bench's first server")
+        [server] = children_of(bench.pid)
+        time.sleep(1)
+        bench.send_signal(stop)
+        _, stderr = bench.communicate(timeout=60)
+    finally:
+        bench.kill()
+    wait_until(lambda: has_ended(server), 20, what="the server stopped")
+    if stop == signal.SIGTERM:
+        assert bench.returncode == 143
+        assert stderr.strip().splitlines()[-1] == "resnet: error: stopped by SIGTERM"
+        assert not list(scratch.glob("resnet-bench-*"))
+    else:
+        assert bench.returncode == -signal.SIGKILL
+    assert not (docs / "benchmarks.md").exists()
 
 
 @pytest.mark.parametrize(
