@@ -32,6 +32,7 @@ from cli.help import HelpFormatter
 from cli.tls import add_client_arguments, client_context, handshake_hint, load_key_pair, tls_hint
 from server.errors import GRPC_AT_HTTP_PORT
 from server.kserve_index import ModelIndex
+from server.scores import NAN_SCORES, softmax, unscored_rows
 from server.spec import PIPELINE_SUFFIX
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
@@ -54,7 +55,12 @@ class ImageRejected(ClientError):
 
 
 # what each API answers for images it cannot use (gateway /v1: the error's code; KServe: the status)
-GATEWAY_IMAGE_ERRORS = {"invalid_image", "unsupported_media_type", "payload_too_large"}
+GATEWAY_IMAGE_ERRORS = {
+    "invalid_image",
+    "unsupported_media_type",
+    "payload_too_large",
+    "unclassifiable_image",
+}
 KSERVE_IMAGE_STATUSES = {"400", "413", "StatusCode.INVALID_ARGUMENT"}
 GRPC_TOO_LARGE = "Received message larger than max"  # gRPC's own words; its status is also an overload's
 # A wrong port's answers: an HTTP client at a gRPC port reads HTTP/2 frames (httpx: "illegal request line"), a gRPC
@@ -142,11 +148,12 @@ def chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
         yield items[start : start + size]
 
 
-def top_k_from_logits(scored: list[tuple[float, int, str]], k: int) -> list[Prediction]:
-    """Softmax over every class's (logit, index, label), best k first (ties: lower index first)."""
-    logits = np.array([value for value, _, _ in scored], dtype=np.float64)
-    probabilities = np.exp(logits - logits.max())
-    probabilities /= probabilities.sum()
+def top_k_from_logits(scored: list[tuple[float, int, str]], k: int) -> list[Prediction] | str:
+    """Softmax over every class's (logit, index, label), best k first (ties: lower index first); why not, for
+    logits that give no scores."""
+    probabilities = softmax(np.array([value for value, _, _ in scored], dtype=np.float64))
+    if unscored_rows(probabilities):
+        return NAN_SCORES
     order = sorted(range(len(scored)), key=lambda i: (-probabilities[i], scored[i][1]))[:k]
     return [Prediction(scored[i][1], scored[i][2], float(probabilities[i])) for i in order]
 
@@ -225,7 +232,7 @@ class GatewayHttp:
             MAX_GATEWAY_FILES, self._call("GET", f"/v1/models/{model}", lambda b: int(b["max_batch_size"]))
         )
 
-    def classify(self, model: str, images: list[ImageFile], top_k: int) -> list[list[Prediction]]:
+    def classify(self, model: str, images: list[ImageFile], top_k: int) -> list[list[Prediction] | str]:
         files = [("file", (image.path.name, image.data, "application/octet-stream")) for image in images]
         return self._call(
             "POST", f"/v1/models/{model}/classify", gateway_predictions, params={"top_k": top_k}, files=files
@@ -350,7 +357,7 @@ class KServe:
             )
         return self._classes[model]
 
-    def classify(self, model: str, images: list[ImageFile], top_k: int) -> list[list[Prediction]]:
+    def classify(self, model: str, images: list[ImageFile], top_k: int) -> list[list[Prediction] | str]:
         num_classes = self.num_classes(model)
         data = np.array([image.data for image in images], dtype=np.object_).reshape(len(images), 1)
         tensor = self.module.InferInput(IMAGE_INPUT, list(data.shape), "BYTES")
@@ -359,7 +366,7 @@ class KServe:
         wanted = [self.module.InferRequestedOutput(LOGITS_OUTPUT, class_count=num_classes)]
         timeout = {"client_timeout": self.timeout} if self.grpc else {}
 
-        def predictions(result) -> list[list[Prediction]]:
+        def predictions(result) -> list[list[Prediction] | str]:
             rows = result.as_numpy(LOGITS_OUTPUT).reshape(len(images), -1)
             return [top_k_from_logits([parse_classification(item) for item in row], top_k) for row in rows]
 

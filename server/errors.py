@@ -60,6 +60,13 @@ class InvalidInput(GatewayError):
     http_status = 422
 
 
+class UnclassifiableImage(GatewayError):
+    """An image the model computes no scores for (NaN): the others of its request can be sent again."""
+
+    code = "unclassifiable_image"
+    http_status = 422
+
+
 class Overloaded(GatewayError):
     """The model's bounded queue is full: retry after `retry_after` seconds."""
 

@@ -25,9 +25,10 @@ import numpy as np
 
 from server.backends import Backend, LoadFailure, ModelInfo, create_backend, one_line
 from server.batching import DirectDispatcher, Dispatcher, DynamicBatcher, Inference
-from server.errors import BackendUnavailable, InvalidInput, ModelNotFound
+from server.errors import BackendUnavailable, InvalidInput, ModelNotFound, UnclassifiableImage
 from server.metrics import Metrics
 from server.preprocessing import preprocess_batch
+from server.scores import NAN_SCORES, softmax, unscored_rows
 from server.settings import Settings
 from server.spec import PreprocessSpec
 from server.statistics import ComputeTimes, ModelStatistics, Request, RequestTimes
@@ -51,12 +52,9 @@ class Classification(NamedTuple):
     version: str
 
 
-def top_predictions(logits: np.ndarray, k: int, labels: list[str]) -> list[list[Prediction]]:
-    """Softmax over the classes, then the k best per row, best first."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    probabilities = np.exp(shifted)
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
-    k = min(k, logits.shape[1])
+def top_predictions(probabilities: np.ndarray, k: int, labels: list[str]) -> list[list[Prediction]]:
+    """The k best classes per row, best first."""
+    k = min(k, probabilities.shape[1])
     best = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     return [
         [Prediction(int(i), labels[i], float(row[i])) for i in indexes]
@@ -189,7 +187,11 @@ class ServedModel:
         if top_k < 1:
             raise InvalidInput(f"top_k must be at least 1, got {top_k}")
         logits, version = await self.infer_images(images, deadline)
-        return Classification(top_predictions(logits, top_k, self.labels), version)
+        probabilities = softmax(logits)
+        if unscored := unscored_rows(probabilities):
+            which = f"image {unscored[0] + 1} of {len(images)}: " if len(images) > 1 else ""
+            raise UnclassifiableImage(f"{which}{NAN_SCORES} (model {self.name!r} version {version})")
+        return Classification(top_predictions(probabilities, top_k, self.labels), version)
 
     def describe(self) -> dict:
         return {

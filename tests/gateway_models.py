@@ -32,20 +32,29 @@ LABELS = list(COLORS)
 TINY_SPEC = PreprocessSpec(resize_shorter=40, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
-def colors_onnx(crop: int = 32, scale: float = 4) -> bytes:
-    """Logits `scale` x the image's mean red, green and blue (normalized): each version's scores tell it apart."""
+def colors_onnx(crop: int = 32, scale: float = 4, nan_when_overflowing: bool = False) -> bytes:
+    """Logits `scale` x the image's mean red, green and blue (normalized): each version's scores tell it apart.
+    A scale near FP32's limit overflows on saturated colours (+inf for the colour, -inf for the others);
+    `nan_when_overflowing` turns those logits into NaN (x + 0 * x), as an overflow inside a network can."""
     weights = numpy_helper.from_array(np.eye(3, dtype=np.float32) * scale, "weights")
     bias = numpy_helper.from_array(np.zeros(3, dtype=np.float32), "bias")
+    initializers = [weights, bias]
+    logits = "scaled" if nan_when_overflowing else OUTPUT_NAME
+    nodes = [
+        helper.make_node("GlobalAveragePool", [INPUT_NAME], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "weights", "bias"], [logits], transB=1),
+    ]
+    if nan_when_overflowing:
+        initializers.append(numpy_helper.from_array(np.zeros(1, dtype=np.float32), "zero"))
+        nodes.append(helper.make_node("Mul", [logits, "zero"], ["zeros"]))
+        nodes.append(helper.make_node("Add", [logits, "zeros"], [OUTPUT_NAME]))
     graph = helper.make_graph(
-        [
-            helper.make_node("GlobalAveragePool", [INPUT_NAME], ["pooled"]),
-            helper.make_node("Flatten", ["pooled"], ["flat"]),
-            helper.make_node("Gemm", ["flat", "weights", "bias"], [OUTPUT_NAME], transB=1),
-        ],
+        nodes,
         "colors",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", 3, crop, crop])],
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", 3])],
-        initializer=[weights, bias],
+        initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -54,7 +63,11 @@ def colors_onnx(crop: int = 32, scale: float = 4) -> bytes:
 
 
 def write_colors_model(
-    repository: Path, name: str = "colors", max_batch_size: int = 32, scale: float = 4
+    repository: Path,
+    name: str = "colors",
+    max_batch_size: int = 32,
+    scale: float = 4,
+    nan_when_overflowing: bool = False,
 ) -> Path:
     """A classifier in `repository/name` that both the embedded backend and Triton (Python backend) serve."""
     spec = ClassifierSpec(
@@ -69,7 +82,11 @@ def write_colors_model(
     model_dir = repository / name
     write_model(model_dir, classifier_config(spec), LABELS)
     publish_version(
-        model_dir, {"model.onnx": colors_onnx(TINY_SPEC.crop, scale), "model.py": CLASSIFIER_MODEL_PY}
+        model_dir,
+        {
+            "model.onnx": colors_onnx(TINY_SPEC.crop, scale, nan_when_overflowing),
+            "model.py": CLASSIFIER_MODEL_PY,
+        },
     )
     return model_dir
 
@@ -97,6 +114,13 @@ def color_image(color: str, size: tuple[int, int] = (64, 48), fmt: str = "JPEG",
         image = image.convert(mode)
     buffer = io.BytesIO()
     image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def grey_image() -> bytes:
+    """Mid-grey (PNG): each logit of a colours model near 0 times its scale, finite even near FP32's limit."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(buffer, "PNG")
     return buffer.getvalue()
 
 

@@ -18,7 +18,15 @@ import pytest
 from cli.main import main as resnet
 from server.client import ClientError, GatewayHttp, collect_images
 from server.kserve_index import NOT_LOADED
-from tests.gateway_models import LABELS, color_image, noise_jpeg, write_broken_model
+from server.scores import NAN_SCORES
+from tests.gateway_models import (
+    LABELS,
+    color_image,
+    grey_image,
+    noise_jpeg,
+    write_broken_model,
+    write_colors_model,
+)
 from tests.grpc_support import API_KEY, UNLOADED_MODEL, gateway_process
 from tests.support import OTHER_SERVERS, REPO_ROOT, free_port, other_web_server, path_prefix_proxy
 
@@ -153,6 +161,32 @@ def test_bad_images_are_named_by_file_and_the_rest_classified(gateway, photos, t
     server = ["--server", "triton"] if protocol == "http /v2" else []
     args = ["client", "classify", str(tmp_path / "mixed"), "--url", url, "--api-key", API_KEY, *server]
     assert_bad_named_and_rest_classified(capsys, [*args, "--timeout", "5"], photos, good, bad)
+
+
+def test_an_image_the_model_has_no_scores_for_costs_only_itself(tmp_path, capsys):
+    # NaN scores: the gateway's /v1 answered 500 for the whole request, which ended the run; over KServe the client
+    # printed nan for every class
+    repository, photos = tmp_path / "repository", tmp_path / "photos"
+    write_colors_model(repository, scale=3e38, nan_when_overflowing=True)
+    photos.mkdir()
+    (photos / "0-grey.png").write_bytes(grey_image())
+    (photos / "1-red.jpeg").write_bytes(color_image("red"))
+    (photos / "2-grey.png").write_bytes(grey_image())
+    with gateway_process(tmp_path, "--repository", str(repository)) as gateway:
+        for url, server in (
+            (gateway.http_url, "auto"),
+            (gateway.grpc_url, "auto"),
+            (gateway.http_url, "triton"),
+        ):
+            assert (
+                resnet(["client", "classify", str(photos), "--url", url, "--server", server, "--json"]) == 1
+            )
+            captured = capsys.readouterr()
+            assert [result["image"] for result in json.loads(captured.out)] == [
+                str(photos / "0-grey.png"), str(photos / "2-grey.png")
+            ]  # fmt: skip
+            [line] = [line for line in captured.err.splitlines() if line.startswith("resnet")]
+            assert line.startswith(f"resnet: error: {photos / '1-red.jpeg'}: ") and NAN_SCORES in line, line
 
 
 def test_only_bad_images_print_no_table(gateway, photos, tmp_path, capsys):

@@ -22,10 +22,12 @@ from server.backends import EmbeddedBackend
 from server.errors import InvalidInput, ModelNotFound
 from server.preprocessing import PILLOW_PIXEL_LIMIT
 from server.registry import ModelRegistry
+from server.scores import NAN_SCORES, softmax, unscored_rows
 from server.settings import Settings
 from tests.gateway_models import (
     LABELS,
     color_image,
+    grey_image,
     png_claiming,
     write_broken_model,
     write_colors_model,
@@ -122,6 +124,46 @@ def test_multipart_one_and_many_files(client):
     one_bad = client.post("/v1/models/colors/classify", files=files)
     assert one_bad.status_code == 400
     assert one_bad.json()["error"]["message"].startswith("image 3 of 4: not a decodable image")
+
+
+def test_softmax_of_overflowed_logits_is_its_limit_and_nan_stays_nan():
+    inf = np.inf
+    logits = np.array(
+        [[1, 2, 3], [inf, -inf, 5], [inf, inf, -inf], [np.nan, 1, 2], [-inf, -inf, -inf]], np.float32
+    )
+    probabilities = softmax(logits)
+    assert probabilities.dtype == np.float32
+    assert probabilities[0] == pytest.approx(np.exp([1, 2, 3]) / np.exp([1, 2, 3]).sum())
+    assert probabilities[1].tolist() == [1, 0, 0] and probabilities[2].tolist() == [0.5, 0.5, 0]
+    assert unscored_rows(probabilities) == [3, 4]
+
+
+def test_an_image_the_model_overflows_on_is_scored_or_refused_by_itself(tmp_path):
+    # Logits past FP32's range (an FP16 model's pass 65504) gave inf - inf = NaN in the softmax, which the JSON
+    # encoder refused: 500 "internal error (ValueError)" for +inf logits, and for NaN ones, whatever else the
+    # request held
+    write_colors_model(tmp_path, "overflowing", scale=3e38)
+    write_colors_model(tmp_path, "nan", scale=3e38, nan_when_overflowing=True)
+    with make_client(tmp_path) as client:
+        red = client.post("/v1/models/overflowing/classify", content=color_image("red"), headers=JPEG)
+        assert red.status_code == 200, red.text
+        assert [(p["label"], p["score"]) for p in red.json()["predictions"]] == [
+            ("red", 1.0), ("green", 0.0), ("blue", 0.0)
+        ]  # fmt: skip
+        refused = assert_error(
+            client.post("/v1/models/nan/classify", content=color_image("red"), headers=JPEG),
+            422,
+            "unclassifiable_image",
+        )
+        assert refused["error"]["message"] == f"{NAN_SCORES} (model 'nan' version 1)"
+        files = [
+            ("file", ("grey.png", grey_image(), "image/png")),
+            ("file", ("red.jpg", color_image("red"), "image/jpeg")),
+        ]
+        both = assert_error(client.post("/v1/models/nan/classify", files=files), 422, "unclassifiable_image")
+        assert both["error"]["message"] == f"image 2 of 2: {NAN_SCORES} (model 'nan' version 1)"
+        grey = client.post("/v1/models/nan/classify", files=files[:1])
+        assert grey.status_code == 200 and grey.json()["predictions"][0]["score"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize(
