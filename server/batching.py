@@ -42,7 +42,7 @@ class _Execution:
 
     started_ns: int
     compute: ComputeTimes
-    version: str = ""
+    version: str  # of the model that computed it
 
 
 @dataclass
