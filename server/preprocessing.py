@@ -14,10 +14,13 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from server.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from server.errors import InvalidImage, Overloaded, PayloadTooLarge, UnsupportedMediaType
 from server.spec import PreprocessSpec
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not a grey half-image
+# Every format plugin imported now: Image.open imports them at its first image, which opens files, and a gateway
+# started into a burst of clients that had taken every file descriptor failed its first decodes on them.
+Image.init()
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 DEFAULT_MAX_PIXELS = 40_000_000
 # Pillow refuses outright an image over twice its MAX_IMAGE_PIXELS (only a warning below that), so a configured
@@ -49,7 +52,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             f"image is over the limit of {max_pixels} pixels, and over Pillow's of {PILLOW_PIXEL_LIMIT}"
         ) from error
     except (OSError, ValueError, SyntaxError) as error:
-        raise InvalidImage(f"cannot read image header: {error}") from error
+        raise _not_the_image(error) or InvalidImage(f"cannot read image header: {error}") from error
     if image.format not in SUPPORTED_FORMATS:
         raise UnsupportedMediaType(
             f"unsupported image format {image.format}; send JPEG, PNG, WebP, BMP or GIF"
@@ -62,6 +65,15 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     if width == 0 or height == 0:
         raise InvalidImage(f"image has no pixels ({width}x{height})")
     return image
+
+
+def _not_the_image(error: Exception) -> Overloaded | None:
+    """An error of this machine rather than of the image: an OSError the system raised (it has an errno; Pillow's
+    own about a bad image have none). Out of file descriptors, the gateway answered 400 invalid_image ("cannot read
+    image header: [Errno 24] Too many open files: '.../PIL/BmpImagePlugin.py'") to good images."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return Overloaded(f"the gateway cannot decode images now ({error.strerror}); retry later")
+    return None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -101,7 +113,9 @@ def decode(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXE
         image = ImageOps.exif_transpose(image)
         image = to_rgb(image)
     except (OSError, ValueError, SyntaxError, EOFError) as error:
-        raise InvalidImage(f"cannot decode image ({error}); is it truncated?") from error
+        raise _not_the_image(error) or InvalidImage(
+            f"cannot decode image ({error}); is it truncated?"
+        ) from error
     size = resized_size(*image.size, spec.resize_shorter)
     if size != image.size:
         image = image.resize(size, RESAMPLING[spec.interpolation])

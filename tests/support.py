@@ -154,12 +154,18 @@ def stop_process(process: subprocess.Popen, grace: float = 10) -> None:
 
 @contextlib.contextmanager
 def running_gateway(
-    *flags: str, log_path: Path | None = None, timeout: float = 120, env: dict[str, str] | None = None
+    *flags: str,
+    log_path: Path | None = None,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    open_files: tuple[int, int] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A real `resnet serve` on a free loopback port (gRPC off unless `flags` set it); yields (base URL, process)."""
+    """A real `resnet serve` on a free loopback port (gRPC off unless `flags` set it); yields (base URL, process).
+    `open_files`: its (soft, hard) limit of open files, as a shell's `ulimit -n` or systemd's LimitNOFILE= set it."""
     taken = int(flags[flags.index("--grpc-port") + 1]) if "--grpc-port" in flags else None
     port = next(port for port in free_ports(2) if port != taken)
-    command = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    limit = ["prlimit", f"--nofile={open_files[0]}:{open_files[1]}"] if open_files else []
+    command = [*limit, sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)]
     if "--grpc-port" not in flags:
         command += ["--grpc-port", "0"]
     url = f"http://127.0.0.1:{port}"

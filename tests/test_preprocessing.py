@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
-from server.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from server.errors import InvalidImage, Overloaded, PayloadTooLarge, UnsupportedMediaType
 from server.preprocessing import PILLOW_PIXEL_LIMIT, open_image, preprocess_batch, preprocess_image
 from server.spec import PreprocessSpec
 from tests.gateway_models import png_claiming
@@ -166,6 +167,21 @@ def test_truncated_image_is_invalid(fmt):
     data = encode(photo_like(300, 200), fmt)
     with pytest.raises(InvalidImage, match="truncated|cannot"):
         preprocess_image(data[: len(data) // 2], IMAGENET)
+
+
+@pytest.mark.parametrize("step", ["open", "load"])
+def test_an_error_of_the_machine_is_not_blamed_on_the_image(step, monkeypatch):
+    # Out of file descriptors, a good image was answered 400 invalid_image ("cannot read image header: [Errno 24] Too
+    # many open files"), and `resnet client` reported the file as bad. The system's errors carry an errno; Pillow's
+    # about a bad image do not.
+    def out_of_files(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(*((Image, "open") if step == "open" else (ImageFile.ImageFile, "load")), out_of_files)
+    with pytest.raises(
+        Overloaded, match=r"^the gateway cannot decode images now \(Too many open files\); retry later$"
+    ):
+        preprocess_image(encode(photo_like(300, 200), "PNG"), IMAGENET)
 
 
 def test_pixel_limit_is_checked_before_decoding():
