@@ -118,12 +118,8 @@ def test_a_gateway_raises_its_open_file_limit_and_says_when_it_cannot(repository
     # many open files: '.../PIL/BmpImagePlugin.py'"
     log_path = tmp_path / "gateway.log"
     flags = ("--repository", str(repository), "--intra-op-threads", "1")
-    with running_gateway(*flags, log_path=log_path, timeout=60, open_files=(256, 8192)) as (url, process):
+    with running_gateway(*flags, log_path=log_path, timeout=60, open_files=(256, 8192)) as (_, process):
         assert open_file_limits(process.pid) == (8192, 8192)
-        statuses = asyncio.run(classify_at_once(url, 400))
-        assert set(statuses) <= {200, 503}, collections.Counter(
-            statuses
-        )  # 503: its queue of 256 images was full
     assert "open-file limit raised from 256 to 8192" in log_path.read_text()
     with running_gateway(*flags, log_path=log_path, timeout=60, open_files=(256, 256)) as (url, process):
         statuses = asyncio.run(classify_at_once(url, 400))

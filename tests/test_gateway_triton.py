@@ -195,10 +195,7 @@ def status_and_error(answer: httpx.Response) -> tuple[int, str]:
     return answer.status_code, answer.json().get("error", {}).get("message", "")
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_a_model_triton_unloads_is_not_found_rather_than_triton_unavailable(
-    triton_server, tmp_path, protocol
-):
+def test_a_model_triton_unloads_is_not_found_rather_than_triton_unavailable(triton_server, tmp_path):
     # Requests routed to a model in the second before the gateway saw Triton unload it were answered 503 "Triton is
     # unavailable: Request for unknown model: 'shades' has no available versions" (98 of 550 over HTTP, 9 of 498
     # over gRPC, under four clients): a retry told to a client whose model is gone, with Triton up
@@ -206,8 +203,8 @@ def test_a_model_triton_unloads_is_not_found_rather_than_triton_unavailable(
     write_colors_model(repository)
     write_colors_model(repository, "shades")
     with triton_server(repository, log_path=tmp_path / "triton.log", models=["colors", "shades"]) as triton:
-        triton_url = triton.grpc_url if protocol == "grpc" else triton.http_address
-        with gateway(tmp_path, triton_url, "--triton-protocol", protocol) as url:
+        # over HTTP, where most came (over gRPC Triton's words are the same)
+        with gateway(tmp_path, triton.http_address, "--triton-protocol", "http") as url:
             with contextlib.ExitStack() as senders:
                 answers = [
                     senders.enter_context(
