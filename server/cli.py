@@ -67,6 +67,13 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--max-delay-ms", "max_delay_ms", float, "longest wait for a batch to fill, in ms"),
     ("--queue-size", "queue_size", int, "images queued per model before requests get 503 + Retry-After"),
     ("--request-timeout-s", "request_timeout_s", float, "per-request deadline in seconds (504 after)"),
+    (
+        "--request-read-timeout-s",
+        "request_read_timeout_s",
+        float,
+        "seconds a client has to send a whole request from its first byte (or from connecting): 408 and closed "
+        "after, so stalled clients cannot hold connections (slowloris); 0: no limit",
+    ),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body (413 above)"),
     (
         "--max-image-pixels",
@@ -195,6 +202,7 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.slow_clients import protocol_with_read_deadline
 
     settings = settings_from(args)
     if not settings.repository.is_dir() and settings.backend == "embedded":
@@ -216,6 +224,9 @@ def main(args: argparse.Namespace) -> int:
         log_config=None,  # configured above, uvicorn's loggers included
         access_log=False,  # the gateway writes its own (settings.access_log), with request IDs
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        http=protocol_with_read_deadline(settings.request_read_timeout_s)
+        if settings.request_read_timeout_s
+        else "auto",
         root_path=settings.root_path,
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,

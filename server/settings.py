@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         10.0, gt=0, le=86_400, description="per-request deadline (504 when exceeded)"
     )
+    request_read_timeout_s: float = Field(
+        60,
+        ge=0,
+        le=86_400,
+        description="seconds a client has to send a whole request (line, headers and body) from its first byte, or "
+        "from connecting: past it, 408 and the connection closed, so clients that stall cannot hold connections for "
+        "ever (slowloris); 0: no limit",
+    )
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body (413 above)")
     max_image_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=1, le=PILLOW_PIXEL_LIMIT, description="largest image width*height (413 above)"

@@ -131,6 +131,57 @@ def test_a_gateway_raises_its_open_file_limit_and_says_when_it_cannot(repository
     ) in log_path.read_text()
 
 
+def read_until_closed(connection: socket.socket, within: float) -> bytes:
+    """What the server sent before it closed the connection; fails if it is still open after `within` seconds."""
+    connection.settimeout(within)
+    received = b""
+    while chunk := connection.recv(65536):
+        received += chunk
+    return received
+
+
+def test_clients_that_stall_are_answered_408_and_closed(repository, tmp_path):
+    # uvicorn gives a request no deadline to arrive: each of these connections was still open after 90 s, holding
+    # a file descriptor (and, once its headers were in, a handler waiting for the body) for as long as it liked
+    image = color_image("red")
+    head = f"POST /v1/models/colors/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(image)}\r\n"
+    stalls = {
+        "nothing": b"",
+        "half a request line": b"POST /v1/models/col",
+        "headers without their end": head.encode(),
+        "a body cut short": head.encode() + b"\r\n" + image[:100],
+    }
+    with gateway(repository, tmp_path, "--request-read-timeout-s", "1") as (url, _):
+        address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        connections = {name: socket.create_connection(address) for name in stalls}
+        for name, sent in stalls.items():
+            connections[name].sendall(sent)
+        slow = socket.create_connection(address)  # slow but whole within the second: answered
+        for part in (head.encode(), b"\r\n" + image[:100], image[100:]):
+            slow.sendall(part)
+            time.sleep(0.2)
+        slow.shutdown(socket.SHUT_WR)
+        assert read_until_closed(slow, 5).startswith(b"HTTP/1.1 200 OK")
+        started = time.monotonic()
+        answers = {name: read_until_closed(connection, 5) for name, connection in connections.items()}
+        assert time.monotonic() - started < 3
+        with socket.create_connection(address) as kept_alive:  # the deadline holds for each request on it
+            kept_alive.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = b""
+            while not first.endswith(b'{"status":"ok"}'):
+                first += kept_alive.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200 OK")
+            kept_alive.sendall(b"GET /heal")
+            answers["a second request cut short"] = read_until_closed(kept_alive, 5)
+        assert classify(url, "blue").json()["predictions"][0]["label"] == "blue"
+    message = "the request did not arrive whole within 1 s (request line, headers and body)"
+    for name in ("nothing", "half a request line", "headers without their end", "a second request cut short"):
+        status, _, body = answers[name].partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 408 Request Timeout"), (name, answers[name])
+        assert json.loads(body) == {"error": {"code": "request_timeout", "message": message}}
+    assert answers["a body cut short"] == b""  # its handler was waiting for the body: it sees the client gone
+
+
 def test_a_full_queue_answers_503_and_the_gateway_carries_on(repository, tmp_path):
     with gateway(
         repository, tmp_path, "--max-delay-ms", "2000", "--max-batch-size", "64", "--queue-size", "3"
