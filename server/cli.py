@@ -224,9 +224,7 @@ def main(args: argparse.Namespace) -> int:
         log_config=None,  # configured above, uvicorn's loggers included
         access_log=False,  # the gateway writes its own (settings.access_log), with request IDs
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
-        http=protocol_with_read_deadline(settings.request_read_timeout_s)
-        if settings.request_read_timeout_s
-        else "auto",
+        http=protocol_with_read_deadline(settings.request_read_timeout_s),
         root_path=settings.root_path,
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,

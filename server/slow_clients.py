@@ -1,13 +1,20 @@
-"""A deadline for each HTTP request to arrive whole: request line, headers and body.
+"""What uvicorn leaves unbounded about how a request arrives: its time, and the size of its request line and headers.
 
-uvicorn has none: a connection that sends part of a request and stalls (slowloris) was kept for ever, each holding a
-file descriptor and, once its headers were in, a request handler waiting for its body (checked: four such
-connections still open after 90 s). Its keep-alive timeout covers only the idle time between requests, and any byte
-resets it. So the gateway's HTTP protocol is uvicorn's own (httptools, what uvicorn picks when it is installed) with
-a timer: armed when a connection opens and at the first byte of each request, disarmed when the request is whole.
-A request still incomplete when it fires gets 408 if its headers were not all in (no handler has seen it yet) and
-the connection is closed; one whose body stalled is closed, which its handler sees as the client gone (499).
-TLS handshakes are bounded by asyncio itself (60 s).
+A deadline for each HTTP request to arrive whole (request line, headers and body): uvicorn has none, so a connection
+that sends part of a request and stalls (slowloris) was kept for ever, each holding a file descriptor and, once its
+headers were in, a request handler waiting for its body (checked: four such connections still open after 90 s).
+Its keep-alive timeout covers only the idle time between requests, and any byte resets it.
+
+A limit on the request line and headers: httptools buffers a header until it ends, so one header line that never
+did grew the gateway by the size sent (200 MB sent: 127 -> 415 MB resident); a few such connections would have the
+gateway killed for memory. The body has its own limit (`max_body_bytes`, 413).
+
+So the gateway's HTTP protocol is uvicorn's own (httptools, what uvicorn picks when it is installed) with both: a
+timer armed when a connection opens and at the first byte of each request, disarmed when the request is whole, and
+a count of what arrived while the headers were incomplete. A request past either gets 408 or 431 if its headers
+were not all in (no handler has seen it yet), and the connection is closed once the client has had time to read it;
+one whose body stalled is closed, which its handler sees as the client gone (499). TLS handshakes are bounded by
+asyncio itself (60 s).
 """
 
 from __future__ import annotations
@@ -16,40 +23,74 @@ import asyncio
 import json
 import logging
 
+# nginx allows 4 x 8 KiB, Node.js 16 KiB; room for large cookies and tokens. What httptools has parsed of a head is
+# not known until it ends, so a head is refused once this many bytes arrived after the read that began it.
+MAX_HEAD_BYTES = 64 * 1024
+# After answering a refused request, what the client still sends is read and dropped for this long before the
+# connection closes: closed at once with its bytes unread, the kernel resets it, and the client may lose the answer
+# (nginx's lingering close).
+LINGER_S = 5.0
 
-def request_timeout_response(seconds: float) -> bytes:
-    message = f"the request did not arrive whole within {seconds:g} s (request line, headers and body)"
-    body = json.dumps({"error": {"code": "request_timeout", "message": message}}).encode()
+
+def error_response(status: str, code: str, message: str) -> bytes:
+    """A whole HTTP/1.1 response closing the connection, the gateway's JSON error as its body."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
     head = (
-        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n"
         f"content-length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 
 
+HEAD_TOO_LARGE = error_response(
+    "431 Request Header Fields Too Large",
+    "headers_too_large",
+    f"the request line and headers are over {MAX_HEAD_BYTES // 1024} KiB",
+)
+
+
 def protocol_with_read_deadline(seconds: float) -> type[asyncio.Protocol] | str:
-    """uvicorn's `http=` protocol, with `seconds` for each request to arrive whole; uvicorn's own ("auto"), with a
-    warning, where httptools is missing."""
+    """uvicorn's `http=` protocol, with `seconds` for each request to arrive whole (0: no deadline) and a bounded
+    head; uvicorn's own ("auto"), with a warning, where httptools is missing."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError as error:
         logging.getLogger("resnet.server").warning(
-            "requests have no deadline to arrive (--request-read-timeout-s needs httptools): %s", error
+            "requests have no deadline to arrive and no limit on their headers (both need httptools): %s",
+            error,
         )
         return "auto"
-    timeout_response = request_timeout_response(seconds)
+    too_slow = error_response(
+        "408 Request Timeout",
+        "request_timeout",
+        f"the request did not arrive whole within {seconds:g} s (request line, headers and body)",
+    )
 
-    class ReadDeadlineProtocol(HttpToolsProtocol):
+    class BoundedRequestProtocol(HttpToolsProtocol):
         _deadline: asyncio.TimerHandle | None = None
         _headers_in = False
+        _began = False  # a request began in the bytes being fed
+        _head_bytes = 0
+        _refused = False
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()
 
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
+            self._began = False
+            super().data_received(data)
+            if self._headers_in or self.transport.is_closing():
+                return
+            self._head_bytes = 0 if self._began else self._head_bytes + len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(HEAD_TOO_LARGE)
+
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._headers_in = False
+            self._headers_in, self._began = False, True
             self._arm()
 
         def on_headers_complete(self) -> None:
@@ -65,9 +106,7 @@ def protocol_with_read_deadline(seconds: float) -> type[asyncio.Protocol] | str:
             super().connection_lost(exc)
 
         def _arm(self) -> None:
-            if (
-                self._deadline is None
-            ):  # from the connection's start for its first request, not its first byte
+            if seconds and self._deadline is None:  # from the connection's start for its first request
                 self._deadline = self.loop.call_later(seconds, self._too_slow)
 
         def _disarm(self) -> None:
@@ -77,10 +116,20 @@ def protocol_with_read_deadline(seconds: float) -> type[asyncio.Protocol] | str:
 
         def _too_slow(self) -> None:
             self._deadline = None
-            if self.transport.is_closing():
-                return
-            if not self._headers_in:
-                self.transport.write(timeout_response)
-            self.transport.close()
+            if not self.transport.is_closing():
+                self._refuse(too_slow)
 
-    return ReadDeadlineProtocol
+        def _refuse(self, response: bytes) -> None:
+            if self._headers_in:  # a handler has the request: closed, it sees the client gone
+                self.transport.close()
+                return
+            self._refused = True
+            self._disarm()
+            self.transport.write(response)
+            if not self.transport.can_write_eof():  # TLS
+                self.transport.close()
+                return
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+
+    return BoundedRequestProtocol

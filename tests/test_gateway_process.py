@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import json
 import re
@@ -180,6 +181,30 @@ def test_clients_that_stall_are_answered_408_and_closed(repository, tmp_path):
         assert status.startswith(b"HTTP/1.1 408 Request Timeout"), (name, answers[name])
         assert json.loads(body) == {"error": {"code": "request_timeout", "message": message}}
     assert answers["a body cut short"] == b""  # its handler was waiting for the body: it sees the client gone
+
+
+def test_a_head_over_64_kib_is_431_and_a_large_body_is_not(repository, tmp_path):
+    # httptools buffers a header until it ends: one that never did grew the gateway by what was sent (200 MB sent:
+    # 127 -> 415 MB resident), and a few such clients would have had it killed for memory
+    with gateway(repository, tmp_path) as (url, process):
+        address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        with socket.create_connection(address) as endless:
+            endless.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                for _ in range(64):  # 4 MB, in the pieces a client writes
+                    endless.sendall(b"a" * 65536)
+            answer = read_until_closed(endless, 10)
+        status, _, body = answer.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), answer[:200]
+        assert json.loads(body) == {
+            "error": {"code": "headers_too_large", "message": "the request line and headers are over 64 KiB"}
+        }
+        cookie = {"cookie": "c=" + "x" * 48 * 1024}  # a large head, within the limit
+        assert httpx.get(f"{url}/healthz", headers=cookie).status_code == 200
+        photo = noise_jpeg(1, (2400, 1800))  # megabytes of body arrive in many reads after the head
+        assert len(photo) > 2 * 1024 * 1024
+        response = httpx.post(f"{url}/v1/models/colors/classify", content=photo, headers=JPEG, timeout=30)
+        assert response.status_code == 200, response.text
 
 
 def test_a_full_queue_answers_503_and_the_gateway_carries_on(repository, tmp_path):
