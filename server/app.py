@@ -14,7 +14,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -43,6 +43,7 @@ from server.logs import CURRENT_REQUEST_ID, REQUEST_ID_HEADER, log_access, reque
 from server.metrics import Metrics
 from server.registry import ModelRegistry, Prediction
 from server.settings import Settings
+from server.slow_clients import Refusal
 
 log = logging.getLogger("resnet.server")
 STATIC_DIR = Path(__file__).with_name("static")
@@ -196,6 +197,27 @@ class GatewayMiddleware:
             return message
 
         return limited_receive
+
+
+def refusal_recorder(app: FastAPI) -> Callable[[Refusal], None]:
+    """What the HTTP protocol answers itself (408, 431; server/slow_clients.py) is counted under the route `unread`
+    and logged as the middleware does for the requests the app sees. Not timed: a 408's time is the deadline."""
+    metrics: Metrics = app.state.metrics
+    access_log: bool = app.state.settings.access_log
+
+    def record(refusal: Refusal) -> None:
+        metrics.requests.labels("unread", refusal.method, str(refusal.status)).inc()
+        if access_log:
+            log_access(
+                refusal.method,
+                refusal.path,
+                refusal.status,
+                refusal.seconds,
+                refusal.client,
+                refusal.request_id,
+            )
+
+    return record
 
 
 # --- error handlers ----------------------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def raise_open_file_limit() -> None:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.app import create_app
+    from server.app import create_app, refusal_recorder
     from server.slow_clients import protocol_with_read_deadline
 
     settings = settings_from(args)
@@ -224,7 +224,7 @@ def main(args: argparse.Namespace) -> int:
         log_config=None,  # configured above, uvicorn's loggers included
         access_log=False,  # the gateway writes its own (settings.access_log), with request IDs
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
-        http=protocol_with_read_deadline(settings.request_read_timeout_s),
+        http=protocol_with_read_deadline(settings.request_read_timeout_s, refusal_recorder(app)),
         root_path=settings.root_path,
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,

@@ -14,14 +14,19 @@ timer armed when a connection opens and at the first byte of each request, disar
 a count of what arrived while the headers were incomplete. A request past either gets 408 or 431 if its headers
 were not all in (no handler has seen it yet), and the connection is closed once the client has had time to read it;
 one whose body stalled is closed, which its handler sees as the client gone (499). TLS handshakes are bounded by
-asyncio itself (60 s).
+asyncio itself (60 s). A refusal carries a new request ID (no handler read the one it came with) and is handed to
+`on_refusal`, which counts it and writes its access-log line as the middleware does for the requests it sees.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+from collections.abc import Callable
+
+from server.logs import REQUEST_ID_HEADER, request_id_from
 
 # nginx allows 4 x 8 KiB, Node.js 16 KiB; room for large cookies and tokens. What httptools has parsed of a head is
 # not known until it ends, so a head is refused once this many bytes arrived after the read that began it.
@@ -30,28 +35,52 @@ MAX_HEAD_BYTES = 64 * 1024
 # connection closes: closed at once with its bytes unread, the kernel resets it, and the client may lose the answer
 # (nginx's lingering close).
 LINGER_S = 5.0
+# what a refusal's log line keeps of the target that arrived: its path (a query may carry secrets), this long at most
+LOGGED_PATH_CHARS = 200
 
 
-def error_response(status: str, code: str, message: str) -> bytes:
-    """A whole HTTP/1.1 response closing the connection, the gateway's JSON error as its body."""
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    head = (
-        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
+@dataclasses.dataclass(frozen=True)
+class ErrorAnswer:
+    status: int
+    reason: str
+    code: str
+    message: str
+
+    def response(self, request_id: str) -> bytes:
+        """A whole HTTP/1.1 response closing the connection, the gateway's JSON error as its body."""
+        body = json.dumps({"error": {"code": self.code, "message": self.message}}).encode()
+        head = (
+            f"HTTP/1.1 {self.status} {self.reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            f"{REQUEST_ID_HEADER}: {request_id}\r\ncontent-length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
 
 
-HEAD_TOO_LARGE = error_response(
-    "431 Request Header Fields Too Large",
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """A request the protocol answered itself, before any handler saw it."""
+
+    status: int
+    method: str  # "-" where not even its method had arrived
+    path: str  # what had arrived of its path, or "-"
+    client: str
+    request_id: str
+    seconds: float  # from the request's first byte (or the connection's start) to its refusal
+
+
+HEAD_TOO_LARGE = ErrorAnswer(
+    431,
+    "Request Header Fields Too Large",
     "headers_too_large",
     f"the request line and headers are over {MAX_HEAD_BYTES // 1024} KiB",
 )
 
 
-def protocol_with_read_deadline(seconds: float) -> type[asyncio.Protocol] | str:
+def protocol_with_read_deadline(
+    seconds: float, on_refusal: Callable[[Refusal], None] = lambda refusal: None
+) -> type[asyncio.Protocol] | str:
     """uvicorn's `http=` protocol, with `seconds` for each request to arrive whole (0: no deadline) and a bounded
-    head; uvicorn's own ("auto"), with a warning, where httptools is missing."""
+    head, each refusal handed to `on_refusal`; uvicorn's own ("auto"), with a warning, where httptools is missing."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError as error:
@@ -60,14 +89,17 @@ def protocol_with_read_deadline(seconds: float) -> type[asyncio.Protocol] | str:
             error,
         )
         return "auto"
-    too_slow = error_response(
-        "408 Request Timeout",
+    too_slow = ErrorAnswer(
+        408,
+        "Request Timeout",
         "request_timeout",
         f"the request did not arrive whole within {seconds:g} s (request line, headers and body)",
     )
 
     class BoundedRequestProtocol(HttpToolsProtocol):
         _deadline: asyncio.TimerHandle | None = None
+        _waiting_since = 0.0
+        _in_request = False  # its first byte arrived, its last not yet
         _headers_in = False
         _began = False  # a request began in the bytes being fed
         _head_bytes = 0
@@ -90,7 +122,7 @@ def protocol_with_read_deadline(seconds: float) -> type[asyncio.Protocol] | str:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._headers_in, self._began = False, True
+            self._headers_in, self._began, self._in_request = False, True, True
             self._arm()
 
         def on_headers_complete(self) -> None:
@@ -98,6 +130,7 @@ def protocol_with_read_deadline(seconds: float) -> type[asyncio.Protocol] | str:
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
+            self._in_request = False
             self._disarm()
             super().on_message_complete()
 
@@ -106,8 +139,10 @@ def protocol_with_read_deadline(seconds: float) -> type[asyncio.Protocol] | str:
             super().connection_lost(exc)
 
         def _arm(self) -> None:
-            if seconds and self._deadline is None:  # from the connection's start for its first request
-                self._deadline = self.loop.call_later(seconds, self._too_slow)
+            if self._deadline is None:  # from the connection's start for its first request
+                self._waiting_since = self.loop.time()
+                if seconds:
+                    self._deadline = self.loop.call_later(seconds, self._too_slow)
 
         def _disarm(self) -> None:
             if self._deadline is not None:
@@ -119,17 +154,32 @@ def protocol_with_read_deadline(seconds: float) -> type[asyncio.Protocol] | str:
             if not self.transport.is_closing():
                 self._refuse(too_slow)
 
-        def _refuse(self, response: bytes) -> None:
+        def _refuse(self, answer: ErrorAnswer) -> None:
             if self._headers_in:  # a handler has the request: closed, it sees the client gone
                 self.transport.close()
                 return
             self._refused = True
+            refusal = self._refusal(answer.status)
             self._disarm()
-            self.transport.write(response)
+            self.transport.write(answer.response(refusal.request_id))
+            on_refusal(refusal)
             if not self.transport.can_write_eof():  # TLS
                 self.transport.close()
                 return
             self.transport.write_eof()
             self.loop.call_later(LINGER_S, self.transport.close)
+
+        def _refusal(self, status: int) -> Refusal:
+            # httptools names a method only once the target has begun; before that it says DELETE (method 0)
+            arrived = self.url if self._in_request else b""
+            path = arrived.partition(b"?")[0][:LOGGED_PATH_CHARS].decode("latin-1")
+            return Refusal(
+                status=status,
+                method=self.parser.get_method().decode("ascii") if arrived else "-",
+                path=path or "-",
+                client=":".join(map(str, self.client)) if self.client else "-",
+                request_id=request_id_from(None),
+                seconds=self.loop.time() - self._waiting_since,
+            )
 
     return BoundedRequestProtocol

@@ -4,6 +4,7 @@ threaded web servers for what stands in front of or beside them (another service
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import resource
@@ -56,6 +57,12 @@ def metric(text: str, name: str, default: float | None = None) -> float:
         return default
     assert match, f"{name} not in /metrics"
     return float(match.group(1))
+
+
+def json_log(path: Path, logger: str | None = None) -> list[dict]:
+    """The records of a `--log-format json` log, only `logger`'s if given."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for record in records if logger in (None, record["logger"])]
 
 
 def http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:

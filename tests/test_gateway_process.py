@@ -25,6 +25,7 @@ from tests.gateway_models import LABELS, color_image, noise_jpeg, write_colors_m
 from tests.support import (
     REPO_ROOT,
     free_port,
+    json_log,
     metric,
     models_served,
     path_prefix_proxy,
@@ -152,7 +153,8 @@ def test_clients_that_stall_are_answered_408_and_closed(repository, tmp_path):
         "headers without their end": head.encode(),
         "a body cut short": head.encode() + b"\r\n" + image[:100],
     }
-    with gateway(repository, tmp_path, "--request-read-timeout-s", "1") as (url, _):
+    flags = ("--request-read-timeout-s", "1", "--log-format", "json", "--access-log")
+    with gateway(repository, tmp_path, *flags) as (url, _):
         address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
         connections = {name: socket.create_connection(address) for name in stalls}
         for name, sent in stalls.items():
@@ -175,12 +177,31 @@ def test_clients_that_stall_are_answered_408_and_closed(repository, tmp_path):
             kept_alive.sendall(b"GET /heal")
             answers["a second request cut short"] = read_until_closed(kept_alive, 5)
         assert classify(url, "blue").json()["predictions"][0]["label"] == "blue"
+        refused = httpx.get(f"{url}/metrics").text
     message = "the request did not arrive whole within 1 s (request line, headers and body)"
+    request_ids = {}
     for name in ("nothing", "half a request line", "headers without their end", "a second request cut short"):
-        status, _, body = answers[name].partition(b"\r\n\r\n")
-        assert status.startswith(b"HTTP/1.1 408 Request Timeout"), (name, answers[name])
+        head, _, body = answers[name].partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 Request Timeout"), (name, answers[name])
         assert json.loads(body) == {"error": {"code": "request_timeout", "message": message}}
+        request_ids[name] = re.search(rb"\r\nx-request-id: ([0-9a-f]{32})\r\n", head).group(1).decode()
     assert answers["a body cut short"] == b""  # its handler was waiting for the body: it sees the client gone
+    # counted and logged as the requests a handler answers are, though none saw them
+    assert metric(refused, 'resnet_requests_total{method="-",route="unread",status="408"}') == 1
+    assert metric(refused, 'resnet_requests_total{method="POST",route="unread",status="408"}') == 2
+    assert metric(refused, 'resnet_requests_total{method="GET",route="unread",status="408"}') == 1
+    access = {record["request_id"]: record for record in json_log(tmp_path / "gateway.log", "resnet.access")}
+    logged = {name: access[request_id] for name, request_id in request_ids.items()}
+    assert {name: (line["method"], line["path"], line["status"]) for name, line in logged.items()} == {
+        "nothing": ("-", "-", 408),
+        "half a request line": ("POST", "/v1/models/col", 408),
+        "headers without their end": ("POST", "/v1/models/colors/classify", 408),
+        "a second request cut short": ("GET", "/heal", 408),
+    }
+    assert all(
+        900 < line["duration_ms"] < 3000 and line["client"].startswith("127.0.0.1:")
+        for line in logged.values()
+    )
 
 
 def test_a_head_over_64_kib_is_431_and_a_large_body_is_not(repository, tmp_path):
@@ -199,6 +220,8 @@ def test_a_head_over_64_kib_is_431_and_a_large_body_is_not(repository, tmp_path)
         assert json.loads(body) == {
             "error": {"code": "headers_too_large", "message": "the request line and headers are over 64 KiB"}
         }
+        refused = httpx.get(f"{url}/metrics").text
+        assert metric(refused, 'resnet_requests_total{method="GET",route="unread",status="431"}') == 1
         cookie = {"cookie": "c=" + "x" * 48 * 1024}  # a large head, within the limit
         assert httpx.get(f"{url}/healthz", headers=cookie).status_code == 200
         photo = noise_jpeg(1, (2400, 1800))  # megabytes of body arrive in many reads after the head
@@ -373,9 +396,7 @@ def test_json_logs_and_the_access_log_carry_request_ids(repository, tmp_path):
             f"{url}/v1/models/colors/classify", content=color_image("red"), headers=traced
         ).is_success
         untraced = httpx.get(f"{url}/v1/models/nope").headers["x-request-id"]
-    records = [
-        json.loads(line) for line in (tmp_path / "gateway.log").read_text().splitlines() if line.strip()
-    ]
+    records = json_log(tmp_path / "gateway.log")
     assert any("Uvicorn running on" in record["message"] for record in records)  # uvicorn's lines too
     access = {record["request_id"]: record for record in records if record["logger"] == "resnet.access"}
     assert access["trace-1"]["path"] == "/v1/models/colors/classify" and access["trace-1"]["status"] == 200
@@ -405,11 +426,8 @@ def test_grpc_calls_are_in_the_access_log_with_their_request_id(repository, tmp_
     ):
         assert client.is_model_ready("colors", headers={"x-request-id": "grpc-trace-1"})
         client.is_model_ready("colors", headers={"x-request-id": "not an id"})
-    records = [
-        json.loads(line) for line in (tmp_path / "gateway.log").read_text().splitlines() if line.strip()
-    ]
     calls = [
-        record for record in records if record["logger"] == "resnet.access" and record["method"] == "gRPC"
+        record for record in json_log(tmp_path / "gateway.log", "resnet.access") if record["method"] == "gRPC"
     ]
     assert [(call["path"], call["status"]) for call in calls] == [("ModelReady", "OK")] * 2
     assert calls[0]["request_id"] == "grpc-trace-1" and re.fullmatch(r"[0-9a-f]{32}", calls[1]["request_id"])
