@@ -48,7 +48,8 @@ class ErrorAnswer:
 
     def response(self, request_id: str) -> bytes:
         """A whole HTTP/1.1 response closing the connection, the gateway's JSON error as its body."""
-        body = json.dumps({"error": {"code": self.code, "message": self.message}}).encode()
+        error = {"code": self.code, "message": self.message, "request_id": request_id}
+        body = json.dumps({"error": error}).encode()
         head = (
             f"HTTP/1.1 {self.status} {self.reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
             f"{REQUEST_ID_HEADER}: {request_id}\r\ncontent-length: {len(body)}\r\n\r\n"

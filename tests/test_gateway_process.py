@@ -183,8 +183,9 @@ def test_clients_that_stall_are_answered_408_and_closed(repository, tmp_path):
     for name in ("nothing", "half a request line", "headers without their end", "a second request cut short"):
         head, _, body = answers[name].partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408 Request Timeout"), (name, answers[name])
-        assert json.loads(body) == {"error": {"code": "request_timeout", "message": message}}
         request_ids[name] = re.search(rb"\r\nx-request-id: ([0-9a-f]{32})\r\n", head).group(1).decode()
+        error = {"code": "request_timeout", "message": message, "request_id": request_ids[name]}
+        assert json.loads(body) == {"error": error}
     assert answers["a body cut short"] == b""  # its handler was waiting for the body: it sees the client gone
     # counted and logged as the requests a handler answers are, though none saw them
     assert metric(refused, 'resnet_requests_total{method="-",route="unread",status="408"}') == 1
@@ -217,9 +218,8 @@ def test_a_head_over_64_kib_is_431_and_a_large_body_is_not(repository, tmp_path)
             answer = read_until_closed(endless, 10)
         status, _, body = answer.partition(b"\r\n\r\n")
         assert status.startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), answer[:200]
-        assert json.loads(body) == {
-            "error": {"code": "headers_too_large", "message": "the request line and headers are over 64 KiB"}
-        }
+        assert json.loads(body)["error"]["code"] == "headers_too_large"
+        assert json.loads(body)["error"]["message"] == "the request line and headers are over 64 KiB"
         refused = httpx.get(f"{url}/metrics").text
         assert metric(refused, 'resnet_requests_total{method="GET",route="unread",status="431"}') == 1
         cookie = {"cookie": "c=" + "x" * 48 * 1024}  # a large head, within the limit
