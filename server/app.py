@@ -39,11 +39,11 @@ from server.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from server.http_protocol import Refusal
 from server.logs import CURRENT_REQUEST_ID, REQUEST_ID_HEADER, log_access, request_id_from
 from server.metrics import Metrics
 from server.registry import ModelRegistry, Prediction
 from server.settings import Settings
-from server.slow_clients import Refusal
 
 log = logging.getLogger("resnet.server")
 STATIC_DIR = Path(__file__).with_name("static")
@@ -181,7 +181,8 @@ class GatewayMiddleware:
             self.metrics.latency.labels(label).observe(elapsed)
             if self.access_log:
                 client = ":".join(map(str, scope["client"])) if scope.get("client") else "-"
-                log_access(scope["method"], scope["path"], status, elapsed, client, request_id)
+                certificate = scope.get("extensions", {}).get("tls", {}).get("client_cert_name")
+                log_access(scope["method"], scope["path"], status, elapsed, client, request_id, certificate)
             CURRENT_REQUEST_ID.reset(current)
 
     def _limited(self, receive: Receive) -> Receive:
@@ -200,7 +201,7 @@ class GatewayMiddleware:
 
 
 def refusal_recorder(app: FastAPI) -> Callable[[Refusal], None]:
-    """What the HTTP protocol answers itself (408, 431; server/slow_clients.py) is counted under the route `unread`
+    """What the HTTP protocol answers itself (408, 431; server/http_protocol.py) is counted under the route `unread`
     and logged as the middleware does for the requests the app sees. Not timed: a 408's time is the deadline."""
     metrics: Metrics = app.state.metrics
     access_log: bool = app.state.settings.access_log
@@ -215,6 +216,7 @@ def refusal_recorder(app: FastAPI) -> Callable[[Refusal], None]:
                 refusal.seconds,
                 refusal.client,
                 refusal.request_id,
+                refusal.certificate,
             )
 
     return record

@@ -6,6 +6,7 @@ key that is not the certificate's) is logged and the files in use are kept."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import ssl
@@ -23,6 +24,49 @@ from server.settings import Settings
 
 log = logging.getLogger("resnet.tls")
 EXPIRY_WARNING = timedelta(days=14)
+TLS_VERSIONS = {
+    "TLSv1": 0x0301,
+    "TLSv1.1": 0x0302,
+    "TLSv1.2": 0x0303,
+    "TLSv1.3": 0x0304,
+}  # as IANA numbers them
+
+
+def asgi_tls_extension(ssl_object: ssl.SSLObject) -> dict[str, object]:
+    """ASGI's `scope["extensions"]["tls"]` for a connection whose handshake is done. The chain is the client's own
+    certificate only: Python before 3.13 gives no more of what the client sent."""
+    der = ssl_object.getpeercert(binary_form=True)
+    return {
+        "server_cert": None,
+        "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
+        "client_cert_name": subject_name(der) if der else None,
+        "client_cert_error": None,  # a certificate that did not verify ended the handshake
+        "tls_version": TLS_VERSIONS.get(ssl_object.version() or ""),
+        "cipher_suite": _cipher_suite_number(ssl_object),
+    }
+
+
+@functools.lru_cache(maxsize=1024)
+def subject_name(certificate: bytes) -> str:
+    """A certificate's subject as RFC 4514 writes it (`CN=alice,O=Example`), from PEM or DER."""
+    if certificate.startswith(b"-----BEGIN"):
+        return x509.load_pem_x509_certificate(certificate).subject.rfc4514_string()
+    return x509.load_der_x509_certificate(certificate).subject.rfc4514_string()
+
+
+def grpc_client_certificate(context: grpc.aio.ServicerContext) -> str | None:
+    """The subject of the certificate a gRPC client presented (mutual TLS), else None."""
+    presented = context.auth_context().get("x509_pem_cert")
+    return subject_name(presented[0]) if presented else None
+
+
+def _cipher_suite_number(ssl_object: ssl.SSLObject) -> int | None:
+    cipher = ssl_object.cipher()
+    if cipher is None:
+        return None
+    # OpenSSL's id is 0x0300XXXX, XXXX the suite's IANA number
+    numbers = {suite["name"]: suite["id"] & 0xFFFF for suite in ssl_object.context.get_ciphers()}
+    return numbers.get(cipher[0])
 
 
 class WatchedFiles:

@@ -202,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app, refusal_recorder
-    from server.slow_clients import protocol_with_read_deadline
+    from server.http_protocol import gateway_protocol
 
     settings = settings_from(args)
     if not settings.repository.is_dir() and settings.backend == "embedded":
@@ -224,7 +224,7 @@ def main(args: argparse.Namespace) -> int:
         log_config=None,  # configured above, uvicorn's loggers included
         access_log=False,  # the gateway writes its own (settings.access_log), with request IDs
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
-        http=protocol_with_read_deadline(settings.request_read_timeout_s, refusal_recorder(app)),
+        http=gateway_protocol(settings.request_read_timeout_s, refusal_recorder(app)),
         root_path=settings.root_path,
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,

@@ -34,6 +34,7 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from server import errors
 from server.batching import Inference
+from server.certificates import grpc_client_certificate
 from server.logs import CURRENT_REQUEST_ID, REQUEST_ID_HEADER, log_access, request_id_from
 from server.metrics import Metrics
 from server.registry import ModelRegistry, ServedModel
@@ -653,7 +654,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             self.metrics.grpc_requests.labels(method, _code_name(code)).inc()
             self.metrics.grpc_latency.labels(method).observe(elapsed)
             if self.access_log:
-                log_access("gRPC", method, _code_name(code), elapsed, context.peer() or "-", request_id)
+                certificate = grpc_client_certificate(context)
+                log_access(
+                    "gRPC", method, _code_name(code), elapsed, context.peer() or "-", request_id, certificate
+                )
             # a stream closed from another context (GeneratorExit) cannot reset it; that must not fail the call
             with contextlib.suppress(ValueError):
                 CURRENT_REQUEST_ID.reset(current)

@@ -70,18 +70,25 @@ def json_formatter() -> dict:
 
 
 def log_access(
-    method: str, path: str, status: int | str, seconds: float, client: str, request_id: str
+    method: str,
+    path: str,
+    status: int | str,
+    seconds: float,
+    client: str,
+    request_id: str,
+    certificate: str | None = None,
 ) -> None:
     """One line per answered request (HTTP: its status; gRPC: its code's name): the text says it, the fields (JSON)
-    let a log service filter on them."""
+    let a log service filter on them. `certificate`: the subject of the client's certificate, on mutual TLS."""
     ACCESS_LOG.info(
-        "%s %s %s %.1f ms (request %s, client %s)",
+        "%s %s %s %.1f ms (request %s, client %s%s)",
         method,
         path,
         status,
         seconds * 1000,
         request_id,
         client,
+        f", certificate {certificate}" if certificate else "",
         extra={
             "method": method,
             "path": path,
@@ -89,5 +96,6 @@ def log_access(
             "duration_ms": round(seconds * 1000, 2),
             "client": client,
             "request_id": request_id,
+            "client_certificate": certificate,
         },
     )

@@ -71,7 +71,7 @@ def certificates(tmp_path_factory) -> dict[str, Path]:
     server = authority.issue_cert("127.0.0.1", "localhost")
     for prefix, issued in [
         ("", server),
-        ("client_", authority.issue_cert("client.example")),
+        ("client_", authority.issue_cert("client.example", common_name="client.example")),
         ("stranger_", stranger_authority.issue_cert("stranger.example")),
         ("renewed_", authority.issue_cert("127.0.0.1", "localhost", not_after=in_days(400))),
         ("expiring_", authority.issue_cert("127.0.0.1", "localhost", not_after=in_days(5))),

@@ -7,9 +7,12 @@ in test_tls.py's tables). The CAs and certificates are trustme's (the `certifica
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -17,14 +20,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
 from pydantic import ValidationError
 
 from cli.main import main as resnet
+from server.certificates import asgi_tls_extension
 from server.healthcheck import OWN_CERTIFICATE_REFUSED
 from server.settings import Settings
 from tests.gateway_models import color_image
 from tests.grpc_support import gateway_process
-from tests.support import REPO_ROOT, renew, tls_loadtest, wait_until
+from tests.support import REPO_ROOT, json_log, renew, tls_loadtest, wait_until
 
 
 def client_context(certificates: dict[str, Path], owner: str = "client") -> ssl.SSLContext:
@@ -40,10 +45,15 @@ def serve_flags(certificates: dict[str, Path], client_ca: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def mtls_gateway(pipeline_repository, certificates, tmp_path_factory):
+def mtls_logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mtls-logs")
+
+
+@pytest.fixture(scope="module")
+def mtls_gateway(pipeline_repository, certificates, mtls_logs):
     flags = ["--repository", str(pipeline_repository), *serve_flags(certificates, "ca")]
-    logs = tmp_path_factory.mktemp("mtls-logs")
-    with gateway_process(logs, *flags, tls=client_context(certificates)) as running:
+    flags += ["--access-log", "--log-format", "json"]
+    with gateway_process(mtls_logs, *flags, tls=client_context(certificates)) as running:
         yield running
 
 
@@ -124,6 +134,72 @@ def test_every_http_path_wants_the_client_certificate(mtls_gateway, certificates
     with httpx.Client(base_url=mtls_gateway.http_url, verify=client_context(certificates)) as web:
         assert web.get("/v1/models").json()["models"]
         assert "resnet_requests_total" in web.get("/metrics").text
+
+
+def test_the_access_log_names_the_certificate_of_each_caller(
+    mtls_gateway, mtls_logs, certificates, photo, capsys
+):
+    # uvicorn gives an app nothing of the client's certificate (no ASGI TLS extension): who called was not logged
+    with httpx.Client(base_url=mtls_gateway.http_url, verify=client_context(certificates)) as web:
+        assert web.get("/healthz", headers={"x-request-id": "mtls-http"}).status_code == 200
+    refused_id = request_id_of_431(mtls_gateway.http_url, client_context(certificates))
+    assert classify(capsys, mtls_gateway.grpc_url, photo, *tls_flags(certificates))[0] == 0
+    client_pem = certificates["client_cert"].read_bytes()
+    subject = x509.load_pem_x509_certificate(client_pem).subject.rfc4514_string()
+    assert "CN=client.example" in subject
+    records = json_log(next(mtls_logs.glob("gateway-*.log")), "resnet.access")
+    by_id = {record["request_id"]: record for record in records}
+    assert by_id["mtls-http"]["client_certificate"] == subject
+    assert by_id["mtls-http"]["message"].endswith(f", certificate {subject})")
+    assert (by_id[refused_id]["status"], by_id[refused_id]["client_certificate"]) == (431, subject)
+    grpc_calls = [record for record in records if record["method"] == "gRPC"]
+    assert grpc_calls and all(call["client_certificate"] == subject for call in grpc_calls)
+
+
+def request_id_of_431(url: str, context: ssl.SSLContext) -> str:
+    """Sends a head over 64 KiB, which the gateway refuses before any handler reads it; the refusal's request ID."""
+    with (
+        socket.create_connection(("127.0.0.1", httpx.URL(url).port)) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as oversized,
+    ):
+        oversized.sendall(b"GET /" + b"x" * 200 * 1024)  # counted from the read after the first
+        return re.search(rb"x-request-id: (\w+)", oversized.recv(65536)).group(1).decode()
+
+
+def test_a_tls_connection_gives_each_request_the_asgi_tls_extension(certificates):
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(certificates["cert"], certificates["key"])
+    server.load_verify_locations(certificates["ca"])
+    server.verify_mode = ssl.CERT_REQUIRED
+    server_end = handshake(server, client_context(certificates))
+    extension = asgi_tls_extension(server_end)
+    client_pem = certificates["client_cert"].read_text()
+    assert extension["client_cert_chain"] == [ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(client_pem))]
+    assert extension["client_cert_name"].startswith("CN=client.example,")
+    assert extension["tls_version"] == 0x0304 and extension["client_cert_error"] is None
+    assert extension["cipher_suite"] in (0x1301, 0x1302, 0x1303)  # TLS 1.3's suites
+    server.verify_mode = ssl.CERT_NONE  # plain TLS: no client certificate to name
+    no_client = asgi_tls_extension(handshake(server, ssl.create_default_context(cafile=certificates["ca"])))
+    assert (no_client["client_cert_chain"], no_client["client_cert_name"]) == ([], None)
+
+
+def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> ssl.SSLObject:
+    """A TLS handshake between two contexts in memory; the server's end."""
+    client_to_server, server_to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server_end = server.wrap_bio(client_to_server, server_to_client, server_side=True)
+    client_in, client_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client_end = client.wrap_bio(client_in, client_out, server_hostname="127.0.0.1")
+    done: set[str] = set()
+    for _ in range(10):
+        for end, name in ((client_end, "client"), (server_end, "server")):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                end.do_handshake()
+                done.add(name)
+        client_to_server.write(client_out.read())
+        client_in.write(server_to_client.read())
+        if len(done) == 2:
+            return server_end
+    raise AssertionError("the handshake did not end")
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""What uvicorn leaves unbounded about how a request arrives: its time, and the size of its request line and headers.
+"""The gateway's HTTP protocol: uvicorn's, with what it leaves out: bounds on how a request arrives (its time, the
+size of its request line and headers) and, on TLS, the client's certificate in each request's scope.
 
 A deadline for each HTTP request to arrive whole (request line, headers and body): uvicorn has none, so a connection
 that sends part of a request and stalls (slowloris) was kept for ever, each holding a file descriptor and, once its
@@ -16,6 +17,10 @@ were not all in (no handler has seen it yet), and the connection is closed once 
 one whose body stalled is closed, which its handler sees as the client gone (499). TLS handshakes are bounded by
 asyncio itself (60 s). A refusal carries a new request ID (no handler read the one it came with) and is handed to
 `on_refusal`, which counts it and writes its access-log line as the middleware does for the requests it sees.
+
+uvicorn also leaves out ASGI's TLS extension (encode/uvicorn#745): on a TLS connection each request's
+`scope["extensions"]["tls"]` here holds the client certificate the handshake verified, its subject, the TLS version
+and cipher suite (server/certificates.py, read once per connection), so the access log can say who called.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import logging
 from collections.abc import Callable
 
+from server.certificates import asgi_tls_extension
 from server.logs import REQUEST_ID_HEADER, request_id_from
 
 # nginx allows 4 x 8 KiB, Node.js 16 KiB; room for large cookies and tokens. What httptools has parsed of a head is
@@ -67,6 +73,7 @@ class Refusal:
     client: str
     request_id: str
     seconds: float  # from the request's first byte (or the connection's start) to its refusal
+    certificate: str | None  # the subject of the client's certificate, on mutual TLS
 
 
 HEAD_TOO_LARGE = ErrorAnswer(
@@ -77,16 +84,18 @@ HEAD_TOO_LARGE = ErrorAnswer(
 )
 
 
-def protocol_with_read_deadline(
+def gateway_protocol(
     seconds: float, on_refusal: Callable[[Refusal], None] = lambda refusal: None
 ) -> type[asyncio.Protocol] | str:
-    """uvicorn's `http=` protocol, with `seconds` for each request to arrive whole (0: no deadline) and a bounded
-    head, each refusal handed to `on_refusal`; uvicorn's own ("auto"), with a warning, where httptools is missing."""
+    """uvicorn's `http=` protocol, with `seconds` for each request to arrive whole (0: no deadline), a bounded head
+    and the TLS extension, each refusal handed to `on_refusal`; uvicorn's own ("auto"), with a warning, where
+    httptools is missing."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError as error:
         logging.getLogger("resnet.server").warning(
-            "requests have no deadline to arrive and no limit on their headers (both need httptools): %s",
+            "requests have no deadline to arrive, no limit on their headers and no TLS extension (all need "
+            "httptools): %s",
             error,
         )
         return "auto"
@@ -105,9 +114,13 @@ def protocol_with_read_deadline(
         _began = False  # a request began in the bytes being fed
         _head_bytes = 0
         _refused = False
+        _tls: dict[str, object] | None = None
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:  # asyncio and uvloop call this once the handshake is done
+                self._tls = asgi_tls_extension(ssl_object)
             self._arm()
 
         def data_received(self, data: bytes) -> None:
@@ -123,6 +136,8 @@ def protocol_with_read_deadline(
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            if self._tls is not None:
+                self.scope.setdefault("extensions", {})["tls"] = self._tls  # type: ignore[typeddict-item]
             self._headers_in, self._began, self._in_request = False, True, True
             self._arm()
 
@@ -181,6 +196,7 @@ def protocol_with_read_deadline(
                 client=":".join(map(str, self.client)) if self.client else "-",
                 request_id=request_id_from(None),
                 seconds=self.loop.time() - self._waiting_since,
+                certificate=self._tls["client_cert_name"] if self._tls else None,  # type: ignore[arg-type]
             )
 
     return BoundedRequestProtocol
