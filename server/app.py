@@ -366,7 +366,8 @@ def api_router() -> APIRouter:
     @router.get("/v1/models/{name}", response_model=ModelOut, tags=["models"])
     async def get_model(name: str, request: Request) -> dict:
         """One model: versions, input size, classes, preprocessing."""
-        return registry_of(request).get(name).describe()
+        registry = registry_of(request)
+        return (await registry.current(lambda: registry.get(name))).describe()
 
     @router.post(
         "/v1/models/{name}/classify",
@@ -383,7 +384,8 @@ def api_router() -> APIRouter:
 
         Returns the top-k classes with softmax scores; a list of results when several files were sent.
         """
-        model = registry_of(request).get(name)
+        registry = registry_of(request)
+        model = await registry.current(lambda: registry.get(name))
         images, several = await read_images(request, request.app.state.settings.max_body_bytes)
         classification = await unless_disconnected(request, model.classify(images, top_k))
         results = [result(model.name, classification.version, p) for p in classification.predictions]

@@ -124,7 +124,13 @@ class Endpoint:
         return self.model.image_statistics if self.pipeline else self.model.tensor_statistics
 
 
-def resolve(registry: ModelRegistry, name: str, version: str = "") -> Endpoint:
+async def resolve(registry: ModelRegistry, name: str, version: str = "") -> Endpoint:
+    """What `name` (a classifier, or its pipeline) at `version` ("": the one served) is served by, looked for again
+    after a look at the backend's models where it is not (`ModelRegistry.current`)."""
+    return await registry.current(lambda: endpoint_now(registry, name, version))
+
+
+def endpoint_now(registry: ModelRegistry, name: str, version: str) -> Endpoint:
     if not name:
         raise errors.InvalidInput("model_name is empty")
     base = name.removesuffix(PIPELINE_SUFFIX)
@@ -391,19 +397,19 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     @translated
     async def ModelReady(self, request, context):
         try:
-            resolve(self.registry, request.name, request.version)
+            await resolve(self.registry, request.name, request.version)
         except (errors.ModelNotFound, errors.BackendUnavailable):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
     @translated
     async def ModelMetadata(self, request, context):
-        return model_metadata(resolve(self.registry, request.name, request.version))
+        return model_metadata(await resolve(self.registry, request.name, request.version))
 
     @translated
     async def ModelConfig(self, request, context):
         return pb.ModelConfigResponse(
-            config=model_config(resolve(self.registry, request.name, request.version))
+            config=model_config(await resolve(self.registry, request.name, request.version))
         )
 
     def endpoints(self) -> list[Endpoint]:
@@ -441,7 +447,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         # As Triton: no name means every model (any version asked for is then ignored); a name must be served
         # and its version be "" or the one served, else NOT_FOUND.
         if request.name:
-            endpoints = [resolve(self.registry, request.name, request.version)]
+            endpoints = [await resolve(self.registry, request.name, request.version)]
         else:
             endpoints = self.endpoints()
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(e) for e in endpoints])
@@ -451,7 +457,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self.infer(request, _remaining_deadline(context))
 
     async def infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
-        endpoint = resolve(self.registry, request.model_name, request.model_version)
+        endpoint = await resolve(self.registry, request.model_name, request.model_version)
         started_ns = time.perf_counter_ns()
         try:
             requested_outputs(request)  # reject a bad output request before spending compute on it

@@ -370,11 +370,11 @@ def json_response(content: object, status_code: int = 200) -> Response:
     return Response(body, status_code=status_code, media_type="application/json")
 
 
-def readiness(service: InferenceService, name: str | None = None, version: str = "") -> Response:
+async def readiness(service: InferenceService, name: str | None = None, version: str = "") -> Response:
     """200, or 400 with the reason (KServe's health answer); `name`: that model's, else the server's."""
     try:
         if name is not None:
-            resolve(service.registry, name, version)
+            await resolve(service.registry, name, version)
     except (errors.ModelNotFound, errors.BackendUnavailable) as error:
         return json_response({"error": error.message}, 400)
     registry = service.registry
@@ -424,7 +424,7 @@ def health_router() -> APIRouter:
     @router.get("/ready")
     async def server_ready(service: Service) -> Response:
         """200 when every model can answer, else 400 with the reason."""
-        return readiness(service)
+        return await readiness(service)
 
     return router
 
@@ -467,22 +467,22 @@ def _add_model_routes(router: APIRouter, prefix: str, documented: bool) -> None:
     @router.get(prefix, include_in_schema=documented)
     async def metadata(name: str, version: Version, service: Service) -> Response:
         """Inputs and outputs with their datatypes and shapes."""
-        return json_response(triton_json(model_metadata(resolve(service.registry, name, version))))
+        return json_response(triton_json(model_metadata(await resolve(service.registry, name, version))))
 
     @router.get(prefix + "/ready", include_in_schema=documented)
     async def model_ready(name: str, version: Version, service: Service) -> Response:
         """200 when the model can answer, else 400 with the reason."""
-        return readiness(service, name, version)
+        return await readiness(service, name, version)
 
     @router.get(prefix + "/config", include_in_schema=documented)
     async def config(name: str, version: Version, service: Service) -> Response:
         """The model's configuration, as Triton gives its config.pbtxt."""
-        return json_response(triton_json(model_config(resolve(service.registry, name, version))))
+        return json_response(triton_json(model_config(await resolve(service.registry, name, version))))
 
     @router.get(prefix + "/stats", include_in_schema=documented)
     async def statistics(name: str, version: Version, service: Service) -> Response:
         """Triton's statistics extension for this name."""
-        endpoint = resolve(service.registry, name, version)
+        endpoint = await resolve(service.registry, name, version)
         return json_response({"model_stats": [triton_json(model_statistics(endpoint))]})
 
     @router.post(prefix + "/infer", include_in_schema=documented, openapi_extra=INFER_BODY)

@@ -18,8 +18,9 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
@@ -36,6 +37,10 @@ from server.statistics import ComputeTimes, ModelStatistics, Request, RequestTim
 log = logging.getLogger("resnet.server")
 HEALTH_INTERVAL_S = 1.0
 PROBLEM_LOG_S = 30.0
+# A request naming a model or version not served has the gateway look at the backend's models again, at most once
+# per this however many such requests arrive (a client asking for names that do not exist costs one look each).
+LOOK_AGAIN_S = 0.1
+Found = TypeVar("Found")
 
 
 @dataclass(frozen=True)
@@ -222,6 +227,10 @@ class ModelRegistry:
         self._logged_problems: dict[str, float] = {}  # each reason to be down, when it was last logged
         self._health_task: asyncio.Task | None = None
         self._follow_problem = ""  # why the last look at the models failed, once logged
+        self._look: asyncio.Future | None = (
+            None  # the look at the models under way, which every caller shares
+        )
+        self._look_began = -LOOK_AGAIN_S
 
     def names(self) -> list[str]:
         return sorted(self.models)
@@ -235,6 +244,32 @@ class ModelRegistry:
                 f"model {name!r} {self.unserved(name)}; available: {', '.join(self.names()) or 'none'}"
             )
         return model
+
+    async def current(self, find: Callable[[], Found]) -> Found:
+        """`find()` (which raises ModelNotFound for what is not served), after a look at the backend's models where
+        it failed: a model or version published since the last poll (`repository_poll_s`, 5 s by default; Triton's
+        health loop, 1 s) is served to the request that names it, not answered 404 until the next poll."""
+        try:
+            return find()
+        except ModelNotFound:
+            if not await self._looked_again():
+                raise
+        return find()
+
+    async def _looked_again(self) -> bool:
+        """Whether the models were looked at for this request: not where one began within LOOK_AGAIN_S, where the
+        backend is down (its health loop reads the models when it comes up) or the repository is read only at
+        start-up (`--repository-poll-s 0`)."""
+        follows = self.backend.name != "embedded" or self.settings.repository_poll_s > 0
+        if not (follows and self.ready()):
+            return False
+        if not self._looking() and time.monotonic() - self._look_began < LOOK_AGAIN_S:
+            return False
+        with contextlib.suppress(TimeoutError):  # a slow load: answered as before, the look goes on
+            await asyncio.wait_for(
+                asyncio.shield(self._follow_model_changes()), self.settings.request_timeout_s
+            )
+        return True
 
     @property
     def failures(self) -> dict[str, LoadFailure]:
@@ -349,7 +384,18 @@ class ModelRegistry:
         self._log_health(ready, self.backend.problem)
         self._backend_ready = ready
 
-    async def _follow_model_changes(self) -> None:
+    def _follow_model_changes(self) -> asyncio.Future:
+        """The look at the backend's models under way, or a new one: polls and requests share it, so models are
+        never loaded twice at once."""
+        if self._look is None or self._look.done():
+            self._look_began = time.monotonic()
+            self._look = asyncio.ensure_future(self._read_model_changes())
+        return self._look
+
+    def _looking(self) -> bool:
+        return self._look is not None and not self._look.done()
+
+    async def _read_model_changes(self) -> None:
         """Serve what the backend serves now: a model loaded, unloaded or given a new version while it stays up
         (a rollout on Triton, docs/deployment.md section 8; a version `resnet export` published into the embedded
         backend's repository). If they cannot be read, the models read before go on serving and the next look
@@ -389,10 +435,11 @@ class ModelRegistry:
 
     async def close(self) -> None:
         """Answer what is queued, then release the backend (called after uvicorn drained the requests)."""
-        if self._health_task:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        for task in (self._health_task, self._look):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for model in self.models.values():
             await model.dispatcher.close()
         await self.backend.close()

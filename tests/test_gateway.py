@@ -21,7 +21,7 @@ from server.app import create_app
 from server.backends import EmbeddedBackend
 from server.errors import InvalidInput, ModelNotFound
 from server.preprocessing import PILLOW_PIXEL_LIMIT
-from server.registry import ModelRegistry
+from server.registry import LOOK_AGAIN_S, ModelRegistry
 from server.scores import NAN_SCORES, softmax, unscored_rows
 from server.settings import Settings
 from tests.gateway_models import (
@@ -429,6 +429,41 @@ async def exercise_registry(repository) -> None:
             await model.infer(np.zeros((2, 3, 16, 16), np.float32))
         with pytest.raises(ModelNotFound):
             registry.get("nope")
+    finally:
+        await registry.close()
+
+
+def test_requests_for_what_is_not_served_share_one_look_at_the_repository(tmp_path):
+    asyncio.run(ask_for_what_is_not_served(tmp_path))
+
+
+async def ask_for_what_is_not_served(repository) -> None:
+    write_colors_model(repository)
+    registry = ModelRegistry(Settings(repository=repository, grpc_port=0, repository_poll_s=300))
+    await registry.start()
+    looks = 0
+    models_changed = registry.backend.models_changed
+
+    async def counted() -> bool:
+        nonlocal looks
+        looks += 1
+        return await models_changed()
+
+    registry.backend.models_changed = counted  # type: ignore[method-assign]
+    try:
+        outcomes = await asyncio.gather(
+            *(registry.current(lambda: registry.get("nope")) for _ in range(50)), return_exceptions=True
+        )
+        assert all(isinstance(outcome, ModelNotFound) for outcome in outcomes) and looks == 1
+        with pytest.raises(ModelNotFound):  # within LOOK_AGAIN_S of that look: none
+            await registry.current(lambda: registry.get("nope"))
+        assert looks == 1
+        await asyncio.sleep(LOOK_AGAIN_S)
+        write_colors_model(repository, name="shades")
+        assert (await registry.current(lambda: registry.get("shades"))).version == "1" and looks == 2
+        assert (
+            await registry.current(lambda: registry.get("colors"))
+        ).version == "1" and looks == 2  # served
     finally:
         await registry.close()
 

@@ -558,3 +558,26 @@ def test_with_no_repository_polling_the_gateway_serves_what_it_read_at_start_up(
         write_colors_model(repository)
         time.sleep(1)
         assert models_served(url) == {"colors": "1"}
+        assert httpx.get(f"{url}/v2/models/colors/versions/2/ready").status_code == 400  # not even when asked
+
+
+def test_a_version_or_model_just_published_is_served_to_the_first_request_naming_it(tmp_path):
+    # The gateway looks at its repository every --repository-poll-s (5 s by default): a deployment that published
+    # version 2 and asked for it at once was answered 404 (400 from KServe's ready) until the next look, and so was
+    # a request for a model just exported
+    repository = tmp_path / "repository"
+    write_colors_model(repository)
+    with gateway(repository, tmp_path, "--repository-poll-s", "300") as (url, _):
+        assert httpx.get(f"{url}/v2/models/colors/versions/2/ready").status_code == 400
+        write_colors_model(repository)
+        assert httpx.get(f"{url}/v2/models/colors/versions/2/ready").status_code == 200
+        write_colors_model(repository, name="shades")
+        answer = httpx.post(f"{url}/v1/models/shades/classify", content=color_image("red"), headers=JPEG)
+        assert (answer.status_code, answer.json()["version"]) == (200, "1"), answer.text
+        assert models_served(url) == {"colors": "2", "shades": "1"}
+        missing = httpx.get(f"{url}/v2/models/colors/versions/7/ready")
+        assert missing.json() == {
+            "error": "model 'colors' has no version '7'; serving version '2' (leave "
+            "model_version empty for it)"
+        }
+        assert httpx.get(f"{url}/v1/models/nope").status_code == 404
