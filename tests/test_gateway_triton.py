@@ -171,6 +171,14 @@ def test_a_rollout_on_triton_reaches_the_gateway_without_a_restart_or_a_refusal(
             with requests_meanwhile(lambda: classify(url, "red")) as answers:
                 for model in ("colors", "shades"):
                     load_on_triton(triton, model).raise_for_status()
+                # asked at once, not after the gateway's next look at Triton (up to a second: 404 until then)
+                shades = httpx.post(
+                    f"{url}/v1/models/shades/classify?top_k=1",
+                    content=color_image("blue"),
+                    headers=JPEG,
+                    timeout=30,
+                )
+                assert shades.json()["predictions"][0]["label"] == "blue", shades.text
                 wait_until(
                     lambda: models_served(url) == {"colors": "2", "shades": "1"}, 15, what="both served"
                 )
@@ -178,13 +186,6 @@ def test_a_rollout_on_triton_reaches_the_gateway_without_a_restart_or_a_refusal(
             assert {status for status, _ in answers} == {200}, answers
             versions = [version for _, version in answers]
             assert versions == sorted(versions) and versions[0] == "1" and versions[-1] == "2", versions
-            shades = httpx.post(
-                f"{url}/v1/models/shades/classify?top_k=1",
-                content=color_image("blue"),
-                headers=JPEG,
-                timeout=30,
-            )
-            assert shades.json()["predictions"][0]["label"] == "blue"
             httpx.post(f"{triton.http_url}/v2/repository/models/shades/unload", timeout=60).raise_for_status()
             wait_until(lambda: models_served(url) == {"colors": "2"}, 15, what="shades gone")
             gone = httpx.post(f"{url}/v1/models/shades/classify", content=color_image("blue"), headers=JPEG)
