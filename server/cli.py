@@ -72,7 +72,15 @@ FLAGS: list[tuple[str, str, type, str]] = [
         "request_read_timeout_s",
         float,
         "seconds a client has to send a whole request from its first byte (or from connecting): 408 and closed "
-        "after, so stalled clients cannot hold connections (slowloris); 0: no limit",
+        "after, so stalled clients cannot hold connections (slowloris); 0: no limit. gRPC: the time to finish the "
+        "TLS and HTTP/2 handshakes",
+    ),
+    (
+        "--grpc-idle-timeout-s",
+        "grpc_idle_timeout_s",
+        float,
+        "seconds a gRPC connection may stay open with no call in flight: GOAWAY and closed after (clients reconnect "
+        "at their next call); 0: no limit",
     ),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body (413 above)"),
     (

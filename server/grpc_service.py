@@ -704,11 +704,21 @@ class GrpcHandle:
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     # A request larger than the HTTP body limit gets RESOURCE_EXHAUSTED from gRPC itself, before any decoding.
-    return [
+    options = [
         ("grpc.max_receive_message_length", settings.max_body_bytes),
         ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 0),
     ]
+    # Measured with raw connections: one that sent nothing or half the HTTP/2 preface was closed after 60 s, one
+    # that sent its SETTINGS and no call was still open after 150 s, and would be for ever. The handshake timeout
+    # covers TLS and the client's SETTINGS; idle is a connection with no call in flight.
+    for option, seconds in (
+        ("grpc.server_handshake_timeout_ms", settings.request_read_timeout_s),
+        ("grpc.max_connection_idle_ms", settings.grpc_idle_timeout_s),
+    ):
+        if seconds:
+            options.append((option, max(1, round(seconds * 1000))))
+    return options
 
 
 async def _set_health(health: HealthServicer, ready: bool) -> None:

@@ -76,7 +76,14 @@ class Settings(BaseSettings):
         le=86_400,
         description="seconds a client has to send a whole request (line, headers and body) from its first byte, or "
         "from connecting: past it, 408 and the connection closed, so clients that stall cannot hold connections for "
-        "ever (slowloris); 0: no limit",
+        "ever (slowloris); 0: no limit. On the gRPC port: the time to finish the TLS and HTTP/2 handshakes",
+    )
+    grpc_idle_timeout_s: float = Field(
+        300,
+        ge=0,
+        le=86_400,
+        description="seconds a gRPC connection may stay open with no call in flight: past it the gateway sends GOAWAY "
+        "and closes it (gRPC clients reconnect by themselves at their next call); 0: no limit",
     )
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body (413 above)")
     max_image_pixels: int = Field(

@@ -205,6 +205,44 @@ def test_clients_that_stall_are_answered_408_and_closed(repository, tmp_path):
     )
 
 
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HTTP2_SETTINGS_AND_ACK = bytes.fromhex(
+    "000000040000000000000000040100000000"
+)  # empty SETTINGS; ACK of the server's
+
+
+def test_grpc_connections_that_stall_or_idle_are_closed(repository, tmp_path):
+    # grpc core closed a connection that sent nothing (or half the HTTP/2 preface) after 60 s, and kept one that sent
+    # its SETTINGS and no call for ever (still open after 150 s)
+    import tritonclient.grpc as grpcclient
+
+    grpc_port = free_port()
+    flags = ("--grpc-port", str(grpc_port), "--request-read-timeout-s", "1", "--grpc-idle-timeout-s", "2")
+    stalls = {
+        "nothing": b"",
+        "half the preface": HTTP2_PREFACE[:10],
+        "its settings and no call": HTTP2_PREFACE + HTTP2_SETTINGS_AND_ACK,
+    }
+    with (
+        gateway(repository, tmp_path, *flags),
+        grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client,
+    ):
+        assert client.is_model_ready("colors")
+        connections = {name: socket.create_connection(("127.0.0.1", grpc_port)) for name in stalls}
+        started = time.monotonic()
+        for name, sent in stalls.items():
+            connections[name].sendall(sent)
+        closed_after = {}
+        for name, connection in connections.items():
+            with contextlib.suppress(ConnectionResetError):
+                read_until_closed(connection, 10)
+            closed_after[name] = time.monotonic() - started
+        assert closed_after["nothing"] < 3 and closed_after["half the preface"] < 3, closed_after
+        assert 1.5 < closed_after["its settings and no call"] < 5, closed_after
+        time.sleep(2.5)  # the client's own connection has been idle: closed with a GOAWAY, and reconnected
+        assert client.is_model_ready("colors")
+
+
 def test_a_head_over_64_kib_is_431_and_a_large_body_is_not(repository, tmp_path):
     # httptools buffers a header until it ends: one that never did grew the gateway by what was sent (200 MB sent:
     # 127 -> 415 MB resident), and a few such clients would have had it killed for memory
