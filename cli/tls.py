@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import ssl
 from pathlib import Path
+
+from cryptography import x509
 
 # OpenSSL's words (Python's and gRPC's alike) for a failed TLS handshake -> what to do about it
 TLS_HINTS = {
@@ -77,7 +80,7 @@ def client_certificate_hint(
     if presented:
         hint = (
             "if it requires client certificates, it did not accept yours: is yours issued for client use by a CA "
-            "it trusts?"
+            "it trusts, and not revoked?"
         )
     else:
         hint = f"if it requires client certificates, give yours with {cert_flag}"
@@ -156,6 +159,38 @@ def _check_certificates(path: Path) -> None:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
     except ssl.SSLError as error:
         raise ValueError(f"{path} holds no PEM certificate ({error.reason or error})") from None
+
+
+def load_revocation_lists(path: Path, authorities: Path) -> list[x509.CertificateRevocationList]:
+    """The PEM certificate revocation lists in `path`, each signed by an authority in `authorities`; ValueError
+    saying why when there is none or one is not (OpenSSL would then refuse every client of that authority)."""
+    _check_readable(path)
+    blocks = re.findall(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", path.read_bytes(), re.DOTALL)
+    if not blocks:
+        raise ValueError(f"{path} holds no PEM certificate revocation list (-----BEGIN X509 CRL-----)")
+    signers = x509.load_pem_x509_certificates(authorities.read_bytes())
+    lists = []
+    for block in blocks:
+        try:
+            revocations = x509.load_pem_x509_crl(block)
+        except ValueError as error:
+            raise ValueError(f"{path}: a revocation list does not parse ({error})") from None
+        if not any(signed_by(revocations, signer) for signer in signers):
+            raise ValueError(
+                f"{path}: the revocation list of {revocations.issuer.rfc4514_string()} is not signed by an "
+                f"authority in {authorities}"
+            )
+        lists.append(revocations)
+    return lists
+
+
+def signed_by(revocations: x509.CertificateRevocationList, authority: x509.Certificate) -> bool:
+    if revocations.issuer != authority.subject:
+        return False
+    try:
+        return revocations.is_signature_valid(authority.public_key())  # type: ignore[arg-type]
+    except TypeError:  # a key type that cannot sign a CRL
+        return False
 
 
 def client_context(ca_file: Path | None, key_pair: tuple[Path, Path] | None = None) -> ssl.SSLContext:

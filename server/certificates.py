@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from cli.tls import check_authorities, check_key_pair
+from cli.tls import check_authorities, check_key_pair, load_revocation_lists
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -112,23 +112,49 @@ class ServingCertificates:
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.certfile, self.keyfile = settings.ssl_certfile, settings.ssl_keyfile
-        self.client_ca = settings.ssl_client_ca
-        self.files = WatchedFiles([path for path in (self.certfile, self.keyfile, self.client_ca) if path])
+        self.client_ca, self.crl = settings.ssl_client_ca, settings.ssl_crl
+        watched = (self.certfile, self.keyfile, self.client_ca, self.crl)
+        self.files = WatchedFiles([path for path in watched if path])
         self.interval_s = settings.ssl_reload_s
         self.metrics = metrics
         self.make_https_context: Callable[[], ssl.SSLContext] | None = None
         self.https_context: ssl.SSLContext | None = None
         self._lock = threading.Lock()
         self._material = self._read()
+        self.revocations = self._read_revocations()
         self.generation = 0
         self._note_expiry()
 
     def uvicorn_context(self, _config, default_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         """uvicorn's context, built by uvicorn from its settings; `default_factory` builds the next ones."""
-        self.make_https_context = default_factory
-        self.https_context = default_factory()
+
+        def make_https_context() -> ssl.SSLContext:
+            context = default_factory()
+            if self.crl:  # uvicorn has no setting for revocation lists; OpenSSL reads them from a CA file
+                context.load_verify_locations(cafile=self.crl)
+                context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+            return context
+
+        self.make_https_context = make_https_context
+        self.https_context = make_https_context()
         self.https_context.sni_callback = self._current_https
         return self.https_context
+
+    def refusal(self, certificate_pem: bytes) -> str | None:
+        """Why a client certificate is refused by the revocation lists, as OpenSSL rules for HTTPS, or None. gRPC
+        (grpcio) takes no revocation list, so its calls are checked with this (`RevocationInterceptor`)."""
+        certificate = _certificate(certificate_pem)
+        with self._lock:
+            revocations = self.revocations
+        issuer = certificate.issuer.rfc4514_string()
+        own = next((crl for crl in revocations if crl.issuer == certificate.issuer), None)
+        if own is None:
+            return f"no revocation list of its authority {issuer} is loaded (--ssl-crl)"
+        if own.next_update_utc is not None and own.next_update_utc < datetime.now(UTC):
+            return f"the revocation list of its authority {issuer} expired on {own.next_update_utc:%Y-%m-%d %H:%M} UTC"
+        if own.get_revoked_certificate_by_serial_number(certificate.serial_number) is not None:
+            return f"it is revoked by its authority {issuer}"
+        return None
 
     def _current_https(
         self, connection: ssl.SSLObject, _server_name: str | None, _context: ssl.SSLContext
@@ -160,6 +186,7 @@ class ServingCertificates:
             if self.client_ca:
                 check_authorities(self.client_ca)
             material = self._read()
+            revocations = self._read_revocations()
             https_context = self.make_https_context() if self.make_https_context else None
         except (ValueError, OSError) as error:  # ssl.SSLError is an OSError
             log.warning("TLS files changed but do not load, the ones in use are kept: %s", error)
@@ -167,6 +194,7 @@ class ServingCertificates:
             return False
         with self._lock:
             self._material = material
+            self.revocations = revocations
             self.https_context = https_context
             self.generation += 1
         log.info("TLS files reloaded (%s): new connections get them", ", ".join(map(str, self.files.paths)))
@@ -202,6 +230,44 @@ class ServingCertificates:
         else:
             log.info("TLS certificate %s valid until %s UTC", self.certfile, f"{expires:%Y-%m-%d %H:%M}")
 
+    def _read_revocations(self) -> list[x509.CertificateRevocationList]:
+        if not (self.crl and self.client_ca):
+            return []
+        revocations = load_revocation_lists(self.crl, self.client_ca)
+        _note_revocations(revocations, self.crl, self.client_ca, self.metrics)
+        return revocations
+
     def _read(self) -> tuple[bytes, bytes, bytes | None]:
         client_ca = Path(self.client_ca).read_bytes() if self.client_ca else None
         return Path(self.keyfile).read_bytes(), Path(self.certfile).read_bytes(), client_ca
+
+
+@functools.lru_cache(maxsize=1024)
+def _certificate(pem: bytes) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(pem)
+
+
+def _note_revocations(
+    revocations: list[x509.CertificateRevocationList], path: Path, client_ca: Path, metrics: Metrics | None
+) -> None:
+    """When the next lists are due, as a metric to alert on (OpenSSL refuses every client of an authority whose list
+    expired), and a warning for an authority with no list or an expired one: its clients are all refused."""
+    listed = {crl.issuer for crl in revocations}
+    for authority in x509.load_pem_x509_certificates(Path(client_ca).read_bytes()):
+        if authority.subject not in listed:
+            log.warning(
+                "%s has no revocation list of %s: clients with certificates it issued are refused",
+                path,
+                authority.subject.rfc4514_string(),
+            )
+    due = [crl.next_update_utc for crl in revocations if crl.next_update_utc is not None]
+    if metrics is not None and due:
+        metrics.crl_next_update.set(min(due).timestamp())
+    for crl in revocations:
+        if crl.next_update_utc is not None and crl.next_update_utc < datetime.now(UTC):
+            log.warning(
+                "%s: the revocation list of %s expired on %s UTC: its clients are refused until a new one is in place",
+                path,
+                crl.issuer.rfc4514_string(),
+                f"{crl.next_update_utc:%Y-%m-%d %H:%M}",
+            )

@@ -113,6 +113,14 @@ FLAGS: list[tuple[str, str, type, str]] = [
         "(mutual TLS; with --ssl-certfile)",
     ),
     (
+        "--ssl-crl",
+        "ssl_crl",
+        str,
+        "PEM certificate revocation lists of the --ssl-client-ca authorities: a client certificate they revoke is "
+        "refused (HTTPS at the handshake, gRPC at each call), as is one whose authority has no list here or an "
+        "expired one; read again when it changes (--ssl-reload-s)",
+    ),
+    (
         "--ssl-reload-s",
         "ssl_reload_s",
         float,

@@ -20,6 +20,7 @@ import contextlib
 import hmac
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -34,7 +35,7 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from server import errors
 from server.batching import Inference
-from server.certificates import grpc_client_certificate
+from server.certificates import ServingCertificates, grpc_client_certificate
 from server.logs import CURRENT_REQUEST_ID, REQUEST_ID_HEADER, log_access, request_id_from
 from server.metrics import Metrics
 from server.registry import ModelRegistry, ServedModel
@@ -524,17 +525,47 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         }
         if key_accepted(offered_key(metadata), self.keys):
             return handler
-        return self._deny(handler)
+        return _replaced(handler, _refused_with(handler, lambda _context: self.MESSAGE))
 
-    def _deny(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.MESSAGE)
 
-        async def deny_stream(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.MESSAGE)
-            yield  # pragma: no cover - makes this an async generator, as streaming handlers are
+class RevocationInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call whose client certificate `--ssl-crl` revokes (or cannot vouch for), as HTTPS refuses it at
+    the handshake: gRPC's TLS (grpcio) takes no revocation list, so each call's certificate, from its auth context,
+    is checked against the lists the gateway holds (reloaded with the other TLS files)."""
 
-        return _replaced(handler, deny_stream if handler.response_streaming else deny)
+    def __init__(self, certificates: ServingCertificates) -> None:
+        self.certificates = certificates
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return _replaced(handler, _refused_with(handler, self._refusal))
+
+    def _refusal(self, context: grpc.aio.ServicerContext) -> str | None:
+        presented = context.auth_context().get("x509_pem_cert")
+        if not presented:  # grpc core asked for one (client CA): a call without one does not get this far
+            return "client certificate required"
+        problem = self.certificates.refusal(presented[0])
+        return f"client certificate refused: {problem}" if problem else None
+
+
+def _refused_with(handler: grpc.RpcMethodHandler, refusal: Callable[[grpc.aio.ServicerContext], str | None]):
+    """`handler`'s behavior, first aborting with UNAUTHENTICATED where `refusal(context)` names a reason."""
+    behavior = _behavior(handler)
+
+    async def unary(request, context):
+        if message := refusal(context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        return await behavior(request, context)
+
+    async def streaming(request, context):
+        if message := refusal(context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        async for response in behavior(request, context):
+            yield response
+
+    return streaming if handler.response_streaming else unary
 
 
 def _replaced(handler: grpc.RpcMethodHandler, behavior, request_deserializer=None) -> grpc.RpcMethodHandler:
@@ -756,6 +787,8 @@ async def start(app, settings: Settings) -> GrpcHandle:
     """Bind the gRPC port on `settings.host` and serve the app's registry; raises OSError if the port is taken."""
     registry: ModelRegistry = app.state.registry
     interceptors = [MetricsInterceptor(app.state.metrics, settings.access_log)]
+    if settings.ssl_crl:
+        interceptors.append(RevocationInterceptor(app.state.certificates))
     if settings.api_keys:
         interceptors.append(ApiKeyInterceptor(settings.api_keys))
     interceptors.append(UndecodableRequestInterceptor())

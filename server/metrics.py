@@ -31,6 +31,12 @@ class Metrics:
             "when the certificate the gateway serves expires, in Unix time (alert well before it)",
             registry=r,
         )
+        self.crl_next_update = Gauge(
+            "resnet_tls_crl_next_update_timestamp_seconds",
+            "when the first of the client-certificate revocation lists (--ssl-crl) is due for renewal, in Unix time: "
+            "past it, OpenSSL refuses every client of that authority",
+            registry=r,
+        )
         self.tls_reloads = Counter(
             "resnet_tls_reloads",
             "changes of the TLS files seen: reloaded, or refused (they do not load; the files in use are kept)",

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cli.addresses import host_and_port
 from cli.limits import MAX_BATCH_SIZE, MAX_THREADS
-from cli.tls import check_authorities, check_key_pair, client_context
+from cli.tls import check_authorities, check_key_pair, client_context, load_revocation_lists
 from server.preprocessing import DEFAULT_MAX_PIXELS, PILLOW_PIXEL_LIMIT
 
 ENV_PREFIX = "RESNET_"
@@ -119,6 +119,12 @@ class Settings(BaseSettings):
         description="PEM authorities whose client certificates the gateway accepts: every HTTPS and gRPC client must "
         "then present one (mutual TLS; needs ssl_certfile)",
     )
+    ssl_crl: Path | None = Field(
+        None,
+        description="PEM certificate revocation lists of the ssl_client_ca authorities: a client certificate they "
+        "revoke is refused (HTTPS at the handshake, gRPC at each call), and so is one whose authority has no list "
+        "here or an expired one, as OpenSSL rules; read again with the other TLS files (needs ssl_client_ca)",
+    )
     repository_poll_s: float = Field(
         5,
         ge=0,
@@ -138,6 +144,7 @@ class Settings(BaseSettings):
         "ssl_certfile",
         "ssl_keyfile",
         "ssl_client_ca",
+        "ssl_crl",
         "triton_ca_cert",
         "triton_client_cert",
         "triton_client_key",
@@ -216,6 +223,12 @@ class Settings(BaseSettings):
                     "ssl_client_ca asks clients for certificates over TLS: give ssl_certfile and ssl_keyfile too"
                 )
             check_authorities(self.ssl_client_ca)
+        if self.ssl_crl is not None:
+            if self.ssl_client_ca is None:
+                raise ValueError(
+                    "ssl_crl revokes client certificates: give ssl_client_ca, the authorities it is of"
+                )
+            load_revocation_lists(self.ssl_crl, self.ssl_client_ca)
 
     def _check_triton_tls(self) -> None:
         if (self.triton_client_cert is None) != (self.triton_client_key is None):

@@ -57,21 +57,24 @@ def in_days(days: int) -> datetime.datetime:
 @pytest.fixture(scope="session")
 def certificates(tmp_path_factory) -> dict[str, Path]:
     """A CA, the gateway's certificate and key (for 127.0.0.1 and localhost), an encrypted copy of the key, a
-    client's certificate and key from the same CA, a stranger's from another CA (`stranger_ca`), and renewals of
-    the gateway's: one valid 400 days (`renewed_cert`, `renewed_key`), one 5 (`expiring_*`). trustme issues every
-    certificate for server and client use."""
+    client's certificate and key from the same CA, another client's to revoke (`revoked_*`), a stranger's from
+    another CA (`stranger_ca`), and renewals of the gateway's: one valid 400 days (`renewed_cert`, `renewed_key`),
+    one 5 (`expiring_*`); the CA's key (`ca_key`) signs revocation lists. trustme issues every certificate for server
+    and client use."""
     folder = tmp_path_factory.mktemp("tls")
     authority, stranger_authority = trustme.CA(), trustme.CA()
-    names = ["ca", "cert", "key", "encrypted_key", "other_key", "stranger_ca"]
-    owners = ("client", "stranger", "renewed", "expiring")
+    names = ["ca", "ca_key", "cert", "key", "encrypted_key", "other_key", "stranger_ca"]
+    owners = ("client", "revoked", "stranger", "renewed", "expiring")
     names += [f"{owner}_{part}" for owner in owners for part in ("cert", "key")]
     files = {name: folder / f"{name}.pem" for name in names}
     authority.cert_pem.write_to_path(str(files["ca"]))
+    authority.private_key_pem.write_to_path(str(files["ca_key"]))
     stranger_authority.cert_pem.write_to_path(str(files["stranger_ca"]))
     server = authority.issue_cert("127.0.0.1", "localhost")
     for prefix, issued in [
         ("", server),
         ("client_", authority.issue_cert("client.example", common_name="client.example")),
+        ("revoked_", authority.issue_cert("revoked.example", common_name="revoked.example")),
         ("stranger_", stranger_authority.issue_cert("stranger.example")),
         ("renewed_", authority.issue_cert("127.0.0.1", "localhost", not_after=in_days(400))),
         ("expiring_", authority.issue_cert("127.0.0.1", "localhost", not_after=in_days(5))),

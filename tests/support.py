@@ -4,6 +4,7 @@ threaded web servers for what stands in front of or beside them (another service
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -57,6 +58,28 @@ def metric(text: str, name: str, default: float | None = None) -> float:
         return default
     assert match, f"{name} not in /metrics"
     return float(match.group(1))
+
+
+def revocation_list(certificates: dict[str, Path], revoked: list[str], due_in_days: float = 7) -> bytes:
+    """A PEM revocation list of the `certificates` fixture's CA revoking the certificates of the `revoked` owners,
+    due for renewal in `due_in_days` (below 0: expired)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    authority = x509.load_pem_x509_certificate(certificates["ca"].read_bytes())
+    key = serialization.load_pem_private_key(certificates["ca_key"].read_bytes(), password=None)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(authority.subject)
+        .last_update(now - datetime.timedelta(days=30))
+        .next_update(now + datetime.timedelta(days=due_in_days))
+    )
+    for owner in revoked:
+        certificate = x509.load_pem_x509_certificate(certificates[f"{owner}_cert"].read_bytes())
+        revocation = x509.RevokedCertificateBuilder().serial_number(certificate.serial_number)
+        builder = builder.add_revoked_certificate(revocation.revocation_date(now).build())
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
 
 
 def json_log(path: Path, logger: str | None = None) -> list[dict]:

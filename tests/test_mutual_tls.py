@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -24,12 +25,20 @@ from cryptography import x509
 from pydantic import ValidationError
 
 from cli.main import main as resnet
-from server.certificates import asgi_tls_extension
+from server.certificates import ServingCertificates, asgi_tls_extension
 from server.healthcheck import OWN_CERTIFICATE_REFUSED
 from server.settings import Settings
 from tests.gateway_models import color_image
 from tests.grpc_support import gateway_process
-from tests.support import REPO_ROOT, json_log, renew, tls_loadtest, wait_until
+from tests.support import (
+    REPO_ROOT,
+    json_log,
+    metric,
+    renew,
+    revocation_list,
+    tls_loadtest,
+    wait_until,
+)
 
 
 def client_context(certificates: dict[str, Path], owner: str = "client") -> ssl.SSLContext:
@@ -444,3 +453,124 @@ def test_the_gateway_picks_up_renewed_client_files_for_triton(mtls_triton, certi
         wait_until(lambda: readiness(gateway)[0] == 200, 15, what="the client certificate back in use")
     log = next(tmp_path.glob("gateway-*.log")).read_text()
     assert log.count("Triton's TLS files reloaded") >= 2
+
+
+# --- certificate revocation lists (--ssl-crl) -------------------------------------------------------------------
+
+
+def https_health(gateway, certificates: dict[str, Path], owner: str) -> int | str:
+    """The status of /healthz for a client presenting `owner`'s certificate, or the name of the error it got."""
+    try:
+        return httpx.get(
+            f"{gateway.http_url}/healthz", verify=client_context(certificates, owner)
+        ).status_code
+    except httpx.HTTPError as error:
+        return type(error).__name__
+
+
+def grpc_health(gateway, certificates: dict[str, Path], owner: str) -> str:
+    """ "ready" for a gRPC client presenting `owner`'s certificate, or the status and message it was answered."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(
+        gateway.grpc_url.partition("://")[2],
+        ssl=True,
+        root_certificates=str(certificates["ca"]),
+        private_key=str(certificates[f"{owner}_key"]),
+        certificate_chain=str(certificates[f"{owner}_cert"]),
+    )
+    try:
+        return "ready" if client.is_server_ready() else "not ready"
+    except InferenceServerException as error:
+        return f"{error.status()}: {error.message()}"
+    finally:
+        client.close()
+
+
+def issuer_of(certificate: Path) -> str:
+    return x509.load_pem_x509_certificate(certificate.read_bytes()).issuer.rfc4514_string()
+
+
+def test_a_revoked_client_certificate_is_refused_on_both_ports_and_a_new_list_is_picked_up(
+    certificates, pipeline_repository, tmp_path
+):
+    # uvicorn and grpcio have no setting for a revocation list: a client whose certificate its CA had revoked was
+    # served until the certificate expired
+    crl, renewal = tmp_path / "crl.pem", tmp_path / "renewal.pem"
+    crl.write_bytes(revocation_list(certificates, ["revoked"]))
+    flags = ["--repository", str(pipeline_repository), *serve_flags(certificates, "ca")]
+    flags += ["--ssl-crl", str(crl), "--ssl-reload-s", "0.2"]
+    issuer = issuer_of(certificates["client_cert"])
+    refused = (
+        f"StatusCode.UNAUTHENTICATED: client certificate refused: it is revoked by its authority {issuer}"
+    )
+    with gateway_process(tmp_path, *flags, tls=client_context(certificates)) as gateway:
+        assert https_health(gateway, certificates, "client") == 200
+        assert grpc_health(gateway, certificates, "client") == "ready"
+        assert https_health(gateway, certificates, "revoked") != 200  # the handshake fails
+        assert grpc_health(gateway, certificates, "revoked") == refused
+        metrics = httpx.get(f"{gateway.http_url}/metrics", verify=client_context(certificates)).text
+        due = metric(metrics, "resnet_tls_crl_next_update_timestamp_seconds")
+        assert 6.9 * 86400 < due - time.time() < 7.1 * 86400
+        renewal.write_bytes(revocation_list(certificates, ["revoked", "client"]))
+        renew(
+            crl, renewal
+        )  # the client's certificate revoked in turn: refused from the next connection or call
+        wait_until(
+            lambda: https_health(gateway, certificates, "client") != 200, 15, what="the new list in use"
+        )
+        assert grpc_health(gateway, certificates, "client") == refused
+
+
+def test_what_the_revocation_lists_refuse_and_why(certificates, tmp_path, caplog):
+    crl, renewal = tmp_path / "crl.pem", tmp_path / "renewal.pem"
+    crl.write_bytes(revocation_list(certificates, ["revoked"], due_in_days=-1))
+    settings = Settings(
+        ssl_certfile=certificates["cert"],
+        ssl_keyfile=certificates["key"],
+        ssl_client_ca=certificates["ca"],
+        ssl_crl=crl,
+        grpc_port=0,
+    )
+    served = ServingCertificates(settings)
+    issuer = issuer_of(certificates["client_cert"])
+    pem = {owner: certificates[f"{owner}_cert"].read_bytes() for owner in ("client", "revoked", "stranger")}
+    # as OpenSSL rules: past its next update a list vouches for no one
+    assert served.refusal(pem["client"]).startswith(
+        f"the revocation list of its authority {issuer} expired on "
+    )
+    assert "its clients are refused until a new one is in place" in caplog.text
+    renewal.write_bytes(revocation_list(certificates, ["revoked"]))
+    renew(crl, renewal)
+    assert served.reload_if_changed()
+    assert served.refusal(pem["client"]) is None
+    assert served.refusal(pem["revoked"]) == f"it is revoked by its authority {issuer}"
+    stranger = issuer_of(certificates["stranger_cert"])
+    assert (
+        served.refusal(pem["stranger"])
+        == f"no revocation list of its authority {stranger} is loaded (--ssl-crl)"
+    )
+
+
+def test_revocation_lists_that_cannot_work_are_refused_at_start_up(certificates, tmp_path):
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(revocation_list(certificates, []))
+    serving = {"ssl_certfile": certificates["cert"], "ssl_keyfile": certificates["key"]}
+    ca, stranger_ca = certificates["ca"], certificates["stranger_ca"]
+    for settings, message in [
+        (
+            {"ssl_crl": crl},
+            "ssl_crl revokes client certificates: give ssl_client_ca, the authorities it is of",
+        ),
+        ({"ssl_client_ca": ca, "ssl_crl": ca}, f"{ca} holds no PEM certificate revocation list"),
+        ({"ssl_client_ca": ca, "ssl_crl": tmp_path / "gone.pem"}, f"{tmp_path / 'gone.pem'} is not a file"),
+        (
+            {"ssl_client_ca": stranger_ca, "ssl_crl": crl},
+            f"{crl}: the revocation list of {issuer_of(certificates['client_cert'])} is not signed by an authority "
+            f"in {stranger_ca}",
+        ),
+    ]:
+        with pytest.raises(ValidationError, match=re.escape(message)):
+            Settings(**serving, **settings)
+    assert Settings(**serving, ssl_client_ca=ca, ssl_crl=crl).ssl_crl == crl
