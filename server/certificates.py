@@ -12,6 +12,7 @@ import os
 import ssl
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -102,6 +103,14 @@ async def watch(reload_if_changed: Callable[[], object], interval_s: float) -> N
         reload_if_changed()
 
 
+@dataclass(frozen=True)
+class Revocations:
+    """One authority's revocation list, as the per-call check reads it."""
+
+    next_update: datetime | None
+    serials: frozenset[int]
+
+
 class ServingCertificates:
     """The certificate, key and client CA both ports serve, and what watches them.
 
@@ -145,15 +154,14 @@ class ServingCertificates:
         (grpcio) takes no revocation list, so its calls are checked with this (`RevocationInterceptor`)."""
         certificate = _certificate(certificate_pem)
         with self._lock:
-            revocations = self.revocations
-        issuer = certificate.issuer.rfc4514_string()
-        own = next((crl for crl in revocations if crl.issuer == certificate.issuer), None)
+            own = self.revocations.get(certificate.issuer)
+        issuer = certificate.issuer.rfc4514_string
         if own is None:
-            return f"no revocation list of its authority {issuer} is loaded (--ssl-crl)"
-        if own.next_update_utc is not None and own.next_update_utc < datetime.now(UTC):
-            return f"the revocation list of its authority {issuer} expired on {own.next_update_utc:%Y-%m-%d %H:%M} UTC"
-        if own.get_revoked_certificate_by_serial_number(certificate.serial_number) is not None:
-            return f"it is revoked by its authority {issuer}"
+            return f"no revocation list of its authority {issuer()} is loaded (--ssl-crl)"
+        if own.next_update is not None and own.next_update < datetime.now(UTC):
+            return f"the revocation list of its authority {issuer()} expired on {own.next_update:%Y-%m-%d %H:%M} UTC"
+        if certificate.serial_number in own.serials:
+            return f"it is revoked by its authority {issuer()}"
         return None
 
     def _current_https(
@@ -230,12 +238,16 @@ class ServingCertificates:
         else:
             log.info("TLS certificate %s valid until %s UTC", self.certfile, f"{expires:%Y-%m-%d %H:%M}")
 
-    def _read_revocations(self) -> list[x509.CertificateRevocationList]:
+    def _read_revocations(self) -> dict[x509.Name, Revocations]:
         if not (self.crl and self.client_ca):
-            return []
-        revocations = load_revocation_lists(self.crl, self.client_ca)
-        _note_revocations(revocations, self.crl, self.client_ca, self.metrics)
-        return revocations
+            return {}
+        lists = load_revocation_lists(self.crl, self.client_ca)
+        _note_revocations(lists, self.crl, self.client_ca, self.metrics)
+        # cryptography looks a serial number up entry by entry: 1.2 ms a call against a list of 10,000
+        return {
+            crl.issuer: Revocations(crl.next_update_utc, frozenset(entry.serial_number for entry in crl))
+            for crl in lists
+        }
 
     def _read(self) -> tuple[bytes, bytes, bytes | None]:
         client_ca = Path(self.client_ca).read_bytes() if self.client_ca else None
