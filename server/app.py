@@ -136,11 +136,21 @@ def request_id_of(scope: Scope) -> str | None:
 
 
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, access_log: bool = False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_body_bytes: int,
+        access_log: bool = False,
+        revocations: ServingCertificates | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.access_log = access_log
+        # OpenSSL checks the revocation lists at the handshake only: a keep-alive connection opened before its
+        # certificate was revoked would be served for as long as it stays open
+        self.revocations = revocations
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -164,7 +174,10 @@ class GatewayMiddleware:
         self.metrics.in_flight.inc()
         try:
             length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            if refusal := self._certificate_refusal(scope):
+                response = error_response(401, "client_certificate_refused", refusal, scope=scope)
+                await response(scope, receive, send_with_status)
+            elif length is not None and length.isdigit() and int(length) > self.max_body_bytes:
                 error = PayloadTooLarge(
                     f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes}"
                 )
@@ -184,6 +197,13 @@ class GatewayMiddleware:
                 certificate = scope.get("extensions", {}).get("tls", {}).get("client_cert_name")
                 log_access(scope["method"], scope["path"], status, elapsed, client, request_id, certificate)
             CURRENT_REQUEST_ID.reset(current)
+
+    def _certificate_refusal(self, scope: Scope) -> str | None:
+        if self.revocations is None:
+            return None
+        chain = scope.get("extensions", {}).get("tls", {}).get("client_cert_chain")
+        problem = self.revocations.refusal(chain[0].encode()) if chain else None
+        return f"client certificate refused: {problem}" if problem else None
 
     def _limited(self, receive: Receive) -> Receive:
         received = 0
@@ -501,5 +521,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=app.state.metrics,
         max_body_bytes=settings.max_body_bytes,
         access_log=settings.access_log,
+        revocations=app.state.certificates if settings.ssl_crl else None,
     )
     return app

@@ -513,14 +513,20 @@ def test_a_revoked_client_certificate_is_refused_on_both_ports_and_a_new_list_is
         metrics = httpx.get(f"{gateway.http_url}/metrics", verify=client_context(certificates)).text
         due = metric(metrics, "resnet_tls_crl_next_update_timestamp_seconds")
         assert 6.9 * 86400 < due - time.time() < 7.1 * 86400
-        renewal.write_bytes(revocation_list(certificates, ["revoked", "client"]))
-        renew(
-            crl, renewal
-        )  # the client's certificate revoked in turn: refused from the next connection or call
-        wait_until(
-            lambda: https_health(gateway, certificates, "client") != 200, 15, what="the new list in use"
-        )
-        assert grpc_health(gateway, certificates, "client") == refused
+        with httpx.Client(base_url=gateway.http_url, verify=client_context(certificates)) as kept_alive:
+            assert kept_alive.get("/healthz").status_code == 200
+            # the client's certificate revoked in turn
+            renewal.write_bytes(revocation_list(certificates, ["revoked", "client"]))
+            renew(crl, renewal)
+            # on the connection it opened before, its next request (OpenSSL checks only at the handshake)
+            wait_until(lambda: kept_alive.get("/healthz").status_code == 401, 15, what="the new list in use")
+            error = kept_alive.get("/v1/models").json()["error"]
+            assert (error["code"], error["message"]) == (
+                "client_certificate_refused",
+                refused.partition(": ")[2],
+            )
+        assert https_health(gateway, certificates, "client") != 200  # a new connection: at the handshake
+        assert grpc_health(gateway, certificates, "client") == refused  # its next call
 
 
 def test_what_the_revocation_lists_refuse_and_why(certificates, tmp_path, caplog):
