@@ -18,6 +18,10 @@ one whose body stalled is closed, which its handler sees as the client gone (499
 asyncio itself (60 s). A refusal carries a new request ID (no handler read the one it came with) and is handed to
 `on_refusal`, which counts it and writes its access-log line as the middleware does for the requests it sees.
 
+Bytes that do not parse as HTTP/1.1 get the gateway's JSON 400 `bad_request` naming what llhttp found wrong (a
+request framed by both Content-Length and Transfer-Encoding, an invalid header token), counted and logged as the
+other refusals; uvicorn's own answer named nothing and was logged as a warning each time.
+
 uvicorn also leaves out ASGI's TLS extension (encode/uvicorn#745): on a TLS connection each request's
 `scope["extensions"]["tls"]` here holds the client certificate the handshake verified, its subject, the TLS version
 and cipher suite (server/certificates.py, read once per connection), so the access log can say who called.
@@ -76,6 +80,11 @@ class Refusal:
     certificate: str | None  # the subject of the client's certificate, on mutual TLS
 
 
+def malformed(error: Exception) -> ErrorAnswer:
+    """The answer to bytes that are not an HTTP/1.1 request, naming what httptools (llhttp) found wrong."""
+    return ErrorAnswer(400, "Bad Request", "bad_request", f"not a valid HTTP/1.1 request: {error}")
+
+
 HEAD_TOO_LARGE = ErrorAnswer(
     431,
     "Request Header Fields Too Large",
@@ -91,6 +100,7 @@ def gateway_protocol(
     and the TLS extension, each refusal handed to `on_refusal`; uvicorn's own ("auto"), with a warning, where
     httptools is missing."""
     try:
+        import httptools
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError as error:
         logging.getLogger("resnet.server").warning(
@@ -127,12 +137,29 @@ def gateway_protocol(
             if self._refused:
                 return
             self._began = False
-            super().data_received(data)
+            try:
+                self._feed(data)
+            except httptools.HttpParserError as error:
+                self._refuse(malformed(error))
+                return
             if self._headers_in or self.transport.is_closing():
                 return
             self._head_bytes = 0 if self._began else self._head_bytes + len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse(HEAD_TOO_LARGE)
+
+        def _feed(self, data: bytes) -> None:
+            """uvicorn's data_received but for its answer to a request that does not parse: a plain-text 400
+            "Invalid HTTP request received." that named no problem, closed at once (the client could lose it to
+            the reset) and logged as a warning each time (a scanner's probes flood the log)."""
+            self._unset_keepalive_if_required()
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                else:
+                    self._unsupported_upgrade_warning()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()

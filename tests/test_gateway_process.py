@@ -205,6 +205,47 @@ def test_clients_that_stall_are_answered_408_and_closed(repository, tmp_path):
     )
 
 
+def test_bytes_that_are_not_an_http_request_get_a_json_400_naming_the_problem(repository, tmp_path):
+    # uvicorn answered each with a plain-text 400, "Invalid HTTP request received.", naming nothing, closed the
+    # connection at once (the client could lose the answer to the reset) and logged a warning every time
+    malformed = {
+        "not HTTP": (b"HELLO\r\n\r\n", "-", "Invalid method encountered"),
+        "a header name with a space": (
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header: v\r\n\r\n",
+            "GET",
+            "Invalid header token",
+        ),
+        "a body framed twice (request smuggling)": (
+            b"POST /v1/models/colors/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "POST",
+            "Transfer-Encoding can't be present with Content-Length",
+        ),
+    }
+    with gateway(repository, tmp_path, "--log-format", "json", "--access-log") as (url, _):
+        address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        answers = {}
+        for name, (sent, _, _) in malformed.items():
+            with socket.create_connection(address) as connection:
+                connection.sendall(sent)
+                answers[name] = read_until_closed(connection, 10)
+        assert classify(url, "red").status_code == 200
+        counted = httpx.get(f"{url}/metrics").text
+    access = {record["request_id"]: record for record in json_log(tmp_path / "gateway.log", "resnet.access")}
+    for name, (_, method, problem) in malformed.items():
+        head, _, body = answers[name].partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 Bad Request"), (name, answers[name])
+        error = json.loads(body)["error"]
+        assert (error["code"], error["message"]) == (
+            "bad_request",
+            f"not a valid HTTP/1.1 request: {problem}",
+        )
+        assert (access[error["request_id"]]["method"], access[error["request_id"]]["status"]) == (method, 400)
+    assert metric(counted, 'resnet_requests_total{method="-",route="unread",status="400"}') == 1
+    assert metric(counted, 'resnet_requests_total{method="POST",route="unread",status="400"}') == 1
+    assert "Invalid HTTP request received" not in (tmp_path / "gateway.log").read_text()
+
+
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HTTP2_SETTINGS_AND_ACK = bytes.fromhex(
     "000000040000000000000000040100000000"
