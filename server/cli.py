@@ -99,6 +99,13 @@ FLAGS: list[tuple[str, str, type, str]] = [
         "API keys (comma-separated) for /v1, /v2 (not /v2/health), /metrics, gRPC (empty: no auth)",
     ),
     (
+        "--forwarded-allow-ips",
+        "forwarded_allow_ips",
+        str,
+        "proxies in front (IPs or CIDR networks, comma-separated; * for any) whose X-Forwarded-For and "
+        "X-Forwarded-Proto name the client (default 127.0.0.1; empty: none)",
+    ),
+    (
         "--ssl-certfile",
         "ssl_certfile",
         str,
@@ -242,6 +249,8 @@ def main(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         http=gateway_protocol(settings.request_read_timeout_s, refusal_recorder(app)),
         root_path=settings.root_path,
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
         ssl_ca_certs=settings.ssl_client_ca,

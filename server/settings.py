@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -98,6 +99,11 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated API keys; empty: no auth"
     )
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1"],
+        description="proxies in front (IP addresses or CIDR networks, comma-separated; * for any) whose "
+        "X-Forwarded-For and X-Forwarded-Proto name the client in the access log and to the app; empty: none",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level"
     )
@@ -163,6 +169,20 @@ class Settings(BaseSettings):
                 raise ValueError(f"{value!r} holds no keys; leave it empty to serve without API keys")
             return keys
         return value
+
+    @field_validator("forwarded_allow_ips", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: object) -> object:
+        proxies = (
+            [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+        )
+        for proxy in proxies if isinstance(proxies, list) else []:
+            try:
+                if proxy != "*":
+                    ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"{proxy!r} is not an IP address, a CIDR network or *") from None
+        return proxies
 
     @model_validator(mode="before")
     @classmethod

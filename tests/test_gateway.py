@@ -530,6 +530,14 @@ def test_settings_that_would_kill_the_gateway_are_refused(field, value, message)
         Settings(**{field: value})
 
 
+def test_trusted_proxies_are_addresses_or_networks(monkeypatch):
+    monkeypatch.setenv("RESNET_FORWARDED_ALLOW_IPS", "10.0.0.0/8, 192.0.2.1")
+    assert Settings().forwarded_allow_ips == ["10.0.0.0/8", "192.0.2.1"]
+    assert Settings(forwarded_allow_ips="").forwarded_allow_ips == []  # trust no proxy
+    with pytest.raises(ValidationError, match="'ingress' is not an IP address, a CIDR network or \\*"):
+        Settings(forwarded_allow_ips="10.0.0.0/8,ingress")
+
+
 def test_api_keys_of_only_commas_are_refused_not_read_as_no_auth(monkeypatch):
     monkeypatch.setenv("RESNET_API_KEYS", " , ,")
     with pytest.raises(ValidationError, match="holds no keys; leave it empty to serve without API keys"):

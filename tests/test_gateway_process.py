@@ -494,6 +494,19 @@ def test_the_text_access_log_names_the_request(repository, tmp_path):
     )
 
 
+def test_the_access_log_names_the_client_a_trusted_proxy_forwarded(repository, tmp_path):
+    # uvicorn trusted X-Forwarded-For from 127.0.0.1 only: behind an ingress every access-log line named the
+    # ingress, and the gateway had no setting to say which proxies to trust
+    flags = ("--access-log", "--log-format", "json", "--forwarded-allow-ips", "10.0.0.0/8, 127.0.0.1")
+    with gateway(repository, tmp_path, *flags) as (url, _):
+        forwarded = {"X-Forwarded-For": "203.0.113.7, 10.1.2.3", "X-Request-ID": "via-ingress"}
+        assert httpx.get(f"{url}/healthz", headers=forwarded).status_code == 200
+    [line] = [
+        r for r in json_log(tmp_path / "gateway.log", "resnet.access") if r["request_id"] == "via-ingress"
+    ]
+    assert line["client"].partition(":")[0] == "203.0.113.7"  # the last address no trusted proxy added
+
+
 def test_grpc_calls_are_in_the_access_log_with_their_request_id(repository, tmp_path):
     import tritonclient.grpc as grpcclient
 
