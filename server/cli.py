@@ -76,6 +76,13 @@ FLAGS: list[tuple[str, str, type, str]] = [
         "TLS and HTTP/2 handshakes",
     ),
     (
+        "--keep-alive-s",
+        "keep_alive_s",
+        int,
+        "seconds an idle HTTP connection is kept open for its next request; behind a load balancer, more than its "
+        "idle timeout (AWS ALB: 60 s), else it may reuse a connection the gateway is closing (a 502)",
+    ),
+    (
         "--grpc-idle-timeout-s",
         "grpc_idle_timeout_s",
         float,
@@ -247,6 +254,7 @@ def main(args: argparse.Namespace) -> int:
         log_config=None,  # configured above, uvicorn's loggers included
         access_log=False,  # the gateway writes its own (settings.access_log), with request IDs
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        timeout_keep_alive=settings.keep_alive_s,
         http=gateway_protocol(settings.request_read_timeout_s, refusal_recorder(app)),
         root_path=settings.root_path,
         proxy_headers=bool(settings.forwarded_allow_ips),

@@ -79,6 +79,14 @@ class Settings(BaseSettings):
         "from connecting: past it, 408 and the connection closed, so clients that stall cannot hold connections for "
         "ever (slowloris); 0: no limit. On the gRPC port: the time to finish the TLS and HTTP/2 handshakes",
     )
+    keep_alive_s: int = Field(
+        5,
+        ge=1,
+        le=3600,
+        description="seconds an idle HTTP connection is kept open for its next request; behind a load balancer, "
+        "more than its idle timeout (AWS ALB: 60 s), or it may send a request on a connection the gateway is "
+        "closing and answer 502",
+    )
     grpc_idle_timeout_s: float = Field(
         300,
         ge=0,

@@ -153,7 +153,7 @@ def test_clients_that_stall_are_answered_408_and_closed(repository, tmp_path):
         "headers without their end": head.encode(),
         "a body cut short": head.encode() + b"\r\n" + image[:100],
     }
-    flags = ("--request-read-timeout-s", "1", "--log-format", "json", "--access-log")
+    flags = ("--request-read-timeout-s", "1", "--keep-alive-s", "2", "--log-format", "json", "--access-log")
     with gateway(repository, tmp_path, *flags) as (url, _):
         address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
         connections = {name: socket.create_connection(address) for name in stalls}
@@ -176,6 +176,11 @@ def test_clients_that_stall_are_answered_408_and_closed(repository, tmp_path):
             assert first.startswith(b"HTTP/1.1 200 OK")
             kept_alive.sendall(b"GET /heal")
             answers["a second request cut short"] = read_until_closed(kept_alive, 5)
+        with socket.create_connection(address) as idle:  # answered, then idle: closed after --keep-alive-s
+            idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answered = time.monotonic()
+            assert read_until_closed(idle, 5).startswith(b"HTTP/1.1 200 OK")
+            assert 1.5 < time.monotonic() - answered < 3.5
         assert classify(url, "blue").json()["predictions"][0]["label"] == "blue"
         refused = httpx.get(f"{url}/metrics").text
     message = "the request did not arrive whole within 1 s (request line, headers and body)"
