@@ -37,8 +37,9 @@ from server.statistics import ComputeTimes, ModelStatistics, Request, RequestTim
 log = logging.getLogger("resnet.server")
 HEALTH_INTERVAL_S = 1.0
 PROBLEM_LOG_S = 30.0
-# A request naming a model or version not served has the gateway look at the backend's models again, at most once
-# per this however many such requests arrive (a client asking for names that do not exist costs one look each).
+# A request naming a model or version not served has the gateway look at the backend's models again; looks begin at
+# most this often however many such requests arrive (else a client asking for names that do not exist costs a look
+# each), and every request waiting shares the next one.
 LOOK_AGAIN_S = 0.1
 Found = TypeVar("Found")
 
@@ -257,19 +258,26 @@ class ModelRegistry:
         return find()
 
     async def _looked_again(self) -> bool:
-        """Whether the models were looked at for this request: not where one began within LOOK_AGAIN_S, where the
-        backend is down (its health loop reads the models when it comes up) or the repository is read only at
-        start-up (`--repository-poll-s 0`)."""
+        """Whether the models were looked at for this request, by a look that began once it asked (one under way
+        may have read the repository before the change it asks for): not where the backend is down (its health
+        loop reads the models when it comes up) or the repository is read only at start-up
+        (`--repository-poll-s 0`)."""
         follows = self.backend.name != "embedded" or self.settings.repository_poll_s > 0
         if not (follows and self.ready()):
             return False
-        if not self._looking() and time.monotonic() - self._look_began < LOOK_AGAIN_S:
-            return False
         with contextlib.suppress(TimeoutError):  # a slow load: answered as before, the look goes on
-            await asyncio.wait_for(
-                asyncio.shield(self._follow_model_changes()), self.settings.request_timeout_s
-            )
+            await asyncio.wait_for(self._look_begun_after(time.monotonic()), self.settings.request_timeout_s)
         return True
+
+    async def _look_begun_after(self, asked: float) -> None:
+        while self._look_began < asked:
+            if self._looking():
+                await asyncio.shield(self._look)  # type: ignore[arg-type]
+            elif (wait := self._look_began + LOOK_AGAIN_S - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            else:
+                self._follow_model_changes()
+        await asyncio.shield(self._look)  # type: ignore[arg-type]
 
     @property
     def failures(self) -> dict[str, LoadFailure]:
