@@ -25,12 +25,8 @@ from server.settings import Settings
 
 log = logging.getLogger("resnet.tls")
 EXPIRY_WARNING = timedelta(days=14)
-TLS_VERSIONS = {
-    "TLSv1": 0x0301,
-    "TLSv1.1": 0x0302,
-    "TLSv1.2": 0x0303,
-    "TLSv1.3": 0x0304,
-}  # as IANA numbers them
+# as IANA numbers them, which ASGI's TLS extension asks for
+TLS_VERSIONS = {"TLSv1": 0x0301, "TLSv1.1": 0x0302, "TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
 
 def asgi_tls_extension(ssl_object: ssl.SSLObject) -> dict[str, object]:
@@ -155,14 +151,15 @@ class ServingCertificates:
         certificate = _certificate(certificate_pem)
         with self._lock:
             own = self.revocations.get(certificate.issuer)
-        issuer = certificate.issuer.rfc4514_string
+        expired = own is not None and own.next_update is not None and own.next_update < datetime.now(UTC)
+        if own is not None and not expired and certificate.serial_number not in own.serials:
+            return None  # the common case, without naming the issuer
+        issuer = certificate.issuer.rfc4514_string()
         if own is None:
-            return f"no revocation list of its authority {issuer()} is loaded (--ssl-crl)"
-        if own.next_update is not None and own.next_update < datetime.now(UTC):
-            return f"the revocation list of its authority {issuer()} expired on {own.next_update:%Y-%m-%d %H:%M} UTC"
-        if certificate.serial_number in own.serials:
-            return f"it is revoked by its authority {issuer()}"
-        return None
+            return f"no revocation list of its authority {issuer} is loaded (--ssl-crl)"
+        if expired:
+            return f"the revocation list of its authority {issuer} expired on {own.next_update:%Y-%m-%d %H:%M} UTC"
+        return f"it is revoked by its authority {issuer}"
 
     def _current_https(
         self, connection: ssl.SSLObject, _server_name: str | None, _context: ssl.SSLContext

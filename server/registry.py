@@ -228,9 +228,8 @@ class ModelRegistry:
         self._logged_problems: dict[str, float] = {}  # each reason to be down, when it was last logged
         self._health_task: asyncio.Task | None = None
         self._follow_problem = ""  # why the last look at the models failed, once logged
-        self._look: asyncio.Future | None = (
-            None  # the look at the models under way, which every caller shares
-        )
+        # the look at the models under way, which every caller shares
+        self._look: asyncio.Future | None = None
         self._look_began = -LOOK_AGAIN_S
 
     def names(self) -> list[str]:
