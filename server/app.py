@@ -221,8 +221,9 @@ class GatewayMiddleware:
 
 
 def refusal_recorder(app: FastAPI) -> Callable[[Refusal], None]:
-    """What the HTTP protocol answers itself (408, 431; server/http_protocol.py) is counted under the route `unread`
-    and logged as the middleware does for the requests the app sees. Not timed: a 408's time is the deadline."""
+    """What the HTTP protocol answers itself (400, 408, 431; server/http_protocol.py) is counted under the route
+    `unread` and logged as the middleware does for the requests the app sees. Not timed: a 408's time is the
+    deadline."""
     metrics: Metrics = app.state.metrics
     access_log: bool = app.state.settings.access_log
 
