@@ -252,9 +252,8 @@ def test_bytes_that_are_not_an_http_request_get_a_json_400_naming_the_problem(re
 
 
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-HTTP2_SETTINGS_AND_ACK = bytes.fromhex(
-    "000000040000000000000000040100000000"
-)  # empty SETTINGS; ACK of the server's
+# an empty SETTINGS frame, then the ACK of the server's
+HTTP2_SETTINGS_AND_ACK = bytes.fromhex("000000040000000000" + "000000040100000000")
 
 
 def test_grpc_connections_that_stall_or_idle_are_closed(repository, tmp_path):
