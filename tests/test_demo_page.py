@@ -37,6 +37,7 @@ def browser(tmp_path):
     options.binary_location = chromium
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, where CSP reports
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
     driver.set_page_load_timeout(30)
     try:
@@ -92,6 +93,9 @@ def test_pick_an_image_and_see_the_top_classes(browser, gateway_url, tmp_path):
     assert widths[0] > 50 and widths[0] > 10 * max(widths[1], 1)  # the bar shows the score
     assert rows[0].find_element(By.CLASS_NAME, "score").text.startswith("100")
     assert "colors v1" in browser.find_element(By.ID, "status").text
+    assert (
+        browser.execute_script("return document.getElementById('preview').naturalWidth") > 0
+    )  # blob: allowed
 
     drop_image(browser, color_image("red", fmt="PNG"), "red.png")  # drag and drop takes the same path
     wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#predictions li .label").text == "red")
@@ -104,6 +108,12 @@ def test_pick_an_image_and_see_the_top_classes(browser, gateway_url, tmp_path):
     assert "error" in status.get_attribute("class")
     # quoted for the operator, who finds the request in the gateway's logs by it
     assert re.search(r"\(request ID [0-9a-f]{32}\)$", status.text), status.text
+    # the page's Content-Security-Policy allows all it does, and the page can run nothing it did not bring
+    console = [entry["message"] for entry in browser.get_log("browser")]
+    assert not [line for line in console if "Content Security Policy" in line], console
+    injected = "const s = document.createElement('script'); s.textContent = 'window.ran = 1'; document.body.append(s)"
+    browser.execute_script(injected)
+    assert browser.execute_script("return window.ran") is None
 
 
 def test_the_page_works_behind_a_reverse_proxy_under_a_path_prefix(browser, gateway_url, tmp_path):

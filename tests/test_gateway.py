@@ -330,10 +330,18 @@ def test_health_readiness_docs_and_demo_page(client):
         "failed": {},
     }
     assert "/v1/models/{name}/classify" in client.get("/openapi.json").json()["paths"]
-    assert "swagger" in client.get("/docs").text.lower()
+    docs = client.get("/docs")
+    assert "swagger" in docs.text.lower() and "content-security-policy" not in docs.headers  # its CDN assets
     page = client.get("/")
     assert page.status_code == 200 and '<select id="model">' in page.text
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
     assert client.get("/static/app.js").status_code == 200
+    for answer in (
+        page,
+        client.get("/v1/models/nope"),
+        client.post("/v1/models/colors/classify", content=b""),
+    ):
+        assert answer.headers["x-content-type-options"] == "nosniff"
 
 
 def classify_count(client: TestClient, status: int) -> float:
