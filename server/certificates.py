@@ -61,7 +61,7 @@ def _cipher_suite_number(ssl_object: ssl.SSLObject) -> int | None:
     cipher = ssl_object.cipher()
     if cipher is None:
         return None
-    # OpenSSL's id is 0x0300XXXX, XXXX the suite's IANA number
+    # OpenSSL's id for a suite is 0x03000000 plus the suite's two-byte IANA number
     numbers = {suite["name"]: suite["id"] & 0xFFFF for suite in ssl_object.context.get_ciphers()}
     return numbers.get(cipher[0])
 

@@ -25,6 +25,11 @@ def test_sections_split_by_second_level_headings():
     assert sections == [("A", "x\n### sub\ny"), ("B", "z")]
 
 
+def quick_bench(docs, *flags: str) -> list[str]:
+    """`resnet bench --quick` on one thread, writing into `docs`."""
+    return [sys.executable, "-m", "cli", "bench", "--quick", "--docs", str(docs), "--threads", "1", *flags]
+
+
 @pytest.mark.slow
 @pytest.mark.triton
 def test_quick_bench_runs_end_to_end_and_keeps_foreign_sections(tmp_path):
@@ -36,19 +41,7 @@ def test_quick_bench_runs_end_to_end_and_keeps_foreign_sections(tmp_path):
     empty_repository = tmp_path / "model_repository"  # forces the random-weight export path
     empty_repository.mkdir()
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cli",
-            "bench",
-            "--quick",
-            "--docs",
-            str(docs),
-            "--repository",
-            str(empty_repository),
-            "--threads",
-            "1",
-        ],
+        quick_bench(docs, "--repository", str(empty_repository)),
         capture_output=True,
         text=True,
         timeout=240,
@@ -94,19 +87,7 @@ def test_a_stopped_bench_stops_the_servers_it_started(tmp_path, stop):
     docs, scratch = tmp_path / "docs", tmp_path / "tmp"
     scratch.mkdir()
     bench = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cli",
-            "bench",
-            "--quick",
-            "--docs",
-            str(docs),
-            "--threads",
-            "1",
-            "--skip",
-            "runtimes",
-        ],
+        quick_bench(docs, "--skip", "runtimes"),
         cwd=REPO_ROOT,
         env={**os.environ, "TMPDIR": str(scratch)},
         stderr=subprocess.PIPE,
